@@ -1,0 +1,9 @@
+"""DREAM Studio engine: DREAM (contrastive MAR encoder + text-conditioned FLUID decoder with a
+diffusion head), Masking Warmup schedules, Semantically Aligned Decoding and reverse search."""
+
+from .config import DreamConfig
+from .model import DreamModel
+from .pipeline import DreamOutput, DreamPipeline
+
+__all__ = ["DreamConfig", "DreamModel", "DreamOutput", "DreamPipeline"]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""Image tokenizer: a diffusers `AutoencoderKL` plus patchify/unpatchify.
+
+Latents are scaled by the VAE config's `scaling_factor` (0.18215 for SD-VAE). A latent grid
+[B, C, H, W] becomes H/p * W/p tokens in raster order, each with C*p*p features in channel-major
+order (index = c*p*p + row*p + col), exactly as the official code; `unpatchify` is its inverse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def patchify(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
+    b, c, h, w = latent.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not divisible by patch_size={p}")
+    x = latent.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    b, n, d = tokens.shape
+    p = patch_size
+    side = int(round(n**0.5))
+    if side * side != n or d != channels * p * p:
+        raise ValueError(f"cannot unpatchify tokens of shape {tuple(tokens.shape)} with p={p}, channels={channels}")
+    x = tokens.reshape(b, side, side, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, side * p, side * p)
+
+
+class ImageTokenizer(nn.Module):
+    def __init__(self, vae, patch_size: int) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.patch_size = patch_size
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
+        self.channels = int(vae.config.latent_channels)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, patch_size: int, torch_dtype: torch.dtype | None = None) -> "ImageTokenizer":
+        from diffusers import AutoencoderKL
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"VAE directory {path} has no config.json (a diffusers AutoencoderKL is expected)")
+        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+        return cls(vae, patch_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Posterior parameters [B, 2C, h, w] (mean then log-variance) of images in [-1, 1]."""
+        return self.vae.encode(images.to(self.dtype)).latent_dist.parameters.float()
+
+    def latents_from_moments(self, moments: torch.Tensor, sample: bool = True,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latent: a fresh posterior sample (training) or the mean."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        if sample:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device if generator is None else generator.device)
+            mean = mean + std * noise.to(mean.device)
+        return mean * self.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> tokens [B, L, C*p*p]."""
+        return patchify(self.latents_from_moments(self.moments(images), sample, generator), self.patch_size)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, C*p*p] -> images [B, 3, H, W] in [-1, 1] (clamped)."""
+        latent = unpatchify(tokens.float(), self.patch_size, self.channels) / self.scaling_factor
+        return self.vae.decode(latent.to(self.dtype)).sample.float().clamp(-1, 1)

@@ -1,0 +1,102 @@
+"""Transformer blocks shared by the encoder, the decoder and the text aligner (pre-norm, SDPA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, cross-attention otherwise.
+
+    `key_mask` is a bool [B, S_k], True where a key may be attended (padding masked out)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 cross: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a cross-attention context (cacheable: the prompt does not change)."""
+        k, v = self.kv(context).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        if self.cross:
+            q = self._heads(self.q(x))
+            k, v = kv if kv is not None else self.project_kv(context)
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop), nn.Linear(hidden, dim), nn.Dropout(drop))
+
+
+class Block(nn.Module):
+    """ViT block: x + attn(LN(x)), x + mlp(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_dim, proj_drop)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask=key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """FLUID decoder block: self-attention, cross-attention to the text (with its padding mask), MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.norm0 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = Attention(dim, num_heads, attn_drop, proj_drop, cross=True)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_dim, proj_drop)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None,
+                key_mask: torch.Tensor | None = None,
+                text_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm0(x), key_mask=key_mask)
+        x = x + self.cross_attn(self.norm1(x), context=text, key_mask=text_mask, kv=text_kv)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linears with zero bias, unit LayerNorms (the official initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

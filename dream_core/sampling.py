@@ -1,0 +1,188 @@
+"""The MAR decoding loop, batched over candidates, as a generator of step events.
+
+Each row (candidate) owns a `torch.Generator`: its random generation order and all the noise its
+diffusion-head sampling injects come from it, drawn in a fixed order. Rows therefore follow the
+same trajectory whether they are decoded alone or batched with others, and a seed reproduces an
+image. All rows share the cosine schedule, so they always have the same number of visible
+tokens and the encoder runs without padding. The encoder never sees text, so with CFG it runs
+once on the K rows and only the decoder and head see the doubled [cond; uncond] batch. The text
+aligner and the decoder's cross-attention keys/values are computed once per call.
+"""
+
+from __future__ import annotations
+
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .encoder import EncoderOutput
+from .masking import decoding_schedule
+from .model import DreamModel
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def guidance_at(scale: float, schedule: str, masked_after: int, seq_len: int) -> float:
+    """CFG scale of a step. `linear` (Muse/MAR): 1 + (s - 1) * decided share after the step."""
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * (seq_len - masked_after) / seq_len
+    raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+
+
+@dataclass
+class TextCondition:
+    """Aligned prompt (and unconditional/negative prompt) with cached cross-attention keys/values."""
+
+    kv_cond: list  # per decoder block (k, v), batch 1
+    mask_cond: torch.Tensor  # bool [1, T]
+    kv_uncond: list | None = None
+    mask_uncond: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, model: DreamModel, t5_hidden: torch.Tensor, t5_mask: torch.Tensor) -> "TextCondition":
+        """t5_hidden [1 or 2, T, d] = [prompt; uncond] (second row only when CFG is used)."""
+        text = model.align_text(t5_hidden, t5_mask)
+        kv = model.decoder.text_kv(text)
+        cond = cls([(k[:1], v[:1]) for k, v in kv], t5_mask[:1])
+        if t5_hidden.shape[0] > 1:
+            cond.kv_uncond = [(k[1:2], v[1:2]) for k, v in kv]
+            cond.mask_uncond = t5_mask[1:2]
+        return cond
+
+    def expand(self, rows: int, cfg: bool) -> tuple[list, torch.Tensor]:
+        """Keys/values and mask for a batch of `rows` candidates (doubled as [cond; uncond] with CFG)."""
+        def rep(t: torch.Tensor, n: int) -> torch.Tensor:
+            return t.expand(n, *t.shape[1:])
+
+        if not cfg:
+            return [(rep(k, rows), rep(v, rows)) for k, v in self.kv_cond], rep(self.mask_cond, rows)
+        kv = [(torch.cat([rep(kc, rows), rep(ku, rows)]), torch.cat([rep(vc, rows), rep(vu, rows)]))
+              for (kc, vc), (ku, vu) in zip(self.kv_cond, self.kv_uncond)]
+        return kv, torch.cat([rep(self.mask_cond, rows), rep(self.mask_uncond, rows)])
+
+
+@dataclass
+class DecodeState:
+    """The live state of the active candidates (rows)."""
+
+    tokens: torch.Tensor  # [R, L, C]; undecided positions hold 0
+    mask: torch.Tensor  # bool [R, L], True = not yet decided
+    orders: torch.Tensor  # long [R, L], each row's random generation order
+    generators: list[torch.Generator]
+    candidate_ids: list[int]  # original candidate index of each row
+    step: int = 0  # steps completed
+
+    def select(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, device=self.tokens.device, dtype=torch.long)
+        self.tokens, self.mask, self.orders = self.tokens[idx], self.mask[idx], self.orders[idx]
+        self.generators = [self.generators[r] for r in rows]
+        self.candidate_ids = [self.candidate_ids[r] for r in rows]
+
+
+@dataclass
+class StepEvent:
+    """Emitted after every decoding step (and by SAD at each decision). Tensors live on the CPU."""
+
+    kind: str  # "step" | "decision" | "done"
+    step: int  # steps completed
+    num_steps: int
+    fraction_decided: float
+    tokens: torch.Tensor  # [R, L, C] of the active rows
+    mask: torch.Tensor  # bool [R, L], True = undecided
+    candidate_ids: list[int]
+    num_candidates: int
+    scores: list[float | None] = field(default_factory=list)  # per original candidate
+    ranks: list[int | None] = field(default_factory=list)  # 1 = best, per original candidate
+    pruned: list[bool] = field(default_factory=list)  # per original candidate
+    chosen: int | None = None
+
+
+def init_state(seq_len: int, token_dim: int, generators: list[torch.Generator], device: torch.device,
+               dtype: torch.dtype = torch.float32) -> DecodeState:
+    """Every row draws its generation order first from its own generator."""
+    orders = torch.stack([torch.randperm(seq_len, generator=g) for g in generators]).to(device)
+    r = len(generators)
+    return DecodeState(
+        tokens=torch.zeros(r, seq_len, token_dim, device=device, dtype=dtype),
+        mask=torch.ones(r, seq_len, dtype=torch.bool, device=device),
+        orders=orders, generators=list(generators), candidate_ids=list(range(r)),
+    )
+
+
+@torch.inference_mode()
+def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, schedule: list[int],
+                guidance_scale: float, guidance_schedule: str, temperature: float, head_steps: int) -> None:
+    """Advance every row by one MAR step: encode visible tokens, decode with the text, sample the
+    tokens of this step with the diffusion head, write them in."""
+    k = state.step
+    rows, seq_len, c = state.tokens.shape
+    device = state.tokens.device
+    masked_after = schedule[k]
+    cfg = guidance_scale != 1.0
+
+    enc = model.encoder(state.tokens, state.mask)
+    if cfg:
+        enc = EncoderOutput(torch.cat([enc.hidden, enc.hidden]), torch.cat([enc.valid, enc.valid]),
+                            torch.cat([enc.visible_index, enc.visible_index]), True)
+    kv, text_mask = text.expand(rows, cfg)
+    z = model.decode(enc, None, text_mask, text_kv=kv)  # [R or 2R, L, D]
+
+    # The first `masked_after` positions of each order stay masked; the rest of the masked ones are decoded now.
+    next_mask = torch.zeros_like(state.mask)
+    next_mask.scatter_(1, state.orders[:, :masked_after], True)
+    to_pred = state.mask & ~next_mask
+    m = int(to_pred[0].sum())
+    pos = to_pred.nonzero()[:, 1].view(rows, m)  # sorted positions per row
+    zz = torch.gather(z, 1, (torch.cat([pos, pos]) if cfg else pos)[:, :, None].expand(-1, -1, z.shape[-1]))
+    zz = zz.reshape(-1, z.shape[-1])
+    noise = torch.cat([torch.randn(head_steps + 1, m, c, generator=g) for g in state.generators], dim=1)
+    scale = guidance_at(guidance_scale, guidance_schedule, masked_after, seq_len)
+    x = model.head.sample(zz, noise.to(device), guidance_scale=scale, temperature=temperature)
+    state.tokens.scatter_(1, pos[:, :, None].expand(-1, -1, c), x.view(rows, m, c).to(state.tokens.dtype))
+    state.mask = next_mask
+    state.step = k + 1
+
+
+def make_event(kind: str, state: DecodeState, num_steps: int, num_candidates: int, **extra) -> StepEvent:
+    seq_len = state.mask.shape[1]
+    decided = 1.0 - float(state.mask[0].sum()) / seq_len
+    return StepEvent(kind, state.step, num_steps, decided, state.tokens.detach().float().cpu(),
+                     state.mask.detach().cpu(), list(state.candidate_ids), num_candidates, **extra)
+
+
+def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Generator], num_steps: int,
+               guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
+               head_steps: int = 100, before_step: Callable[[DecodeState], list[StepEvent]] | None = None,
+               should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu"
+               ) -> Iterator[StepEvent]:
+    """Plain MAR decoding of len(generators) rows; `before_step` may prune rows (SAD) and return
+    events to emit. Stops between steps when `should_stop()` is true (no "done" event then)."""
+    c = model.config
+    schedule = decoding_schedule(num_steps, c.seq_len)
+    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device))
+    k_total = len(generators)
+    while state.step < num_steps:
+        if should_stop is not None and should_stop():
+            return
+        if before_step is not None:
+            yield from before_step(state)
+        decode_step(model, state, text, schedule, guidance_scale, guidance_schedule, temperature, head_steps)
+        yield make_event("step" if state.step < num_steps else "done", state, num_steps, k_total)
+
+
+def candidate_generators(seed: int, num_candidates: int, device: str = "cpu") -> list[torch.Generator]:
+    """Candidate k uses seed + k: decoding candidate k alone with seed + k reproduces it."""
+    return [torch.Generator(device).manual_seed((seed + k) % (2**63)) for k in range(num_candidates)]
+
+
+def default_decision_step(num_steps: int) -> int:
+    """About 1/8 of the steps (the paper's 'small fraction'), at least 1."""
+    return max(1, min(num_steps - 1, round(num_steps / 8))) if num_steps > 1 else 0
+
+
+__all__ = ["GUIDANCE_SCHEDULES", "DecodeState", "StepEvent", "TextCondition", "candidate_generators",
+           "decode_step", "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]

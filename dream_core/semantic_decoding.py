@@ -1,0 +1,107 @@
+"""Semantically Aligned Decoding (SAD).
+
+K candidate trajectories are decoded together (one batched forward per step) up to a decision
+step; there the model's own encoder embeds each candidate's partially decoded latent (visible =
+decided tokens) and the contrastive text tower embeds the prompt; the candidates are ranked by
+cosine similarity and only the best continues. Beyond the paper: several decision steps
+(successive halving: keep half at each, one after the last), and an external-reranker mode that
+scores finished candidates with an open_clip model from local weights (the paper's comparison).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .model import DreamModel
+from .sampling import DecodeState, StepEvent, TextCondition, make_event, mar_decode
+
+
+def halving_plan(num_candidates: int, decision_steps: Sequence[int]) -> list[int]:
+    """How many candidates survive each decision: halve, and keep exactly one after the last."""
+    keep, plan = num_candidates, []
+    for i in range(len(decision_steps)):
+        keep = 1 if i == len(decision_steps) - 1 else max(1, math.ceil(keep / 2))
+        plan.append(keep)
+    return plan
+
+
+def validate_decision_steps(decision_steps: int | Sequence[int] | None, num_steps: int) -> list[int]:
+    if decision_steps is None:
+        return []
+    steps = [decision_steps] if isinstance(decision_steps, int) else list(decision_steps)
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= num_steps - 1:
+            raise ValueError(
+                f"decision_step must be an integer in [1, num_inference_steps - 1] = [1, {num_steps - 1}], got {s!r}")
+    if sorted(set(steps)) != steps:
+        raise ValueError(f"decision_step list must be strictly increasing, got {steps}")
+    return steps
+
+
+@torch.inference_mode()
+def alignment_scores(model: DreamModel, tokens: torch.Tensor, mask: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine between each candidate's partial-latent embedding and the prompt embedding [1, E]."""
+    return (model.encode_image(tokens, mask) @ text_emb.t()).squeeze(-1).float()
+
+
+def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tensor,
+                    generators: list[torch.Generator], num_steps: int, decision_steps: Sequence[int],
+                    guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
+                    head_steps: int = 100, should_stop: Callable[[], bool] | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[StepEvent]:
+    """Decode len(generators) candidates, pruning at each decision step. Yields every step's event
+    and a "decision" event carrying every candidate's score, rank and pruned flag."""
+    k_total = len(generators)
+    plan = dict(zip(decision_steps, halving_plan(k_total, decision_steps))) if k_total > 1 else {}
+    scores: list[float | None] = [None] * k_total
+    ranks: list[int | None] = [None] * k_total
+    pruned = [False] * k_total
+
+    def before_step(state: DecodeState) -> list[StepEvent]:
+        keep = plan.get(state.step)
+        if keep is None or len(state.candidate_ids) <= keep:
+            return []
+        s = alignment_scores(model, state.tokens, state.mask, text_emb).cpu()
+        order = torch.argsort(s, descending=True, stable=True).tolist()
+        for rank, row in enumerate(order):
+            cid = state.candidate_ids[row]
+            scores[cid], ranks[cid] = float(s[row]), rank + 1
+            if rank >= keep:
+                pruned[cid] = True
+        event = make_event("decision", state, num_steps, k_total, scores=list(scores), ranks=list(ranks),
+                           pruned=list(pruned), chosen=state.candidate_ids[order[0]] if keep == 1 else None)
+        state.select(sorted(order[:keep]))
+        return [event]
+
+    for event in mar_decode(model, text, generators, num_steps, guidance_scale, guidance_schedule, temperature,
+                            head_steps, before_step=before_step, should_stop=should_stop, device=device):
+        event.scores, event.ranks, event.pruned = list(scores), list(ranks), list(pruned)
+        if event.kind == "done" and len(event.candidate_ids) == 1:
+            event.chosen = event.candidate_ids[0]
+        yield event
+
+
+class ExternalReranker:
+    """Scores finished images against the prompt with an open_clip model loaded from local weights."""
+
+    def __init__(self, arch: str, weights: str | Path, device: str = "cpu") -> None:
+        import open_clip
+
+        weights = Path(weights)
+        if not weights.is_file():
+            raise ValueError(f"external reranker weights not found: {weights} (no download is attempted)")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=device)
+        self.model, self.preprocess = model.eval(), preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.device = device
+
+    @torch.inference_mode()
+    def scores(self, images: list, prompt: str) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        img = torch.nn.functional.normalize(self.model.encode_image(pixels), dim=-1)
+        txt = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer([prompt]).to(self.device)), dim=-1)
+        return (img @ txt.t()).squeeze(-1).float().cpu()

@@ -1,0 +1,183 @@
+"""The two text paths of DREAM.
+
+* Contrastive tower: open_clip's `TextTransformer` (causal, EOT/argmax pooling, linear projection
+  to the joint space) with open_clip's offline BPE tokenizer. Trained from scratch with the model;
+  used by the contrastive loss, by Semantically Aligned Decoding and by reverse search.
+* Conditioning encoder: a frozen transformers `T5EncoderModel` (any width, v1.0 or v1.1 XXL),
+  padded to `t5_max_length` WITH its attention mask, followed by the trainable text aligner.
+  Only the decoder sees it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+from torch import nn
+
+from .config import DreamConfig
+from .layers import Block
+
+MAX_PROMPT_CHARS = 1000
+
+
+def validate_prompts(prompts: str | Sequence[str], name: str = "prompt") -> list[str]:
+    """Normalise a prompt or list of prompts; raise ValueError naming the argument when invalid."""
+    items = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if items is None:
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
+    if not items:
+        raise ValueError(f"{name} must not be an empty list")
+    out = []
+    for p in items:
+        if not isinstance(p, str):
+            raise ValueError(f"{name} must be a string, got {type(p).__name__}")
+        p = " ".join(p.split())
+        if not p:
+            raise ValueError(f"{name} must not be empty")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{name} is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
+        out.append(p)
+    return out
+
+
+class ClipTokenizer:
+    """open_clip's BPE tokenizer (its vocabulary ships inside the package: no download). Over-long
+    captions keep their EOT token, so argmax pooling stays correct."""
+
+    def __init__(self, context_length: int) -> None:
+        self.context_length = context_length
+        self._tok = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._tok(texts, context_length=self.context_length)  # always [B, context]
+
+
+class ContrastiveTextTower(nn.Module):
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.transformer = TextTransformer(
+            context_length=config.clip_context_length, vocab_size=config.clip_vocab_size,
+            width=config.clip_width, heads=config.clip_heads, layers=config.clip_layers,
+            output_dim=config.embed_dim, pool_type="argmax", proj_type="linear",
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, context] -> un-normalised embeddings [B, embed_dim]."""
+        return self.transformer(tokens)
+
+
+class ImageProjector(nn.Sequential):
+    """StableRep-style MLP applied after mean pooling: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
+    BN becomes SyncBatchNorm under DDP (the trainer converts it); scoring runs in eval mode."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        h = config.projector_hidden
+        super().__init__(
+            nn.Linear(config.width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+            nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
+            nn.Linear(h, config.embed_dim),
+        )
+
+
+class TextAligner(nn.Module):
+    """Maps frozen T5 states into the decoder's width: linear + zero-initialised positions + LN +
+    ViT blocks (with T5's padding mask, which the official code omits)."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        c = config
+        self.text_proj = nn.Linear(c.t5_dim, c.width)
+        self.text_pos = nn.Parameter(torch.zeros(1, c.t5_max_length, c.width))
+        self.text_proj_ln = nn.LayerNorm(c.width, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(c.width, c.num_heads, c.mlp_dim, c.attn_dropout, c.proj_dropout) for _ in range(c.aligner_depth)
+        )
+        self.grad_checkpointing = False
+
+    def forward(self, t5_hidden: torch.Tensor, t5_mask: torch.Tensor) -> torch.Tensor:
+        x = self.text_proj_ln(self.text_proj(t5_hidden) + self.text_pos[:, : t5_hidden.shape[1]])
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, t5_mask, use_reentrant=False)
+            else:
+                x = blk(x, t5_mask)
+        return x
+
+
+class ConditioningTextEncoder(nn.Module):
+    """Frozen T5 encoder + its tokenizer, loaded from a local directory with `from_pretrained`."""
+
+    def __init__(self, model, tokenizer, max_length: int) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, max_length: int, torch_dtype: torch.dtype | None = None) -> "ConditioningTextEncoder":
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"T5 directory {path} does not exist (no download is attempted)")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype,
+                                               use_safetensors=True)
+        return cls(model, tokenizer, max_length)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt")
+        return enc.input_ids, enc.attention_mask.bool()
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (hidden [B, max_length, d_model] float32, mask bool [B, max_length])."""
+        ids, mask = self.tokenize(prompts)
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return hidden.float() * mask[..., None], mask
+
+
+def build_t5_from_scratch(out_dir: str | Path, corpus: Iterable[str], d_model: int = 128, num_layers: int = 2,
+                          num_heads: int = 4, d_ff: int = 256, vocab_size: int = 128, seed: int = 0) -> Path:
+    """Create a small T5 encoder with a SentencePiece vocabulary trained on `corpus` and save it in
+    transformers format (safetensors). It is used, frozen and randomly initialised, by the toy
+    presets and by the tests, through exactly the interface a pretrained T5 uses."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sentences = sorted(set(corpus))
+    words = {w for sent in sentences for w in sent.split()}
+    model_prefix = out / "spiece"
+    # A word-level vocabulary: the toy worlds have a few dozen words; T5's ids (pad 0, eos 1, unk 2).
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
+        vocab_size=max(vocab_size, len(words) + 3), model_type="word", pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, hard_vocab_limit=False, character_coverage=1.0, minloglevel=2, num_threads=1,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(model_prefix) + ".model")
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.vocab_size())]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
+                   num_layers=num_layers, num_heads=num_heads, dropout_rate=0.0,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = T5EncoderModel(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "spiece.vocab").unlink(missing_ok=True)
+    (out / "spiece.model").unlink(missing_ok=True)  # the tokenizer.json holds the vocabulary
+    return out

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random DREAM model directory built (and saved) by the tests themselves:
+a tiny diffusers AutoencoderKL, a tiny T5 with a SentencePiece vocabulary trained on Shapes World
+captions, and a tiny DreamModel. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_CAPTIONS = [
+    "a small red circle at the top left on a white background",
+    "a large blue square in the middle on a black background",
+    "a big green triangle on the right",
+    "a tiny yellow diamond at the bottom",
+    "a purple cross",
+    "an orange circle in the top right corner on a gray background",
+]
+
+
+def tiny_corpus() -> list[str]:
+    from training.data.shapes_world import caption, random_scene
+
+    rng = np.random.default_rng(0)
+    return [caption(random_scene(rng), rng) for _ in range(400)] + TINY_CAPTIONS
+
+
+def build_tiny_vae(path: Path, image_size: int = 32):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                        sample_size=image_size, scaling_factor=0.5)
+    vae.save_pretrained(path, safe_serialization=True)
+    return vae
+
+
+def build_tiny_model_dir(root: Path) -> Path:
+    """A complete model directory for the `tiny` preset."""
+    from dream_core import DreamConfig, DreamModel, DreamPipeline
+    from dream_core.image_tokenizer import ImageTokenizer
+    from dream_core.text import ConditioningTextEncoder, build_t5_from_scratch
+
+    config = DreamConfig.preset("tiny").replace(vae_scaling_factor=0.5)
+    build_tiny_vae(root / "vae_src", config.image_size)
+    build_t5_from_scratch(root / "text_src", tiny_corpus(), d_model=config.t5_dim, num_layers=1,
+                          num_heads=2, d_ff=64, vocab_size=96)
+    torch.manual_seed(0)
+    model = DreamModel(config)
+    # Random projector BN statistics would make every score equal; run a few batches in train mode.
+    pipe = DreamPipeline(model, ImageTokenizer.from_pretrained(root / "vae_src", config.patch_size),
+                         ConditioningTextEncoder.from_pretrained(root / "text_src", config.t5_max_length),
+                         captions=TINY_CAPTIONS, text_dir=root / "text_src")
+    out = root / "model"
+    pipe.save_pretrained(out, model_card="# tiny test model\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    from dream_core import DreamPipeline
+
+    return DreamPipeline.from_pretrained(tiny_model_dir, device="cpu")

@@ -1,0 +1,1 @@
+"""DREAM Studio training: data, recipes and evaluation."""

@@ -1,0 +1,1 @@
+"""Training data sources: the Shapes World generator and friends."""

@@ -1,0 +1,426 @@
+"""DREAM pretraining: one entry point for every recipe, one process or many.
+
+    python -m training.train --recipe shapes --out runs/shapes [--max-steps N] [key=value ...]
+    accelerate launch --multi_gpu --num_processes 8 -m training.train --recipe dream-huge --out runs/h
+    torchrun --nnodes 4 --nproc-per-node 8 ... -m training.train --recipe dream-huge --out runs/h
+    python -m training.train --list-recipes
+
+DDP by default (FSDP for the huge/giant recipes), bf16 autocast on CUDA and fp32 on CPU, gradient
+accumulation, AdamW (0.9, 0.95) without decay on norms/biases/embeddings/temperature, LR = blr x
+global batch / 256 with linear warm-up, clip 3.0, EMA (warmed up with the step count, so a short
+run exports trained weights), Masking Warmup driven by the fractional epoch. Resumes from
+`<out>/checkpoint-last` automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dream_core.config import DreamConfig
+from dream_core.masking import random_token_mask
+from dream_core.model import DreamModel, drop_captions
+from dream_core.text import ClipTokenizer, ConditioningTextEncoder
+from dream_core.image_tokenizer import ImageTokenizer, patchify
+from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from training.data.loaders import build_dataloader
+from training.recipes import RECIPES, TrainRecipe, get_recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser, schedules, EMA
+# ---------------------------------------------------------------------------------------------
+
+def build_optimizer(model: DreamModel, recipe: TrainRecipe, lr: float, fused: bool = False) -> torch.optim.AdamW:
+    no_decay = model.no_weight_decay_names()
+    decay, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (other if name in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(recipe.beta1, recipe.beta2), **kwargs)
+
+
+def lr_at(epoch: float, recipe: TrainRecipe, peak: float) -> float:
+    """Linear warm-up to `peak`, then constant (the recipe) or cosine to min_lr."""
+    if recipe.warmup_epochs > 0 and epoch < recipe.warmup_epochs:
+        return peak * epoch / recipe.warmup_epochs
+    if recipe.lr_schedule == "cosine":
+        span = max(recipe.epochs - recipe.warmup_epochs, 1e-8)
+        p = min(1.0, (epoch - recipe.warmup_epochs) / span)
+        return recipe.min_lr + (peak - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
+    return peak
+
+
+class EMA:
+    """Exponential moving average of the parameters (fp32). With warm-up the decay at update t is
+    min(decay, (1 + t) / (10 + t)); without it, the fixed decay from step 0 (official)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool) -> None:
+        self.decay, self.warmup = decay, warmup
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.current_decay()
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach().float(), 1 - d)
+        self.updates += 1
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """EMA parameters plus the model's buffers (BN running statistics are not averaged)."""
+        state = {n: t.clone() for n, t in self.shadow.items()}
+        for n, b in model.named_buffers():
+            state[n] = b.detach().clone()
+        return state
+
+    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for n in self.shadow:
+            self.shadow[n].copy_(state[n])
+        self.updates = updates
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, recipe: TrainRecipe, out: Path, accelerator=None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.recipe, self.out = recipe, Path(out)
+        self.config = recipe.model_config()
+        cuda = torch.cuda.is_available()
+        precision = {"auto": "bf16" if cuda else "no", "bf16": "bf16", "fp32": "no"}[recipe.precision]
+        unused = self.config.clip_weight == 0 or self.config.diffusion_weight == 0 or self.config.repa_block > 0
+        plugins = {}
+        if recipe.fsdp and cuda:
+            from accelerate import FullyShardedDataParallelPlugin
+
+            plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+        self.acc = accelerator or Accelerator(
+            mixed_precision=precision, gradient_accumulation_steps=recipe.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)], **plugins,
+        )
+        self.device = self.acc.device
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self._check_paths()
+
+        torch.manual_seed(recipe.seed)  # same initial weights on every rank
+        self.model = DreamModel(self.config)
+        if recipe.grad_checkpointing:
+            for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
+                part.grad_checkpointing = True
+        if self.world > 1 and not recipe.fsdp:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.tokenizer = ImageTokenizer.from_pretrained(recipe.vae_path, self.config.patch_size).to(self.device)
+        self.t5 = ConditioningTextEncoder.from_pretrained(recipe.t5_path, self.config.t5_max_length).to(self.device)
+        self.clip_tok = ClipTokenizer(self.config.clip_context_length)
+        if abs(self.tokenizer.scaling_factor - self.config.vae_scaling_factor) > 1e-6 * max(1.0, self.config.vae_scaling_factor):
+            self.config.vae_scaling_factor = self.tokenizer.scaling_factor
+        if self.t5.dim != self.config.t5_dim:
+            raise ValueError(f"T5 at {recipe.t5_path} has d_model={self.t5.dim} but config.t5_dim={self.config.t5_dim}")
+        null_hidden, null_mask = self.t5([""])
+        self.null_hidden, self.null_mask = null_hidden.to(self.device), null_mask.to(self.device)
+
+        self.global_batch = recipe.batch_size * recipe.grad_accum * self.world
+        self.peak_lr = recipe.lr if recipe.lr is not None else recipe.blr * self.global_batch / 256
+        fused = self.device.type == "cuda"
+        self.optimizer = build_optimizer(self.model, recipe, self.peak_lr, fused=fused)
+        self.schedule = recipe.masking_schedule()
+        self.ema = EMA(self.model, recipe.ema_decay, recipe.ema_warmup)
+        self.mask_gen = torch.Generator().manual_seed(recipe.seed * 1000 + self.rank)
+        self.step = 0
+        self.samples_seen = 0
+        self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * recipe.samples_per_epoch / self.global_batch)
+        self._resume()
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if recipe.compile:
+            self.model = torch.compile(self.model)
+        self.teacher = self._build_repa_teacher()
+
+    # ----- setup helpers -----
+    def _check_paths(self) -> None:
+        r = self.recipe
+        for key in ("vae_path", "t5_path"):
+            value = getattr(r, key)
+            if not value or not Path(value).is_dir():
+                raise ValueError(f"recipe.{key}={value!r} must be a local directory (nothing is downloaded)")
+        if r.data in ("webdataset", "folder") and not (r.data_path and Path(r.data_path).exists()):
+            raise ValueError(f"recipe.data_path={r.data_path!r} does not exist")
+        if r.data == "cache" and not (r.cache_path and Path(r.cache_path).is_dir()):
+            raise ValueError(f"recipe.cache_path={r.cache_path!r} does not exist")
+
+    def _resume(self) -> None:
+        ckpt_dir = find_checkpoint(self.out)
+        if ckpt_dir is None:
+            return
+        ckpt = load_checkpoint(ckpt_dir)
+        meta = ckpt["meta"]
+        if meta.get("config") != self.config.to_dict():
+            raise ValueError(f"checkpoint {ckpt_dir} was written for another model config; use a new --out")
+        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.ema.load(ckpt["ema"], meta["ema_updates"])
+        self.step, self.samples_seen = meta["step"], meta["samples_seen"]
+        self.mask_gen.set_state(ckpt["rng"][f"mask_gen_{self.rank}"] if f"mask_gen_{self.rank}" in ckpt["rng"] else ckpt["rng"]["mask_gen_0"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.acc.print(f"resumed from {ckpt_dir} at step {self.step}")
+
+    def _build_repa_teacher(self):
+        if not self.config.repa_block:
+            return None
+        from training.repa import RepaTeacher
+
+        return RepaTeacher(self.recipe.repa_teacher_arch, self.recipe.repa_teacher_weights,
+                           self.config.tokens_per_side, self.device)
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / self.recipe.samples_per_epoch
+
+    # ----- one step -----
+    def batch_tensors(self, batch: dict) -> dict:
+        """Latent tokens, conditioning and CLIP tokens for a batch from the loader."""
+        c = self.config
+        captions = batch["caption"]
+        if "moments" in batch:
+            latents = self.tokenizer.latents_from_moments(batch["moments"].to(self.device), sample=True)
+            tokens = patchify(latents, c.patch_size)
+        else:
+            tokens = self.tokenizer.encode(batch["image"].to(self.device), sample=True)
+        if "t5_hidden" in batch:
+            t5_hidden, t5_mask = batch["t5_hidden"].to(self.device).float(), batch["t5_mask"].to(self.device)
+        else:
+            t5_hidden, t5_mask = self.t5(captions)
+        t5_hidden, t5_mask = drop_captions(t5_hidden, t5_mask, self.null_hidden, self.null_mask,
+                                           c.caption_dropout, self.mask_gen)
+        ratios = self.schedule.sample(self.epoch, tokens.shape[0], self.mask_gen, per_sample=self.recipe.per_sample_masking)
+        mask = random_token_mask(ratios, c.seq_len, self.mask_gen).to(self.device)
+        out = {"tokens": tokens, "mask": mask, "t5_hidden": t5_hidden, "t5_mask": t5_mask,
+               "clip_tokens": self.clip_tok(captions).to(self.device), "ratios": ratios}
+        if self.teacher is not None:
+            out["repa_target"] = self.teacher(batch["image"].to(self.device))
+        return out
+
+    def train_step(self, batch: dict) -> dict:
+        t = self.batch_tensors(batch)
+        with self.acc.accumulate(self.model), self.acc.autocast():
+            lr = lr_at(self.epoch, self.recipe, self.peak_lr)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            # Through the (DDP/FSDP) wrapper, so gradient synchronisation hooks fire.
+            out = self.model(t["tokens"], t["mask"], t["t5_hidden"], t["t5_mask"], t["clip_tokens"], t.get("repa_target"))
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+            self.acc.backward(loss)
+            grad_norm = None
+            if self.acc.sync_gradients:
+                grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.acc.sync_gradients:
+            self.ema.update(self.acc.unwrap_model(self.model))
+        self.samples_seen += t["tokens"].shape[0] * self.world
+        out["lr"] = lr
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["ratio_std"] = t["ratios"].std().item() if t["ratios"].numel() > 1 else 0.0
+        return out
+
+    # ----- checkpoints and export -----
+    def save(self) -> None:
+        self.acc.wait_for_everyone()
+        core = self.acc.unwrap_model(self.model)
+        model_state = self.acc.get_state_dict(self.model) if self.recipe.fsdp else core.state_dict()
+        mask_states = [self.mask_gen.get_state()]
+        if self.world > 1:  # every rank's masking generator, so a resume continues each stream
+            mask_states = list(self.acc.gather(mask_states[0][None].to(self.device)).cpu())
+        if self.acc.is_main_process:
+            rng = {f"mask_gen_{i}": s for i, s in enumerate(mask_states)}
+            rng["torch"] = torch.get_rng_state()
+            meta = {"step": self.step, "samples_seen": self.samples_seen, "epoch": self.epoch,
+                    "ema_updates": self.ema.updates, "recipe": self.recipe.to_dict(),
+                    "config": self.config.to_dict(), "world_size": self.world}
+            save_checkpoint(self.out / "checkpoint-last", model_state=model_state,
+                            ema_state=self.ema.state_dict(core), optimizer_state=self.optimizer.state_dict(),
+                            rng=rng, meta=meta)
+        self.acc.wait_for_everyone()
+
+    def export(self, model_dir: Path, captions: list[str] | None = None, card: str | None = None) -> None:
+        """Write a model directory (EMA weights) that `DreamPipeline.from_pretrained` loads."""
+        if not self.acc.is_main_process:
+            return
+        from dream_core.pipeline import DreamPipeline
+
+        core = self.acc.unwrap_model(self.model)
+        export_model = DreamModel(self.config)
+        export_model.load_state_dict(self.ema.state_dict(core))
+        pipe = DreamPipeline(export_model, self.tokenizer, self.t5, captions=captions or [],
+                             vae_dir=Path(self.recipe.vae_path), text_dir=Path(self.recipe.t5_path))
+        pipe.save_pretrained(model_dir, model_card=card)
+
+    # ----- the loop -----
+    def fit(self) -> dict:
+        r = self.recipe
+        loader = build_dataloader(r, self.config, rank=self.rank, world=self.world, start_step=self.step)
+        log_path = self.out / "log.csv"
+        writer, log_file = None, None
+        tb = None
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.json").write_text(json.dumps(r.to_dict(), indent=1))
+            log_file = open(log_path, "a", newline="")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(str(self.out / "tb"))
+            except Exception:  # tensorboard is optional; CSV is always written
+                tb = None
+        self.model.train()
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.acc.is_main_process,
+                   dynamic_ncols=True, mininterval=2.0)
+        t_last, n_last = time.time(), self.samples_seen
+        last = {}
+        data_iter = iter(loader)
+        while self.step < self.total_steps:
+            batch = next(data_iter)
+            out = self.train_step(batch)
+            if not self.acc.sync_gradients:
+                continue
+            self.step += 1
+            bar.update(1)
+            if self.step % r.log_every == 0 or self.step == self.total_steps:
+                now = time.time()
+                row = {"step": self.step, "epoch": round(self.epoch, 4)}
+                for k, v in out.items():
+                    if k in ("loss", "diffusion", "clip", "repa"):
+                        v = self.acc.reduce(v.detach().reshape(1).to(self.device), "mean").item()
+                    if isinstance(v, (int, float)):
+                        row[k] = round(float(v), 6)
+                row["samples_per_s"] = round((self.samples_seen - n_last) / max(now - t_last, 1e-9), 2)
+                row["mask_mean_mu"] = round(self.schedule.mean(self.epoch), 4)
+                row["ema_decay"] = round(self.ema.current_decay(), 6)
+                t_last, n_last = now, self.samples_seen
+                last = row
+                if self.acc.is_main_process:
+                    if writer is None:
+                        writer = csv.DictWriter(log_file, fieldnames=list(row), extrasaction="ignore")
+                        if log_file.tell() == 0:
+                            writer.writeheader()
+                    writer.writerow(row)
+                    log_file.flush()
+                    if tb is not None:
+                        for k, v in row.items():
+                            tb.add_scalar(k, v, self.step)
+                    bar.set_postfix(loss=row.get("loss"), diff=row.get("diffusion"), clip=row.get("clip"))
+            if r.ckpt_every and self.step % r.ckpt_every == 0:
+                self.save()
+            if r.sample_every and self.step % r.sample_every == 0 and self.acc.is_main_process:
+                self.sample_check()
+        self.save()
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+        return last
+
+    @torch.no_grad()
+    def sample_check(self) -> None:
+        """Decode a few images with the EMA weights: MAR-family models can sample NaN/black early."""
+        from dream_core.pipeline import DreamPipeline
+
+        core = self.acc.unwrap_model(self.model)
+        model = DreamModel(self.config).to(self.device)
+        model.load_state_dict(self.ema.state_dict(core))
+        pipe = DreamPipeline(model, self.tokenizer, self.t5, captions=[])
+        prompts = self.recipe_sample_prompts()
+        images = []
+        for i, p in enumerate(prompts):
+            images += pipe(p, num_inference_steps=16, head_steps=25, guidance_scale=3.0, seed=i).images
+        out = self.out / "samples"
+        out.mkdir(exist_ok=True)
+        from PIL import Image
+
+        grid = Image.new("RGB", (images[0].width * len(images), images[0].height))
+        for i, im in enumerate(images):
+            grid.paste(im, (i * im.width, 0))
+        grid.save(out / f"step{self.step:07d}.png")
+
+    def recipe_sample_prompts(self) -> list[str]:
+        if self.recipe.data == "shapes":
+            return ["a large red circle in the middle on a white background",
+                    "a small blue square at the top left on a black background",
+                    "a large green triangle at the bottom right on a gray background",
+                    "a yellow cross on the left and a purple diamond on the right"]
+        return ["a photo of a dog", "a red car parked on a street"]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=None, help="recipe name (see --list-recipes)")
+    ap.add_argument("--out", type=Path, default=None, help="run directory (checkpoints, logs)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    ap.add_argument("--export", type=Path, default=None, help="write a model directory (EMA weights) at the end")
+    ap.add_argument("--captions", type=Path, default=None, help="caption bank (one per line) for the exported model")
+    ap.add_argument("--list-recipes", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="recipe overrides key=value (model.KEY=value for the model config)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.list_recipes:
+        for name, r in RECIPES.items():
+            print(f"{name:18s} model={r.model:7s} masking={r.masking:7s} data={r.data}")
+        return
+    if not args.recipe or not args.out:
+        raise SystemExit("error: --recipe and --out are required (or --list-recipes)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        recipe = get_recipe(args.recipe).overrides(args.overrides)
+        if args.max_steps is not None:
+            if args.max_steps < 1:
+                raise ValueError("--max-steps must be >= 1")
+            recipe = recipe.overrides([f"max_steps={args.max_steps}"])
+        captions = None
+        if args.captions is not None:
+            if not args.captions.is_file():
+                raise ValueError(f"--captions file {args.captions} does not exist")
+            captions = [line.strip() for line in args.captions.read_text().splitlines() if line.strip()]
+        trainer = Trainer(recipe, args.out)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+    last = trainer.fit()
+    if args.export:
+        trainer.export(args.export, captions)
+    trainer.acc.print(json.dumps(last))
+
+
+if __name__ == "__main__":
+    main()
