@@ -370,11 +370,11 @@ class DiffusionHead(nn.Module):
         Samples without masked tokens get 0 (not NaN); the caller picks samples and averages.
         """
         b, l, c = target.shape
-        w = mask.reshape(b * l).to(target.dtype)
+        w = mask.reshape(b * l).float()
         rows = torch.nonzero(w).squeeze(1).repeat(self.batch_mul)
         x0 = target.reshape(b * l, c)[rows]
         cond = z.reshape(b * l, z.shape[-1])[rows]
-        per_row = self.train_diffusion.training_losses(self.net, x0, cond) * w[rows]
+        per_row = self.train_diffusion.training_losses(self.net, x0, cond).float() * w[rows]
         sample_id = torch.div(rows, l, rounding_mode="floor")
         num = per_row.new_zeros(b).index_add(0, sample_id, per_row)
         den = w.new_zeros(b).index_add(0, sample_id, w[rows])
@@ -403,8 +403,11 @@ class DiffusionHead(nn.Module):
             (S = number of respaced steps; noise[S], at t = 0, is unused). Temperature scales only
             the injected noise.
         guidance_scale: scalar or per-row [N]; eps = eps_u + s (eps_c - eps_u). The variance
-            channels come from the conditional half (what the official code keeps too). Ignored
-            when z has N rows.
+            channels come from the conditional half (the official code keeps each half's own,
+            which for the kept conditional half is the same). Ignored when z has N rows.
+        clip_denoised: None (official, MAR/DREAM) or a bound b to clamp x0_hat to [-b, b] before
+            the posterior mean. Not in the official sampler; useful for briefly trained heads, since
+            the first step (t = 999, alpha_bar ~ 2.4e-9) multiplies the eps error by ~316.
 
         Deterministic given its inputs and row-independent, so candidates decoded in one batch
         match candidates decoded alone. Per call, everything independent of x_t is precomputed:
@@ -425,12 +428,15 @@ class DiffusionHead(nn.Module):
         dtype = net.input_proj.weight.dtype
         device = z.device
 
-        x = noise[0].to(dtype=dtype, copy=True)
-        injected = noise[1:].to(dtype)
+        noise = noise.to(device=device, dtype=dtype)
+        x = noise[0].clone()
+        injected = noise[1:]
         if temperature != 1.0:
             injected = injected * temperature
-        if cfg and isinstance(guidance_scale, torch.Tensor):
-            guidance_scale = guidance_scale.to(device=device, dtype=dtype).reshape(n, 1)
+        if isinstance(guidance_scale, torch.Tensor):
+            guidance_scale = guidance_scale.to(device=device, dtype=dtype).reshape(-1, 1)  # [N, 1] or [1, 1]
+        else:
+            guidance_scale = float(guidance_scale)
 
         cond = net.embed_cond(z.to(dtype))  # [M, W]
         t_emb = net.embed_time(sched["timesteps"].to(device))  # [S, W]

@@ -252,7 +252,10 @@ def test_cfg_scale_one_equals_conditional_and_scale_matters():
     cond_only = head.sample(zc, noise)
     torch.testing.assert_close(head.sample(torch.cat([zc, zu]), noise, guidance_scale=1.0), cond_only,
                                rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(head.sample(torch.cat([zc, zu]), noise, guidance_scale=3.0), cond_only, atol=1e-3)
+    guided = head.sample(torch.cat([zc, zu]), noise, guidance_scale=3)
+    assert not torch.allclose(guided, cond_only, atol=1e-3)
+    per_row = head.sample(torch.cat([zc, zu]), noise, guidance_scale=torch.full((3,), 3.0))
+    torch.testing.assert_close(per_row, guided)
 
 
 def test_temperature_zero_ignores_injected_noise():

@@ -113,8 +113,10 @@ class Trainer:
             from accelerate import FullyShardedDataParallelPlugin
 
             plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+        # cpu=True on a CUDA-less machine, so torchrun / accelerate launch env vars start gloo there
+        # (without it accelerate treats every CPU process as a world of one).
         self.acc = accelerator or Accelerator(
-            mixed_precision=precision, gradient_accumulation_steps=recipe.grad_accum,
+            cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=recipe.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)], **plugins,
         )
         self.device = self.acc.device
@@ -126,8 +128,9 @@ class Trainer:
         if recipe.grad_checkpointing:
             for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
                 part.grad_checkpointing = True
-        if self.world > 1 and not recipe.fsdp:
+        if self.world > 1 and not recipe.fsdp and self.device.type == "cuda":  # SyncBN is GPU-only
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        torch.manual_seed(recipe.seed + self.rank)  # independent noise per rank from here on
         self.tokenizer = ImageTokenizer.from_pretrained(recipe.vae_path, self.config.patch_size).to(self.device)
         self.t5 = ConditioningTextEncoder.from_pretrained(recipe.t5_path, self.config.t5_max_length).to(self.device)
         self.clip_tok = ClipTokenizer(self.config.clip_context_length)
@@ -148,7 +151,10 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * recipe.samples_per_epoch / self.global_batch)
+        self.data_skipped = 0
         self._resume()
+        # Built here (not in fit) so bad data fails before any training, and resumes at the saved step.
+        self.loader = build_dataloader(recipe, self.config, rank=self.rank, world=self.world, start_step=self.step)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if recipe.compile:
             self.model = torch.compile(self.model)
@@ -165,6 +171,12 @@ class Trainer:
             raise ValueError(f"recipe.data_path={r.data_path!r} does not exist")
         if r.data == "cache" and not (r.cache_path and Path(r.cache_path).is_dir()):
             raise ValueError(f"recipe.cache_path={r.cache_path!r} does not exist")
+        if r.data != "shapes":
+            from training.data.sources import check_data
+
+            check_data(r)
+        if r.data == "cache" and self.config.repa_block:
+            raise ValueError("REPA needs images for its teacher, but a cache holds latents only; use image data")
 
     def _resume(self) -> None:
         ckpt_dir = find_checkpoint(self.out)
@@ -180,8 +192,12 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.ema.load(ckpt["ema"], meta["ema_updates"])
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
-        self.mask_gen.set_state(ckpt["rng"][f"mask_gen_{self.rank}"] if f"mask_gen_{self.rank}" in ckpt["rng"] else ckpt["rng"]["mask_gen_0"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.data_skipped = meta.get("data_skipped", 0) if self.rank == 0 else 0  # a total over ranks
+        rng = ckpt["rng"]
+        self.mask_gen.set_state(rng.get(f"mask_gen_{self.rank}", rng["mask_gen_0"]))
+        torch.set_rng_state(rng.get(f"torch_{self.rank}", rng["torch"]))
+        if self.device.type == "cuda" and f"cuda_{self.rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda_{self.rank}"], self.device)
         self.acc.print(f"resumed from {ckpt_dir} at step {self.step}")
 
     def _build_repa_teacher(self):
@@ -250,15 +266,21 @@ class Trainer:
         self.acc.wait_for_everyone()
         core = self.acc.unwrap_model(self.model)
         model_state = self.acc.get_state_dict(self.model) if self.recipe.fsdp else core.state_dict()
-        mask_states = [self.mask_gen.get_state()]
-        if self.world > 1:  # every rank's masking generator, so a resume continues each stream
-            mask_states = list(self.acc.gather(mask_states[0][None].to(self.device)).cpu())
+        # Every rank's generators (masking, global torch, CUDA), so a resume continues each stream.
+        states = {"mask_gen": self.mask_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        gathered = {k: [v] for k, v in states.items()}
+        if self.world > 1:
+            gathered = {k: list(self.acc.gather(v[None].to(self.device)).cpu()) for k, v in states.items()}
+        skipped = int(self.acc.reduce(torch.tensor([self.data_skipped], device=self.device), "sum").item()) \
+            if self.world > 1 else self.data_skipped
         if self.acc.is_main_process:
-            rng = {f"mask_gen_{i}": s for i, s in enumerate(mask_states)}
+            rng = {f"{k}_{i}": s for k, v in gathered.items() for i, s in enumerate(v)}
             rng["torch"] = torch.get_rng_state()
             meta = {"step": self.step, "samples_seen": self.samples_seen, "epoch": self.epoch,
                     "ema_updates": self.ema.updates, "recipe": self.recipe.to_dict(),
-                    "config": self.config.to_dict(), "world_size": self.world}
+                    "config": self.config.to_dict(), "world_size": self.world, "data_skipped": skipped}
             save_checkpoint(self.out / "checkpoint-last", model_state=model_state,
                             ema_state=self.ema.state_dict(core), optimizer_state=self.optimizer.state_dict(),
                             rng=rng, meta=meta)
@@ -280,7 +302,7 @@ class Trainer:
     # ----- the loop -----
     def fit(self) -> dict:
         r = self.recipe
-        loader = build_dataloader(r, self.config, rank=self.rank, world=self.world, start_step=self.step)
+        loader = self.loader
         log_path = self.out / "log.csv"
         writer, log_file = None, None
         tb = None
@@ -304,6 +326,7 @@ class Trainer:
         data_iter = iter(loader)
         while self.step < self.total_steps:
             batch = next(data_iter)
+            self.data_skipped += int(batch.get("skipped", 0))
             out = self.train_step(batch)
             if not self.acc.sync_gradients:
                 continue
@@ -320,6 +343,7 @@ class Trainer:
                 row["samples_per_s"] = round((self.samples_seen - n_last) / max(now - t_last, 1e-9), 2)
                 row["mask_mean_mu"] = round(self.schedule.mean(self.epoch), 4)
                 row["ema_decay"] = round(self.ema.current_decay(), 6)
+                row["data_skipped"] = self.data_skipped  # this rank's unreadable samples (replaced)
                 t_last, n_last = now, self.samples_seen
                 last = row
                 if self.acc.is_main_process:

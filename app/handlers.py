@@ -1,0 +1,497 @@
+"""The app's behaviour as plain functions over DreamPipeline (no Blocks here), so every button can
+be tested without a browser. User mistakes become gr.Error messages, never tracebacks.
+
+Generation is a generator: it yields a `GenerateView` after decoding steps (throttled, so the
+browser keeps up), always at the SAD decision and at the end, and it checks the session's stop
+flag between decoding steps, so Stop lands within one step.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+import pandas as pd
+from platformdirs import user_cache_dir
+
+from dream_core.masking import fraction_decided
+from dream_core.sampling import default_decision_step
+
+from .history import APP_NAME, History
+from .images import (DISPLAY_SIZE, MAX_UPLOAD_BYTES, Tile, candidate_grid, fit, mark_undecided, open_checked,
+                     read_record, save_png, score_chart, tile_size_for, upscale)
+from .models import ModelManager
+from .params import MAX_SEED, GenerationSettings, ImageRecord
+
+PREVIEW_MARKED = "Decided tokens (undecided hatched)"
+PREVIEW_PARTIAL = "Partial decode (raw latent)"
+PREVIEW_MODES = (PREVIEW_MARKED, PREVIEW_PARTIAL)
+SEARCH_BANK, SEARCH_FILE, SEARCH_LABELS = "bank", "file", "labels"
+SEARCH_MODES = (SEARCH_BANK, SEARCH_FILE, SEARCH_LABELS)
+SEARCH_MODE_LABELS = {SEARCH_BANK: "Model caption bank", SEARCH_FILE: "Caption file (.txt)",
+                      SEARCH_LABELS: "Labels (zero-shot)"}
+MAX_CAPTION_FILE_BYTES = 5 * 2**20
+MAX_CAPTIONS = 100_000
+MAX_LABELS = 200
+DEFAULT_MIN_INTERVAL = 0.125  # at most ~8 preview updates per second
+
+
+def fail(message: str) -> gr.Error:
+    """A user-facing error (Gradio renders the message as HTML, so it is escaped)."""
+    return gr.Error(html.escape(str(message), quote=False), print_exception=False)
+
+
+@dataclass
+class SessionState:
+    """Per-browser-session state (a gr.State): never shared between users."""
+
+    stop_requested: bool = False
+    last_seed: int | None = None
+    paths: list[str] = field(default_factory=list)  # this session's images, newest first
+    shown: list[str] = field(default_factory=list)  # what the history gallery shows, by index
+    selected: str | None = None  # history entry picked by the user
+    running: bool = False
+
+
+@dataclass
+class AppContext:
+    """What the handlers share: the model, the history folder and the app's policies."""
+
+    manager: ModelManager
+    history: History
+    shared_history: bool = True  # show every PNG in the outputs folder (local use) or only the session's
+    display_dir: Path = field(default_factory=lambda: Path(user_cache_dir(APP_NAME, appauthor=False)) / "display")
+    min_interval: float = DEFAULT_MIN_INTERVAL
+    keep_display_files: int = 200
+
+
+@dataclass
+class GenerateView:
+    """One update of the Generate tab; None fields are left unchanged."""
+
+    status: str | None = None  # HTML: progress bar and a line of text
+    grid: Any = None  # PIL image of the candidate tiles
+    scores: Any = None  # PIL bar chart of the scores at the decision
+    final: str | None = None  # upscaled display copy (PNG with the same text chunks)
+    download: str | None = None  # the saved PNG (native size)
+    gallery: list[tuple[str, str]] | None = None
+    infotext: str | None = None
+    records: list[dict] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    stopped: bool = False
+    done: bool = False
+    reset: bool = False  # a new job starts: clear the live grid and the score chart
+
+
+# ----- small helpers -----
+def resolve_seed(seed: Any, randomize: bool) -> int | None:
+    """UI/API seed: random toggle or seed < 0 -> None (draw one); else a validated integer."""
+    if randomize or seed is None or seed == "":
+        return None
+    try:
+        value = float(seed)
+    except (TypeError, ValueError):
+        raise fail(f"seed must be a whole number, got {seed!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise fail(f"seed must be a whole number, got {seed!r}")
+    if value < 0:
+        return None
+    if value > MAX_SEED:
+        raise fail(f"seed must be at most {MAX_SEED}, got {int(value)}")
+    return int(value)
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def decision_info(num_steps: Any, decision_step: Any, seq_len: int, num_candidates: Any) -> str:
+    """The decision step as a step and as the share of tokens decided when candidates are scored."""
+    try:
+        steps, k = int(num_steps), int(num_candidates)
+        decision = int(decision_step)
+    except (TypeError, ValueError):
+        return ""
+    if k <= 1:
+        return "One candidate: plain MAR decoding, nothing to decide."
+    if steps < 2:
+        return "Needs at least 2 steps to decide between candidates."
+    decision = max(1, min(decision, steps - 1))
+    share = fraction_decided(decision, steps, seq_len)
+    return (f"Candidates are scored after step **{decision}** of {steps}, when **{100 * share:.1f} %** of the "
+            f"{seq_len} tokens are decided; the best one continues.")
+
+
+def progress_html(fraction: float, text: str, state: str = "running") -> str:
+    pct = max(0.0, min(1.0, fraction)) * 100
+    return (f'<div class="ds-status ds-{state}"><div class="ds-track"><div class="ds-fill" '
+            f'style="width:{pct:.1f}%"></div></div><div class="ds-text">{html.escape(text)}</div></div>')
+
+
+def candidate_states(pruned: list[bool], chosen: int | None) -> list[str]:
+    return ["pruned" if p else ("chosen" if cid == chosen else "kept") for cid, p in enumerate(pruned)]
+
+
+def _display_copy(ctx: AppContext, path: Path, image, record: ImageRecord) -> Path:
+    """An upscaled (NEAREST) copy for the big view, carrying the same parameters."""
+    out = ctx.display_dir / f"{path.parent.name}-{path.name}"
+    save_png(upscale(image, DISPLAY_SIZE), out, record)
+    old = sorted(ctx.display_dir.glob("*.png"), key=lambda p: p.stat().st_mtime_ns)
+    for p in old[: max(0, len(old) - ctx.keep_display_files)]:
+        p.unlink(missing_ok=True)
+    return out
+
+
+# ----- generation -----
+def settings_from_inputs(prompt: Any, negative_prompt: Any, num_candidates: Any, decision_step: Any,
+                         num_inference_steps: Any, head_steps: Any, guidance_scale: Any, guidance_schedule: Any,
+                         temperature: Any, seed: int | None, num_images: Any) -> GenerationSettings:
+    return GenerationSettings(
+        prompt=prompt if isinstance(prompt, str) else "", negative_prompt=negative_prompt or "",
+        num_candidates=num_candidates, decision_step=decision_step, num_inference_steps=num_inference_steps,
+        head_steps=head_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
+        temperature=temperature, seed=seed, num_images=num_images)
+
+
+def begin_job(session: SessionState) -> SessionState:
+    """Runs (unqueued) the moment Generate is clicked: a Stop after this point reaches the job."""
+    session.stop_requested = False
+    return session
+
+
+def request_stop(session: SessionState) -> str:
+    session.stop_requested = True
+    return progress_html(0.0, "Stopping after the current decoding step…", "stopping") if session.running else \
+        progress_html(0.0, "Stop requested.", "stopping")
+
+
+def generate_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
+                    preview_mode: str = PREVIEW_MARKED, previews: bool = True, min_interval: float | None = None,
+                    clock: Callable[[], float] = time.monotonic) -> Iterator[GenerateView]:
+    """Decode `settings.num_images` images of K candidates each, yielding live views; save each
+    finished image as a PNG with its parameters. Stops between decoding steps on request."""
+    try:
+        pipe = ctx.manager.require()
+    except ValueError as err:
+        raise fail(str(err)) from None
+    cfg = pipe.config
+    try:
+        s = settings.validated(cfg.seq_len, cfg.num_train_timesteps)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if preview_mode not in PREVIEW_MODES:
+        raise fail(f"preview mode must be one of {', '.join(PREVIEW_MODES)}")
+    if s.num_candidates > 1 and s.decision_step is None:
+        s.decision_step = default_decision_step(s.num_inference_steps)
+    base_seed = s.seed if s.seed is not None else draw_seed()
+    s.seed = base_seed
+    interval = ctx.min_interval if min_interval is None else min_interval
+    k, steps, n = s.num_candidates, s.num_inference_steps, s.num_images
+    tile = tile_size_for(s.num_candidates)
+    share = fraction_decided(s.decision_step, steps, cfg.seq_len) if s.decision_step else None
+    model_name = ctx.manager.name
+    done_paths: list[str] = []
+    done_records: list[dict] = []
+    gallery: list[tuple[str, str]] = []
+    started = clock()
+    session.running = True
+    try:
+        if session.stop_requested:
+            yield GenerateView(status=progress_html(0.0, "Stopped before it started.", "stopped"), stopped=True)
+            return
+        yield GenerateView(status=progress_html(0.0, f"Starting: {k} candidate{'s' * (k > 1)}, {steps} steps, "
+                                                     f"seed {base_seed}…"), reset=True)
+        for i in range(n):
+            seed_i = base_seed + i * k
+            tiles: dict[int, Tile] = {}
+            decided = False
+            last = None
+            last_yield = -math.inf
+            events = pipe.stream(s.prompt, num_candidates=k, decision_step=s.decision_step,
+                                 num_inference_steps=steps, guidance_scale=s.guidance_scale,
+                                 guidance_schedule=s.guidance_schedule, temperature=s.temperature,
+                                 negative_prompt=s.negative_prompt or None, seed=seed_i, head_steps=s.head_steps,
+                                 should_stop=lambda: session.stop_requested)
+            try:
+                for ev in events:
+                    last = ev
+                    if ev.kind == "decision":
+                        decided = True
+                    now = clock()
+                    key = ev.kind in ("decision", "done") or last_yield == -math.inf
+                    if not key and now - last_yield < interval:
+                        continue
+                    last_yield = now
+                    view = GenerateView()
+                    if previews:
+                        _update_tiles(pipe, tiles, ev, preview_mode, decided, tile)
+                        view.grid = candidate_grid(list(tiles.values()), tile)
+                        if ev.kind == "decision":
+                            view.scores = score_chart(ev.scores, candidate_states(ev.pruned, ev.chosen))
+                    view.status = progress_html((i + ev.step / steps) / n, _step_text(ev, i, n, share, s))
+                    yield view
+            except ValueError as err:  # the engine's argument checks
+                raise fail(str(err)) from None
+            if last is None or last.kind != "done":
+                at = last.step if last is not None else 0
+                view = GenerateView(status=progress_html((i + at / steps) / n,
+                                                         f"Stopped at step {at} of {steps} (image {i + 1} of {n}); "
+                                                         "the unfinished image was not saved.", "stopped"),
+                                    stopped=True, records=done_records, paths=done_paths)
+                if previews and tiles:
+                    for t in tiles.values():
+                        if t.state != "pruned":
+                            t.state = "stopped"
+                    view.grid = candidate_grid(list(tiles.values()), tile)
+                yield view
+                return
+            image = pipe.decode_tokens(last.tokens[:1])[0]
+            chosen = last.candidate_ids[0]
+            record = ImageRecord.build(s, seed_i, chosen, last.scores, model_name, image.size, cfg.seq_len,
+                                       image_index=i, created=datetime.now().isoformat(timespec="seconds"))
+            path = ctx.history.save(image, record)
+            session.paths.insert(0, str(path))
+            session.last_seed = base_seed
+            display = _display_copy(ctx, path, image, record)
+            done_paths.append(str(path))
+            done_records.append(record.to_dict())
+            gallery.append((str(display), f"{i + 1}: candidate #{chosen}, seed {seed_i}"))
+            view = GenerateView(final=str(display), download=str(path), gallery=list(gallery),
+                                infotext=record.infotext(), records=list(done_records), paths=list(done_paths))
+            if previews:
+                tiles[chosen].state = "final"
+                view.grid = candidate_grid(list(tiles.values()), tile)
+            finished = i + 1 == n
+            took = clock() - started
+            text = (f"Done: {n} image{'s' * (n > 1)} in {took:.1f} s, saved as {path.name}" if finished else
+                    f"Image {i + 1} of {n} saved ({path.name}); decoding the next…")
+            if k > 1 and last.scores[chosen] is not None:
+                text += f" · candidate #{chosen} won with score {last.scores[chosen]:+.3f}"
+            view.status = progress_html((i + 1) / n, text, "done" if finished else "running")
+            view.done = finished
+            yield view
+    finally:
+        session.running = False
+
+
+def _step_text(ev, i: int, n: int, share: float | None, s: GenerationSettings) -> str:
+    prefix = f"Image {i + 1}/{n} · " if n > 1 else ""
+    pct = f"{100 * ev.fraction_decided:.0f} % of tokens decided"
+    if ev.kind == "decision":
+        alive = [c for c in range(ev.num_candidates) if not ev.pruned[c]]
+        if ev.chosen is not None:
+            return (f"{prefix}Decision at step {ev.step} ({100 * (share or 0):.1f} % decided): candidate "
+                    f"#{ev.chosen} wins with score {ev.scores[ev.chosen]:+.3f}; "
+                    f"{ev.num_candidates - 1} pruned")
+        return f"{prefix}Decision at step {ev.step}: {len(alive)} of {ev.num_candidates} candidates kept"
+    active = len(ev.candidate_ids)
+    who = (f"{active} candidates decoding" if active > 1 else
+           (f"candidate #{ev.candidate_ids[0]} continues" if ev.num_candidates > 1 else "decoding"))
+    return f"{prefix}Step {ev.step}/{ev.num_steps} · {pct} · {who}"
+
+
+def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: bool, size: int) -> None:
+    """Decode the active rows (frozen pruned tiles are not decoded again) and set their states."""
+    images = pipe.decode_tokens(ev.tokens)
+    side = pipe.config.tokens_per_side
+    mask = ev.mask.numpy()
+    ranked = sum(1 for s in ev.scores if s is not None) or None
+    for row, cid in enumerate(ev.candidate_ids):
+        img = fit(images[row], size)
+        if preview_mode == PREVIEW_MARKED:
+            img = mark_undecided(img, mask[row], side)
+        if ev.pruned and ev.pruned[cid]:
+            state = "pruned"
+        elif ev.kind == "done":
+            state = "final"
+        elif not decided:
+            state = "decoding"
+        elif ev.chosen == cid or len(ev.candidate_ids) == 1:
+            state = "chosen"
+        else:
+            state = "kept"
+        score = ev.scores[cid] if ev.scores else None
+        rank = ev.ranks[cid] if ev.ranks else None
+        tiles[cid] = Tile(img, cid, state, score, rank, ranked)
+
+
+def generate_images(ctx: AppContext, session: SessionState, settings: GenerationSettings) -> tuple[list[str], list[dict]]:
+    """Run a whole generation without previews (the `generate` API): saved PNG paths and records."""
+    last = None
+    for view in generate_stream(ctx, session, settings, previews=False):
+        last = view
+    if last is None or last.stopped or not last.done:
+        raise fail("generation was stopped before it finished")
+    return last.paths, last.records
+
+
+# ----- reverse search -----
+def read_caption_file(path: str | Path | None) -> list[str]:
+    if path is None:
+        raise fail("upload a caption file: a .txt with one caption per line")
+    path = Path(path)
+    if not path.is_file():
+        raise fail("the caption file could not be found on the server; please upload it again")
+    if path.stat().st_size > MAX_CAPTION_FILE_BYTES:
+        raise fail(f"the caption file is too large ({path.stat().st_size / 2**20:.1f} MB); "
+                   f"the limit is {MAX_CAPTION_FILE_BYTES // 2**20} MB")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise fail("the caption file is not UTF-8 text (a .txt with one caption per line is expected)") from None
+    if "\x00" in text:
+        raise fail("the caption file is not a text file (a .txt with one caption per line is expected)")
+    captions = list(dict.fromkeys(" ".join(line.split()) for line in text.splitlines() if line.strip()))
+    if not captions:
+        raise fail("the caption file holds no captions (one caption per line is expected)")
+    if len(captions) > MAX_CAPTIONS:
+        raise fail(f"the caption file holds {len(captions)} captions; at most {MAX_CAPTIONS}")
+    return captions
+
+
+def parse_labels(text: Any) -> list[str]:
+    """Labels one per line, or comma-separated on one line."""
+    if not isinstance(text, str) or not text.strip():
+        raise fail("type at least two labels, one per line (or separated by commas)")
+    parts = text.splitlines() if "\n" in text.strip() else text.split(",")
+    labels = list(dict.fromkeys(" ".join(p.split()) for p in parts if p.strip()))
+    if len(labels) < 2:
+        raise fail("zero-shot classification needs at least two labels")
+    if len(labels) > MAX_LABELS:
+        raise fail(f"too many labels ({len(labels)}); at most {MAX_LABELS}")
+    return labels
+
+
+def search(ctx: AppContext, image_path: str | None, top_k: Any = 5, mode: str = SEARCH_BANK,
+           captions_file: str | None = None, labels: str | None = None) -> list[dict]:
+    """Reverse search: [{rank, caption, score}] best first. Score = cosine similarity in the joint
+    space (caption bank, caption file) or the softmax probability (zero-shot labels)."""
+    try:
+        pipe = ctx.manager.require()
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if mode not in SEARCH_MODES:
+        raise fail(f"search mode must be one of: {', '.join(SEARCH_MODES)}")
+    try:
+        k = int(top_k)
+        if k != top_k or not 1 <= k <= 100:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise fail(f"top_k must be a whole number between 1 and 100, got {top_k!r}") from None
+    try:
+        image = open_checked(image_path).convert("RGB")
+    except ValueError as err:
+        raise fail(str(err)) from None
+    try:
+        if mode == SEARCH_LABELS:
+            results = pipe.zero_shot(image, parse_labels(labels))[:k]
+        elif mode == SEARCH_FILE:
+            results = pipe.search(image, top_k=k, captions=read_caption_file(captions_file))
+        else:
+            if not pipe.captions:
+                raise fail("this model has no caption bank; upload a caption file or type labels instead")
+            results = pipe.search(image, top_k=k)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    return [{"rank": r + 1, "caption": c, "score": round(float(v), 4)} for r, (c, v) in enumerate(results)]
+
+
+def search_table(results: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([[r["rank"], r["caption"], r["score"]] for r in results], columns=["rank", "caption", "score"])
+
+
+# ----- history and parameters -----
+def history_items(ctx: AppContext, session: SessionState, limit: int = 200) -> list[tuple[str, str]]:
+    """Gallery items (path, caption); the session remembers what is shown so a click maps to a
+    server-side path (a path is never taken from the browser)."""
+    if ctx.shared_history:
+        entries = ctx.history.entries(limit)
+        items = [(str(e.path), e.caption()) for e in entries]
+    else:
+        items = []
+        for p in session.paths[:limit]:
+            record = ctx.history.record(Path(p))
+            if record is not None:
+                items.append((p, f"{record.prompt[:47]}{'…' * (len(record.prompt) > 47)} · seed {record.seed}"))
+    session.shown = [p for p, _ in items]
+    return items
+
+
+def select_history(ctx: AppContext, session: SessionState, index: Any) -> ImageRecord:
+    if not isinstance(index, int) or not 0 <= index < len(session.shown):
+        raise fail("pick an image in the history first")
+    path = session.shown[index]
+    record = ctx.history.record(Path(path))
+    if record is None:
+        raise fail("this image no longer exists or carries no parameters; press Refresh")
+    session.selected = path
+    return record
+
+
+def read_parameters(path: str | None) -> ImageRecord:
+    """Parameters of a dropped PNG (made by this app, or A1111-style 'parameters' text)."""
+    try:
+        record = read_record(path)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if record is None:
+        raise fail("this image carries no DREAM Studio parameters (only PNGs saved by the app have them)")
+    return record
+
+
+def controls_from_record(record: ImageRecord, seq_len: int) -> dict[str, Any]:
+    """Values for the Generate controls that reproduce a record (clipped to the loaded model)."""
+    steps = max(1, min(int(record.num_inference_steps), seq_len))
+    k = max(1, min(int(record.num_candidates), 16))
+    decision = record.decision_step if record.decision_step is not None else default_decision_step(steps)
+    decision = max(1, min(int(decision or 1), max(1, steps - 1)))
+    return dict(prompt=record.prompt, negative_prompt=record.negative_prompt, num_candidates=k,
+                decision_step=decision, num_inference_steps=steps, head_steps=int(record.head_steps),
+                guidance_scale=float(record.guidance_scale), guidance_schedule=record.guidance_schedule
+                if record.guidance_schedule in ("constant", "linear") else "constant",
+                temperature=float(record.temperature), seed=int(record.seed), randomize=False, num_images=1)
+
+
+def reuse_last_seed(session: SessionState) -> int:
+    if session.last_seed is None:
+        raise fail("no image generated in this session yet: there is no last seed to reuse")
+    return session.last_seed
+
+
+# ----- model panel -----
+def model_card(ctx: AppContext) -> str:
+    pipe = ctx.manager.pipe
+    if pipe is None:
+        return ""
+    return pipe.model_card.strip() or "_This model directory has no README.md model card._"
+
+
+def switch_model(ctx: AppContext, name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise fail("pick a model from the list")
+    try:
+        ctx.manager.switch(name)
+    except ValueError as err:
+        raise fail(str(err)) from None
+
+
+def default_controls(ctx: AppContext) -> dict[str, Any]:
+    """Slider ranges and defaults for the loaded model (steps <= its number of tokens)."""
+    pipe = ctx.manager.pipe
+    seq_len = pipe.config.seq_len if pipe is not None else 16
+    steps = min(seq_len, 16)
+    return dict(seq_len=seq_len, steps=steps, decision=max(1, default_decision_step(steps)))
+
+
+__all__ = ["AppContext", "GenerateView", "PREVIEW_MODES", "SEARCH_MODES", "SessionState", "begin_job",
+           "controls_from_record", "decision_info", "default_controls", "generate_images", "generate_stream",
+           "history_items", "model_card", "parse_labels", "read_caption_file", "read_parameters",
+           "request_stop", "resolve_seed", "reuse_last_seed", "search", "search_table", "select_history",
+           "settings_from_inputs", "switch_model", "MAX_UPLOAD_BYTES"]

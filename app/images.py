@@ -1,0 +1,242 @@
+"""Pictures for the app: PNGs carrying their parameters, checked uploads, display upscaling, and
+the live candidate grid (undecided tokens hatched, pruned candidates crossed out).
+
+Gradio re-encodes PIL images as WebP, which drops PNG text chunks, so every image that must keep
+its parameters is written here with PngInfo and handed to Gradio as a file path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
+
+from .params import INFOTEXT_KEY, PARAMS_KEY, ImageRecord, parse_infotext
+
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOAD_SIDE = 4096
+DISPLAY_SIZE = 512
+TILE_SIZE = 128
+CAPTION_HEIGHT = 38
+GAP = 6
+
+COLORS = {
+    "decoding": (156, 163, 175),  # grey: still decoding, not scored yet
+    "kept": (37, 99, 235),  # blue: survived a decision that kept several
+    "chosen": (22, 163, 74),  # green: the winner, continuing to the end
+    "final": (22, 163, 74),
+    "pruned": (220, 38, 38),  # red: lost at the decision
+    "stopped": (107, 114, 128),
+}
+
+
+# ----- PNG with parameters -----
+def png_info(record: ImageRecord) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMS_KEY, json.dumps(record.to_dict(), ensure_ascii=False))
+    info.add_text(INFOTEXT_KEY, record.infotext())
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, record: ImageRecord) -> Path:
+    """Write atomically (temp file + rename) so a half-written PNG never shows up in the history."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(record))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def open_checked(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_side: int = MAX_UPLOAD_SIDE) -> Image.Image:
+    """Open an uploaded file as an image, refusing non-images and oversized files with a clear
+    ValueError (never a PIL traceback). The pixels are loaded only after the size checks."""
+    if path is None:
+        raise ValueError("no image given: upload, paste or pick one first")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError("the uploaded file could not be found on the server; please upload it again")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"the file is too large ({size / 2**20:.1f} MB); the limit is {max_bytes / 2**20:.0f} MB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            w, h = image.size
+            if max(w, h) > max_side:
+                raise ValueError(f"the image is too large ({w}x{h} pixels); at most {max_side} pixels per side")
+            image.load()
+    except ValueError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"the image is too large; at most {max_side} pixels per side") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"'{path.name}' is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
+    except (OSError, SyntaxError, EOFError) as err:
+        raise ValueError(f"'{path.name}' is not a readable image ({err})") from None
+    return image
+
+
+def read_record(path: str | Path) -> ImageRecord | None:
+    """The parameters stored in a PNG made by this app (or an A1111-style 'parameters' text);
+    None when the image carries none. Raises ValueError for files that are not images."""
+    image = open_checked(path)
+    text = getattr(image, "text", None) or dict(image.info)
+    raw = text.get(PARAMS_KEY)
+    if isinstance(raw, str):
+        try:
+            return ImageRecord.from_dict(json.loads(raw))
+        except (json.JSONDecodeError, ValueError, TypeError):
+            pass
+    infotext = text.get(INFOTEXT_KEY)
+    if isinstance(infotext, str) and infotext.strip():
+        try:
+            return ImageRecord.from_dict(parse_infotext(infotext))
+        except (ValueError, TypeError):
+            return None
+    return None
+
+
+# ----- display -----
+def upscale(image: Image.Image, target: int = DISPLAY_SIZE) -> Image.Image:
+    """Integer NEAREST upscaling (crisp pixels) to at most `target`; larger images are left alone."""
+    factor = max(1, target // max(image.size))
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def fit(image: Image.Image, size: int) -> Image.Image:
+    """Square image to `size` px: NEAREST when enlarging by an integer factor, BOX when shrinking."""
+    if image.size == (size, size):
+        return image
+    if image.width < size and size % image.width == 0:
+        return image.resize((size, size), Image.NEAREST)
+    return image.resize((size, size), Image.BOX if image.width > size else Image.NEAREST)
+
+
+def mark_undecided(image: Image.Image, undecided: np.ndarray | list[bool], tokens_per_side: int) -> Image.Image:
+    """Dim and hatch every token patch that is still undecided (raster token order)."""
+    undecided = np.asarray(undecided, dtype=bool).reshape(-1)
+    if undecided.size != tokens_per_side**2:
+        raise ValueError(f"mask has {undecided.size} tokens, expected {tokens_per_side}^2")
+    if not undecided.any():
+        return image
+    base = image.convert("RGB")
+    w, h = base.size
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    pw, ph = w / tokens_per_side, h / tokens_per_side
+    spacing = max(4, int(min(pw, ph) // 4))
+    for idx in np.flatnonzero(undecided):
+        r, c = divmod(int(idx), tokens_per_side)
+        x0, y0 = round(c * pw), round(r * ph)
+        x1, y1 = round((c + 1) * pw), round((r + 1) * ph)
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(40, 44, 52, 150))
+        for off in range(-(y1 - y0), x1 - x0, spacing):  # diagonal hatching clipped to the patch
+            xa, ya = x0 + off, y0
+            xb, yb = x0 + off + (y1 - y0), y1
+            if xa < x0:
+                ya, xa = y0 + (x0 - xa), x0
+            if xb > x1:
+                yb, xb = yb - (xb - x1), x1
+            if ya < yb:
+                draw.line([xa, ya, xb - 1, yb - 1], fill=(255, 255, 255, 90), width=1)
+    return Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+@dataclass
+class Tile:
+    """One candidate in the live grid."""
+
+    image: Image.Image  # already marked (undecided hatched) if wanted
+    candidate: int
+    state: str = "decoding"  # decoding | kept | chosen | final | pruned | stopped
+    score: float | None = None
+    rank: int | None = None
+    num_ranked: int | None = None
+
+
+def render_tile(tile: Tile, size: int = TILE_SIZE) -> Image.Image:
+    if tile.state not in COLORS:
+        raise ValueError(f"unknown tile state {tile.state!r}")
+    color = COLORS[tile.state]
+    canvas = Image.new("RGB", (size + 6, size + 6 + CAPTION_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, size + 5, size + 5], fill=color)
+    img = fit(tile.image.convert("RGB"), size)
+    if tile.state == "pruned":
+        grey = img.convert("L").convert("RGB")
+        img = Image.blend(grey, Image.new("RGB", img.size, (255, 255, 255)), 0.45)
+    canvas.paste(img, (3, 3))
+    if tile.state == "pruned":
+        draw.line([8, 8, size - 3, size - 3], fill=COLORS["pruned"], width=4)
+        draw.line([size - 3, 8, 8, size - 3], fill=COLORS["pruned"], width=4)
+        font = _font(14)
+        text = "PRUNED"
+        bx = draw.textbbox((0, 0), text, font=font)
+        tw, th = bx[2] - bx[0], bx[3] - bx[1]
+        cx, cy = 3 + (size - tw) // 2, 3 + (size - th) // 2
+        draw.rounded_rectangle([cx - 6, cy - 5, cx + tw + 6, cy + th + 7], radius=4, fill=COLORS["pruned"])
+        draw.text((cx - bx[0], cy - bx[1] + 1), text, font=font, fill=(255, 255, 255))
+    line1 = f"#{tile.candidate}"
+    label = {"decoding": "decoding", "kept": "kept", "chosen": "chosen", "final": "final",
+             "pruned": "pruned", "stopped": "stopped"}[tile.state]
+    line1 += f"  {label}"
+    line2 = ""
+    if tile.score is not None:
+        line2 = f"score {tile.score:+.3f}"
+        if tile.rank is not None:
+            line2 += f"  rank {tile.rank}/{tile.num_ranked}" if tile.num_ranked else f"  rank {tile.rank}"
+    font = _font(13)
+    text_color = color if tile.state != "decoding" else (75, 85, 99)
+    draw.text((4, size + 8), line1, font=font, fill=text_color)
+    if line2:
+        draw.text((4, size + 8 + 15), line2, font=font, fill=(55, 65, 81))
+    return canvas
+
+
+def grid_columns(n: int) -> int:
+    """Square-ish grids fit the square preview box best: 2x2 for 4, 3x3 for 9, 4x4 for 16."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def candidate_grid(tiles: list[Tile], tile_size: int = TILE_SIZE) -> Image.Image:
+    """Tiles in candidate order, in a square-ish grid."""
+    if not tiles:
+        raise ValueError("no tiles to draw")
+    cols = grid_columns(len(tiles))
+    rows = math.ceil(len(tiles) / cols)
+    tw, th = tile_size + 6, tile_size + 6 + CAPTION_HEIGHT
+    grid = Image.new("RGB", (cols * tw + (cols - 1) * GAP, rows * th + (rows - 1) * GAP), (255, 255, 255))
+    for i, tile in enumerate(sorted(tiles, key=lambda t: t.candidate)):
+        r, c = divmod(i, cols)
+        grid.paste(render_tile(tile, tile_size), (c * (tw + GAP), r * (th + GAP)))
+    return grid
+
+
+def tile_size_for(num_candidates: int, grid_width: int = 420) -> int:
+    """Preview tile edge so the whole grid is about `grid_width` px wide: big tiles for a few
+    candidates, small ones for 16 (previews stay small so the browser keeps up)."""
+    cols = grid_columns(num_candidates)
+    return max(48, min(256, (grid_width - (cols - 1) * GAP) // cols - 6))

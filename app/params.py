@@ -1,0 +1,267 @@
+"""Generation settings and the parameter record stored in every PNG the app writes.
+
+One record per image, written twice into the PNG: as JSON under the text key "dream-studio"
+(everything, machine-readable) and as an AUTOMATIC1111-style "parameters" string (what other
+image browsers read). Reading accepts either, JSON first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dream_core.masking import fraction_decided
+
+PARAMS_KEY = "dream-studio"
+INFOTEXT_KEY = "parameters"
+RECORD_VERSION = 1
+MAX_CANDIDATES = 16
+MAX_IMAGES = 8
+MAX_SEED = 2**32 - 1
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def _as_int(name: str, value: Any, low: int, high: int) -> int:
+    """Gradio sliders and JSON clients send 4.0 for 4: accept integral floats, reject the rest."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _as_float(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+@dataclass
+class GenerationSettings:
+    """What a user asks for. `seed=None` means "draw a random seed" (the drawn seed is recorded)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_candidates: int = 4
+    decision_step: int | None = None  # None: the engine's default (about 1/8 of the steps)
+    num_inference_steps: int = 16
+    head_steps: int = 100
+    guidance_scale: float = 3.0
+    guidance_schedule: str = "constant"
+    temperature: float = 1.0
+    seed: int | None = None
+    num_images: int = 1
+
+    def validated(self, seq_len: int, num_train_timesteps: int = 1000) -> "GenerationSettings":
+        """Check the ranges the app allows (the engine checks again); messages name the field."""
+        if not isinstance(self.prompt, str) or not " ".join(self.prompt.split()):
+            raise ValueError("prompt must not be empty: describe the image you want")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError("negative_prompt must be text")
+        k = _as_int("num_candidates", self.num_candidates, 1, MAX_CANDIDATES)
+        steps = _as_int("num_inference_steps", self.num_inference_steps, 1, seq_len)
+        decision = self.decision_step
+        if k > 1:
+            if steps < 2:
+                raise ValueError("with more than one candidate, num_inference_steps must be at least 2 "
+                                 "(the decision happens before the last step)")
+            if decision is not None:
+                decision = _as_int("decision_step", decision, 1, steps - 1)
+        else:
+            decision = None
+        schedule = self.guidance_schedule
+        if schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
+        seed = None if self.seed is None else _as_int("seed", self.seed, 0, MAX_SEED)
+        return GenerationSettings(
+            prompt=" ".join(self.prompt.split()),
+            negative_prompt=" ".join((self.negative_prompt or "").split()),
+            num_candidates=k,
+            decision_step=decision,
+            num_inference_steps=steps,
+            head_steps=_as_int("head_steps", self.head_steps, 1, num_train_timesteps),
+            guidance_scale=_as_float("guidance_scale", self.guidance_scale, 0.0, 30.0),
+            guidance_schedule=schedule,
+            temperature=_as_float("temperature", self.temperature, 0.0, 5.0),
+            seed=seed,
+            num_images=_as_int("num_images", self.num_images, 1, MAX_IMAGES),
+        )
+
+
+@dataclass
+class ImageRecord:
+    """Everything needed to understand and reproduce one generated image."""
+
+    prompt: str
+    negative_prompt: str
+    num_candidates: int
+    decision_step: int | None
+    fraction_decided: float | None  # share of tokens decided when the candidates were scored
+    num_inference_steps: int
+    head_steps: int
+    guidance_scale: float
+    guidance_schedule: str
+    temperature: float
+    seed: int  # seed of candidate 0 of this image; candidate k used seed + k
+    chosen_candidate: int
+    chosen_seed: int  # decode with num_candidates=1 and this seed to get the same image alone
+    candidate_scores: list[float | None]
+    model: str
+    width: int
+    height: int
+    image_index: int = 0
+    created: str = ""
+    app: str = PARAMS_KEY
+    version: int = RECORD_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: GenerationSettings, seed: int, chosen: int, scores: list[float | None],
+              model: str, size: tuple[int, int], seq_len: int, image_index: int = 0, created: str = "") -> "ImageRecord":
+        share = None
+        if settings.decision_step is not None:
+            share = round(fraction_decided(settings.decision_step, settings.num_inference_steps, seq_len), 4)
+        return cls(
+            prompt=settings.prompt, negative_prompt=settings.negative_prompt,
+            num_candidates=settings.num_candidates, decision_step=settings.decision_step, fraction_decided=share,
+            num_inference_steps=settings.num_inference_steps, head_steps=settings.head_steps,
+            guidance_scale=settings.guidance_scale, guidance_schedule=settings.guidance_schedule,
+            temperature=settings.temperature, seed=seed, chosen_candidate=chosen, chosen_seed=seed + chosen,
+            candidate_scores=[None if s is None else round(float(s), 6) for s in scores], model=model,
+            width=size[0], height=size[1], image_index=image_index, created=created,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImageRecord":
+        if not isinstance(data, dict):
+            raise ValueError("parameters must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        missing = [n for n in ("prompt", "seed") if n not in data]
+        if missing:
+            raise ValueError(f"parameters lack {', '.join(missing)}")
+        defaults = dict(negative_prompt="", num_candidates=1, decision_step=None, fraction_decided=None,
+                        num_inference_steps=16, head_steps=100, guidance_scale=3.0, guidance_schedule="constant",
+                        temperature=1.0, chosen_candidate=0, chosen_seed=None, candidate_scores=[], model="",
+                        width=0, height=0)
+        values = {**defaults, **{k: v for k, v in data.items() if k in known}}
+        if values["chosen_seed"] is None:
+            values["chosen_seed"] = int(values["seed"]) + int(values["chosen_candidate"] or 0)
+        extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
+        values["extra"] = {**extra, **{k: v for k, v in data.items() if k not in known}}
+        return cls(**values)
+
+    def settings(self) -> GenerationSettings:
+        """The settings that regenerate this image (image_index folded into the seed)."""
+        return GenerationSettings(
+            prompt=self.prompt, negative_prompt=self.negative_prompt, num_candidates=self.num_candidates,
+            decision_step=self.decision_step, num_inference_steps=self.num_inference_steps,
+            head_steps=self.head_steps, guidance_scale=self.guidance_scale,
+            guidance_schedule=self.guidance_schedule, temperature=self.temperature, seed=self.seed, num_images=1,
+        )
+
+    def infotext(self) -> str:
+        """AUTOMATIC1111-style 'parameters' text: prompt, negative prompt line, then key: value pairs."""
+        pairs = [
+            ("Steps", self.num_inference_steps),
+            ("Sampler", "DREAM SAD" if self.num_candidates > 1 else "DREAM MAR"),
+            ("CFG scale", self.guidance_scale),
+            ("CFG schedule", self.guidance_schedule),
+            ("Seed", self.seed),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model", self.model),
+            ("Candidates", self.num_candidates),
+        ]
+        if self.decision_step is not None:
+            share = f" ({100 * self.fraction_decided:.1f}% decided)" if self.fraction_decided is not None else ""
+            pairs.append(("Decision step", f"{self.decision_step}{share}"))
+        pairs += [
+            ("Head steps", self.head_steps),
+            ("Temperature", self.temperature),
+            ("Chosen candidate", self.chosen_candidate),
+            ("Chosen seed", self.chosen_seed),
+        ]
+        if any(s is not None for s in self.candidate_scores):
+            pairs.append(("Candidate scores", json.dumps(self.candidate_scores)))
+        body = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs)
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(body)
+        return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if ("," in text or ":" in text or '"' in text) else text
+
+
+_PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Inverse of ImageRecord.infotext, tolerant of A1111 texts (unknown keys are kept in `extra`)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty parameters text")
+    lines = text.strip().split("\n")
+    last = lines[-1]
+    pairs = {m.group(1).strip(): m.group(2) for m in _PAIR.finditer(last)} if "Steps:" in last else {}
+    body = lines[:-1] if pairs else lines
+    prompt_lines, negative = [], ""
+    for i, line in enumerate(body):
+        if line.startswith("Negative prompt:"):
+            negative = "\n".join([line[len("Negative prompt:"):].strip()] + body[i + 1:])
+            break
+        prompt_lines.append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip(), "negative_prompt": negative.strip()}
+
+    def value(key: str) -> str | None:
+        v = pairs.get(key)
+        if v is None:
+            return None
+        return json.loads(v) if v.startswith('"') else v.strip()
+
+    conv = {"Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float),
+            "CFG schedule": ("guidance_schedule", str), "Seed": ("seed", int), "Model": ("model", str),
+            "Candidates": ("num_candidates", int), "Head steps": ("head_steps", int),
+            "Temperature": ("temperature", float), "Chosen candidate": ("chosen_candidate", int),
+            "Chosen seed": ("chosen_seed", int)}
+    for key, (name, typ) in conv.items():
+        v = value(key)
+        if v is not None:
+            try:
+                out[name] = typ(v)
+            except ValueError:
+                pass
+    v = value("Decision step")
+    if v:
+        m = re.match(r"(\d+)", v)
+        out["decision_step"] = int(m.group(1)) if m else None
+    v = value("Size")
+    if v and re.fullmatch(r"\d+x\d+", v):
+        out["width"], out["height"] = (int(x) for x in v.split("x"))
+    v = value("Candidate scores")
+    if v:
+        try:
+            out["candidate_scores"] = json.loads(v)
+        except json.JSONDecodeError:
+            pass
+    known = {"Steps", "Sampler", "CFG scale", "CFG schedule", "Seed", "Size", "Model", "Candidates", "Decision step",
+             "Head steps", "Temperature", "Chosen candidate", "Chosen seed", "Candidate scores"}
+    extra = {k: value(k) for k in pairs if k not in known}
+    if extra:
+        out["extra"] = extra
+    return out

@@ -1,0 +1,269 @@
+"""The bundled Shapes World model's table (issue 4, "Measure it"), printed as markdown for the
+model card and written as JSON.
+
+The evaluation set is FIXED and seeded with its own seed, 20261123 (`--eval-seed`), used by
+nothing that tunes anything (tests, training, hyper-parameter choices use other seeds):
+numpy SeedSequence([20261123, k]) with k = 1 one-object prompts (distinct fully specified
+captions of the 2,160), 2 two-object prompts, 3 reverse-search renders, 4 / 5 probe train / val
+renders. Prompt i is generated with seed 20261123 + 64 i (its K candidates: + 0 .. K-1).
+
+1. one-object faithfulness (exact judge), K = 1 and SAD K = 9 at the decision step nearest 1/8
+   of the steps, and also at the step where about 1/4 of the tokens are decided;
+2. two-object faithfulness, same settings;
+3. reverse search: fresh jittered renders -> rank of the true full caption among the 2,160 of
+   the bank (top-1, top-5);
+4. linear probe on frozen encoder features: shape and colour accuracy (2,000 / 1,000 renders);
+5. with `--compare NAME=DIR ...`: the toy Table 4, linear probe + faithfulness for each model.
+
+Generation dominates; every setting of a prompt shares one decoding trunk (`common.generate`):
+the 9 candidates run together up to the last decision step, then only the rows some setting keeps
+(candidate 0 for K = 1, each SAD winner) run to the end: exactly what separate runs give.
+
+    python bench/shapes_eval.py                                   # bundled model, 500 prompts per set
+    python bench/shapes_eval.py --quick                           # smoke run
+    python bench/shapes_eval.py --compare warmup=runs/t4/warmup fx=runs/t4/fx uni=runs/t4/uni --sections 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dream_core.masking import fraction_decided  # noqa: E402
+from dream_core.sampling import default_decision_step  # noqa: E402
+from training.evaluate.common import (EVAL_SEED, STREAM_SEARCH, SamplerSettings, Setting,  # noqa: E402
+                                      decision_step_for_fraction, generate, load_pipeline, prompt_seeds,
+                                      rendered_scenes, write_json)
+from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
+from training.evaluate.linear_probe import probe_shapes  # noqa: E402
+
+SAD_K = 9
+BARS = {  # issue 4's bars for the shipped model
+    ("1-object", "K=1"): 0.80, ("1-object", "sad_eighth"): 0.95,
+    ("2-object", "K=1"): 0.50, ("2-object", "sad_eighth"): 0.75,
+    ("search", "top1"): 0.90, ("probe", "shape"): 0.98,
+}
+
+
+def sad_steps(num_steps: int, seq_len: int) -> dict[str, int]:
+    """The two decision steps of the table: about 1/8 of the steps, and about 1/4 of tokens decided."""
+    return {"sad_eighth": default_decision_step(num_steps),
+            "sad_quarter": decision_step_for_fraction(num_steps, seq_len, 0.25)}
+
+
+def faithfulness_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_seed: int,
+                         batch_size: int, k: int = SAD_K, which: tuple[str, ...] = ("sad_eighth", "sad_quarter")) -> dict:
+    steps = sad_steps(sampler.num_inference_steps, pipe.config.seq_len)
+    named = {"K=1": Setting(1), **{w: Setting(k, steps[w]) for w in which}}
+    prompts = prompt_set(objects, n, eval_seed)
+    run = generate(pipe, prompts, prompt_seeds(n, eval_seed), list(named.values()), sampler, batch_size, progress=True)
+    out = {"n": n, "generation_seconds": run.seconds, "row_steps": run.row_steps, "settings": {}}
+    for name, s in named.items():
+        report = judge_images(run.results[s].images, prompts)
+        out["settings"][name] = {
+            "setting": s.name, "k": s.num_candidates, "decision_step": s.decision_step if s.num_candidates > 1 else None,
+            "fraction_decided": (fraction_decided(s.decision_step, sampler.num_inference_steps, pipe.config.seq_len)
+                                 if s.num_candidates > 1 else None),
+            **report.summary(examples=5, prompts=prompts)}
+    return out
+
+
+@torch.inference_mode()
+def reverse_search_section(pipe, n: int, eval_seed: int) -> dict:
+    from training.data.shapes_world import caption, full_caption_bank
+
+    bank = full_caption_bank()
+    images, scenes = rendered_scenes(n, eval_seed, STREAM_SEARCH, num_objects=1)
+    text = pipe.embed_texts(bank).cpu()
+    img = torch.cat([pipe.embed_images(images[i:i + 256]).cpu() for i in range(0, n, 256)])
+    truth = torch.tensor([bank.index(caption(s)) for s in scenes])
+    scores = img @ text.t()  # [n, 2160]
+    true_scores = scores.gather(1, truth[:, None])
+    ranks = (scores > true_scores).sum(dim=1) + 1
+    return {"n": n, "bank_size": len(bank), "top1": float((ranks <= 1).float().mean()),
+            "top5": float((ranks <= 5).float().mean()), "median_rank": float(ranks.float().median()),
+            "mean_rank": float(ranks.float().mean())}
+
+
+def probe_section(pipe, n_train: int, n_val: int, eval_seed: int, epochs: int) -> dict:
+    probes = probe_shapes(pipe, ("shape", "color"), n_train, n_val, eval_seed, epochs=epochs)
+    return {"n_train": n_train, "n_val": n_val, "epochs": epochs,
+            **{a: {"val_acc": r.val_acc, "train_acc": r.train_acc} for a, r in probes.items()}}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _bar(key: tuple[str, str], value: float | None) -> str:
+    bar = BARS.get(key)
+    if bar is None:
+        return "-"
+    return f">= {100 * bar:.0f} % " + ("(met)" if value is not None and value >= bar else "(not met)")
+
+
+def setting_label(entry: dict, steps: int) -> str:
+    if entry["k"] == 1:
+        return "K = 1"
+    d, frac = entry["decision_step"], entry["fraction_decided"]
+    return f"SAD K = {entry['k']}, decision step {d}/{steps} ({frac:.1%} of tokens decided)"
+
+
+def main_table(res: dict) -> str:
+    steps = res["settings"]["num_inference_steps"]
+    lines = ["| # | metric | setting | result | bar |", "|---|---|---|---|---|"]
+    for num, key in ((1, "1-object"), (2, "2-object")):
+        sec = res.get(key)
+        if not sec:
+            continue
+        for name, entry in sec["settings"].items():
+            label = setting_label(entry, steps)
+            if name == "sad_eighth":
+                label += " [about 1/8 of the steps]"
+            elif name == "sad_quarter":
+                label += " [about 1/4 of the tokens decided]"
+            lines.append(f"| {num} | {key} faithfulness | {label} | {_pct(entry['rate'])} "
+                         f"({entry['faithful']}/{entry['n']}) | {_bar((key, name), entry['rate'])} |")
+    if res.get("search"):
+        s = res["search"]
+        where = f"{s['n']} fresh renders vs the {s['bank_size']} full captions"
+        lines.append(f"| 3 | reverse search top-1 | {where} | {_pct(s['top1'])} | {_bar(('search', 'top1'), s['top1'])} |")
+        lines.append(f"| 3 | reverse search top-5 | {where} | {_pct(s['top5'])} | - |")
+    if res.get("probe"):
+        p = res["probe"]
+        where = f"{p['n_train']} train / {p['n_val']} val renders"
+        lines.append(f"| 4 | linear probe, shape | {where} | {_pct(p['shape']['val_acc'])} | "
+                     f"{_bar(('probe', 'shape'), p['shape']['val_acc'])} |")
+        lines.append(f"| 4 | linear probe, colour | {where} | {_pct(p['color']['val_acc'])} | - |")
+    return "\n".join(lines)
+
+
+def compare_table(rows: dict[str, dict], steps: int) -> str:
+    head = ("| model | probe shape | probe colour | 1-object K = 1 | 1-object SAD K = 9 | 2-object K = 1 | "
+            "2-object SAD K = 9 |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        cells = [_pct(r["probe"]["shape"]["val_acc"]), _pct(r["probe"]["color"]["val_acc"])]
+        for key in ("1-object", "2-object"):
+            for s in ("K=1", "sad_eighth"):
+                cells.append(_pct(r[key]["settings"][s]["rate"]) if key in r else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
+    ap.add_argument("--n-prompts", type=int, default=500, help="prompts per faithfulness set (>= 500 for the card)")
+    ap.add_argument("--steps", type=int, default=None, help="decoding steps (default: one per token; <= tokens)")
+    ap.add_argument("--head-steps", type=int, default=100)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--search-n", type=int, default=1000, help="fresh renders for reverse search")
+    ap.add_argument("--probe-train", type=int, default=2000)
+    ap.add_argument("--probe-val", type=int, default=1000)
+    ap.add_argument("--probe-epochs", type=int, default=100)
+    ap.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the fixed evaluation set")
+    ap.add_argument("--sections", default="1,2,3,4,5", help="which of the table's sections to run")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="NAME=DIR", help="models for the Table-4 comparison")
+    ap.add_argument("--compare-n-prompts", type=int, default=None, help="prompts per set for --compare (default --n-prompts)")
+    ap.add_argument("--batch-size", type=int, default=0, help="prompts decoded together (0 = automatic)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="16 prompts, 64 renders, small probes (smoke runs)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    return ap.parse_args(argv)
+
+
+def evaluate(pipe, args: argparse.Namespace, sections: set[int], n: int) -> dict:
+    steps = args.steps if args.steps is not None else pipe.config.seq_len
+    sampler = SamplerSettings(steps, args.cfg, "constant", args.temperature, args.head_steps)
+    res: dict = {"settings": {"num_inference_steps": steps, "head_steps": args.head_steps, "cfg": args.cfg,
+                              "temperature": args.temperature, "eval_seed": args.eval_seed, "n_prompts": n,
+                              "sad_k": SAD_K, "sad_steps": sad_steps(steps, pipe.config.seq_len)},
+                 "seconds": {}}
+    for num, objects in ((1, 1), (2, 2)):
+        if num in sections:
+            t = time.perf_counter()
+            res[f"{objects}-object"] = faithfulness_section(pipe, objects, n, sampler, args.eval_seed, args.batch_size)
+            res["seconds"][f"{objects}-object"] = time.perf_counter() - t
+    if 3 in sections:
+        t = time.perf_counter()
+        res["search"] = reverse_search_section(pipe, args.search_n, args.eval_seed)
+        res["seconds"]["search"] = time.perf_counter() - t
+    if 4 in sections:
+        t = time.perf_counter()
+        res["probe"] = probe_section(pipe, args.probe_train, args.probe_val, args.eval_seed, args.probe_epochs)
+        res["seconds"]["probe"] = time.perf_counter() - t
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        sections = {int(s) for s in args.sections.split(",") if s.strip()}
+    except ValueError as err:
+        raise ValueError(f"--sections must list numbers 1-5, got {args.sections!r}") from err
+    if not sections or not sections <= {1, 2, 3, 4, 5}:
+        raise ValueError(f"--sections must list numbers 1-5, got {args.sections!r}")
+    if args.quick:
+        args.n_prompts, args.search_n = min(args.n_prompts, 16), min(args.search_n, 64)
+        args.probe_train, args.probe_val, args.probe_epochs = min(args.probe_train, 200), min(args.probe_val, 100), 20
+    if args.n_prompts < 1 or args.search_n < 1 or args.probe_train < 2 or args.probe_val < 1:
+        raise ValueError("--n-prompts, --search-n, --probe-train and --probe-val must be positive")
+    compare = {}
+    for item in args.compare:
+        if "=" not in item:
+            raise ValueError(f"--compare entries look like NAME=DIR, got {item!r}")
+        name, path = item.split("=", 1)
+        if not Path(path).is_dir():
+            raise ValueError(f"--compare {name}: model directory {path} does not exist")
+        compare[name] = path
+    if 5 in sections and args.compare and not compare:
+        raise ValueError("--compare needs NAME=DIR entries")
+
+    start = time.perf_counter()
+    pipe = load_pipeline(args.model, args.device, args.threads)
+    out: dict = {"model": str(pipe.path), "device": str(pipe.device)}
+    main_sections = sections & {1, 2, 3, 4}
+    if main_sections:
+        out["main"] = evaluate(pipe, args, main_sections, args.n_prompts)
+        print(f"\n## Shapes World evaluation of {pipe.path}\n")
+        s = out["main"]["settings"]
+        print(f"steps {s['num_inference_steps']}, head steps {s['head_steps']}, CFG {s['cfg']}, temperature "
+              f"{s['temperature']}; fixed evaluation set, seed {s['eval_seed']}, {s['n_prompts']} prompts per set; "
+              f"device {pipe.device}\n")
+        print(main_table(out["main"]))
+    if 5 in sections and compare:
+        cn = args.compare_n_prompts or args.n_prompts
+        out["compare"] = {}
+        for name, path in compare.items():
+            cpipe = load_pipeline(path, args.device, args.threads)
+            out["compare"][name] = {"model": path, **evaluate(cpipe, args, {1, 2, 4}, cn)}
+        steps = next(iter(out["compare"].values()))["settings"]["num_inference_steps"]
+        print(f"\n## Table 4 (toy): linear probe and faithfulness, {cn} prompts per set\n")
+        print(compare_table(out["compare"], steps))
+    out["total_seconds"] = time.perf_counter() - start
+    print(f"\n(total {out['total_seconds']:.0f} s)")
+    if args.json:
+        write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)

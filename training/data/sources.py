@@ -1,0 +1,591 @@
+"""Training data beyond the Shapes World: webdataset shards, image folders and the latent/T5 cache.
+
+Every source is map-style (a sample index -> raw sample) so that the stream is a pure function of
+(seed, position): pass p visits the samples in the order of a permutation seeded by (seed, p), rank r
+takes global micro-batches r, r + W, ..., and DataLoader worker w builds every K-th of the rank's
+micro-batches. A resumed run (start_step) therefore continues exactly where it stopped, whatever
+the number of workers. Flips are drawn per global batch from the same seed, never from the global
+RNG. An unreadable sample is replaced by the next readable one in the pass's order and counted
+(`SKIPPED`, `batch["skipped"]`), with a warning every `WARN_EVERY` skips: never a crash.
+
+    webdataset  a directory of uncompressed img2dataset tars: <key>.jpg|jpeg|png|webp + <key>.txt,
+                or <key>.json with "caption" (or the first of "captions"); read with tarfile by
+                seeking to member offsets (indexed once, cached in <data>/.index_cache/)
+    folder      images with a .txt caption beside each, or captions.csv (file,caption) or
+                captions.jsonl ({"file": ..., "caption": ...}) at the root
+    cache       the directory written by `python -m training.cache` (VAE moments of the crop and of
+                its flip, T5 states in fp16, captions)
+
+Batches: {"caption": list[str], "image": [B, 3, H, W] in [-1, 1]} or {"caption", "moments":
+[B, 2C, h, w] float32, "t5_hidden": [B, T, d] float16, "t5_mask": [B, T] bool}, plus "skipped"
+(int, samples replaced while building the batch).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+log = logging.getLogger("dream.data")
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+CAPTION_FILES = ("captions.csv", "captions.jsonl")
+WARN_EVERY = 100  # log a warning on the first and every N-th skipped sample
+MAX_REPLACEMENTS = 64  # consecutive unreadable samples before the data is declared broken
+INDEX_VERSION = 1
+
+
+class SkipCounter:
+    """Counts unreadable samples in this process (a DataLoader worker counts its own; batches carry
+    their count in batch["skipped"] so the trainer can total them across workers)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reasons: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, what: str, reason: str) -> None:
+        with self._lock:
+            self.count += 1
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+            n = self.count
+        if n == 1 or n % WARN_EVERY == 0:
+            log.warning("skipped unreadable sample %s (%s); %d skipped so far in this process", what, reason, n)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.count, self.reasons = 0, {}
+
+
+SKIPPED = SkipCounter()
+
+
+class CorruptSample(Exception):
+    """A sample that cannot be read or decoded (replaced and counted, never fatal)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop: halve with a box filter while the short side is >= 2 x size, bicubic
+    resize so the short side is `size`, then take the centre size x size square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float32 [3, H, W] in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def decode_image(data: bytes | Path) -> Image.Image:
+    """Fully decode an image (lazy PIL errors surface here, not later in a worker)."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im.load()
+            return im.convert("RGB")
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb, ...)
+        raise CorruptSample(f"undecodable image: {type(err).__name__}: {err}") from err
+
+
+def clean_caption(text: str) -> str:
+    text = " ".join(str(text).split())
+    if not text:
+        raise CorruptSample("empty caption")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: index -> raw sample
+# ---------------------------------------------------------------------------------------------
+
+class FolderSource:
+    """Images under `root` (recursive) with their captions. Captions come from captions.csv or
+    captions.jsonl at the root when present, otherwise from `<image stem>.txt` beside each image
+    (read lazily, so indexing a large folder lists it once and reads nothing else)."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        if not str(root) or not root.exists():
+            raise ValueError(f"data path {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise ValueError(f"data path {root} must be a directory of images with captions")
+        self.root = root
+        self.items: list[tuple[str, str | None]] = []  # (relative image path, caption or None = .txt)
+        table = self._caption_table()
+        if table is not None:
+            self.items = table
+        else:
+            no_caption = 0
+            for path in sorted(self._images()):
+                if path.with_suffix(".txt").is_file():
+                    self.items.append((str(path.relative_to(root)), None))
+                else:
+                    no_caption += 1
+            if no_caption:
+                log.warning("%d images in %s have no .txt caption beside them and are left out", no_caption, root)
+        if not self.items:
+            raise ValueError(f"data path {root} holds no image with a caption (images {', '.join(IMAGE_EXTS)} with "
+                             f"a .txt beside each, or a captions.csv / captions.jsonl at the root)")
+
+    def _images(self) -> Iterator[Path]:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if name.lower().endswith(IMAGE_EXTS):
+                    yield Path(dirpath) / name
+
+    def _caption_table(self) -> list[tuple[str, str | None]] | None:
+        csv_path, jsonl_path = self.root / "captions.csv", self.root / "captions.jsonl"
+        rows: list[tuple[str, str | None]] = []
+        if csv_path.is_file():
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+                    raise ValueError(f"{csv_path} must have a header with columns file,caption; got {reader.fieldnames}")
+                for row in reader:
+                    rows.append((row["file"], row["caption"] or ""))
+            return rows
+        if jsonl_path.is_file():
+            with open(jsonl_path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                        rows.append((str(obj["file"]), str(obj["caption"])))
+                    except (json.JSONDecodeError, KeyError, TypeError) as err:
+                        raise ValueError(f"{jsonl_path}:{n} is not a JSON object with file and caption: {err}") from err
+            return rows
+        return None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self, i: int) -> str:
+        return str(self.root / self.items[i][0])
+
+    def read(self, i: int) -> tuple[Image.Image, str]:
+        rel, text = self.items[i]
+        path = self.root / rel
+        if text is None:
+            try:
+                text = path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+            except OSError as err:
+                raise CorruptSample(f"unreadable caption: {err}") from err
+        if not path.is_file():
+            raise CorruptSample("image file is missing")
+        return decode_image(path), clean_caption(text)
+
+
+class TarSource:
+    """img2dataset webdataset shards, read by seeking to each member (no webdataset dependency).
+
+    Each shard is scanned once for member offsets (headers only); the index is cached beside the
+    data in `.index_cache/` (or nowhere when that is not writable) and checked against the tar's
+    size and mtime. A shard that is not a tar at all is an error up front; a truncated one keeps the
+    members before the damage."""
+
+    IMG, TXT, JSON = 0, 1, 2
+
+    def __init__(self, root: str | Path, index_cache: str | Path | None = None) -> None:
+        root = Path(root)
+        if not str(root) or not root.exists():
+            raise ValueError(f"data path {str(root)!r} does not exist")
+        shards = [root] if root.is_file() else sorted(p for p in root.rglob("*.tar") if ".index_cache" not in p.parts)
+        if not shards:
+            raise ValueError(f"data path {root} holds no .tar shard")
+        self.root = root
+        self.shards = shards
+        self.cache_dir = Path(index_cache) if index_cache else (root.parent if root.is_file() else root) / ".index_cache"
+        parts, counts = [], []
+        for shard in shards:
+            idx = self._index(shard)
+            parts.append(idx)
+            counts.append(len(idx["img_off"]))
+        if sum(counts) == 0:
+            raise ValueError(f"the shards under {root} hold no sample with both an image and a caption")
+        self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), counts)
+        self.local = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+        self.fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self._files: OrderedDict[int, Any] = OrderedDict()
+        self._pid = os.getpid()
+
+    # ----- indexing -----
+    def _cache_file(self, shard: Path) -> Path:
+        digest = hashlib.md5(str(shard.resolve()).encode()).hexdigest()[:8]
+        return self.cache_dir / f"{shard.name}.{digest}.v{INDEX_VERSION}.safetensors"
+
+    def _index(self, shard: Path) -> dict[str, np.ndarray]:
+        from safetensors import safe_open
+        from safetensors.numpy import save_file
+
+        st = shard.stat()
+        stamp = {"size": str(st.st_size), "mtime_ns": str(st.st_mtime_ns)}
+        cache = self._cache_file(shard)
+        if cache.is_file():
+            try:
+                with safe_open(str(cache), "np") as f:
+                    if f.metadata() == stamp:
+                        return {k: f.get_tensor(k) for k in f.keys()}
+            except Exception:  # a damaged cache is rebuilt
+                pass
+        idx = scan_tar(shard)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+            save_file(idx, str(tmp), metadata=stamp)
+            os.replace(tmp, cache)
+        except OSError:  # read-only data: index again next time
+            pass
+        return idx
+
+    # ----- reading -----
+    def _file(self, shard: int):
+        if os.getpid() != self._pid:  # a forked worker must not share its parent's file offsets
+            self._files, self._pid = OrderedDict(), os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            f = open(self.shards[shard], "rb")
+            self._files[shard] = f
+            if len(self._files) > 64:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(shard)
+        return f
+
+    def _bytes(self, shard: int, offset: int, size: int) -> bytes:
+        f = self._file(shard)
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise CorruptSample("member is truncated")
+        return data
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def describe(self, i: int) -> str:
+        return f"{self.shards[self.shard_of[i]]}#{self.local[i]}"
+
+    def read(self, i: int) -> tuple[Image.Image, str]:
+        g = self.fields
+        shard = int(self.shard_of[i])
+        try:
+            raw = self._bytes(shard, int(g["cap_off"][i]), int(g["cap_size"][i]))
+            image_bytes = self._bytes(shard, int(g["img_off"][i]), int(g["img_size"][i]))
+        except OSError as err:
+            raise CorruptSample(f"unreadable shard: {err}") from err
+        text = raw.decode("utf-8", errors="replace")
+        if int(g["cap_kind"][i]) == self.JSON:
+            try:
+                obj = json.loads(text)
+                text = obj["caption"] if obj.get("caption") else (obj.get("captions") or [""])[0]
+            except (json.JSONDecodeError, AttributeError, TypeError, IndexError) as err:
+                raise CorruptSample(f"bad json caption: {err}") from err
+        return decode_image(image_bytes), clean_caption(text or "")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()  # handles are never pickled
+        return state
+
+
+def scan_tar(path: Path) -> dict[str, np.ndarray]:
+    """Member offsets of every key with an image and a caption (.txt preferred over .json)."""
+    members: dict[str, dict[str, tuple[int, int, str]]] = {}
+    order: list[str] = []
+    try:
+        tf = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as err:
+        raise ValueError(f"shard {path} is not a readable tar file: {err}") from err
+    try:
+        try:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                if base.startswith(".") or "." not in base:
+                    continue
+                key = info.name[: len(info.name) - len(base)] + base.split(".", 1)[0]
+                ext = "." + base.split(".", 1)[1].lower()
+                if key not in members:
+                    members[key] = {}
+                    order.append(key)
+                members[key][ext] = (info.offset_data, info.size, ext)
+        except (tarfile.TarError, OSError) as err:
+            log.warning("shard %s is damaged after %d members (%s); keeping those", path, len(order), err)
+    finally:
+        tf.close()
+    img_off, img_size, cap_off, cap_size, cap_kind = [], [], [], [], []
+    for key in order:
+        m = members[key]
+        img = next((m[e] for e in IMAGE_EXTS if e in m), None)
+        cap = m.get(".txt")
+        kind = TarSource.TXT
+        if cap is None and ".json" in m:
+            cap, kind = m[".json"], TarSource.JSON
+        if img is None or cap is None:
+            continue
+        img_off.append(img[0]), img_size.append(img[1])
+        cap_off.append(cap[0]), cap_size.append(cap[1]), cap_kind.append(kind)
+    return {
+        "img_off": np.asarray(img_off, dtype=np.int64), "img_size": np.asarray(img_size, dtype=np.int64),
+        "cap_off": np.asarray(cap_off, dtype=np.int64), "cap_size": np.asarray(cap_size, dtype=np.int64),
+        "cap_kind": np.asarray(cap_kind, dtype=np.uint8),
+    }
+
+
+class CacheSource:
+    """The directory written by `training.cache`: shards of moments, flipped moments, T5 states
+    (fp16) and masks, with a JSON of captions beside each. Files are opened lazily per worker."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        if not str(root) or not root.is_dir():
+            raise ValueError(f"cache path {str(root)!r} does not exist (write one with python -m training.cache)")
+        index_file = root / "index.json"
+        if not index_file.is_file():
+            raise ValueError(f"cache {root} has no index.json: the extraction is incomplete "
+                             f"(rerun python -m training.cache with the same --out to finish it)")
+        try:
+            self.index = json.loads(index_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index_file} is not valid JSON: {err}") from err
+        self.root = root
+        shards = self.index.get("shards", [])
+        counts = [int(s["n"]) for s in shards]
+        for s in shards:
+            if not (root / s["name"]).is_file() or not (root / s["captions"]).is_file():
+                raise ValueError(f"cache {root} is missing {s['name']} listed in index.json")
+        if sum(counts) == 0:
+            raise ValueError(f"cache {root} holds no sample")
+        self.names = [s["name"] for s in shards]
+        self.caption_files = [s["captions"] for s in shards]
+        self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), counts)
+        self.local = np.concatenate([np.arange(c, dtype=np.int64) for c in counts if c > 0])
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._captions: OrderedDict[int, list[str]] = OrderedDict()
+
+    def check_config(self, config) -> None:
+        """The cache must have been written for this model's geometry and T5."""
+        meta = self.index.get("meta", {})
+        want = {"image_size": config.image_size, "latent_channels": config.vae_channels,
+                "latent_size": config.latent_size, "t5_dim": config.t5_dim, "t5_max_length": config.t5_max_length}
+        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            detail = ", ".join(f"{k}: cache {a} vs model {b}" for k, (a, b) in bad.items())
+            raise ValueError(f"cache {self.root} was written for another model geometry ({detail})")
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def describe(self, i: int) -> str:
+        return f"{self.names[self.shard_of[i]]}#{self.local[i]}"
+
+    def _handle(self, s: int):
+        from safetensors import safe_open
+
+        h = self._handles.get(s)
+        if h is None:
+            h = safe_open(str(self.root / self.names[s]), "pt")
+            self._handles[s] = h
+            self._captions[s] = json.loads((self.root / self.caption_files[s]).read_text())["captions"]
+            if len(self._handles) > 32:
+                old, _ = self._handles.popitem(last=False)
+                self._captions.pop(old, None)
+        else:
+            self._handles.move_to_end(s)
+        return h
+
+    def read(self, i: int, flip: bool = False) -> dict[str, Any]:
+        s, j = int(self.shard_of[i]), int(self.local[i])
+        try:
+            h = self._handle(s)
+            moments = h.get_slice("moments_flip" if flip else "moments")[j:j + 1][0]
+            return {"moments": moments.float(), "t5_hidden": h.get_slice("t5_hidden")[j:j + 1][0],
+                    "t5_mask": h.get_slice("t5_mask")[j:j + 1][0].bool(), "caption": self._captions[s][j]}
+        except Exception as err:  # a damaged shard file: counted like any unreadable sample
+            raise CorruptSample(f"unreadable cache shard: {type(err).__name__}: {err}") from err
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"], state["_captions"] = OrderedDict(), OrderedDict()
+        return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The deterministic, resumable stream of batches
+# ---------------------------------------------------------------------------------------------
+
+class SampleStream(IterableDataset):
+    """Endless batches from a map-style source, a pure function of (seed, rank, micro-batch index).
+
+    Global micro-batch g = j * world + rank holds stream positions g*B ... g*B + B - 1; position q
+    is sample perm_p[q mod N] of pass p = q // N (perm_p seeded by (seed, p)). Worker w of K yields
+    the rank's micro-batches start + w, start + w + K, ..., which the DataLoader's round-robin puts
+    back in order."""
+
+    def __init__(self, source, make: Callable[[Any, int, bool], dict], batch_size: int, rank: int, world: int,
+                 start_batch: int, seed: int, flip: bool) -> None:
+        super().__init__()
+        self.source, self.make = source, make
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.start_batch, self.seed, self.flip = start_batch, seed, flip
+        self.skipped = 0  # in this process (see SKIPPED for the module-wide count)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, p: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != p:
+            self._perm = (p, np.random.default_rng([self.seed, p]).permutation(len(self.source)))
+        return self._perm[1]
+
+    def sample_at(self, q: int, flip: bool) -> tuple[dict, int]:
+        """The sample at stream position q (or the next readable one of its pass), and the skips."""
+        n = len(self.source)
+        p, i = divmod(q, n)
+        perm = self.permutation(p)
+        skipped = 0
+        for k in range(min(n, MAX_REPLACEMENTS)):
+            idx = int(perm[(i + k) % n])
+            try:
+                return self.make(self.source, idx, flip), skipped
+            except CorruptSample as err:
+                skipped += 1
+                self.skipped += 1
+                SKIPPED.add(self.source.describe(idx), str(err))
+        raise RuntimeError(f"{min(n, MAX_REPLACEMENTS)} consecutive samples of {self.source.describe(0)}... are "
+                           f"unreadable: the data looks broken")
+
+    def batch(self, j: int) -> dict:
+        """Micro-batch j of this rank."""
+        g = j * self.world + self.rank
+        b = self.batch_size
+        flips = np.random.default_rng([self.seed, 0xF11F, g]).random(b) < 0.5 if self.flip else np.zeros(b, bool)
+        samples, skipped = [], 0
+        for t in range(b):
+            s, k = self.sample_at(g * b + t, bool(flips[t]))
+            samples.append(s)
+            skipped += k
+        out: dict = {"caption": [s.pop("caption") for s in samples]}
+        for key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples])
+        out["skipped"] = skipped
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        w, k = (info.id, info.num_workers) if info is not None else (0, 1)
+        j = self.start_batch + w
+        while True:
+            yield self.batch(j)
+            j += k
+
+
+def _image_sample(size: int) -> Callable[[Any, int, bool], dict]:
+    def make(source, idx: int, flip: bool) -> dict:
+        image, text = source.read(idx)
+        image = adm_center_crop(image, size)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return {"image": to_tensor(image), "caption": text}
+
+    return make
+
+
+def _cache_sample(source, idx: int, flip: bool) -> dict:
+    return source.read(idx, flip=flip)
+
+
+def _identity(batch):
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def uses_cache(recipe) -> bool:
+    return recipe.data == "cache"
+
+
+def check_data(recipe) -> None:
+    """Cheap up-front checks (before any model is built): the path exists and is not empty."""
+    if uses_cache(recipe):
+        path = recipe.cache_path or recipe.data_path
+        if not path or not Path(path).is_dir():
+            raise ValueError(f"recipe.cache_path={path!r} does not exist (write a cache with python -m training.cache)")
+        if not (Path(path) / "index.json").is_file():
+            raise ValueError(f"cache {path} has no index.json: the extraction is incomplete")
+        return
+    path = recipe.data_path
+    if not path or not Path(path).exists():
+        raise ValueError(f"recipe.data_path={path!r} does not exist")
+    p = Path(path)
+    if p.is_dir() and next(p.iterdir(), None) is None:
+        raise ValueError(f"recipe.data_path={path!r} is an empty directory")
+
+
+def open_source(recipe):
+    """The map-style source a recipe names (raises ValueError on a missing, empty or bad path)."""
+    if uses_cache(recipe):
+        return CacheSource(recipe.cache_path or recipe.data_path)
+    if recipe.data == "webdataset":
+        return TarSource(recipe.data_path)
+    if recipe.data == "folder":
+        return FolderSource(recipe.data_path)
+    raise ValueError(f"recipe.data={recipe.data!r} is not a file source (webdataset, folder or cache)")
+
+
+def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: int = 0) -> DataLoader:
+    """The training loader for recipe.data in webdataset | folder | cache (see the module doc)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    source = open_source(recipe)
+    if isinstance(source, CacheSource):
+        source.check_config(config)
+        make = _cache_sample
+    else:
+        make = _image_sample(config.image_size)
+    if rank == 0 and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
+        log.info("the data holds %d samples but recipe.samples_per_epoch=%d (which sets the fractional epoch)",
+                 len(source), recipe.samples_per_epoch)
+    start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
+    stream = SampleStream(source, make, recipe.batch_size, rank, world, start_batch, recipe.seed, recipe.flip)
+    workers = max(0, int(recipe.num_workers))
+    return DataLoader(
+        stream, batch_size=None, num_workers=workers, collate_fn=_identity,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        prefetch_factor=2 if workers else None,
+        generator=torch.Generator().manual_seed(recipe.seed),  # never touch the global RNG
+    )
+
+
+__all__ = [
+    "SKIPPED", "SkipCounter", "CorruptSample", "adm_center_crop", "to_tensor", "decode_image", "FolderSource",
+    "TarSource", "CacheSource", "SampleStream", "scan_tar", "check_data", "open_source", "build_dataloader",
+]

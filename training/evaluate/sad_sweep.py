@@ -1,0 +1,174 @@
+"""Semantically Aligned Decoding swept over K and the decision step (the paper's Tables 6 and 17).
+
+For a seeded prompt set, every (K, decision step) is generated and scored: Shapes World
+faithfulness with the exact judge (`--shapes`, the default without `--prompts`) and/or CLIP score
+(`--clip-arch` + `--clip-weights`, local open_clip). With `--reranker-arch` +
+`--reranker-weights`, the paper's external-reranker comparison is added: all K candidates decoded
+to the end, the best kept by that model (`dream_core.semantic_decoding.ExternalReranker`).
+
+Quality comes from one shared decoding trunk per prompt (see `common.generate`: candidate k of a
+prompt is the same trajectory in every setting, so this equals separate runs). Speed is measured
+separately, by decoding `--timing-prompts` prompts once per setting exactly as a user would (a
+batch of prompts, SAD pruning at the decision step): seconds per image and images per second on
+this device, plus `row_steps_per_image` (decoder forwards x candidate rows), the device-free cost.
+
+    python -m training.evaluate.sad_sweep --model assets/dream-shapes --out runs/eval/sad \
+        --k 1,3,9 --decision-steps 1,2,4,8 --n-prompts 200
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dream_core.masking import fraction_decided
+
+from .common import (EVAL_SEED, SamplerSettings, Setting, add_model_args, add_sampler_args, clip_scores, generate,
+                     load_open_clip, load_pipeline, parse_int_list, plot_lines, prompt_seeds, read_prompts, run_cli,
+                     run_metadata, write_json)
+from .faithfulness import judge_images, prompt_set
+
+
+def sweep_settings(ks: list[int], decision_steps: list[int], rerank: bool) -> list[Setting]:
+    settings = []
+    for k in ks:
+        if k == 1:
+            settings.append(Setting(1))
+            continue
+        settings += [Setting(k, d) for d in decision_steps]
+        if rerank:
+            settings.append(Setting(k, rerank=True))
+    return list(dict.fromkeys(settings))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    add_sampler_args(ap)
+    ap.add_argument("--k", default="1,3,9", help="numbers of candidates, comma-separated")
+    ap.add_argument("--decision-steps", default="", help="decision steps, comma-separated (default: the steps "
+                    "closest to 1/8 of the steps and to 12.5 %%, 25 %% and 50 %% of tokens decided)")
+    ap.add_argument("--prompts", type=Path, default=None, help="prompt file (CLIP score only)")
+    ap.add_argument("--objects", default="1,2", help="Shapes World prompt sets: 1, 2 or 1,2")
+    ap.add_argument("--n-prompts", type=int, default=200)
+    ap.add_argument("--prompt-seed", type=int, default=EVAL_SEED)
+    ap.add_argument("--clip-arch", default="")
+    ap.add_argument("--clip-weights", type=Path, default=None)
+    ap.add_argument("--reranker-arch", default="")
+    ap.add_argument("--reranker-weights", type=Path, default=None)
+    ap.add_argument("--timing-prompts", type=int, default=16, help="prompts decoded per setting for timing (0 = skip)")
+    ap.add_argument("--quick", action="store_true", help="8 prompts, 4 timing prompts (smoke runs)")
+    return ap.parse_args(argv)
+
+
+def default_decision_steps(num_steps: int, seq_len: int) -> list[int]:
+    from dream_core.sampling import default_decision_step
+
+    from .common import decision_step_for_fraction
+
+    steps = {default_decision_step(num_steps)}
+    steps |= {decision_step_for_fraction(num_steps, seq_len, f) for f in (0.125, 0.25, 0.5)}
+    return sorted(s for s in steps if 1 <= s < num_steps)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ks = parse_int_list(args.k, "--k")
+    if any(k < 1 for k in ks):
+        raise ValueError(f"--k entries must be >= 1, got {ks}")
+    n = 8 if args.quick else args.n_prompts
+    n_timing = min(4, args.timing_prompts) if args.quick else args.timing_prompts
+    if n < 1 or n_timing < 0:
+        raise ValueError("--n-prompts must be >= 1 and --timing-prompts >= 0")
+    if args.prompts is not None and args.clip_weights is None:
+        raise ValueError("--prompts (outside the Shapes World) needs --clip-arch/--clip-weights to measure anything")
+    # Local weights are checked (and loaded) before anything is generated.
+    pipe = load_pipeline(args.model, args.device, args.threads)
+    scorer = load_open_clip(args.clip_arch, args.clip_weights, pipe.device) if args.clip_weights else None
+    reranker = None
+    if args.reranker_weights is not None or args.reranker_arch:
+        if args.reranker_weights is None:
+            raise ValueError("--reranker-arch needs --reranker-weights (a local open_clip weights file)")
+        reranker = load_open_clip(args.reranker_arch, args.reranker_weights, pipe.device)
+    sampler = SamplerSettings.from_args(args, pipe)
+    steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
+    decision_steps = (parse_int_list(args.decision_steps, "--decision-steps") if args.decision_steps
+                      else default_decision_steps(steps, seq_len))
+    settings = sweep_settings(ks, decision_steps, reranker is not None)
+
+    if args.prompts is not None:
+        sets = {"prompts": read_prompts(args.prompts)[:n]}
+    else:
+        objects = parse_int_list(args.objects, "--objects")
+        sets = {f"{o}-object": prompt_set(o, n, args.prompt_seed) for o in objects}
+
+    results: dict = {"meta": run_metadata(pipe, args), "decision_steps": decision_steps, "ks": ks,
+                     "num_inference_steps": steps, "rows": []}
+    for set_name, prompts in sets.items():
+        seeds = prompt_seeds(len(prompts), args.seed)
+        run = generate(pipe, prompts, seeds, settings, sampler, args.batch_size, reranker, progress=True)
+        timing = {}
+        if n_timing:
+            for s in settings:
+                t = generate(pipe, prompts[:n_timing], seeds[:n_timing], [s], sampler, args.batch_size, reranker)
+                timing[s] = (t.seconds / len(prompts[:n_timing]), t.row_steps / len(prompts[:n_timing]))
+        for s in settings:
+            images = run.results[s].images
+            row = {"set": set_name, "setting": s.name, "k": s.num_candidates,
+                   "decision_step": s.decision_step if s.num_candidates > 1 and not s.rerank else None,
+                   "fraction_decided": (fraction_decided(s.decision_step, steps, seq_len)
+                                        if s.num_candidates > 1 and not s.rerank else None),
+                   "external_reranker": s.rerank, "n": len(prompts)}
+            if args.prompts is None:
+                report = judge_images(images, prompts)
+                row.update(faithfulness=report.rate, failures=report.failures)
+            if scorer is not None:
+                row["clip_score"] = float(clip_scores(scorer, images, prompts).mean())
+            if s in timing:
+                row.update(seconds_per_image=timing[s][0], images_per_second=1.0 / timing[s][0] if timing[s][0] else None,
+                           row_steps_per_image=timing[s][1])
+            results["rows"].append(row)
+
+    print(markdown_table(results["rows"]))
+    metric = "faithfulness" if args.prompts is None else "clip_score"
+    series = {}
+    for set_name in sets:
+        rows = [r for r in results["rows"] if r["set"] == set_name]
+        base = next((r[metric] for r in rows if r["k"] == 1), None)
+        for d in decision_steps:
+            series[f"{set_name} SAD step {d} ({fraction_decided(d, steps, seq_len):.0%} decided)"] = [
+                base if k == 1 else next((r[metric] for r in rows if r["k"] == k and r["decision_step"] == d), None)
+                for k in ks]
+        if reranker is not None:
+            series[f"{set_name} external reranker"] = [
+                base if k == 1 else next((r[metric] for r in rows if r["k"] == k and r["external_reranker"]), None)
+                for k in ks]
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_lines(args.out / "plot.png", ks, series, "K (candidates)", metric.replace("_", " "),
+               f"SAD sweep ({steps} steps)", ylim=(0, 1) if metric == "faithfulness" else None, xticks=ks)
+    write_json(args.out / "results.json", results)
+    return results
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [("set", "set"), ("setting", "setting"), ("fraction_decided", "decided at decision"),
+            ("faithfulness", "faithfulness"), ("clip_score", "CLIP score"), ("seconds_per_image", "s / image"),
+            ("images_per_second", "images / s"), ("row_steps_per_image", "row-steps / image")]
+    cols = [(k, h) for k, h in cols if any(r.get(k) is not None for r in rows)]
+
+    def fmt(key: str, value) -> str:
+        if value is None:
+            return "-"
+        if key in ("faithfulness", "fraction_decided"):
+            return f"{value:.1%}"
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(k, r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_cli(main)

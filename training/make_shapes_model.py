@@ -1,0 +1,71 @@
+"""Build the bundled default model from nothing, on CPU: `make model`.
+
+1. train the Shapes World VAE (training.vae);
+2. build the frozen T5 with a Shapes World vocabulary (training.shapes_text);
+3. train DREAM with the `shapes` recipe (Masking Warmup, both losses) through training.train;
+4. export the EMA weights with the 2,160-caption bank to the model directory.
+
+Each stage is skipped when its output exists, so a killed build resumes (training resumes from
+its last checkpoint). The model card is completed by bench/shapes_eval.py.
+
+    python -m training.make_shapes_model --work runs/shapes --out assets/dream-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from training.data.shapes_world import full_caption_bank
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/shapes"))
+    ap.add_argument("--out", type=Path, default=Path("assets/dream-shapes"))
+    ap.add_argument("--steps", type=int, default=3000, help="DREAM optimizer steps")
+    ap.add_argument("--recipe", default="shapes")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    t0 = time.time()
+    timings = {}
+
+    vae_dir, text_dir, run_dir = work / "vae", work / "text", work / "dream"
+    if not (vae_dir / "config.json").exists():
+        # Two stages, as the shipped VAE was built: plain L1 + MSE, then object-weighted.
+        t = time.time()
+        stage1 = work / "vae-stage1"
+        if not (stage1 / "config.json").exists():
+            run([py, "-m", "training.vae", "--out", str(stage1), "--steps", "1000", "--batch-size", "16",
+                 "--lr", "2e-3", "--object-boost", "0"])
+        run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "1500", "--batch-size", "24",
+             "--lr", "1e-3", "--init", str(stage1), "--seed", "1"])
+        timings["vae_seconds"] = time.time() - t
+    if not (text_dir / "config.json").exists():
+        run([py, "-m", "training.shapes_text", "--out", str(text_dir)])
+    bank = work / "captions.txt"
+    bank.write_text("\n".join(full_caption_bank()) + "\n")
+    t = time.time()
+    run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), "--max-steps", str(args.steps),
+         "--export", str(args.out), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
+         *args.overrides])
+    timings["dream_seconds"] = time.time() - t
+    timings["total_seconds"] = time.time() - t0
+    (work / "build_timings.json").write_text(json.dumps(timings, indent=1))
+    print(json.dumps(timings))
+
+
+if __name__ == "__main__":
+    main()
