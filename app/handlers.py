@@ -283,7 +283,8 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
 
 def _step_text(ev, i: int, n: int, share: float | None, s: GenerationSettings) -> str:
     prefix = f"Image {i + 1}/{n} · " if n > 1 else ""
-    pct = f"{100 * ev.fraction_decided:.0f} % of tokens decided"
+    seq_len = ev.mask.shape[1]
+    pct = f"{round(ev.fraction_decided * seq_len)} of {seq_len} tokens decided"
     if ev.kind == "decision":
         alive = [c for c in range(ev.num_candidates) if not ev.pruned[c]]
         if ev.chosen is not None:

@@ -240,3 +240,42 @@ def tile_size_for(num_candidates: int, grid_width: int = 420) -> int:
     candidates, small ones for 16 (previews stay small so the browser keeps up)."""
     cols = grid_columns(num_candidates)
     return max(48, min(256, (grid_width - (cols - 1) * GAP) // cols - 6))
+
+
+def score_chart(scores: list[float | None], states: list[str], width: int = 440) -> Image.Image:
+    """Horizontal bars of the candidates' SAD scores, coloured by fate (chosen/kept/pruned).
+    The axis spans the scores (labelled at both ends), so small gaps between candidates show."""
+    rows = [(cid, s, states[cid]) for cid, s in enumerate(scores) if s is not None]
+    if not rows:
+        raise ValueError("no scores to draw")
+    row_h, top, bottom, left, right = 20, 8, 26, 40, 70
+    height = top + bottom + row_h * len(rows)
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font, small = _font(12), _font(11)
+    vals = [s for _, s, _ in rows]
+    lo, hi = min(vals), max(vals)
+    span = hi - lo if hi > lo else max(abs(hi), 0.05)
+    lo, hi = lo - 0.25 * span, hi + 0.05 * span
+    x0, x1 = left, width - right
+
+    def x(v: float) -> float:
+        return x0 + (v - lo) / (hi - lo) * (x1 - x0)
+
+    if lo < 0 < hi:
+        draw.line([x(0), top - 2, x(0), height - bottom + 2], fill=(156, 163, 175), width=1)
+    for i, (cid, s, state) in enumerate(rows):
+        y = top + i * row_h
+        draw.text((4, y + 3), f"#{cid}", font=font, fill=(55, 65, 81))
+        end = max(x0 + 2, x(s))
+        draw.rectangle([x0, y + 3, end, y + row_h - 3], fill=COLORS.get(state, COLORS["kept"]))
+        draw.text((end + 5, y + 3), f"{s:+.3f}", font=font, fill=(55, 65, 81))
+    axis_y = height - bottom + 4
+    grey = (107, 114, 128)
+    draw.line([x0, axis_y, x1, axis_y], fill=(156, 163, 175))
+    draw.text((x0, axis_y + 4), f"{lo:+.3f}", font=small, fill=grey)
+    label = f"{hi:+.3f}"
+    draw.text((x1 - draw.textlength(label, font=small), axis_y + 4), label, font=small, fill=grey)
+    mid = "cosine(candidate, prompt)"
+    draw.text(((x0 + x1 - draw.textlength(mid, font=small)) / 2, axis_y + 4), mid, font=small, fill=grey)
+    return img

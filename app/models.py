@@ -132,7 +132,7 @@ class ModelManager:
         parts = [("MAR encoder", m.encoder), ("FLUID decoder", m.decoder), ("diffusion head", m.head),
                  ("text aligner", m.aligner), ("contrastive text tower", m.text_tower),
                  ("image projector", m.projector)]
-        rows = "\n".join(f"| {name} | {count(mod) / 1e6:.2f} M |" for name, mod in parts)
+        rows = "\n".join(f"| {name} | {count(mod):,} |" for name, mod in parts)
         total = count(m)
         vae = count(pipe.image_tokenizer.vae)
         t5 = count(getattr(pipe.text_encoder, "model", None))
@@ -140,6 +140,6 @@ class ModelManager:
             f"**{self.name}** on **{pipe.device}** · `{self.path}`\n\n"
             f"{c.image_size}×{c.image_size} px images · {c.seq_len} tokens ({c.tokens_per_side}×{c.tokens_per_side}) "
             f"· {len(pipe.captions)} captions in the bank\n\n"
-            f"| part | parameters |\n|---|---|\n{rows}\n| **DREAM total** | **{total / 1e6:.2f} M** |\n"
-            f"| VAE (frozen) | {vae / 1e6:.2f} M |\n| T5 conditioning encoder (frozen) | {t5 / 1e6:.2f} M |"
+            f"| part | parameters |\n|---|--:|\n{rows}\n| **DREAM total** | **{total:,}** |\n"
+            f"| VAE (frozen) | {vae:,} |\n| T5 conditioning encoder (frozen) | {t5:,} |"
         )

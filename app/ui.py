@@ -154,20 +154,23 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                                 gr.Markdown("**Scores at the decision step** · the model's own image-text similarity",
                                             elem_classes="ds-heading")
                                 scores_plot = gr.Image(show_label=False, type="pil", format="png", interactive=False,
-                                                       buttons=[], elem_id="ds-scores")
+                                                       buttons=[], elem_id="ds-scores", height=260)
                             with gr.Column(min_width=300):
                                 infotext = gr.Textbox(label="Parameters (stored in the PNG)", lines=5,
                                                       interactive=False, buttons=["copy"], elem_id="ds-infotext")
                         run_gallery = gr.Gallery(label="This run", columns=4, height=220, visible=False,
-                                                 elem_classes="pixelated", format="png")
+                                                 elem_classes="pixelated", format="png",
+                                                 buttons=["download", "fullscreen"])
 
             # ---------------- History ----------------
             with gr.Tab("History", id="history"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        history = gr.Gallery(label="Past generations (newest first)", columns=6, height=460,
+                        gr.Markdown("**Past generations**, newest first · click one to see its parameters",
+                                    elem_classes="ds-heading")
+                        history = gr.Gallery(show_label=False, columns=6, height=460,
                                              elem_classes="pixelated", elem_id="ds-history", format="png",
-                                             allow_preview=True)
+                                             allow_preview=True, buttons=["download", "fullscreen"])
                         with gr.Row():
                             refresh_btn = gr.Button("Refresh", size="sm")
                             send_btn = gr.Button("Send to Generate", variant="primary", size="sm")
@@ -207,11 +210,15 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                 with gr.Row():
                     model_dd = gr.Dropdown(names, value=ctx.manager.name if ctx.manager.name in names else None,
                                            label="Model", info=f"model directories found in {dirs}", scale=3)
-                    load_btn = gr.Button("Load", variant="primary", scale=1)
-                    rescan_btn = gr.Button("Rescan folders", scale=1)
-                model_info = gr.Markdown(ctx.manager.info_markdown(), elem_id="ds-model-info")
-                with gr.Accordion("Model card", open=True):
-                    card = gr.Markdown(h.model_card(ctx), elem_id="ds-model-card")
+                    with gr.Column(scale=1, min_width=160):
+                        load_btn = gr.Button("Load", variant="primary")
+                        rescan_btn = gr.Button("Rescan folders", size="sm")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=2):
+                        model_info = gr.Markdown(ctx.manager.info_markdown(), elem_id="ds-model-info")
+                    with gr.Column(scale=3):
+                        gr.Markdown("**Model card**", elem_classes="ds-heading")
+                        card = gr.Markdown(h.model_card(ctx), elem_id="ds-model-card", container=True)
 
         # Hidden components carrying the typed public API.
         with gr.Column(visible=False):
@@ -389,7 +396,7 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                     ctx.manager.info_markdown(), h.model_card(ctx), h.history_items(ctx, sess))
 
         demo.load(on_load, [session], [banner, steps, decision, decision_md, model_dd, model_info, card, history],
-                  api_visibility="private", queue=False)
+                  api_visibility="private", queue=False, show_progress="hidden")
 
     demo.queue(default_concurrency_limit=1)
     demo.dream_context = ctx  # type: ignore[attr-defined]

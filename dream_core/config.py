@@ -42,6 +42,9 @@ class DreamConfig:
     head_width: int = 1024
     diffusion_batch_mul: int = 4
     num_train_timesteps: int = 1000
+    # Clip the head's x0 prediction to [-v, v] while sampling (0 = off, the official sampler).
+    # Briefly trained heads amplify their eps error ~300x at t = 999; toy models need it.
+    clip_denoised: float = 0.0
 
     # Contrastive text tower (open_clip TextTransformer + BPE tokenizer) and image projector.
     clip_context_length: int = 77
@@ -125,7 +128,7 @@ class DreamConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"config.{key} must be in [0, 1], got {value!r}")
-        for key in ("diffusion_weight", "clip_weight", "repa_weight", "vae_scaling_factor"):
+        for key in ("diffusion_weight", "clip_weight", "repa_weight", "vae_scaling_factor", "clip_denoised"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"config.{key} must be a finite number >= 0, got {value!r}")
@@ -183,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shapes": dict(
         image_size=64, vae_channels=4, vae_stride=4, patch_size=4, vae_scaling_factor=1.0,
         width=192, encoder_depth=4, decoder_depth=4, num_heads=3, mlp_dim=768, buffer_size=8,
-        attn_dropout=0.0, proj_dropout=0.0, head_depth=3, head_width=256,
+        attn_dropout=0.0, proj_dropout=0.0, head_depth=3, head_width=256, clip_denoised=5.0,
         clip_context_length=32, clip_width=128, clip_layers=4, clip_heads=4,
         projector_hidden=256, embed_dim=128, t5_path="text", t5_dim=128, t5_max_length=24,
         aligner_depth=2, clip_weight=0.005,

@@ -288,6 +288,8 @@ class GaussianDiffusion:
 
         mean = a * x_t - b * eps     (posterior mean of x0_hat = sqrt(1/ab) x_t - sqrt(1/ab - 1) eps)
         std  = exp(p + q * v)         (exp(0.5 * logvar) with the learned-range interpolation)
+
+        plus the unfolded c1, c2, sra, srm1 for the optional clipped-x0 path.
         """
         c1, c2 = self.posterior_mean_coef1, self.posterior_mean_coef2
         lo, hi = self.posterior_log_variance_clipped, self.log_betas

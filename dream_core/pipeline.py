@@ -134,7 +134,7 @@ class DreamPipeline:
         path = Path(path) if path is not None else default_model_dir()
         if not path.is_dir():
             raise ValueError(f"model directory {path} does not exist")
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        pickles = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise ValueError(f"model directory {path} contains pickle files ({', '.join(pickles)}); "
                              "only safetensors are loaded, never pickle")
@@ -199,7 +199,10 @@ class DreamPipeline:
             decision_step = default_decision_step(num_inference_steps)
             if decision_step == 0:
                 raise ValueError("num_candidates > 1 needs num_inference_steps >= 2 (a decision step before the end)")
-        decisions = validate_decision_steps(decision_step, num_inference_steps) if num_candidates > 1 else []
+        # Checked even for K = 1 (where it is a no-op), so an impossible value never passes silently.
+        decisions = validate_decision_steps(decision_step, num_inference_steps)
+        if num_candidates == 1:
+            decisions = []
         guidance_scale = _check_float("guidance_scale", guidance_scale, 0.0, 100.0)
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")

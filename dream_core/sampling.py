@@ -141,7 +141,8 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
     zz = zz.reshape(-1, z.shape[-1])
     noise = torch.cat([torch.randn(head_steps + 1, m, c, generator=g) for g in state.generators], dim=1)
     scale = guidance_at(guidance_scale, guidance_schedule, masked_after, seq_len)
-    x = model.head.sample(zz, noise.to(device), guidance_scale=scale, temperature=temperature)
+    clip = model.config.clip_denoised or None
+    x = model.head.sample(zz, noise.to(device), guidance_scale=scale, temperature=temperature, clip_denoised=clip)
     state.tokens.scatter_(1, pos[:, :, None].expand(-1, -1, c), x.view(rows, m, c).to(state.tokens.dtype))
     state.mask = next_mask
     state.step = k + 1
@@ -150,8 +151,11 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
 def make_event(kind: str, state: DecodeState, num_steps: int, num_candidates: int, **extra) -> StepEvent:
     seq_len = state.mask.shape[1]
     decided = 1.0 - float(state.mask[0].sum()) / seq_len
-    return StepEvent(kind, state.step, num_steps, decided, state.tokens.detach().float().cpu(),
-                     state.mask.detach().cpu(), list(state.candidate_ids), num_candidates, **extra)
+    # Snapshots (copy=True): on a CPU float32 state, .float().cpu() would alias the live tensor,
+    # which later steps overwrite in place, so kept events would change after the fact.
+    return StepEvent(kind, state.step, num_steps, decided,
+                     state.tokens.detach().to("cpu", torch.float32, copy=True),
+                     state.mask.detach().to("cpu", copy=True), list(state.candidate_ids), num_candidates, **extra)
 
 
 def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Generator], num_steps: int,

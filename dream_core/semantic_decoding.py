@@ -11,6 +11,7 @@ scores finished candidates with an open_clip model from local weights (the paper
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -32,11 +33,14 @@ def halving_plan(num_candidates: int, decision_steps: Sequence[int]) -> list[int
 def validate_decision_steps(decision_steps: int | Sequence[int] | None, num_steps: int) -> list[int]:
     if decision_steps is None:
         return []
-    steps = [decision_steps] if isinstance(decision_steps, int) else list(decision_steps)
+    steps = list(decision_steps) if isinstance(decision_steps, (list, tuple)) else [decision_steps]
+    if not steps:
+        raise ValueError("decision_step must name at least one step (or be None for the default)")
     for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= num_steps - 1:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= num_steps - 1:
             raise ValueError(
                 f"decision_step must be an integer in [1, num_inference_steps - 1] = [1, {num_steps - 1}], got {s!r}")
+    steps = [int(s) for s in steps]
     if sorted(set(steps)) != steps:
         raise ValueError(f"decision_step list must be strictly increasing, got {steps}")
     return steps

@@ -235,6 +235,8 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
 
             bar = tqdm(total=len(todo), desc="cache shards", dynamic_ncols=True)
         for s in todo:
+            for stale in out.glob(f"shard-{s:06d}.*.tmp*"):  # left by a killed process
+                stale.unlink(missing_ok=True)
             indices = list(range(s * shard_size, min(n, (s + 1) * shard_size)))
             loader = DataLoader(_Crops(source, indices, config.image_size), batch_size=batch_size,
                                 num_workers=num_workers, collate_fn=_collate)

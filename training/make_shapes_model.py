@@ -44,14 +44,18 @@ def main() -> None:
 
     vae_dir, text_dir, run_dir = work / "vae", work / "text", work / "dream"
     if not (vae_dir / "config.json").exists():
-        # Two stages, as the shipped VAE was built: plain L1 + MSE, then object-weighted.
+        # Three stages, as the shipped VAE was built: plain L1 + MSE, then object-weighted twice.
         t = time.time()
         stage1 = work / "vae-stage1"
         if not (stage1 / "config.json").exists():
             run([py, "-m", "training.vae", "--out", str(stage1), "--steps", "1000", "--batch-size", "16",
                  "--lr", "2e-3", "--object-boost", "0"])
-        run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "1500", "--batch-size", "24",
-             "--lr", "1e-3", "--init", str(stage1), "--seed", "1"])
+        stage2 = work / "vae-stage2"
+        if not (stage2 / "config.json").exists():
+            run([py, "-m", "training.vae", "--out", str(stage2), "--steps", "1500", "--batch-size", "24",
+                 "--lr", "1e-3", "--init", str(stage1), "--seed", "1"])
+        run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "1200", "--batch-size", "24",
+             "--lr", "6e-4", "--init", str(stage2), "--seed", "2"])
         timings["vae_seconds"] = time.time() - t
     if not (text_dir / "config.json").exists():
         run([py, "-m", "training.shapes_text", "--out", str(text_dir)])

@@ -84,8 +84,10 @@ class EMA:
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """EMA parameters plus the model's buffers (BN running statistics are not averaged)."""
         state = {n: t.clone() for n, t in self.shadow.items()}
+        persistent = model.state_dict().keys()  # not e.g. open_clip's non-persistent attn_mask
         for n, b in model.named_buffers():
-            state[n] = b.detach().clone()
+            if n in persistent:
+                state[n] = b.detach().clone()
         return state
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:

@@ -49,7 +49,8 @@ class ProbeResult:
     val_acc: float  # after the last epoch: the number to report (no selection on val)
     best_val_acc: float  # best over epochs (what the official probe logs), for reference only
     val_top5: float
-    history: list[float] = field(default_factory=list)  # val accuracy per evaluated epoch
+    history: list[float] = field(default_factory=list)  # val accuracy at history_epochs
+    history_epochs: list[int] = field(default_factory=list)
     epochs: int = 0
     lr: float = 0.0
 
@@ -74,8 +75,11 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
 
 def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                 num_classes: int | None = None, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 1e-4,
-                batch_size: int = 256, seed: int = 0, eval_every: int = 5) -> ProbeResult:
-    """Train the probe head on cached features (AdamW, 5 % warm-up then cosine) and evaluate it."""
+                batch_size: int = 128, seed: int = 0, min_steps: int = 1000) -> ProbeResult:
+    """Train the probe head on cached features (AdamW, 5 % warm-up then cosine) and evaluate it.
+
+    At least `min_steps` optimiser steps are taken (more epochs on small sets), so the head
+    converges whatever the data size: steps on cached features cost microseconds."""
     if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
         raise ValueError(f"features must be [N, D] with the same D, got {tuple(train_x.shape)} and {tuple(val_x.shape)}")
     if len(train_x) != len(train_y) or len(val_x) != len(val_y):
@@ -94,8 +98,10 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
     n = len(train_x)
     batch_size = min(batch_size, n)
     steps_per_epoch = max(1, n // batch_size)  # drop the last partial batch: BatchNorm needs >= 2 rows
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    eval_every = max(1, epochs // 20)
     total, warm = epochs * steps_per_epoch, max(1, int(0.05 * epochs * steps_per_epoch))
-    step, history = 0, []
+    step, history, history_epochs = 0, [], []
     x_tr, x_va = train_x.float(), val_x.float()
     for epoch in range(epochs):
         head.train()
@@ -114,12 +120,13 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
             head.eval()
             with torch.no_grad():
                 history.append(_accuracy(head(x_va), val_y))
+                history_epochs.append(epoch + 1)
     head.eval()
     with torch.no_grad():
         val_logits = head(x_va)
         train_acc = _accuracy(head(x_tr), train_y)
     return ProbeResult(train_acc, _accuracy(val_logits, val_y), max(history), _accuracy(val_logits, val_y, 5),
-                       history, epochs, lr)
+                       history, history_epochs, epochs, lr)
 
 
 # --------------------------------------------------------------------------- data
@@ -218,10 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["data"] = {"source": str(args.data), **info}
     for name, r in probes.items():
         print(f"linear probe {name}: val top-1 {r.val_acc:.1%} (train {r.train_acc:.1%}, best {r.best_val_acc:.1%})")
-    any_result = next(iter(probes.values()))
-    epochs_axis = [min((i + 1) * 5, any_result.epochs) for i in range(len(any_result.history))]
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_lines(args.out / "plot.png", epochs_axis, {n: r.history for n, r in probes.items()}, "epoch",
+    plot_lines(args.out / "plot.png", next(iter(probes.values())).history_epochs, {n: r.history for n, r in probes.items()}, "epoch",
                "validation top-1", "Linear probe on frozen DREAM encoder features")
     write_json(args.out / "results.json", results)
     return results

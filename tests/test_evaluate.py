@@ -1,0 +1,363 @@
+"""Evaluation commands (training/evaluate) and the Shapes World table (bench/shapes_eval.py) on the
+tiny random model: each command runs end to end and writes valid JSON + PNG; the probe learns what
+is learnable and not what is not; the judge-based faithfulness is exact on renders; batched
+generation equals the pipeline; FID errors name the missing file before any generation; the
+data-parallel split covers every prompt once and gives the same images as one process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data.shapes_world import Scene, ShapeObject, full_caption_bank, parse_caption, render
+from training.evaluate import common, faithfulness, fid_clip, linear_probe, sad_sweep, zero_shot_masking
+from training.evaluate.common import (SamplerSettings, Setting, decision_step_for_fraction, dist_info, generate,
+                                      one_object_prompts, prompt_seeds, shard_indices, two_object_prompts)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SAMPLER = ["--steps", "3", "--head-steps", "2", "--cfg", "2.0"]
+
+
+def read_results(out: Path) -> dict:
+    data = json.loads((out / "results.json").read_text())
+    png = out / "plot.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    return data
+
+
+def scene_of(caption: str, background: str = "white") -> Scene:
+    spec = parse_caption(caption)
+    objects = tuple(ShapeObject(o.color, o.shape, o.size, o.position) for o in spec.objects)
+    return Scene(spec.background or background, objects)
+
+
+# --------------------------------------------------------------------------- prompt sets and helpers
+
+
+def test_eval_prompt_sets_are_fixed_fully_specified_and_distinct():
+    one = one_object_prompts(500)
+    assert one == one_object_prompts(500)  # seeded
+    assert len(set(one)) == 500 and set(one) <= set(full_caption_bank())
+    two = two_object_prompts(50)
+    assert two == two_object_prompts(50)
+    for text in one[:50] + two:
+        spec = parse_caption(text)
+        assert spec.background is not None
+        assert all(o.size is not None and o.position is not None for o in spec.objects)
+    assert all(len(parse_caption(t).objects) == 2 for t in two)
+    assert one_object_prompts(20, seed=1) != one_object_prompts(20)
+    seeds = prompt_seeds(3, 100)
+    assert seeds == [100, 164, 228]  # 64 candidates per prompt never overlap
+
+
+def test_decision_step_for_fraction():
+    assert decision_step_for_fraction(16, 16, 0.25) == 4
+    assert decision_step_for_fraction(16, 16, 0.125) == 2
+    assert decision_step_for_fraction(8, 16, 0.5) == 5
+    with pytest.raises(ValueError, match="num_inference_steps >= 2"):
+        decision_step_for_fraction(1, 16, 0.25)
+
+
+def test_batched_generation_equals_the_pipeline(tiny_pipe):
+    prompts = ["a small red circle at the top left on a white background", "a big green triangle on the right"]
+    seeds = prompt_seeds(2, 7)
+    sampler = SamplerSettings(num_inference_steps=4, guidance_scale=2.0, head_steps=3)
+    settings = [Setting(1), Setting(3, 1), Setting(3, 2)]
+    run = generate(tiny_pipe, prompts, seeds, settings, sampler, batch_size=2)
+    # The shared trunk: 3 rows per prompt up to the last decision step (2), then only the kept rows.
+    kept = {(i, run.results[s].chosen[i]) for s in settings for i in range(2)}
+    assert run.row_steps == 2 * 3 * 2 + len(kept) * 2
+    for s in settings:
+        for i, p in enumerate(prompts):
+            ref = tiny_pipe(p, num_candidates=s.num_candidates, decision_step=s.decision_step, num_inference_steps=4,
+                            guidance_scale=2.0, head_steps=3, seed=seeds[i])
+            got = run.results[s]
+            assert got.chosen[i] == ref.chosen[0]
+            diff = np.abs(np.asarray(got.images[i], dtype=int) - np.asarray(ref.images[0], dtype=int)).max()
+            assert diff <= 1, (s, i, diff)
+            if s.num_candidates > 1:
+                np.testing.assert_allclose(got.scores[i], ref.scores[0], atol=1e-5)
+
+
+def test_generation_rejects_bad_settings(tiny_pipe):
+    sampler = SamplerSettings(num_inference_steps=4, head_steps=2)
+    with pytest.raises(ValueError, match="decision_step"):
+        generate(tiny_pipe, ["a red circle"], [0], [Setting(3, 4)], sampler)
+    with pytest.raises(ValueError, match="external reranker"):
+        generate(tiny_pipe, ["a red circle"], [0], [Setting(3, rerank=True)], sampler)
+    with pytest.raises(ValueError, match="differ in length"):
+        generate(tiny_pipe, ["a red circle"], [0, 1], [Setting(1)], sampler)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        generate(tiny_pipe, ["a red circle"], [0], [Setting(1)], SamplerSettings(num_inference_steps=17))
+
+
+def test_write_json_is_strict(tmp_path):
+    path = common.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": torch.tensor([1, 2])})
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": None, "c": [1, 2]}
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+def _clusters(n: int, classes: int, dim: int, gen: torch.Generator, centres: torch.Tensor):
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return centres[y] + torch.randn(n, dim, generator=gen), y
+
+
+def test_probe_learns_separable_features_and_not_random_labels():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 24, generator=gen) * 3 + 40  # a large offset: the BatchNorm must remove it
+    tx, ty = _clusters(400, 5, 24, gen, centres)
+    vx, vy = _clusters(200, 5, 24, gen, centres)
+    good = linear_probe.train_probe(tx, ty, vx, vy, 5, epochs=20)
+    assert good.val_acc >= 0.95 and good.train_acc >= 0.95
+    assert good.history and good.history_epochs[-1] == good.epochs
+    noise = linear_probe.train_probe(tx, torch.randint(0, 5, (400,), generator=gen), vx,
+                                     torch.randint(0, 5, (200,), generator=gen), 5, epochs=20)
+    assert noise.val_acc < 0.45  # chance is 0.2: held-out accuracy cannot come from memorising
+
+
+def test_probe_rejects_bad_inputs():
+    x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="same D"):
+        linear_probe.train_probe(x, y, torch.randn(5, 3), y[:5])
+    with pytest.raises(ValueError, match="differ in length"):
+        linear_probe.train_probe(x, y[:9], x, y)
+
+
+def test_encoder_features_are_deterministic(tiny_pipe):
+    images = [render(scene_of("a large red circle at the center on a white background")),
+              render(scene_of("a small blue square at the top left on a black background"))]
+    a = linear_probe.encoder_features(tiny_pipe, images)
+    b = linear_probe.encoder_features(tiny_pipe, images[::-1])
+    assert a.shape == (2, tiny_pipe.config.width)
+    torch.testing.assert_close(a, b.flip(0), atol=1e-5, rtol=1e-5)  # VAE mean, no sampling
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_linear_probe_cli_shapes(tiny_model_dir, tmp_path):
+    out = tmp_path / "probe"
+    res = linear_probe.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--shapes",
+                             "--quick", "--n-train", "40", "--n-val", "20"])
+    data = read_results(out)
+    assert set(data["probes"]) == {"shape", "color"} == set(res["probes"])
+    for r in data["probes"].values():
+        assert 0.0 <= r["val_acc"] <= 1.0 and len(r["history"]) == len(r["history_epochs"])
+    assert data["data"] == {"source": "shapes", "n_train": 40, "n_val": 20, "seed": common.EVAL_SEED}
+
+
+def _image_folder(root: Path, per_class: int = 6) -> None:
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for name, caption in (("circles", "a large red circle at the center on a white background"),
+                              ("squares", "a large blue square at the center on a black background")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                render(scene_of(caption), rng).save(folder / f"{i}.png")
+    (root / "train" / "circles" / "broken.png").write_bytes(b"not a png")
+
+
+def test_linear_probe_cli_image_folder(tiny_model_dir, tmp_path):
+    _image_folder(tmp_path / "data")
+    out = tmp_path / "probe"
+    linear_probe.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu",
+                       "--data", str(tmp_path / "data"), "--epochs", "5"])
+    data = read_results(out)
+    assert data["data"]["classes"] == ["circles", "squares"]
+    assert data["data"]["unreadable"] == 1 and data["data"]["train_images"] == 12
+    assert 0.0 <= data["probes"]["label"]["val_acc"] <= 1.0
+
+
+def test_linear_probe_folder_errors(tiny_model_dir, tmp_path):
+    _image_folder(tmp_path / "data")
+    (tmp_path / "data" / "val" / "squares").rename(tmp_path / "data" / "val" / "triangles")
+    with pytest.raises(ValueError, match="expected"):
+        linear_probe.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--device", "cpu",
+                           "--data", str(tmp_path / "data")])
+    with pytest.raises(ValueError, match="does not exist"):
+        linear_probe.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--device", "cpu",
+                           "--data", str(tmp_path / "nowhere")])
+
+
+# --------------------------------------------------------------------------- zero-shot under masking
+
+
+def test_zero_shot_masking_cli_shapes(tiny_model_dir, tmp_path):
+    out = tmp_path / "zs"
+    zero_shot_masking.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--shapes",
+                            "--n-images", "12", "--ratios", "0,0.5,0.9"])
+    data = read_results(out)
+    assert data["ratios"] == [0.0, 0.5, 0.9]
+    assert set(data["accuracy"]) == {"shape", "color"}
+    assert all(len(v) == 3 and all(0 <= a <= 1 for a in v) for v in data["accuracy"].values())
+    assert data["chance"] == {"shape": 0.2, "color": 0.125}
+
+
+def test_zero_shot_masking_rejects_full_mask(tiny_pipe):
+    tokens = torch.zeros(2, tiny_pipe.config.seq_len, tiny_pipe.config.token_dim)
+    with pytest.raises(ValueError, match="mask ratios"):
+        zero_shot_masking.accuracy_vs_mask_ratio(tiny_pipe, tokens, {}, {}, [1.0])
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+
+def test_faithfulness_of_renders_is_perfect():
+    prompts = one_object_prompts(120) + two_object_prompts(80)
+    rng = np.random.default_rng(11)
+    images = [render(scene_of(p), rng) for p in prompts]  # jittered renders of the world itself
+    report = faithfulness.judge_images(images, prompts)
+    assert report.rate == 1.0 and report.faithful == 200
+    assert all(v == 0 for v in report.failures.values())
+
+
+def test_failure_breakdown_names_the_wrong_attribute():
+    image = render(scene_of("a small red circle at the top left on a white background"))
+    cases = {
+        "a small red square at the top left on a white background": "shape",
+        "a large red circle at the top left on a white background": "size",
+        "a small red circle at the bottom right on a white background": "position",
+        "a small blue circle at the top left on a white background": "color",
+        "a small red circle at the top left on a black background": "background",
+        "a small red circle at the top left and a blue square at the bottom right": "count",
+    }
+    report = faithfulness.judge_images([image] * len(cases), list(cases))
+    assert report.faithful == 0
+    assert report.failures == {k: 1 for k in faithfulness.FAILURE_KINDS}
+    two = faithfulness.classify_failure("red object: shape circle != square, position top != left")
+    assert two == ["shape", "position"]
+
+
+def test_faithfulness_cli(tiny_model_dir, tmp_path):
+    out = tmp_path / "faith"
+    res = faithfulness.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--quick",
+                             "--k", "2", "--decision-step", "1", *TINY_SAMPLER])
+    data = read_results(out)
+    assert data["setting"] == "SAD K=2 step=1" == res["setting"]
+    for key in ("1-object", "2-object"):
+        s = data["sets"][key]
+        assert s["n"] == 8 and s["faithful"] == round(s["rate"] * 8)
+        assert (out / f"samples_{key}.png").exists()
+
+
+# --------------------------------------------------------------------------- SAD sweep
+
+
+def test_sad_sweep_cli(tiny_model_dir, tmp_path):
+    out = tmp_path / "sad"
+    sad_sweep.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--quick", "--objects", "1",
+                    "--k", "1,2", "--decision-steps", "1,2", "--timing-prompts", "2", *TINY_SAMPLER])
+    data = read_results(out)
+    assert [r["setting"] for r in data["rows"]] == ["K=1", "SAD K=2 step=1", "SAD K=2 step=2"]
+    for r in data["rows"]:
+        assert 0 <= r["faithfulness"] <= 1 and r["seconds_per_image"] > 0
+    # Cost per image: K = 1 decodes 3 steps; SAD K=2 at step d decodes 2 rows for d steps, then 1.
+    assert [r["row_steps_per_image"] for r in data["rows"]] == [3, 4, 5]
+
+
+def test_sad_sweep_missing_reranker_weights(tiny_model_dir, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ValueError, match="nope.safetensors"):
+        sad_sweep.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--device", "cpu",
+                        "--reranker-arch", "ViT-B-32", "--reranker-weights", str(missing)])
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- FID / CLIP score
+
+
+def test_fid_missing_weights_named_before_generation(tiny_model_dir, tmp_path, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation must not start")
+
+    monkeypatch.setattr(fid_clip, "generate_shard", no_generation)
+    base = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "fid"), "--device", "cpu", "--shapes",
+            "--num-images", "4"]
+    missing = tmp_path / "pt_inception-2015-12-05.pth"
+    with pytest.raises(ValueError, match="pt_inception-2015-12-05.pth"):
+        fid_clip.main(base + ["--inception-weights", str(missing)])
+    with pytest.raises(ValueError, match="clip_b32.safetensors"):
+        fid_clip.main(base + ["--clip-arch", "ViT-B-32", "--clip-weights", str(tmp_path / "clip_b32.safetensors")])
+    with pytest.raises(ValueError, match="nothing to measure"):
+        fid_clip.main(base)
+    with pytest.raises(ValueError, match="Inception weights file not found"):
+        fid_clip.load_state_dict_file(missing)
+    assert not (tmp_path / "fid").exists()
+
+
+def test_dist_info_and_strided_split():
+    assert dist_info({}) == common.DistInfo(0, 1, 0)
+    assert dist_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == common.DistInfo(3, 4, 1)
+    with pytest.raises(ValueError, match="RANK"):
+        dist_info({"RANK": "4", "WORLD_SIZE": "4"})
+    n, world = 50_003, 8
+    shares = [shard_indices(n, r, world) for r in range(world)]
+    assert sorted(i for s in shares for i in s) == list(range(n))  # every prompt exactly once
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # balanced
+    assert shares[3][:3] == [3, 11, 19]
+    with pytest.raises(ValueError, match="rank"):
+        shard_indices(10, 2, 2)
+
+
+def test_data_parallel_generation_matches_one_process(tiny_pipe, tmp_path):
+    prompts = one_object_prompts(5)
+    seeds = prompt_seeds(5, 3)
+    sampler = SamplerSettings(num_inference_steps=3, guidance_scale=2.0, head_steps=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert fid_clip.generate_shard(tiny_pipe, prompts, seeds, shard_indices(5, 0, 1), one, Setting(1), sampler) == 5
+    written = [fid_clip.generate_shard(tiny_pipe, prompts, seeds, shard_indices(5, r, 2), two, Setting(1), sampler,
+                                       batch_size=2) for r in (0, 1)]
+    assert written == [3, 2]
+    assert sorted(p.name for p in two.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    for i in range(5):
+        a = np.asarray(Image.open(fid_clip.sample_path(one, i)), dtype=int)
+        b = np.asarray(Image.open(fid_clip.sample_path(two, i)), dtype=int)
+        assert np.abs(a - b).max() <= 1
+    # A rerun (after a kill) keeps what exists and generates nothing.
+    assert fid_clip.generate_shard(tiny_pipe, prompts, seeds, shard_indices(5, 1, 2), two, Setting(1), sampler) == 0
+
+
+# --------------------------------------------------------------------------- bench/shapes_eval.py
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("shapes_eval", REPO / "bench" / "shapes_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
+    bench = _bench_module()
+    out = tmp_path / "table.json"
+    res = bench.main(["--model", str(tiny_model_dir), "--device", "cpu", "--quick", "--n-prompts", "3",
+                      "--search-n", "6", "--probe-train", "20", "--probe-val", "10", "--steps", "4",
+                      "--head-steps", "2", "--json", str(out), "--compare", f"tiny={tiny_model_dir}",
+                      "--compare-n-prompts", "2"])
+    data = json.loads(out.read_text())
+    main = data["main"]
+    assert main["settings"]["sad_steps"] == {"sad_eighth": 1, "sad_quarter": 2}  # 4 steps of 16 tokens
+    assert set(main["1-object"]["settings"]) == {"K=1", "sad_eighth", "sad_quarter"}
+    assert main["2-object"]["n"] == 3 and main["search"]["n"] == 6 and main["search"]["bank_size"] == 2160
+    assert 0 <= main["search"]["top1"] <= main["search"]["top5"] <= 1
+    assert set(data["compare"]["tiny"]) >= {"1-object", "2-object", "probe"}
+    printed = capsys.readouterr().out
+    assert "| 3 | reverse search top-1 |" in printed and "| tiny |" in printed
+    assert res["main"]["probe"]["shape"]["val_acc"] == main["probe"]["shape"]["val_acc"]
+
+
+def test_shapes_eval_bench_rejects_bad_compare(tiny_model_dir, tmp_path):
+    bench = _bench_module()
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        bench.main(["--model", str(tiny_model_dir), "--compare", "oops"])
+    with pytest.raises(ValueError, match="does not exist"):
+        bench.main(["--model", str(tiny_model_dir), "--compare", f"x={tmp_path / 'missing'}"])

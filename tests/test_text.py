@@ -1,0 +1,176 @@
+"""The two text paths: the CLIP BPE tokenizer and contrastive tower (EOT pooling), and the frozen T5
+conditioning encoder loaded with from_pretrained from a local directory, at several widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dream_core import DreamConfig, DreamModel
+from dream_core.text import (
+    MAX_PROMPT_CHARS,
+    ClipTokenizer,
+    ConditioningTextEncoder,
+    ContrastiveTextTower,
+    build_t5_from_scratch,
+    validate_prompts,
+)
+
+SOT, EOT = 49406, 49407
+CORPUS = [
+    "a small red circle at the top left on a white background",
+    "a large blue square in the middle on a black background",
+    "a big green triangle on the right",
+    "a tiny yellow diamond at the bottom",
+    "a purple cross",
+    "an orange circle in the top right corner on a gray background",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt validation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validate_prompts_normalises_whitespace():
+    assert validate_prompts("  a  red\n circle ") == ["a red circle"]
+    assert validate_prompts(["a", "b  c"], "captions") == ["a", "b c"]
+    assert validate_prompts("x" * MAX_PROMPT_CHARS) == ["x" * MAX_PROMPT_CHARS]
+
+
+@pytest.mark.parametrize("value, match", [
+    ("", "labels must not be empty"),
+    ("  \t ", "labels must not be empty"),
+    ([], "labels must not be an empty list"),
+    (["ok", ""], "labels must not be empty"),
+    (["ok", 3], "labels must be a string"),
+    (None, "labels must be a string or a list"),
+    (b"bytes", "labels must be a string or a list"),
+    ("x" * (MAX_PROMPT_CHARS + 1), "labels is too long"),
+])
+def test_validate_prompts_errors_name_the_argument(value, match):
+    with pytest.raises(ValueError, match=match):
+        validate_prompts(value, "labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP tokenizer and contrastive tower
+# ---------------------------------------------------------------------------------------------
+
+
+def test_clip_tokenizer_pads_to_the_context_length():
+    tok = ClipTokenizer(16)
+    ids = tok(["a red circle", "a purple cross on a white background"])
+    assert ids.shape == (2, 16) and ids.dtype == torch.long
+    for row in ids:
+        assert row[0] == SOT
+        end = int((row == EOT).nonzero()[0])
+        assert bool((row[end + 1:] == 0).all())
+        assert int(row.argmax()) == end  # EOT has the largest id: argmax pooling finds it
+    assert tok("a red circle").shape == (1, 16)
+
+
+def test_clip_tokenizer_keeps_eot_for_over_long_captions():
+    tok = ClipTokenizer(8)
+    ids = tok(["a very long caption " * 10, "short"])
+    assert ids[0, 0] == SOT and ids[0, -1] == EOT
+    assert int((ids[0] == EOT).sum()) == 1
+    assert int(ids[0].argmax()) == 7
+    assert bool((ids[0] != 0).all())
+
+
+def test_text_tower_pools_at_eot():
+    torch.manual_seed(0)
+    cfg = DreamConfig.preset("tiny")
+    tower = ContrastiveTextTower(cfg).eval()
+    ids = ClipTokenizer(cfg.clip_context_length)(["a red circle", "a blue square"])
+    with torch.no_grad():
+        out = tower(ids)
+        assert out.shape == (2, cfg.embed_dim)
+        # Causal attention + EOT pooling: whatever follows EOT cannot matter...
+        junk = ids.clone()
+        end = int((ids[0] == EOT).nonzero()[0])
+        junk[0, end + 1:] = 320
+        torch.testing.assert_close(tower(junk), out, rtol=1e-5, atol=1e-6)
+        # ...while a word before it does.
+        junk[0, 1] = 321
+        assert not torch.allclose(tower(junk)[0], out[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# T5 conditioning encoder
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[64, 96])
+def t5_dir(request, tmp_path_factory):
+    """A tiny T5 trained from scratch and saved by the test itself, at width 64 and at width 96."""
+    d_model = request.param
+    out = build_t5_from_scratch(tmp_path_factory.mktemp(f"t5_{d_model}"), CORPUS, d_model=d_model, num_layers=1,
+                                num_heads=4, d_ff=64, vocab_size=48)
+    return out, d_model
+
+
+def test_t5_directory_holds_safetensors_only(t5_dir):
+    path, _ = t5_dir
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    assert not [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+
+def test_t5_encoder_loads_from_a_local_directory_and_pads_with_a_mask(t5_dir):
+    path, d_model = t5_dir
+    enc = ConditioningTextEncoder.from_pretrained(path, max_length=16)
+    assert enc.dim == d_model and enc.max_length == 16
+    assert not enc.model.training and not any(p.requires_grad for p in enc.model.parameters())
+
+    prompts = ["a red circle", "a large blue square in the middle on a black background"]
+    hidden, mask = enc(prompts)
+    assert hidden.shape == (2, 16, d_model) and hidden.dtype == torch.float32
+    assert mask.shape == (2, 16) and mask.dtype == torch.bool
+    n_short, n_long = mask.sum(dim=1).tolist()
+    assert 2 <= n_short < n_long <= 16
+    for row in range(2):  # real tokens first, then padding
+        n = int(mask[row].sum())
+        assert bool(mask[row, :n].all()) and not bool(mask[row, n:].any())
+    assert bool((hidden[~mask] == 0).all())
+    assert bool((hidden[mask].abs().sum(dim=-1) > 0).all())
+
+    # The attention mask is passed to T5: padding length does not change the real positions.
+    longer, mask24 = ConditioningTextEncoder.from_pretrained(path, max_length=24)(prompts)
+    assert longer.shape == (2, 24, d_model)
+    assert torch.equal(mask24[:, :16], mask)
+    torch.testing.assert_close(longer[:, :16], hidden, rtol=1e-5, atol=1e-5)
+
+    # Over-long prompts are truncated to max_length (every position is then real).
+    h, m = ConditioningTextEncoder.from_pretrained(path, max_length=4)(["a small red circle at the top left"])
+    assert h.shape == (1, 4, d_model) and bool(m.all())
+
+
+def test_t5_of_any_width_conditions_the_decoder(t5_dir):
+    path, d_model = t5_dir
+    enc = ConditioningTextEncoder.from_pretrained(path, max_length=16)
+    torch.manual_seed(0)
+    cfg = DreamConfig.preset("tiny").replace(t5_dim=d_model)
+    model = DreamModel(cfg).eval()
+    hidden, mask = enc(["a red circle", "a purple cross"])
+    with torch.no_grad():
+        text = model.align_text(hidden, mask)
+        assert text.shape == (2, 16, cfg.width)
+        tokens = torch.randn(2, cfg.seq_len, cfg.token_dim)
+        visible = torch.zeros(2, cfg.seq_len, dtype=torch.bool)
+        visible[:, 6:] = True
+        z = model.decode(model.encoder(tokens, visible), text, mask)
+    assert z.shape == (2, cfg.seq_len, cfg.width) and bool(torch.isfinite(z).all())
+
+
+def test_t5_encoder_needs_an_existing_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        ConditioningTextEncoder.from_pretrained(tmp_path / "no-t5", max_length=16)

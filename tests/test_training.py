@@ -1,0 +1,764 @@
+"""Tests for the training pipeline (training/): data sources, the loop, masking statistics, the
+latent/T5 cache, two processes over gloo, kill-and-resume, export, every baseline recipe, the REPA
+teacher, fine-tuning and bad input. Everything runs on the `tiny` preset (32 x 32 images, 16 tokens)
+with a tiny VAE, T5 and open_clip teacher that the tests build themselves; nothing is downloaded."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import sources
+from training.data.sources import CacheSource, FolderSource, TarSource, adm_center_crop, to_tensor
+from training.recipes import get_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "_train_worker.py"
+COMPARED = ("loss", "diffusion", "clip", "mask_ratio_mean", "lr", "grad_norm", "diffusion_share", "clip_share")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------
+
+def write_shapes_folder(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """n rendered Shapes World scenes (64 x 64 PNG, centre-cropped to 32 by the loader) with unique captions."""
+    from training.data.shapes_world import caption, random_scene, render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    captions: list[str] = []
+    while len(captions) < n:
+        scene = random_scene(rng)
+        text = caption(scene, rng)
+        if text in captions:
+            continue
+        i = len(captions)
+        render(scene, rng).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(text)
+        captions.append(text)
+    return captions
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("training")
+    captions = write_shapes_folder(root / "images", 24)
+    return SimpleNamespace(root=root, images=root / "images", captions=captions,
+                           vae=tiny_model_dir / "vae", text=tiny_model_dir / "text")
+
+
+def overrides(d: SimpleNamespace, **kw) -> list[str]:
+    """key=value overrides that put any recipe on the tiny model and the image folder."""
+    base = {
+        "model": "tiny", "data": "folder", "data_path": str(d.images), "vae_path": str(d.vae),
+        "t5_path": str(d.text), "model.vae_scaling_factor": 0.5, "model.t5_dim": 32, "model.t5_path": "text",
+        "batch_size": 8, "num_workers": 0, "samples_per_epoch": 24, "log_every": 1, "ckpt_every": 0,
+        "lr": 0.001, "warmup_epochs": 0.0, "precision": "fp32",
+    }
+    base.update(kw)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def tiny_recipe(d: SimpleNamespace, name: str = "shapes", **kw):
+    return get_recipe(name).overrides(overrides(d, **kw))
+
+
+def read_log(path: Path) -> dict[int, dict]:
+    """log.csv rows by step; a step logged twice (before a kill and after the resume) keeps the last."""
+    with open(path, newline="") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f)}
+
+
+def file_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def train_args(d: SimpleNamespace, out: Path, max_steps: int, **kw) -> list[str]:
+    return ["--recipe", "shapes", "--out", str(out), "--max-steps", str(max_steps), "--threads", "1",
+            *overrides(d, **kw)]
+
+
+def run_train_main(argv: list[str]) -> int:
+    from training.train import main
+
+    try:
+        main(argv)
+    except SystemExit as err:
+        return int(err.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """The tiny model trained for 30 steps on the folder (masking fixed at FX so both losses are active)."""
+    from training.train import Trainer
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    recipe = tiny_recipe(data, masking="fx", max_steps=30, ckpt_every=10)
+    trainer = Trainer(recipe, out)
+    last = trainer.fit()
+    return SimpleNamespace(trainer=trainer, out=out, last=last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sources
+# ---------------------------------------------------------------------------------------------
+
+def test_adm_center_crop_halves_resizes_and_keeps_the_centre():
+    im = Image.new("RGB", (128, 64), (255, 0, 0))
+    im.paste((0, 255, 0), (32, 0, 96, 64))  # a green centre square between red bands
+    out = adm_center_crop(im, 32)
+    assert out.size == (32, 32)
+    arr = np.asarray(out).astype(int)
+    assert (arr[..., 1] > 250).all() and (arr[..., 0] < 5).all()
+    # A small image is upsampled (bicubic) to the size, a non-square one cropped to a square.
+    assert adm_center_crop(Image.new("RGB", (20, 40)), 32).size == (32, 32)
+    x = to_tensor(Image.new("RGB", (4, 4), (255, 0, 127)))
+    assert x.shape == (3, 4, 4) and x[0].eq(1).all() and x[1].eq(-1).all()
+
+
+def test_folder_source_reads_txt_csv_and_jsonl(tmp_path, data):
+    src = FolderSource(data.images)
+    assert len(src) == 24
+    image, text = src.read(3)
+    assert image.size == (64, 64) and text == data.captions[3]
+
+    for kind in ("csv", "jsonl"):
+        folder = tmp_path / kind
+        (folder / "sub").mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(data.images / f"{i:03d}.png", folder / "sub" / f"im{i}.png")
+        if kind == "csv":
+            with open(folder / "captions.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["file", "caption"])
+                w.writerows([[f"sub/im{i}.png", f"caption, number {i}"] for i in range(3)])
+        else:
+            (folder / "captions.jsonl").write_text(
+                "".join(json.dumps({"file": f"sub/im{i}.png", "caption": f"caption, number {i}"}) + "\n" for i in range(3)))
+        src = FolderSource(folder)
+        assert len(src) == 3
+        assert [src.read(i)[1] for i in range(3)] == [f"caption, number {i}" for i in range(3)]
+
+
+def test_missing_or_empty_data_paths_raise_value_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        FolderSource(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image with a caption"):
+        FolderSource(tmp_path / "empty")
+    (tmp_path / "nocap").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "nocap" / "a.png")
+    with pytest.raises(ValueError, match="no image with a caption"):
+        FolderSource(tmp_path / "nocap")
+    with pytest.raises(ValueError, match="no .tar shard"):
+        TarSource(tmp_path / "empty")
+    (tmp_path / "bad.tar").write_bytes(b"this is not a tar file at all" * 40)
+    with pytest.raises(ValueError, match="bad.tar is not a readable tar"):
+        TarSource(tmp_path / "bad.tar")
+    with pytest.raises(ValueError, match="no index.json"):
+        CacheSource(tmp_path / "empty")
+    bad_csv = tmp_path / "badcsv"
+    bad_csv.mkdir()
+    (bad_csv / "captions.csv").write_text("name,text\na.png,hello\n")
+    with pytest.raises(ValueError, match="file,caption"):
+        FolderSource(bad_csv)
+
+
+def _batches(recipe, n, rank=0, world=1, start_step=0):
+    loader = sources.build_dataloader(recipe, recipe.model_config(), rank=rank, world=world, start_step=start_step)
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_is_deterministic_resumable_sharded_and_worker_independent(data):
+    recipe = tiny_recipe(data, batch_size=5, seed=3)
+    fresh = _batches(recipe, 8)
+    assert all(b["image"].shape == (5, 3, 32, 32) and len(b["caption"]) == 5 for b in fresh)
+    assert fresh[0]["image"].min() >= -1 and fresh[0]["image"].max() <= 1
+    # Resume: start_step=3 continues with the 4th batch of the uninterrupted stream.
+    resumed = _batches(recipe, 2, start_step=3)
+    for a, b in zip(fresh[3:5], resumed):
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+    # One pass (24 samples, batches of 5) visits every sample once; the next pass is reshuffled.
+    first_pass = [c for b in fresh for c in b["caption"]][:24]
+    second_pass = [c for b in fresh for c in b["caption"]][24:40]
+    assert sorted(first_pass) == sorted(data.captions)
+    assert second_pass != first_pass[:16]
+    # Ranks split the stream: 3 ranks x 2 batches x 4 samples = the 24 samples of one pass, once each.
+    r4 = tiny_recipe(data, batch_size=4, seed=3)
+    by_rank = [[c for b in _batches(r4, 2, rank=r, world=3) for c in b["caption"]] for r in range(3)]
+    assert sorted(sum(by_rank, [])) == sorted(data.captions)
+    # Two DataLoader workers yield exactly the single-process stream (round-robin over batches).
+    two = _batches(tiny_recipe(data, batch_size=5, seed=3, num_workers=2), 4, start_step=1)
+    assert [b["caption"] for b in two] == [b["caption"] for b in fresh[1:5]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(two, fresh[1:5]))
+
+
+def test_flip_is_seeded_and_only_when_asked(data):
+    ref = {c: to_tensor(adm_center_crop(Image.open(data.images / f"{i:03d}.png").convert("RGB"), 32))
+           for i, c in enumerate(data.captions)}
+    flips = plain = 0
+    for b in _batches(tiny_recipe(data, flip=True, batch_size=8), 3):
+        for x, c in zip(b["image"], b["caption"]):
+            if torch.equal(x, ref[c]):
+                plain += 1
+            else:
+                assert torch.equal(x, ref[c].flip(-1))
+                flips += 1
+    assert flips > 0 and plain > 0
+    for b in _batches(tiny_recipe(data, flip=False, batch_size=8), 3):
+        assert all(torch.equal(x, ref[c]) for x, c in zip(b["image"], b["caption"]))
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tf.addfile(info, io.BytesIO(payload))
+
+
+def test_webdataset_shards_index_skip_and_count_corrupt_samples(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tf:
+            info = tarfile.TarInfo("subdir")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+            for i in range(5):
+                key = f"{s:05d}{i:04d}"
+                image = b"\xff\xd8 definitely not a jpeg" if (s, i) == (0, 2) else _jpeg(10 * s + i)
+                _add(tf, f"{key}.jpg", image)
+                if i == 3:
+                    _add(tf, f"{key}.json", json.dumps({"caption": f"json caption {s} {i}", "url": "x"}).encode())
+                elif (s, i) != (1, 4):  # (1, 4) has no caption: left out of the index
+                    _add(tf, f"{key}.txt", f"caption {s} {i}".encode())
+    src = TarSource(shards)
+    assert len(src) == 9
+    assert len(list((shards / ".index_cache").glob("*.safetensors"))) == 2
+    captions = {src.read(i)[1] for i in range(9) if i != 2}
+    assert "json caption 0 3" in captions and "caption 1 0" in captions
+    with pytest.raises(sources.CorruptSample):
+        src.read(2)
+    assert len(TarSource(shards)) == 9  # from the index cache
+
+    sources.SKIPPED.reset()
+    recipe = get_recipe("dream-base").overrides(["data=webdataset", f"data_path={shards}", "batch_size=4",
+                                                 "num_workers=0", "model=tiny"])
+    batches = _batches(recipe, 6)  # 24 samples = 2.7 passes over 9: the corrupt one comes up at least twice
+    assert all(b["image"].shape == (4, 3, 32, 32) for b in batches)
+    skipped = sum(b["skipped"] for b in batches)
+    assert skipped >= 2 and sources.SKIPPED.count == skipped
+    assert all(c.startswith(("caption", "json caption")) for b in batches for c in b["caption"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: loss falls, masking statistics, export
+# ---------------------------------------------------------------------------------------------
+
+def test_the_loop_trains_and_the_loss_falls(trained):
+    rows = read_log(trained.out / "log.csv")
+    assert sorted(rows) == list(range(1, 31))
+    losses = [float(rows[s]["loss"]) for s in range(1, 31)]
+    assert all(math.isfinite(x) for x in losses)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.8 * first, (first, last)
+    clip = [float(rows[s]["clip"]) for s in range(1, 31)]
+    assert np.mean(clip[-5:]) < np.mean(clip[:5])
+    row = rows[30]
+    for key in ("diffusion", "clip", "mask_ratio_mean", "ratio_std", "diffusion_share", "clip_share", "lr",
+                "samples_per_s", "grad_norm", "mask_mean_mu", "ema_decay", "data_skipped"):
+        assert key in row, key
+    assert float(row["lr"]) == pytest.approx(0.001)
+    state = json.loads((trained.out / "checkpoint-last" / "state.json").read_text())
+    assert state["step"] == 30 and state["samples_seen"] == 240
+
+
+def _truncated_normal_mean(mu: float, sigma: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    a, b = (lo - mu) / sigma, (hi - mu) / sigma
+    return mu + sigma * (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))
+
+
+def test_masking_statistics_follow_the_schedule(data, tmp_path):
+    from training.train import Trainer
+
+    recipe = tiny_recipe(data, masking="warmup", mask_std=0.55, masking_warmup_epochs=4.0, samples_per_epoch=1000)
+    trainer = Trainer(recipe, tmp_path / "run")
+    n, L = 128, trainer.config.seq_len
+    batch = {"image": torch.rand(n, 3, 32, 32) * 2 - 1, "caption": ["a small red circle"] * n}
+    for epoch in (0.0, 1.0, 2.0, 3.0, 4.0, 6.0):
+        trainer.samples_seen = int(epoch * recipe.samples_per_epoch)
+        mu = trainer.schedule.mean(epoch)
+        assert mu == pytest.approx(min(epoch / 4.0, 1.0))
+        t = trainer.batch_tensors(batch)
+        ratios, mask = t["ratios"], t["mask"]
+        assert ratios.mean().item() == pytest.approx(_truncated_normal_mean(mu, 0.55), abs=0.06), epoch
+        assert ratios.unique().numel() > n // 2  # one ratio per sample, not one per batch
+        expected = torch.ceil(ratios.double() * L - 1e-9).long()
+        assert torch.equal(mask.sum(dim=1), expected)
+    # The MAR baseline's ratios stay in [0.7, 1].
+    mar = Trainer(tiny_recipe(data, masking="mar"), tmp_path / "mar")
+    r = mar.batch_tensors(batch)["ratios"]
+    assert r.min() >= 0.7 and r.max() <= 1.0
+
+
+def test_export_then_from_pretrained_generates(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from dream_core.pipeline import DreamPipeline
+
+    out = tmp_path / "model"
+    trained.trainer.export(out, captions=["a small red circle", "a big blue square"])
+    weights = load_file(str(out / "model.safetensors"))
+    for name, ema in trained.trainer.ema.shadow.items():
+        assert torch.equal(weights[name], ema), name  # EMA weights are what gets exported
+    pipe = DreamPipeline.from_pretrained(out, device="cpu")
+    assert pipe.captions == ["a small red circle", "a big blue square"]
+    result = pipe("a small red circle", num_inference_steps=4, head_steps=5, seed=0)
+    assert result.images[0].size == (32, 32)
+    assert np.isfinite(np.asarray(result.images[0], dtype=np.float32)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+def test_cache_round_trip_resume_and_sharding(data, tmp_path):
+    from safetensors.torch import load_file
+
+    from dream_core.image_tokenizer import ImageTokenizer
+    from dream_core.text import ConditioningTextEncoder
+    from training.cache import extract, main as cache_main
+    from training.train import Trainer
+
+    cache = tmp_path / "cache"
+    argv = ["--recipe", "shapes", "--out", str(cache), "--shard-size", "8", "--batch-size", "8", "--num-workers", "0",
+            *overrides(data)]
+    summary = cache_main(argv)
+    assert summary["written"] == [0, 1, 2] and summary["index"]
+    index = json.loads((cache / "index.json").read_text())
+    assert index["num_samples"] == 24 and [s["n"] for s in index["shards"]] == [8, 8, 8]
+
+    tok = ImageTokenizer.from_pretrained(data.vae, 2)
+    t5 = ConditioningTextEncoder.from_pretrained(data.text, 16)
+    by_caption = {c: i for i, c in enumerate(data.captions)}
+
+    def crop(i: int, flip: bool = False) -> torch.Tensor:
+        im = adm_center_crop(Image.open(data.images / f"{i:03d}.png").convert("RGB"), 32)
+        return to_tensor(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im)[None]
+
+    recipe = tiny_recipe(data, data="cache", cache_path=str(cache), flip=False, batch_size=6)
+    batch = _batches(recipe, 1)[0]
+    assert batch["moments"].shape == (6, 8, 8, 8) and batch["moments"].dtype == torch.float32
+    assert batch["t5_hidden"].shape == (6, 16, 32) and batch["t5_mask"].dtype == torch.bool
+    fresh_hidden, fresh_mask = t5(batch["caption"])
+    assert torch.equal(batch["t5_mask"], fresh_mask)
+    torch.testing.assert_close(batch["t5_hidden"].float(), fresh_hidden, rtol=2e-3, atol=2e-3)  # fp16 storage
+    for k, c in enumerate(batch["caption"]):
+        torch.testing.assert_close(batch["moments"][k], tok.moments(crop(by_caption[c]))[0], rtol=1e-4, atol=1e-5)
+    # The flipped moments are those of the image flipped in pixel space before encoding.
+    shard0 = load_file(str(cache / "shard-000000.safetensors"))
+    caps0 = json.loads((cache / "shard-000000.json").read_text())["captions"]
+    torch.testing.assert_close(shard0["moments_flip"][2], tok.moments(crop(by_caption[caps0[2]], True))[0],
+                               rtol=1e-4, atol=1e-5)
+    null = load_file(str(cache / "null_caption.safetensors"))
+    torch.testing.assert_close(null["t5_hidden"].float(), t5([""])[0], rtol=2e-3, atol=2e-3)
+    # With flip on, the loader picks moments or moments_flip per sample, both happen.
+    flipped = plain = 0
+    src = CacheSource(cache)
+    lookup = {src.read(i)["caption"]: i for i in range(len(src))}
+    for b in _batches(tiny_recipe(data, data="cache", cache_path=str(cache), flip=True, batch_size=8), 3):
+        for m, c in zip(b["moments"], b["caption"]):
+            i = lookup[c]
+            if torch.equal(m, src.read(i)["moments"]):
+                plain += 1
+            else:
+                assert torch.equal(m, src.read(i, flip=True)["moments"])
+                flipped += 1
+    assert flipped and plain
+
+    # Training reads the cache.
+    trainer = Trainer(tiny_recipe(data, data="cache", cache_path=str(cache), max_steps=2), tmp_path / "from-cache")
+    assert math.isfinite(float(trainer.fit()["loss"]))
+
+    # Resume after a kill: shard 1 lost its JSON (the completion marker) and left a temporary file.
+    before = file_digest(cache)
+    (cache / "shard-000001.json").unlink()
+    (cache / "shard-000001.safetensors.tmp123").write_bytes(b"partial")
+    (cache / "index.json").unlink()
+    assert cache_main(argv)["written"] == [1]
+    after = file_digest(cache)
+    for name in ("shard-000000.safetensors", "shard-000000.json", "shard-000002.safetensors", "null_caption.safetensors"):
+        assert after[name] == before[name]
+    assert (cache / "index.json").is_file() and not (cache / "shard-000001.safetensors.tmp123").exists()
+    # Other settings into the same directory are refused, nothing is touched.
+    with pytest.raises(SystemExit) as err:
+        cache_main([*argv[:4], "--shard-size", "4", *argv[6:]])
+    assert err.value.code == 2 and file_digest(cache) == after
+
+    # Sharded over processes: rank r of W writes shards r, r + W, ...; the index appears when all are done.
+    split = tmp_path / "split"
+    rec = get_recipe("shapes").overrides(overrides(data))
+    s1 = extract(rec, split, shard_size=8, batch_size=8, num_workers=0, rank=1, world=2, progress=False)
+    assert s1["written"] == [1] and not s1["index"] and not (split / "index.json").exists()
+    s0 = extract(rec, split, shard_size=8, batch_size=8, num_workers=0, rank=0, world=2, progress=False)
+    assert s0["written"] == [0, 2] and s0["index"]
+    assert file_digest(split)["shard-000001.safetensors"] == after["shard-000001.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes, kill and resume (subprocesses)
+# ---------------------------------------------------------------------------------------------
+
+def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = ()) -> list[str]:
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank,
+                             LOCAL_WORLD_SIZE=2)
+        cmd = [sys.executable, str(WORKER), "--report", str(report), *extra_worker, "--",
+               *train_args(d, out, max_steps, batch_size=4, ckpt_every=3)]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outputs.append(text)
+        assert p.returncode == 0, text[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_over_gloo(data, tmp_path):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    run_b.mkdir()
+    _launch_two(data, run_a, tmp_path / "rep_a", 5, ["--snapshot-at", "3", "--snapshot-to", str(run_b)])
+    reps = [json.loads((tmp_path / "rep_a" / f"rank{r}.json").read_text()) for r in range(2)]
+    for rep in reps:
+        assert rep["world"] == 2 and rep["final_step"] == 5
+        # Every contrastive call gathered the 4 local rows of both ranks: logits are 8 x 8.
+        assert rep["gathered_rows"] and all(g == [4, 8] for g in rep["gathered_rows"])
+    # Different data on each rank, identical weights after the steps: gradients were synchronised.
+    assert reps[0]["local_captions"] != reps[1]["local_captions"]
+    assert not set(sum(reps[0]["local_captions"][:1], [])) & set(sum(reps[1]["local_captions"][:1], []))
+    assert reps[0]["param_digest"] == reps[1]["param_digest"]
+    # Only rank 0 wrote: rank 1's audit hook saw no write inside the run directory.
+    assert reps[1]["writes"] == []
+    assert {p.name for p in run_a.iterdir()} <= {"checkpoint-last", "log.csv", "recipe.json", "tb"}
+    state = json.loads((run_a / "checkpoint-last" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 5
+
+    # Resume both processes from the step-3 checkpoint: steps 4-5 repeat the uninterrupted run exactly.
+    outputs = _launch_two(data, run_b, tmp_path / "rep_b", 5)
+    assert "resumed from" in outputs[0] and "at step 3" in outputs[0]
+    reps_b = [json.loads((tmp_path / "rep_b" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reps_b[1]["writes"] == []
+    assert reps_b[0]["param_digest"] == reps_b[1]["param_digest"] == reps[0]["param_digest"]
+    rows_a, rows_b = read_log(run_a / "log.csv"), read_log(run_b / "log.csv")
+    assert sorted(rows_b) == [4, 5]
+    for step in (4, 5):
+        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+
+
+@pytest.mark.slow
+def test_kill_and_resume_continues_the_same_run(data, tmp_path):
+    """SIGKILL in the middle of writing step 5's checkpoint; the restart resumes from step 4 and its
+    losses equal, to the logged precision (6 decimals; the computation is bitwise deterministic on
+    one CPU thread), those of an uninterrupted run of the same command."""
+    ref_out, run_out = tmp_path / "ref", tmp_path / "run"
+    env = subprocess_env()
+    cmd = lambda out, report, *extra: [sys.executable, str(WORKER), "--report", str(report), *extra, "--",  # noqa: E731
+                                       *train_args(data, out, 8, batch_size=4, ckpt_every=1)]
+    ref = subprocess.Popen(cmd(ref_out, tmp_path / "rep_ref"), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    victim = subprocess.Popen(cmd(run_out, tmp_path / "rep_run", "--pause-in-save-at", "5"), env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while not (tmp_path / "rep_run" / "paused").exists():
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the run never reached step 5"
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert json.loads((run_out / "checkpoint-last" / "state.json").read_text())["step"] == 4
+    assert (run_out / "checkpoint-last.tmp").is_dir()  # the half-written step-5 checkpoint
+    killed_rows = read_log(run_out / "log.csv")
+    assert sorted(killed_rows) == [1, 2, 3, 4, 5]
+
+    export = tmp_path / "exported"
+    resumed = subprocess.run(cmd(run_out, tmp_path / "rep_res") + ["--export", str(export)], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    text, _ = ref.communicate(timeout=400)
+    assert ref.returncode == 0, text[-3000:]
+
+    ref_rows, run_rows = read_log(ref_out / "log.csv"), read_log(run_out / "log.csv")
+    assert sorted(run_rows) == list(range(1, 9))
+    for step in range(1, 9):
+        assert {k: run_rows[step][k] for k in COMPARED} == {k: ref_rows[step][k] for k in COMPARED}, step
+    assert {k: killed_rows[5][k] for k in COMPARED} == {k: run_rows[5][k] for k in COMPARED}
+    assert json.loads((run_out / "checkpoint-last" / "state.json").read_text())["step"] == 8
+    assert not (run_out / "checkpoint-last.tmp").exists()
+    digests = [json.loads((tmp_path / r / "rank0.json").read_text())["param_digest"] for r in ("rep_ref", "rep_res")]
+    assert digests[0] == digests[1]
+    # --export wrote a model directory the pipeline loads.
+    from dream_core.pipeline import DreamPipeline
+
+    assert DreamPipeline.from_pretrained(export, device="cpu").config.image_size == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and the REPA teacher
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory) -> SimpleNamespace:
+    """A tiny open_clip ViT (32 px, 8 px patches: a 4 x 4 grid of width 24), saved as safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("teacher")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 24, "patch_size": 8, "head_width": 12},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    config = root / "tiny-test-vit.json"
+    config.write_text(json.dumps(cfg))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-test-vit")
+    weights = root / "tiny-test-vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return SimpleNamespace(config=config, weights=weights, model=model.eval())
+
+
+def test_repa_teacher_gives_patch_tokens_on_the_token_grid(teacher_files, tmp_path):
+    import open_clip
+
+    from training.repa import RepaTeacher
+
+    teacher = RepaTeacher(str(teacher_files.config), teacher_files.weights, tokens_per_side=4, device="cpu")
+    assert teacher.dim == 24 and not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.visual.training
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = teacher(x)
+    assert out.shape == (2, 16, 24)
+    # The same as the saved model's own patch tokens (so the local weights were loaded).
+    visual = teacher_files.model.visual
+    visual.output_tokens = True
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        _, tokens = visual(((x + 1) / 2 - mean) / std)
+    torch.testing.assert_close(out, tokens, rtol=1e-5, atol=1e-5)
+    # A coarser token grid averages 2 x 2 blocks of patch tokens (area interpolation).
+    coarse = RepaTeacher("tiny-test-vit", teacher_files.weights, tokens_per_side=2, device="cpu")(x)
+    grid = tokens.reshape(2, 4, 4, 24)
+    torch.testing.assert_close(coarse[:, 0], grid[:, :2, :2].mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+    # Upsampling to a finer grid works too (224 px / 16 = 14 -> 16 in the paper's setting).
+    assert RepaTeacher("tiny-test-vit", teacher_files.weights, 5)(x).shape == (2, 25, 24)
+    with pytest.raises(ValueError, match="missing.safetensors"):
+        RepaTeacher("tiny-test-vit", tmp_path / "missing.safetensors", 4)
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        RepaTeacher("no-such-vit", teacher_files.weights, 4)
+
+
+BASELINES = {
+    "clip": ({"clip"}, {"diffusion", "repa"}),
+    "mar": ({"diffusion"}, {"clip", "repa"}),
+    "fluid": ({"diffusion"}, {"clip", "repa"}),
+    "repa": ({"diffusion", "repa"}, {"clip"}),
+    "shapes-fx": ({"diffusion", "clip"}, {"repa"}),
+    "shapes-uni": ({"diffusion", "clip"}, {"repa"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_each_baseline_recipe_runs_a_step(name, data, teacher_files, tmp_path):
+    from training.train import Trainer
+
+    extra = {"max_steps": 1, "batch_size": 4}
+    if name == "repa":
+        extra.update({"model.repa_block": 1, "model.repa_teacher_dim": 24,
+                      "repa_teacher_arch": str(teacher_files.config), "repa_teacher_weights": str(teacher_files.weights)})
+    recipe = tiny_recipe(data, name, **extra)
+    assert recipe.name == name
+    trainer = Trainer(recipe, tmp_path / name)
+    row = trainer.fit()
+    assert row["step"] == 1 and math.isfinite(row["loss"])
+    present, absent = BASELINES[name]
+    assert present <= set(row) and not absent & set(row), row
+    if name == "clip":
+        assert row["mask_ratio_mean"] == 0.0
+    if name in ("mar", "fluid", "repa"):
+        assert row["mask_ratio_mean"] >= 0.7
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error (exit code 2) before any long work, nothing overwritten
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_input_fails_early_with_exit_code_2(data, trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000.tar").write_bytes(b"garbage" * 200)
+    cases = [
+        (overrides(data, data_path=str(tmp_path / "missing")), "does not exist"),
+        (overrides(data, data_path=str(tmp_path / "empty")), "empty directory"),
+        (overrides(data, data="webdataset", data_path=str(tmp_path / "shards")), "000.tar is not a readable tar"),
+        (overrides(data, data="cache", cache_path=str(tmp_path / "empty")), "no index.json"),
+        (overrides(data) + ["bogus_key=1"], "unknown recipe key 'bogus_key'"),
+        (overrides(data, batch_size=0), "batch_size must be >= 1"),
+        (overrides(data) + ["model.width=-8"], "config.width must be a positive integer"),
+        (overrides(data) + ["model.no_such_field=1"], "unknown DreamConfig keys"),
+        (overrides(data, masking="sideways"), "recipe.masking must be"),
+        (overrides(data, vae_path=str(tmp_path / "novae")), "vae_path"),
+    ]
+    for over, message in cases:
+        assert run_train_main(["--recipe", "shapes", "--out", str(out), *over]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not out.exists()  # nothing was written
+    assert run_train_main(["--recipe", "no-such-recipe", "--out", str(out)]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+
+    # A checkpoint from another model config is refused and left as it was.
+    run = tmp_path / "run"
+    shutil.copytree(trained.out, run)
+    before = file_digest(run)
+    over = overrides(data, masking="fx") + ["model.width=64"]
+    assert run_train_main(["--recipe", "shapes", "--out", str(run), "--max-steps", "40", *over]) == 2
+    assert "another model config" in capsys.readouterr().err
+    assert file_digest(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+def _finetune(argv: list[str]) -> int:
+    from training.finetune import main
+
+    try:
+        main(argv)
+    except SystemExit as err:
+        return int(err.code or 0)
+    return 0
+
+
+def test_finetune_lora_merges_into_a_loadable_model(data, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dream_core.pipeline import DreamPipeline
+    from training.finetune import lora_target_names
+
+    out = tmp_path / "lora"
+    args = ["--model", str(tiny_model_dir), "--data", str(data.images), "--out", str(out), "--lora", "--rank", "4",
+            "--steps", "3", "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--lr", "0.01"]
+    assert _finetune(args) == 0
+    pipe = DreamPipeline.from_pretrained(out / "model", device="cpu")
+    assert pipe("a small red circle", num_inference_steps=4, head_steps=5, seed=0).images[0].size == (32, 32)
+    assert set(data.captions) <= set(pipe.captions)
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(out / "model" / "model.safetensors"))
+    assert set(before) == set(after)
+    targets = {f"{n}.weight" for n in lora_target_names(pipe.model)}
+    assert len(targets) == 26
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= targets  # only the adapted Linear weights moved (merged LoRA)
+    assert "(rank 4, merged)" in (out / "model" / "README.md").read_text()
+
+
+def test_finetune_full_resumes_and_validates_inputs(data, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "full"
+    base = ["--model", str(tiny_model_dir), "--data", str(data.images), "--out", str(out), "--batch-size", "4",
+            "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1"]
+    assert _finetune(base + ["--steps", "2"]) == 0
+    model_digest = file_digest(out / "model")
+    # An existing model is not overwritten without --overwrite.
+    assert _finetune(base + ["--steps", "4"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert file_digest(out / "model") == model_digest
+    # With --overwrite the run resumes from its checkpoint at step 2 and continues to 4.
+    assert _finetune(base + ["--steps", "4", "--overwrite"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    with open(out / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert json.loads((out / "checkpoint-last" / "state.json").read_text())["step"] == 4
+    # A checkpoint of other settings (LoRA into a full run) is refused and left as it was.
+    shutil.rmtree(out / "model")
+    before = file_digest(out)
+    assert _finetune(base + ["--steps", "5", "--lora"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert file_digest(out) == before
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--model", str(tmp_path / "nomodel"), "--data", str(data.images)], "not a model directory"),
+        (["--model", str(tiny_model_dir), "--data", str(tmp_path / "nodata")], "does not exist"),
+        (["--model", str(tiny_model_dir), "--data", str(tmp_path / "empty")], "no image with a caption"),
+        (["--model", str(tiny_model_dir), "--data", str(data.images), "--steps", "0"], "--steps must be >= 1"),
+        (["--model", str(tiny_model_dir), "--data", str(data.images), "--batch-size", "1"], "--batch-size must be >= 2"),
+    ]
+    for argv, message in cases:
+        assert _finetune(argv + ["--out", str(tmp_path / "x")]) == 2, message
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
