@@ -32,7 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/shapes"))
     ap.add_argument("--out", type=Path, default=Path("assets/dream-shapes"))
-    ap.add_argument("--steps", type=int, default=3000, help="DREAM optimizer steps")
+    ap.add_argument("--steps", type=int, default=None, help="DREAM optimizer steps (default: the recipe's epochs)")
     ap.add_argument("--recipe", default="shapes")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
@@ -62,7 +62,8 @@ def main() -> None:
     bank = work / "captions.txt"
     bank.write_text("\n".join(full_caption_bank()) + "\n")
     t = time.time()
-    run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), "--max-steps", str(args.steps),
+    steps = ["--max-steps", str(args.steps)] if args.steps else []
+    run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), *steps,
          "--export", str(args.out), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
          *args.overrides])
     timings["dream_seconds"] = time.time() - t

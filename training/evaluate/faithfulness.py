@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 from PIL import Image

@@ -28,7 +28,6 @@ import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
