@@ -58,6 +58,7 @@ class SessionState:
     shown: list[str] = field(default_factory=list)  # what the history gallery shows, by index
     selected: str | None = None  # history entry picked by the user
     running: bool = False
+    pending: bool = False  # Generate was clicked and the job waits in the queue
 
 
 @dataclass
@@ -160,16 +161,18 @@ def settings_from_inputs(prompt: Any, negative_prompt: Any, num_candidates: Any,
         temperature=temperature, seed=seed, num_images=num_images)
 
 
-def begin_job(session: SessionState) -> SessionState:
+def begin_job(session: SessionState) -> None:
     """Runs (unqueued) the moment Generate is clicked: a Stop after this point reaches the job."""
     session.stop_requested = False
-    return session
+    session.pending = True
 
 
-def request_stop(session: SessionState) -> str:
+def request_stop(session: SessionState) -> None:
+    """Runs (unqueued) while a job runs; the job itself reports where it stopped, so this writes
+    nothing to the page (two writers would race)."""
     session.stop_requested = True
-    return progress_html(0.0, "Stopping after the current decoding step…", "stopping") if session.running else \
-        progress_html(0.0, "Stop requested.", "stopping")
+    if not session.running and not session.pending:
+        gr.Info("Nothing is running; the next generation starts normally.")
 
 
 def generate_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
@@ -177,6 +180,7 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
                     clock: Callable[[], float] = time.monotonic) -> Iterator[GenerateView]:
     """Decode `settings.num_images` images of K candidates each, yielding live views; save each
     finished image as a PNG with its parameters. Stops between decoding steps on request."""
+    session.pending = False
     try:
         pipe = ctx.manager.require()
     except ValueError as err:
@@ -239,6 +243,8 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
                     yield view
             except ValueError as err:  # the engine's argument checks
                 raise fail(str(err)) from None
+            except RuntimeError as err:  # e.g. out of memory: say so instead of a bare "Error"
+                raise fail(f"generation failed on {pipe.device}: {err}") from None
             if last is None or last.kind != "done":
                 at = last.step if last is not None else 0
                 view = GenerateView(status=progress_html((i + at / steps) / n,
@@ -470,7 +476,7 @@ def reuse_last_seed(session: SessionState) -> int:
 def model_card(ctx: AppContext) -> str:
     pipe = ctx.manager.pipe
     if pipe is None:
-        return ""
+        return "_No model loaded._"
     return pipe.model_card.strip() or "_This model directory has no README.md model card._"
 
 

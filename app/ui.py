@@ -8,6 +8,7 @@ slider helpers run outside the queue so they answer while a job runs.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,8 @@ def _skip(value: Any) -> Any:
 def _banner(ctx: h.AppContext) -> str:
     m = ctx.manager
     if m.pipe is None:
-        return f'<div class="ds-banner-missing">⚠ {html.escape(m.error or "No model loaded.")}</div>'
+        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(m.error or "No model loaded.", quote=False))
+        return f'<div class="ds-banner-missing">⚠ {text}</div>'
     c = m.pipe.config
     return (f'<div class="ds-banner-ok">Model <b>{html.escape(m.name)}</b> on {m.pipe.device} · '
             f'{c.image_size}×{c.image_size} px · {c.seq_len} tokens</div>')
@@ -266,7 +268,7 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
             concurrency_id="model", api_visibility="private", show_progress="hidden")
         gen_event.then(lambda s: gr.Gallery(value=h.history_items(ctx, s)), inputs=[session], outputs=[history],
                        api_visibility="private", queue=False)
-        stop_btn.click(h.request_stop, inputs=[session], outputs=[status], queue=False, api_visibility="private")
+        stop_btn.click(h.request_stop, inputs=[session], outputs=None, queue=False, api_visibility="private")
 
         def on_steps(st, dec, kk):
             st = int(st)
@@ -293,9 +295,11 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         def send_to_generate(rec):
             if not rec:
                 raise h.fail("pick an image in the history (or drop a PNG made by the app) first")
-            record = h.ImageRecord.from_dict(rec)
             seq_len = ctx.manager.pipe.config.seq_len if ctx.manager.pipe else d["seq_len"]
-            c = h.controls_from_record(record, seq_len)
+            try:
+                c = h.controls_from_record(h.ImageRecord.from_dict(rec), seq_len)
+            except (TypeError, ValueError) as err:
+                raise h.fail(f"these parameters cannot be used: {err}") from None
             return (c["prompt"], c["negative_prompt"], c["num_candidates"],
                     gr.Slider(maximum=max(2, c["num_inference_steps"] - 1), value=c["decision_step"],
                               interactive=c["num_inference_steps"] >= 2 and c["num_candidates"] > 1),
@@ -318,6 +322,7 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
             return record.to_dict(), record.to_dict()
 
         png_in.upload(on_png, [png_in], [picked, picked_json], api_visibility="private", queue=False)
+        png_in.clear(lambda: (None, None), None, [picked, picked_json], api_visibility="private", queue=False)
 
         def history_to_search(sess):
             if not sess.selected:
@@ -403,12 +408,29 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
     return demo
 
 
+def _patient_self_check() -> None:
+    """Gradio pings its own URL after starting and refuses to run if that takes more than ~15 s;
+    on a busy CPU (a training run beside the app) the server is up but slow, so ask a few times."""
+    from gradio import networking
+
+    check = networking.url_ok
+    if getattr(check, "dream_patient", False):
+        return
+
+    def url_ok(url: str) -> bool:
+        return any(check(url) for _ in range(4))
+
+    url_ok.dream_patient = True  # type: ignore[attr-defined]
+    networking.url_ok = url_ok
+
+
 def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
                inbrowser: bool = False, prevent_thread_lock: bool = False, quiet: bool = False):
     """Launch with the app's CSS, keyboard shortcut, upload limit and the folders it may serve."""
     ctx: h.AppContext = demo.dream_context  # type: ignore[attr-defined]
     ctx.display_dir.mkdir(parents=True, exist_ok=True)
     ctx.history.root.mkdir(parents=True, exist_ok=True)
+    _patient_self_check()
     return demo.launch(
         server_name=host, server_port=port, share=share, inbrowser=inbrowser,
         prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True, ssr_mode=False,

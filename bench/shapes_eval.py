@@ -111,6 +111,7 @@ def _bar(key: tuple[str, str], value: float | None) -> str:
 
 
 def setting_label(entry: dict, steps: int) -> str:
+    """K = 1, or SAD K = 9 at step d/S with the share of tokens decided there."""
     if entry["k"] == 1:
         return "K = 1"
     d, frac = entry["decision_step"], entry["fraction_decided"]
@@ -146,7 +147,7 @@ def main_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def compare_table(rows: dict[str, dict], steps: int) -> str:
+def compare_table(rows: dict[str, dict]) -> str:
     head = ("| model | probe shape | probe colour | 1-object K = 1 | 1-object SAD K = 9 | 2-object K = 1 | "
             "2-object SAD K = 9 |")
     lines = [head, "|---|---|---|---|---|---|---|"]
@@ -251,9 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, path in compare.items():
             cpipe = load_pipeline(path, args.device, args.threads)
             out["compare"][name] = {"model": path, **evaluate(cpipe, args, {1, 2, 4}, cn)}
-        steps = next(iter(out["compare"].values()))["settings"]["num_inference_steps"]
         print(f"\n## Table 4 (toy): linear probe and faithfulness, {cn} prompts per set\n")
-        print(compare_table(out["compare"], steps))
+        print(compare_table(out["compare"]))
     out["total_seconds"] = time.perf_counter() - start
     print(f"\n(total {out['total_seconds']:.0f} s)")
     if args.json:

@@ -42,9 +42,13 @@ class TextConditionedDecoder(nn.Module):
         return [blk.cross_attn.project_kv(text) for blk in self.blocks]
 
     def forward(self, enc: EncoderOutput, text: torch.Tensor | None, text_mask: torch.Tensor | None,
-                text_kv: TextKV | None = None) -> torch.Tensor:
+                text_kv: TextKV | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """enc: encoder output for B rows; text [B, T, D] (aligned) or its cached `text_kv`;
-        text_mask bool [B, T] (True = real token). Returns z [B, L, D]."""
+        text_mask bool [B, T] (True = real token). Returns z [B, L, D], or with `positions`
+        (long [B, m], image positions) only z at those positions, [B, m, D]: the same values, but
+        the last block then runs its queries, cross-attention and MLP on the m rows alone (while
+        sampling only the tokens being decoded are needed: ~1/5 of the decoder's work at 1 token
+        per step)."""
         x = self.decoder_embed(enc.hidden)
         b, _, d = x.shape
         L, nb = self.seq_len, self.buffer_size
@@ -56,11 +60,15 @@ class TextConditionedDecoder(nn.Module):
         full.scatter_(1, target[:, :, None].expand(-1, -1, d), x[:, nb:])
         x = self.proj_ln(full[:, : nb + L] + self.pos_embed)
 
+        last = len(self.blocks) - 1 if positions is not None else -1  # config validation: depth >= 1
         for i, blk in enumerate(self.blocks):
             kv = None if text_kv is None else text_kv[i]
-            if self.grad_checkpointing and self.training:
+            if i == last:
+                x = blk.forward_at(x, positions + nb, text, text_mask, None, kv)
+            elif self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, text, text_mask, None, kv, use_reentrant=False)
             else:
                 x = blk(x, text, text_mask, None, kv)
-        x = self.norm(x)[:, nb:]
-        return x + self.diffusion_pos_embed
+        if positions is None:
+            return self.norm(x)[:, nb:] + self.diffusion_pos_embed
+        return self.norm(x) + self.diffusion_pos_embed[0][positions]  # [B, m, D]

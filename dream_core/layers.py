@@ -37,13 +37,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor:
+        """`source` (self-attention only): the full sequence that keys and values come from, when
+        `x` holds queries for just some of its positions (see `CrossAttentionBlock.forward_at`)."""
         b, n, d = x.shape
         if self.cross:
             q = self._heads(self.q(x))
             k, v = kv if kv is not None else self.project_kv(context)
-        else:
+        elif source is None:
             q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        else:
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = self._heads(F.linear(x, w[:d], None if bias is None else bias[:d]))
+            k, v = (self._heads(t) for t in F.linear(source, w[d:], None if bias is None else bias[d:]).chunk(2, dim=-1))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
@@ -86,6 +93,19 @@ class CrossAttentionBlock(nn.Module):
                 key_mask: torch.Tensor | None = None,
                 text_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.norm0(x), key_mask=key_mask)
+        x = x + self.cross_attn(self.norm1(x), context=text, key_mask=text_mask, kv=text_kv)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, text: torch.Tensor | None,
+                   text_mask: torch.Tensor | None, key_mask: torch.Tensor | None = None,
+                   text_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block's output at sequence positions `index` [B, m] only, [B, m, D]: keys and values
+        still come from every position, everything else runs on the m rows. Every op is row-wise,
+        so this equals `forward(...)` gathered at `index` (the last decoder block while sampling,
+        where only the tokens being decoded are needed)."""
+        h = self.norm0(x)
+        idx = index[:, :, None].expand(-1, -1, x.shape[-1])
+        x = torch.gather(x, 1, idx) + self.self_attn(torch.gather(h, 1, idx), key_mask=key_mask, source=h)
         x = x + self.cross_attn(self.norm1(x), context=text, key_mask=text_mask, kv=text_kv)
         return x + self.mlp(self.norm2(x))
 

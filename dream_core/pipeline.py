@@ -192,6 +192,8 @@ class DreamPipeline:
         if len(prompt) != 1:
             raise ValueError("prompt must be a single string (call once per prompt)")
         num_candidates = _check_int("num_candidates", num_candidates, 1, MAX_CANDIDATES)
+        if num_inference_steps is None:  # 64 as MAR/DREAM, or one step per token for short sequences
+            num_inference_steps = min(64, self.config.seq_len)
         num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1, self.config.seq_len)
         if decision_step is None and num_candidates > 1:
             from .sampling import default_decision_step
@@ -242,7 +244,7 @@ class DreamPipeline:
         return torch.autocast("cpu", enabled=False)
 
     def stream(self, prompt: str, num_candidates: int = 1, decision_step: int | Sequence[int] | None = None,
-               num_inference_steps: int = 64, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
+               num_inference_steps: int | None = None, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
                temperature: float = 1.0, negative_prompt: str | None = None, generator: torch.Generator | None = None,
                seed: int | None = None, head_steps: int = 100, should_stop: Callable[[], bool] | None = None
                ) -> Iterator[StepEvent]:
@@ -263,7 +265,7 @@ class DreamPipeline:
                                        temp, head_steps, should_stop=should_stop, device=self.device)
 
     def __call__(self, prompt: str, num_candidates: int = 1, decision_step: int | Sequence[int] | None = None,
-                 num_inference_steps: int = 64, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
+                 num_inference_steps: int | None = None, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
                  temperature: float = 1.0, negative_prompt: str | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None, head_steps: int = 100,
                  num_images: int = 1) -> DreamOutput:

@@ -41,6 +41,8 @@ class TextCondition:
     mask_cond: torch.Tensor  # bool [1, T]
     kv_uncond: list | None = None
     mask_uncond: torch.Tensor | None = None
+    # The last expand() result (the row count only changes at SAD decisions).
+    _expanded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, model: DreamModel, t5_hidden: torch.Tensor, t5_mask: torch.Tensor) -> "TextCondition":
@@ -54,7 +56,15 @@ class TextCondition:
         return cond
 
     def expand(self, rows: int, cfg: bool) -> tuple[list, torch.Tensor]:
-        """Keys/values and mask for a batch of `rows` candidates (doubled as [cond; uncond] with CFG)."""
+        """Keys/values and mask for a batch of `rows` candidates (doubled as [cond; uncond] with CFG).
+        Computed once per (rows, cfg) and reused while the fields stay the same objects."""
+        key = (rows, cfg, id(self.kv_cond), id(self.kv_uncond), id(self.mask_cond), id(self.mask_uncond))
+        if key not in self._expanded:
+            self._expanded.clear()
+            self._expanded[key] = self._expand(rows, cfg)
+        return self._expanded[key]
+
+    def _expand(self, rows: int, cfg: bool) -> tuple[list, torch.Tensor]:
         def rep(t: torch.Tensor, n: int) -> torch.Tensor:
             return t.expand(n, *t.shape[1:])
 
@@ -124,21 +134,21 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
     masked_after = schedule[k]
     cfg = guidance_scale != 1.0
 
-    enc = model.encoder(state.tokens, state.mask)
-    if cfg:
-        enc = EncoderOutput(torch.cat([enc.hidden, enc.hidden]), torch.cat([enc.valid, enc.valid]),
-                            torch.cat([enc.visible_index, enc.visible_index]), True)
-    kv, text_mask = text.expand(rows, cfg)
-    z = model.decode(enc, None, text_mask, text_kv=kv)  # [R or 2R, L, D]
-
     # The first `masked_after` positions of each order stay masked; the rest of the masked ones are decoded now.
     next_mask = torch.zeros_like(state.mask)
     next_mask.scatter_(1, state.orders[:, :masked_after], True)
     to_pred = state.mask & ~next_mask
     m = int(to_pred[0].sum())
     pos = to_pred.nonzero()[:, 1].view(rows, m)  # sorted positions per row
-    zz = torch.gather(z, 1, (torch.cat([pos, pos]) if cfg else pos)[:, :, None].expand(-1, -1, z.shape[-1]))
-    zz = zz.reshape(-1, z.shape[-1])
+
+    enc = model.encoder(state.tokens, state.mask)
+    if cfg:
+        enc = EncoderOutput(torch.cat([enc.hidden, enc.hidden]), torch.cat([enc.valid, enc.valid]),
+                            torch.cat([enc.visible_index, enc.visible_index]), True)
+    kv, text_mask = text.expand(rows, cfg)
+    # z only where tokens are decoded now: the decoder's last block then runs on those rows alone.
+    zz = model.decoder(enc, None, text_mask, text_kv=kv, positions=torch.cat([pos, pos]) if cfg else pos)
+    zz = zz.reshape(-1, zz.shape[-1])  # [(R or 2R) * m, D]
     noise = torch.cat([torch.randn(head_steps + 1, m, c, generator=g) for g in state.generators], dim=1)
     scale = guidance_at(guidance_scale, guidance_schedule, masked_after, seq_len)
     clip = model.config.clip_denoised or None

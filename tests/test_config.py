@@ -30,6 +30,7 @@ def test_paper_presets_match_the_official_scripts(name):
     assert (c.seq_len, c.token_dim, c.tokens_per_side, c.latent_size) == (256, 16, 16, 32)
     assert c.buffer_size == 64
     assert (c.head_depth, c.head_width, c.diffusion_batch_mul, c.num_train_timesteps) == (3, 1024, 4, 1000)
+    assert getattr(c, "clip_denoised", 0.0) == 0.0  # the official sampler: x0 is never clipped
     assert (c.clip_width, c.clip_layers, c.clip_heads, c.clip_context_length) == (512, 12, 8, 77)
     assert (c.projector_hidden, c.embed_dim) == (1024, 256)
     assert (c.aligner_depth, c.t5_max_length) == (6, 128)

@@ -233,8 +233,9 @@ def test_failure_breakdown_names_the_wrong_attribute():
     report = faithfulness.judge_images([image] * len(cases), list(cases))
     assert report.faithful == 0
     assert report.failures == {k: 1 for k in faithfulness.FAILURE_KINDS}
-    two = faithfulness.classify_failure("red object: shape circle != square, position top != left")
+    two = faithfulness.classify_failure("red object: shape circle != square, position top left != left")
     assert two == ["shape", "position"]
+    assert faithfulness.classify_failure("something else") == ["other"]
 
 
 def test_faithfulness_cli(tiny_model_dir, tmp_path):

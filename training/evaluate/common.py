@@ -407,7 +407,10 @@ def validate_generation(pipe: DreamPipeline, prompts: Sequence[str], seeds: Sequ
 
 
 def default_batch_rows(pipe: DreamPipeline) -> int:
-    return 4096 if pipe.device.type == "cuda" else 256
+    """Candidate rows decoded together: 4096 (GPU) / 256 (CPU) for 16-token models, fewer for
+    longer sequences so activations stay about the same size."""
+    budget = 65536 if pipe.device.type == "cuda" else 4096
+    return max(1, budget // pipe.config.seq_len)
 
 
 def generate(pipe: DreamPipeline, prompts: Sequence[str], seeds: Sequence[int], settings: Sequence[Setting],
@@ -417,7 +420,7 @@ def generate(pipe: DreamPipeline, prompts: Sequence[str], seeds: Sequence[int], 
 
     Args:
         seeds: per-prompt seeds; candidate k of prompt i uses seeds[i] + k (as the pipeline).
-        batch_size: prompts per batch (0 = as many as fit a row budget of 256 rows on CPU, 4096 on GPU).
+        batch_size: prompts per batch (0 = as many as fit `default_batch_rows`).
         reranker: a `dream_core.semantic_decoding.ExternalReranker`, for `Setting(rerank=True)`.
     """
     prompts = validate_generation(pipe, prompts, seeds, settings, sampler, reranker)

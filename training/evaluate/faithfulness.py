@@ -37,8 +37,8 @@ def classify_failure(reason: str) -> list[str]:
     for part in reason.split("; "):
         if part.startswith("no ") and " object" in part:
             kinds.append("color")
-        for attr in ("shape", "size", "position"):
-            if re.search(rf"\b{attr} \S+ != ", part):
+        for attr in ("shape", "size", "position"):  # values may hold spaces: "position top left != top"
+            if re.search(rf"\b{attr} [^,;]+ != ", part):
                 kinds.append(attr)
     return kinds or ["other"]
 

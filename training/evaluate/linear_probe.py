@@ -108,7 +108,10 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
         order = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            scale = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            if step < warm:
+                scale = (step + 1) / warm
+            else:
+                scale = 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
             for g in opt.param_groups:
                 g["lr"] = lr * scale
             loss = nn.functional.cross_entropy(head(x_tr[idx]), train_y[idx])
@@ -226,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in probes.items():
         print(f"linear probe {name}: val top-1 {r.val_acc:.1%} (train {r.train_acc:.1%}, best {r.best_val_acc:.1%})")
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_lines(args.out / "plot.png", next(iter(probes.values())).history_epochs, {n: r.history for n, r in probes.items()}, "epoch",
-               "validation top-1", "Linear probe on frozen DREAM encoder features")
+    plot_lines(args.out / "plot.png", next(iter(probes.values())).history_epochs,
+               {n: r.history for n, r in probes.items()}, "epoch", "validation top-1",
+               "Linear probe on frozen DREAM encoder features")
     write_json(args.out / "results.json", results)
     return results
 

@@ -1,0 +1,416 @@
+"""Decoding speed: where a generated image's time goes (issue 6).
+
+Prints markdown tables:
+  1. candidates: per-image wall time of SAD with K = 1, 2, 4, 9, 16 (decision step at ~1/8 of the
+     steps), its ratio to K = 1, the split between transformer (encoder + decoder, SAD scoring
+     included), diffusion head and the rest, FLOPs per image (torch's FlopCounterMode: matmuls and
+     attention) and the achieved FLOP/s as a share of this machine's measured fp32 matmul peak;
+  2. the decoding-steps x head-steps grid at K = 1 (steps capped at the model's token count);
+  3. (models with a VAE) latency of the app path: first candidate preview, final image; and the
+     cost of UI previews (pipeline.decode_tokens on the K partial states after every step) as a
+     share of decoding time;
+  4. (models with a VAE) peak memory (RSS) of a fresh process that loads the model and generates.
+
+Every time is the median of --repeats runs after one warm-up. The transformer/head split comes
+from timers wrapped around the model's encoder, decoder and head inside the real loop.
+
+    python bench/decode.py                        # the bundled model (assets/dream-shapes), 2 threads
+    python bench/decode.py --random-mar-size      # issue 6's 64-token 4 x 256 model, random weights
+    python bench/decode.py --random-mar-size --quick --sections candidates
+    python bench/decode.py --model runs/x/export --sections latency,previews,memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info,  # noqa: E402
+                    mar_size_config, markdown_table, matmul_peak, median, patched, peak_rss_mb,
+                    random_model, random_text, resolve_device, setup_threads, time_runs)
+
+from dream_core.model import DreamModel  # noqa: E402
+from dream_core.sampling import TextCondition, candidate_generators, default_decision_step  # noqa: E402
+from dream_core.semantic_decoding import semantic_decode  # noqa: E402
+
+SECTIONS = ("candidates", "grid", "latency", "previews", "memory")
+PROMPT = "a large red circle in the middle on a white background"
+DEFAULT_KS = (1, 2, 4, 9, 16)
+DEFAULT_STEPS = (16, 32, 64)
+DEFAULT_HEAD_STEPS = (25, 50, 100)
+APP_PREVIEW_INTERVAL = 0.125  # app/handlers.py DEFAULT_MIN_INTERVAL: at most ~8 preview updates per second
+
+
+# --------------------------------------------------------------------------- what is decoded
+
+
+@dataclass
+class Target:
+    """A model plus a way to run one generation of it (the pipeline's own path when there is one)."""
+
+    name: str
+    model: DreamModel
+    device: torch.device
+    pipe: object | None = None  # DreamPipeline
+    cfg: float = 3.0
+
+    def decode(self, k: int, steps: int, head_steps: int, seed: int = 0,
+               on_event: Callable | None = None):
+        """One generation; returns the last StepEvent. K > 1 uses SAD at the default decision step."""
+        decision = default_decision_step(steps) if k > 1 else None
+        if self.pipe is not None:
+            events = self.pipe.stream(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
+                                      guidance_scale=self.cfg, seed=seed, head_steps=head_steps)
+        else:
+            events = self._random_stream(k, steps, head_steps, seed, decision)
+        last = None
+        for last in events:
+            if on_event is not None:
+                on_event(last)
+        return last
+
+    @torch.inference_mode()
+    def _random_stream(self, k, steps, head_steps, seed, decision):
+        c = self.model.config
+        cfg = self.cfg != 1.0
+        hidden, mask = random_text(c, cfg=cfg)
+        text = TextCondition.build(self.model, hidden.to(self.device), mask.to(self.device))
+        clip_tokens = torch.randint(1, 400, (1, c.clip_context_length), generator=torch.Generator().manual_seed(seed))
+        text_emb = self.model.encode_text(clip_tokens.to(self.device)).float()
+        yield from semantic_decode(self.model, text, text_emb, candidate_generators(seed, k), steps,
+                                   [decision] if decision else [], self.cfg, "constant", 1.0, head_steps,
+                                   device=self.device)
+
+
+def load_target(args: argparse.Namespace, device: torch.device) -> Target:
+    if args.random_mar_size:
+        model = random_model(mar_size_config()).to(device)
+        return Target("random MAR-size model (64 tokens x 16 ch, encoder/decoder 4 x 256, head 3 x 256)",
+                      model, device, cfg=args.cfg)
+    from dream_core.pipeline import DreamPipeline, default_model_dir
+
+    path = Path(args.model) if args.model else default_model_dir()
+    if not path.is_dir():
+        raise ValueError(f"model directory {path} does not exist (train it with `make model`, pass --model DIR, "
+                         "or use --random-mar-size)")
+    pipe = DreamPipeline.from_pretrained(path, device=device)
+    c = pipe.config
+    name = (f"{path} ({c.seq_len} tokens x {c.token_dim} ch, encoder/decoder {c.encoder_depth}+{c.decoder_depth} "
+            f"x {c.width}, head {c.head_depth} x {c.head_width})")
+    return Target(name, pipe.model, device, pipe=pipe, cfg=args.cfg)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Timing:
+    seconds: float  # median per image
+    runs: list[float]
+    transformer: float  # of the median run
+    head: float
+    flops: float | None
+
+
+def measure(target: Target, k: int, steps: int, head_steps: int, args: argparse.Namespace) -> Timing:
+    """Median wall time of a generation, with the transformer/head split of the median run."""
+    model = target.model
+    sw = Stopwatch(args.clock, target.device)
+    splits: list[tuple[float, float]] = []
+
+    def run() -> None:
+        sw.reset()
+        target.decode(k, steps, head_steps, seed=args.seed)
+        splits.append((sw.totals["encoder"] + sw.totals["decoder"], sw.totals["head"]))
+
+    if target.device.type == "cuda":
+        # The timers synchronise the GPU, which would distort the headline time: split separately.
+        runs = time_runs(run, args.repeats, warmup=1, clock=args.clock, device=target.device)
+        with _timers(model, sw):
+            run()
+        split = splits[-1]
+    else:
+        with _timers(model, sw):
+            runs = time_runs(run, args.repeats, warmup=1, clock=args.clock, device=target.device)
+        med = median(runs)
+        split = splits[1:][min(range(len(runs)), key=lambda j: abs(runs[j] - med))]
+    med = median(runs)
+    flops = None if args.no_flops else count_flops(lambda: target.decode(k, steps, head_steps, seed=args.seed))
+    return Timing(med, runs, split[0], split[1], flops)
+
+
+class _timers:
+    """Wrap the encoder's and decoder's forward and the head's sample with stopwatch regions."""
+
+    def __init__(self, model: DreamModel, sw: Stopwatch) -> None:
+        self.items = [(model.encoder, "forward", "encoder"), (model.decoder, "forward", "decoder"),
+                      (model.head, "sample", "head")]
+        self.sw, self.ctx = sw, []
+
+    def __enter__(self):
+        for obj, attr, label in self.items:
+            ctx = patched(obj, attr, self.sw.wrap(getattr(obj, attr), label))
+            ctx.__enter__()
+            self.ctx.append(ctx)
+        return self
+
+    def __exit__(self, *exc):
+        for ctx in reversed(self.ctx):
+            ctx.__exit__(*exc)
+        self.ctx.clear()
+
+
+def timing_row(t: Timing, peak: float, base: float | None = None) -> list[str]:
+    other = max(0.0, t.seconds - t.transformer - t.head)
+    share = (lambda x: f"{fmt_s(x)} ({100 * x / t.seconds:.0f} %)")
+    row = [fmt_s(t.seconds)]
+    if base is not None:
+        row.append(f"{t.seconds / base:.2f}x")
+    row += [share(t.transformer), share(t.head), share(other)]
+    if t.flops is None:
+        row += ["-", "-", "-"]
+    else:
+        rate = t.flops / t.seconds
+        row += [fmt_flops(t.flops), f"{rate / 1e9:.1f} G", f"{100 * rate / peak:.1f} %"]
+    return row
+
+
+SPLIT_HEADERS = ["transformer", "head", "other"]
+FLOP_HEADERS = ["FLOPs / image", "FLOP/s", "of peak"]
+
+
+def candidates_section(target: Target, args: argparse.Namespace, peak: float) -> str:
+    L = target.model.config.seq_len
+    steps = min(args.candidate_steps or L, L)
+    rows, base = [], None
+    for k in args.ks:
+        t = measure(target, k, steps, args.candidate_head_steps, args)
+        base = base or t.seconds
+        decision = f"{default_decision_step(steps)}/{steps}" if k > 1 else "-"
+        rows.append([str(k), decision, str(steps), str(args.candidate_head_steps)] + timing_row(t, peak, base))
+        print(f"  K={k}: {fmt_s(t.seconds)} (runs {', '.join(f'{r:.3f}' for r in t.runs)})", file=sys.stderr, flush=True)
+    headers = ["K", "decision", "steps", "head steps", "per image", "vs K=1"] + SPLIT_HEADERS + FLOP_HEADERS
+    return "## Candidates (SAD, decision step ~1/8 of the steps)\n\n" + markdown_table(headers, rows)
+
+
+def grid_section(target: Target, args: argparse.Namespace, peak: float) -> str:
+    L = target.model.config.seq_len
+    steps_list = sorted({min(s, L) for s in args.steps})
+    rows = []
+    for steps in steps_list:
+        for hs in args.head_steps:
+            t = measure(target, 1, steps, hs, args)
+            rows.append([str(steps), str(hs)] + timing_row(t, peak))
+            print(f"  steps={steps} head={hs}: {fmt_s(t.seconds)}", file=sys.stderr, flush=True)
+    headers = ["steps", "head steps", "per image"] + SPLIT_HEADERS + FLOP_HEADERS
+    return "## Decoding steps x head steps (K = 1)\n\n" + markdown_table(headers, rows)
+
+
+def latency_section(target: Target, args: argparse.Namespace) -> str:
+    """The app path: time to the first candidate preview (first event + its VAE decode) and to the
+    final image (pipe(...) end to end: T5, decoding, VAE)."""
+    pipe = target.pipe
+    if pipe is None:
+        return "## Latency\n\n(needs a model directory with a VAE; skipped for the random model)"
+    steps, hs = min(args.app_steps, pipe.config.seq_len), args.app_head_steps
+    rows = []
+    for k in args.latency_ks:
+        decision = default_decision_step(steps) if k > 1 else None
+        firsts, finals = [], []
+        for r in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            stream = pipe.stream(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
+                                 guidance_scale=target.cfg, seed=args.seed + r, head_steps=hs)
+            first = next(stream)
+            pipe.decode_tokens(first.tokens)
+            t1 = time.perf_counter()
+            for _ in stream:
+                pass
+            del stream
+            t2 = time.perf_counter()
+            pipe(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
+                 guidance_scale=target.cfg, seed=args.seed + r, head_steps=hs)
+            t3 = time.perf_counter()
+            if r:  # the first round is the warm-up
+                firsts.append(t1 - t0)
+                finals.append(t3 - t2)
+        rows.append([str(k), f"{decision}/{steps}" if decision else "-", str(steps), str(hs),
+                     fmt_s(median(firsts)), fmt_s(median(finals))])
+    headers = ["K", "decision", "steps", "head steps", "first candidate preview", "final image (pipe(...))"]
+    return ("## Latency of the app path (wall clock, T5 + decoding + VAE)\n\n" + markdown_table(headers, rows))
+
+
+def previews_section(target: Target, args: argparse.Namespace) -> str:
+    """UI previews: decode the K partial states to pixels (pipeline.decode_tokens), either after
+    every step or with the app's throttle (first, decision and last events, otherwise at most one
+    every `APP_PREVIEW_INTERVAL` s); their total time as a share of the same generation's decoding."""
+    pipe = target.pipe
+    if pipe is None:
+        return "## Previews\n\n(needs a model directory with a VAE; skipped for the random model)"
+    steps, hs = min(args.app_steps, pipe.config.seq_len), args.app_head_steps
+    rows = []
+    for k in args.latency_ks:
+        for policy in ("every step", f"app throttle ({APP_PREVIEW_INTERVAL} s)"):
+            shares, per_call, decode_times, counts = [], [], [], []
+            for r in range(args.repeats + 1):
+                preview, calls, last = 0.0, 0, -1e9
+
+                def on_event(ev) -> None:
+                    nonlocal preview, calls, last
+                    t = time.perf_counter()
+                    key = ev.kind in ("decision", "done") or calls == 0
+                    if policy != "every step" and not key and t - last < APP_PREVIEW_INTERVAL:
+                        return
+                    last = t
+                    pipe.decode_tokens(ev.tokens)
+                    preview += time.perf_counter() - t
+                    calls += 1
+
+                t0 = time.perf_counter()
+                target.decode(k, steps, hs, seed=args.seed + r, on_event=on_event)
+                total = time.perf_counter() - t0
+                if r:
+                    decode_times.append(total - preview)
+                    shares.append(preview / (total - preview))
+                    per_call.append(preview / calls)
+                    counts.append(calls)
+            rows.append([str(k), str(steps), str(hs), policy, fmt_s(median(decode_times)), str(int(median(counts))),
+                         fmt_s(median(per_call)), f"{100 * median(shares):.1f} %"])
+    headers = ["K", "steps", "head steps", "previews", "decoding (without previews)", "previews",
+               "one preview (K images)", "previews / decoding"]
+    return "## UI previews (pipeline.decode_tokens on the K partial states)\n\n" + markdown_table(headers, rows)
+
+
+def memory_section(target: Target, args: argparse.Namespace) -> str:
+    """Peak RSS of a fresh process that loads the model and generates once at the app settings."""
+    if target.pipe is None:
+        return "## Memory\n\n(needs a model directory; skipped for the random model)"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", "--model", str(target.pipe.path),
+           "--threads", str(args.threads), "--app-steps", str(args.app_steps), "--app-head-steps",
+           str(args.app_head_steps), "--device", str(target.device)]
+    rows = []
+    for k in args.latency_ks:
+        out = subprocess.run(cmd + ["--ks", str(k)], capture_output=True, text=True, check=True, cwd=ROOT)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append([str(k), f"{res['after_import']:.0f} MB", f"{res['after_load']:.0f} MB",
+                     f"{res['after_generate']:.0f} MB"])
+    headers = ["K", "peak RSS after imports", "after loading the model", "after generating"]
+    return "## Peak memory of a fresh process (resource.getrusage ru_maxrss)\n\n" + markdown_table(headers, rows)
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    report = {"after_import": peak_rss_mb()}
+    from dream_core.pipeline import DreamPipeline
+
+    pipe = DreamPipeline.from_pretrained(args.model, device=args.device)
+    report["after_load"] = peak_rss_mb()
+    k = args.ks[0]
+    steps = min(args.app_steps, pipe.config.seq_len)
+    pipe(PROMPT, num_candidates=k, decision_step=default_decision_step(steps) if k > 1 else None,
+         num_inference_steps=steps, head_steps=args.app_head_steps, seed=0)
+    report["after_generate"] = peak_rss_mb()
+    print(json.dumps(report))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
+    src.add_argument("--random-mar-size", action="store_true", help="issue 6's 64-token 4 x 256 model, random weights")
+    ap.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} "
+                    "(default: all that apply to the model)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median), after 1 warm-up")
+    ap.add_argument("--clock", default="wall", choices=CLOCKS,
+                    help="wall (report this) or process CPU time (rough comparisons on a busy machine, 1 thread)")
+    ap.add_argument("--cfg", type=float, default=3.0, help="CFG scale (constant schedule)")
+    ap.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="candidate counts of section 1")
+    ap.add_argument("--candidate-steps", type=int, default=0, help="decoding steps of section 1 (0 = one token per step)")
+    ap.add_argument("--candidate-head-steps", type=int, default=100)
+    ap.add_argument("--steps", type=_ints, default=list(DEFAULT_STEPS), help="decoding steps of the grid")
+    ap.add_argument("--head-steps", type=_ints, default=list(DEFAULT_HEAD_STEPS), help="head steps of the grid")
+    ap.add_argument("--app-steps", type=int, default=16, help="decoding steps of the latency/preview/memory sections")
+    ap.add_argument("--app-head-steps", type=int, default=100)
+    ap.add_argument("--latency-ks", type=_ints, default=[1, 9], help="candidate counts of the latency sections")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
+    ap.add_argument("--quick", action="store_true", help="1 timed run, K in 1 and 9, a 2 x 2 grid")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+        args.ks = [k for k in args.ks if k in (1, 9)] or args.ks[:2]
+        args.steps = sorted({min(args.steps), max(args.steps)})
+        args.head_steps = sorted({min(args.head_steps), max(args.head_steps)})
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.memory_child:
+        memory_child(args)
+        return
+    target = load_target(args, device)
+    if args.sections:
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        bad = [s for s in sections if s not in SECTIONS]
+        if bad:
+            raise ValueError(f"unknown --sections {bad}; choose from {', '.join(SECTIONS)}")
+    else:
+        sections = list(SECTIONS) if target.pipe is not None else ["candidates", "grid"]
+    peak = matmul_peak(device)
+    c = target.model.config
+    print("# DREAM decoding benchmark\n")
+    print(f"- model: {target.name}, {sum(p.numel() for p in target.model.parameters()) / 1e6:.2f} M parameters")
+    print(f"- machine: {machine_info(device)}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3)")
+    print(f"- CFG {args.cfg} constant, temperature 1, median of {args.repeats} after 1 warm-up, clock {args.clock}; "
+          f"{c.seq_len} tokens")
+    print(f"- command: python bench/decode.py {' '.join(argv if argv is not None else sys.argv[1:])}\n", flush=True)
+    for name in sections:
+        t = time.perf_counter()
+        if name == "candidates":
+            text = candidates_section(target, args, peak)
+        elif name == "grid":
+            text = grid_section(target, args, peak)
+        elif name == "latency":
+            text = latency_section(target, args)
+        elif name == "previews":
+            text = previews_section(target, args)
+        else:
+            text = memory_section(target, args)
+        print(text + f"\n\n({name}: {time.perf_counter() - t:.0f} s to measure)\n", flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
