@@ -473,7 +473,7 @@ def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, ext
     outputs = []
     for p in procs:
         try:
-            text, _ = p.communicate(timeout=400)
+            text, _ = p.communicate(timeout=1500)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
@@ -529,7 +529,7 @@ def test_kill_and_resume_continues_the_same_run(data, tmp_path):
     victim = subprocess.Popen(cmd(run_out, tmp_path / "rep_run", "--pause-in-save-at", "5"), env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 1500
         while not (tmp_path / "rep_run" / "paused").exists():
             assert victim.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "the run never reached step 5"
@@ -546,10 +546,10 @@ def test_kill_and_resume_continues_the_same_run(data, tmp_path):
 
     export = tmp_path / "exported"
     resumed = subprocess.run(cmd(run_out, tmp_path / "rep_res") + ["--export", str(export)], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=400)
+                             capture_output=True, text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
-    text, _ = ref.communicate(timeout=400)
+    text, _ = ref.communicate(timeout=1500)
     assert ref.returncode == 0, text[-3000:]
 
     ref_rows, run_rows = read_log(ref_out / "log.csv"), read_log(run_out / "log.csv")
