@@ -10,6 +10,7 @@ wall time the same code would take on an idle machine; it is never what a table 
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -71,7 +72,10 @@ def machine_info(device: torch.device | str = "cpu") -> str:
                     break
         except OSError:
             pass
-    return f"torch {torch.__version__}, {device.type}: {what}"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average %.2f / %.2f / %.2f (1 / 5 / 15 min)" % os.getloadavg()
+    return f"torch {torch.__version__}, {device.type}: {what}{load}"
 
 
 # --------------------------------------------------------------------------- clocks and timing

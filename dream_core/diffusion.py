@@ -17,6 +17,7 @@ does not depend on x_t (see `DiffusionHead.sample`), which matters because the h
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -26,6 +27,9 @@ from torch.utils.checkpoint import checkpoint
 
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT/MAR
 LN_EPS = 1e-6
+# The C bindings behind F.linear / F.silu(inplace=True), called directly in the sampling loop.
+_linear = torch._C._nn.linear
+_silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: F.silu(t, inplace=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,23 +166,28 @@ class DiffusionMLP(nn.Module):
         out = F.linear(silu_y, *fused)
         return out.unflatten(-1, (3 * self.depth + 2, self.width))
 
-    def trunk_premodulated(self, h: torch.Tensor, mods: Sequence[torch.Tensor]) -> torch.Tensor:
+    def premodulated_weights(self) -> tuple[tuple[tuple[torch.Tensor, ...], ...], tuple[torch.Tensor, torch.Tensor]]:
+        """The trunk's weights as plain tensors, fetched once per sampling call: nn.Module
+        attribute lookups cost about as much as a small op, and the loop would do ~20 per step."""
+        blocks = tuple((b.in_ln.weight, b.in_ln.bias, b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias)
+                       for b in self.res_blocks)
+        return blocks, (self.final_layer.linear.weight, self.final_layer.linear.bias)
+
+    def trunk_premodulated(self, h: torch.Tensor, mods: Sequence[torch.Tensor], weights: tuple | None = None) -> torch.Tensor:
         """`_trunk` with input_proj already applied and the adaLN vectors given (inference only).
 
-        Uses fused / in-place ops to keep the per-step op count low; equal to `_trunk` up to
-        float rounding (tested).
+        Uses fused / in-place ops and the C bindings directly (no Python wrappers) to keep the
+        per-step cost low; `weights` is `premodulated_weights()`, fetched here when not given.
+        Equal to `_trunk` up to float rounding (tested).
         """
-        w = self.width
-        for k, block in enumerate(self.res_blocks):
-            shift, scale1, gate = mods[3 * k], mods[3 * k + 1], mods[3 * k + 2]
-            a = F.layer_norm(h, (w,), block.in_ln.weight, block.in_ln.bias, LN_EPS)
-            a = torch.addcmul(shift, a, scale1)
-            a = F.silu(F.linear(a, block.mlp[0].weight, block.mlp[0].bias), inplace=True)
-            a = F.linear(a, block.mlp[2].weight, block.mlp[2].bias)
-            h = h.addcmul_(gate, a)
-        shift, scale1 = mods[3 * self.depth], mods[3 * self.depth + 1]
-        a = torch.addcmul(shift, F.layer_norm(h, (w,), None, None, LN_EPS), scale1)
-        return F.linear(a, self.final_layer.linear.weight, self.final_layer.linear.bias)
+        blocks, (w_out, b_out) = weights if weights is not None else self.premodulated_weights()
+        shape = (self.width,)
+        for k, (ln_w, ln_b, w1, b1, w2, b2) in enumerate(blocks):
+            a = torch.addcmul(mods[3 * k], torch.layer_norm(h, shape, ln_w, ln_b, LN_EPS), mods[3 * k + 1])
+            a = _linear(_silu_(_linear(a, w1, b1)), w2, b2)
+            h = h.addcmul_(mods[3 * k + 2], a)
+        a = torch.addcmul(mods[3 * self.depth], torch.layer_norm(h, shape, None, None, LN_EPS), mods[3 * self.depth + 1])
+        return _linear(a, w_out, b_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,6 +361,9 @@ class DiffusionHead(nn.Module):
 
     # Upper bound (bytes) for the precomputed adaLN vectors of a chunk of sampling steps.
     modulation_chunk_bytes: int = 64 * 2**20
+    # GPU only, off by default: replay sampling from captured CUDA graphs (`_sample_graphed`).
+    cuda_graphs: bool = False
+    max_cuda_graphs: int = 16
 
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int,
                  num_train_steps: int = 1000, batch_mul: int = 4):
@@ -360,6 +372,7 @@ class DiffusionHead(nn.Module):
         self.net = DiffusionMLP(token_dim, cond_dim, width, depth)
         self.train_diffusion = GaussianDiffusion(num_train_steps)
         self._samplers: dict[int, dict] = {}
+        self._graphs: OrderedDict = OrderedDict()
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -417,15 +430,28 @@ class DiffusionHead(nn.Module):
         y = t_emb + cond_emb in a few large matmuls; the loop then runs only the
         x-dependent MLPs and a handful of elementwise ops. Nothing is cached across calls except
         the schedule, so weight updates are always seen.
+
+        With `cuda_graphs` set and z on a CUDA device, the whole reverse process is replayed from
+        a captured CUDA graph (see `_sample_graphed`); the arithmetic is the same.
         """
         net = self.net
         steps = noise.shape[0] - 1
         n, c = noise.shape[1], noise.shape[2]
         if steps < 1 or c != net.token_dim:
             raise ValueError(f"noise must be [S+1, N, {net.token_dim}] with S >= 1, got {tuple(noise.shape)}")
-        cfg = z.shape[0] == 2 * n
-        if not cfg and z.shape[0] != n:
+        if z.shape[0] not in (n, 2 * n):
             raise ValueError(f"z has {z.shape[0]} rows, expected {n} or {2 * n}")
+        if self.cuda_graphs and z.is_cuda:
+            return self._sample_graphed(z, noise, guidance_scale, temperature, clip_denoised)
+        return self._sample_loop(z, noise, guidance_scale, temperature, clip_denoised)
+
+    def _sample_loop(self, z: torch.Tensor, noise: torch.Tensor, guidance_scale: float | torch.Tensor,
+                     temperature: float, clip_denoised: float | None) -> torch.Tensor:
+        """The sampler itself (inputs already validated by `sample`)."""
+        net = self.net
+        steps = noise.shape[0] - 1
+        n, c = noise.shape[1], noise.shape[2]
+        cfg = z.shape[0] == 2 * n
         sched = self._sampler(steps)
         dtype = net.input_proj.weight.dtype
         device = z.device
@@ -447,22 +473,26 @@ class DiffusionHead(nn.Module):
         per_step_bytes = m * n_mod * net.width * cond.element_size()
         chunk = max(1, min(steps, self.modulation_chunk_bytes // max(per_step_bytes, 1)))
         w_in, b_in = net.input_proj.weight, net.input_proj.bias
+        weights = net.premodulated_weights()
         a_s, b_s, p_s, q_s = sched["a"], sched["b"], sched["p"], sched["q"]
         c1_s, c2_s, sra_s, srm1_s = sched["c1"], sched["c2"], sched["sra"], sched["srm1"]
 
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             y = F.silu(cond[None] + t_emb[start:stop, None])  # [s, M, W]
-            # [s, n_mod, M, W] contiguous, so each step unbinds into contiguous [M, W] vectors
-            mods = net.modulations(y, fused).transpose(1, 2).contiguous()
+            # [s, M, n_mod, W] as the matmul writes it (no transposed copy): each step unbinds
+            # into [M, W] vectors with a row stride of n_mod * W, which elementwise ops take as is.
+            mods = net.modulations(y, fused)
             for j in range(stop - start):
                 i = start + j  # reverse step index; respaced t = steps - 1 - i
-                h = F.linear(x, w_in, b_in)
+                h = _linear(x, w_in, b_in)
                 if cfg:
                     h = torch.cat([h, h])
-                out = net.trunk_premodulated(h, mods[j].unbind(0))
+                out = net.trunk_premodulated(h, mods[j].unbind(1), weights)
                 if cfg:
-                    eps = torch.lerp(out[n:, :c], out[:n, :c], guidance_scale)
+                    # A tensor weight must match the (possibly autocast) output dtype; .to is free otherwise.
+                    g = guidance_scale if isinstance(guidance_scale, float) else guidance_scale.to(out.dtype)
+                    eps = torch.lerp(out[n:, :c], out[:n, :c], g)
                 else:
                     eps = out[:, :c]
                 if clip_denoised is None:
@@ -475,3 +505,51 @@ class DiffusionHead(nn.Module):
                     x_next.addcmul_(std, injected[i])
                 x = x_next
         return x
+
+    def _sample_graphed(self, z: torch.Tensor, noise: torch.Tensor, guidance_scale: float | torch.Tensor,
+                        temperature: float, clip_denoised: float | None) -> torch.Tensor:
+        """`_sample_loop` replayed from a CUDA graph: on a GPU the head's ~40 small kernels per
+        reverse step are launch-bound, a graph launches the whole process at once.
+
+        One graph per (shapes, dtypes, temperature, clip, autocast state), kept in an LRU of
+        `max_cuda_graphs`; the inputs (z, noise and the guidance scale, held as a tensor so the
+        linear CFG schedule reuses the graph) are copied into its static buffers. Weights are read
+        from their storage at every replay, so in-place updates are seen; call
+        `reset_cuda_graphs()` after moving or re-assigning parameters.
+        """
+        device = z.device
+        scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device).reshape(-1, 1)
+        amp, amp_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        key = (tuple(z.shape), z.dtype, tuple(noise.shape), noise.dtype, tuple(scale.shape), str(device),
+               float(temperature), clip_denoised, amp, amp_dtype)
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            static = {"z": z.clone(), "noise": noise.to(device).clone(), "scale": scale.clone()}
+
+            def body() -> torch.Tensor:
+                # Autocast's weight cache must be off while capturing.
+                with torch.autocast("cuda", dtype=amp_dtype, enabled=amp, cache_enabled=False):
+                    return self._sample_loop(static["z"], static["noise"], static["scale"], temperature, clip_denoised)
+
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                body()  # warm-up outside the capture (lazy initialisation, allocator)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static["out"] = body()
+            entry = (graph, static)
+            while len(self._graphs) >= max(1, self.max_cuda_graphs):
+                self._graphs.popitem(last=False)
+        self._graphs[key] = entry
+        graph, static = entry
+        static["z"].copy_(z)
+        static["noise"].copy_(noise)
+        static["scale"].copy_(scale)
+        graph.replay()
+        return static["out"].clone()
+
+    def reset_cuda_graphs(self) -> None:
+        """Drop the captured sampling graphs (and their memory)."""
+        self._graphs.clear()

@@ -288,3 +288,21 @@ def test_encoder_output_for_cfg_is_shared():
         once: EncoderOutput = model.encoder(tokens, mask)
         doubled: EncoderOutput = model.encoder(torch.cat([tokens, tokens]), torch.cat([mask, mask]))
     torch.testing.assert_close(doubled.hidden, torch.cat([once.hidden, once.hidden]), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_graph_flag_is_a_no_op_on_cpu_and_tensor_guidance_matches():
+    """The CUDA-graph path feeds the sampler the guidance scale as a tensor; on the CPU the flag
+    changes nothing. (The capture itself needs a GPU.)"""
+    model = random_model(small_config())
+    head = model.head
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, model.config.width, generator=g)
+    noise = torch.randn(11, 3, model.config.token_dim, generator=g)
+    ref = head.sample(z, noise, guidance_scale=2.5, temperature=0.8)
+    head.cuda_graphs = True
+    try:
+        assert torch.equal(head.sample(z, noise, guidance_scale=2.5, temperature=0.8), ref)
+    finally:
+        head.cuda_graphs = False
+    as_tensor = head.sample(z, noise, guidance_scale=torch.tensor([[2.5]]), temperature=0.8)
+    torch.testing.assert_close(as_tensor, ref, rtol=1e-6, atol=1e-6)

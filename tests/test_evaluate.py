@@ -141,6 +141,15 @@ def test_encoder_features_are_deterministic(tiny_pipe):
     assert a.shape == (2, tiny_pipe.config.width)
     torch.testing.assert_close(a, b.flip(0), atol=1e-5, rtol=1e-5)  # VAE mean, no sampling
     assert not torch.allclose(a[0], a[1])
+    c = tiny_pipe.config
+    assert linear_probe.encoder_features(tiny_pipe, images, pool="concat").shape == (2, c.seq_len * c.width)
+    buf = linear_probe.encoder_features(tiny_pipe, images, pool="buffer")
+    img = linear_probe.encoder_features(tiny_pipe, images, pool="image")
+    # `all` is the token-count-weighted mean of the buffer and image means.
+    torch.testing.assert_close(a, (c.buffer_size * buf + c.seq_len * img) / (c.buffer_size + c.seq_len),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        linear_probe.encoder_features(tiny_pipe, images, pool="cls")
 
 
 def test_linear_probe_cli_shapes(tiny_model_dir, tmp_path):

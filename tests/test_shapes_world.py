@@ -353,17 +353,6 @@ def test_fallback_labelling_matches_bfs():
                 assert m == n
 
 
-def test_read_image_is_fast(rendered):
-    import time
-
-    imgs = [img for _, img in rendered[:300]]
-    t0 = time.perf_counter()
-    for img in imgs:
-        read_image(img)
-    per_image = (time.perf_counter() - t0) / len(imgs)
-    assert per_image < 0.005, f"read_image took {per_image * 1e3:.2f} ms per image"
-
-
 def test_dataset_is_worker_and_rank_aware(monkeypatch):
     torch = pytest.importorskip("torch")
 

@@ -31,15 +31,34 @@ from .common import (EVAL_SEED, STREAM_PROBE_TRAIN, STREAM_PROBE_VAL, add_model_
 SHAPES_ATTRIBUTES = ("shape", "color", "size", "position", "background")
 
 
+POOLING = ("all", "buffer", "image", "concat")
+
+
 @torch.inference_mode()
-def encoder_features(pipe: DreamPipeline, images: Sequence, batch_size: int = 256) -> torch.Tensor:
-    """Frozen features [N, width]: mean of the normed encoder output over buffer + image tokens."""
+def encoder_features(pipe: DreamPipeline, images: Sequence, batch_size: int = 256, pool: str = "all") -> torch.Tensor:
+    """Frozen features from the normed encoder output: `all` (default) the mean over buffer + image
+    tokens, the feature the contrastive loss and SAD use; `buffer` / `image` the mean over those
+    tokens only (the official probe's options); `concat` every image token side by side
+    [N, L * width], a diagnostic that keeps where things are."""
+    if pool not in POOLING:
+        raise ValueError(f"pool must be one of {POOLING}, got {pool!r}")
     feats = []
+    nb = pipe.config.buffer_size
     for i in range(0, len(images), batch_size):
         tokens = image_tokens(pipe, images[i:i + batch_size], batch_size)
         mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         with pipe._autocast():
-            feats.append(pipe.model.encoder(tokens, mask).pooled().float().cpu())
+            enc = pipe.model.encoder(tokens, mask)
+        hidden = enc.hidden.float()  # [B, buffer + L, width], no padding (nothing is masked)
+        if pool == "all":
+            f = enc.pooled().float()
+        elif pool == "buffer":
+            f = hidden[:, :nb].mean(1)
+        elif pool == "image":
+            f = hidden[:, nb:].mean(1)
+        else:
+            f = hidden[:, nb:].flatten(1)
+        feats.append(f.cpu())
     return torch.cat(feats)
 
 
@@ -155,10 +174,11 @@ def shapes_labels(scenes: Sequence, attribute: str) -> tuple[torch.Tensor, list[
 
 
 def probe_shapes(pipe: DreamPipeline, attributes: Sequence[str] = ("shape", "color"), n_train: int = 2000,
-                 n_val: int = 1000, seed: int = EVAL_SEED, epochs: int = 100, lr: float = 1e-3) -> dict[str, ProbeResult]:
+                 n_val: int = 1000, seed: int = EVAL_SEED, epochs: int = 100, lr: float = 1e-3,
+                 pool: str = "all") -> dict[str, ProbeResult]:
     """One probe per attribute on the same cached features (issue 4, metric 4)."""
     (tr_images, tr_scenes), (va_images, va_scenes) = shapes_probe_data(n_train, n_val, seed)
-    tr_x, va_x = encoder_features(pipe, tr_images), encoder_features(pipe, va_images)
+    tr_x, va_x = encoder_features(pipe, tr_images, pool=pool), encoder_features(pipe, va_images, pool=pool)
     out = {}
     for attr in attributes:
         tr_y, classes = shapes_labels(tr_scenes, attr)
@@ -167,7 +187,8 @@ def probe_shapes(pipe: DreamPipeline, attributes: Sequence[str] = ("shape", "col
     return out
 
 
-def probe_folder(pipe: DreamPipeline, root: Path, epochs: int = 100, lr: float = 1e-3) -> tuple[ProbeResult, dict]:
+def probe_folder(pipe: DreamPipeline, root: Path, epochs: int = 100, lr: float = 1e-3,
+                 pool: str = "all") -> tuple[ProbeResult, dict]:
     root = Path(root)
     tr_paths, tr_labels, classes = image_folder(root / "train")
     va_paths, va_labels, _ = image_folder(root / "val", classes)
@@ -177,8 +198,8 @@ def probe_folder(pipe: DreamPipeline, root: Path, epochs: int = 100, lr: float =
     va_keep = [i for i in range(len(va_images)) if va_images[i] is not None]
     if len(tr_keep) < 2 or not va_keep:
         raise ValueError(f"{root} has too few readable images (train {len(tr_keep)}, val {len(va_keep)})")
-    tr_x = encoder_features(pipe, [tr_images[i] for i in tr_keep])
-    va_x = encoder_features(pipe, [va_images[i] for i in va_keep])
+    tr_x = encoder_features(pipe, [tr_images[i] for i in tr_keep], pool=pool)
+    va_x = encoder_features(pipe, [va_images[i] for i in va_keep], pool=pool)
     result = train_probe(tr_x, torch.tensor([tr_labels[i] for i in tr_keep]), va_x,
                          torch.tensor([va_labels[i] for i in va_keep]), len(classes), epochs=epochs, lr=lr)
     info = {"classes": classes, "train_images": len(tr_keep), "val_images": len(va_keep),
@@ -201,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the rendered probe sets")
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pool", default="all", choices=POOLING,
+                    help="token pooling: all (buffer + image, default), buffer, image, concat (diagnostic)")
     ap.add_argument("--quick", action="store_true", help="200 / 100 images, 20 epochs (smoke runs)")
     return ap.parse_args(argv)
 
@@ -210,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.n_train, args.n_val, args.epochs = min(args.n_train, 200), min(args.n_val, 100), min(args.epochs, 20)
     pipe = load_pipeline(args.model, args.device, args.threads)
-    results: dict = {"meta": run_metadata(pipe, args)}
+    results: dict = {"meta": run_metadata(pipe, args), "pool": args.pool}
     if args.shapes:
         attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
         for a in attributes:
@@ -218,11 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError(f"--attributes: unknown attribute {a!r}; choose from {SHAPES_ATTRIBUTES}")
         if args.n_train < 2 or args.n_val < 1:
             raise ValueError("--n-train must be >= 2 and --n-val >= 1")
-        probes = probe_shapes(pipe, attributes, args.n_train, args.n_val, args.seed, args.epochs, args.lr)
+        probes = probe_shapes(pipe, attributes, args.n_train, args.n_val, args.seed, args.epochs, args.lr, args.pool)
         results["probes"] = {a: r.to_dict() for a, r in probes.items()}
         results["data"] = {"source": "shapes", "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed}
     else:
-        result, info = probe_folder(pipe, args.data, args.epochs, args.lr)
+        result, info = probe_folder(pipe, args.data, args.epochs, args.lr, args.pool)
         probes = {"label": result}
         results["probes"] = {"label": result.to_dict()}
         results["data"] = {"source": str(args.data), **info}
