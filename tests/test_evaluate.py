@@ -346,6 +346,7 @@ def _bench_module():
     return module
 
 
+@pytest.mark.slow
 def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
     bench = _bench_module()
     out = tmp_path / "table.json"
