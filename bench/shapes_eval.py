@@ -5,10 +5,13 @@ The evaluation set is FIXED and seeded with its own seed, 20261123 (`--eval-seed
 nothing that tunes anything (tests, training, hyper-parameter choices use other seeds):
 numpy SeedSequence([20261123, k]) with k = 1 one-object prompts (distinct fully specified
 captions of the 2,160), 2 two-object prompts, 3 reverse-search renders, 4 / 5 probe train / val
-renders. Prompt i is generated with seed 20261123 + 64 i (its K candidates: + 0 .. K-1).
+renders, and [20261123, 9, objects] the jitter of the VAE-ceiling renders. Prompt i is generated
+with seed 20261123 + 64 i (its K candidates: + 0 .. K-1).
 
 1. one-object faithfulness (exact judge), K = 1 and SAD K = 9 at the decision step nearest 1/8
-   of the steps, and also at the step where about 1/4 of the tokens are decided;
+   of the steps, and also at the step where about 1/4 of the tokens are decided; plus the VAE
+   ceiling: jittered renders of the same prompts through the VAE and back, judged the same way
+   (no generator can beat what its VAE can reproduce);
 2. two-object faithfulness, same settings;
 3. reverse search: fresh jittered renders -> rank of the true full caption among the 2,160 of
    the bank (top-1, top-5);
@@ -31,18 +34,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.sampling import default_decision_step  # noqa: E402
+from training.data.shapes_world import render  # noqa: E402
 from training.evaluate.common import (EVAL_SEED, STREAM_SEARCH, SamplerSettings, Setting,  # noqa: E402
                                       decision_step_for_fraction, generate, load_pipeline, prompt_seeds,
-                                      rendered_scenes, write_json)
+                                      rendered_scenes, scene_from_caption, vae_round_trip, write_json)
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.linear_probe import probe_shapes  # noqa: E402
 
 SAD_K = 9
+STREAM_CEILING = 9  # sub-stream of the jitter of the VAE-ceiling renders
 BARS = {  # issue 4's bars for the shipped model
     ("1-object", "K=1"): 0.80, ("1-object", "sad_eighth"): 0.95,
     ("2-object", "K=1"): 0.50, ("2-object", "sad_eighth"): 0.75,
@@ -63,6 +69,10 @@ def faithfulness_section(pipe, objects: int, n: int, sampler: SamplerSettings, e
     prompts = prompt_set(objects, n, eval_seed)
     run = generate(pipe, prompts, prompt_seeds(n, eval_seed), list(named.values()), sampler, batch_size, progress=True)
     out = {"n": n, "generation_seconds": run.seconds, "row_steps": run.row_steps, "settings": {}}
+    # The ceiling: jittered renders of the very prompts through the VAE and back, judged the same way.
+    rng = np.random.default_rng(np.random.SeedSequence([eval_seed, STREAM_CEILING, objects]))
+    renders = [render(scene_from_caption(p), rng) for p in prompts]
+    out["vae_ceiling"] = judge_images(vae_round_trip(pipe, renders), prompts).summary(examples=5, prompts=prompts)
     for name, s in named.items():
         report = judge_images(run.results[s].images, prompts)
         out["settings"][name] = {
@@ -133,6 +143,10 @@ def main_table(res: dict) -> str:
                 label += " [about 1/4 of the tokens decided]"
             lines.append(f"| {num} | {key} faithfulness | {label} | {_pct(entry['rate'])} "
                          f"({entry['faithful']}/{entry['n']}) | {_bar((key, name), entry['rate'])} |")
+        if "vae_ceiling" in sec:
+            c = sec["vae_ceiling"]
+            lines.append(f"| {num} | {key} faithfulness | ceiling: renders of the prompts through the VAE and back | "
+                         f"{_pct(c['rate'])} ({c['faithful']}/{c['n']}) | - |")
     if res.get("search"):
         s = res["search"]
         where = f"{s['n']} fresh renders vs the {s['bank_size']} full captions"

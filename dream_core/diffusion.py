@@ -474,35 +474,39 @@ class DiffusionHead(nn.Module):
         chunk = max(1, min(steps, self.modulation_chunk_bytes // max(per_step_bytes, 1)))
         w_in, b_in = net.input_proj.weight, net.input_proj.bias
         weights = net.premodulated_weights()
-        a_s, b_s, p_s, q_s = sched["a"], sched["b"], sched["p"], sched["q"]
+        a_s, b_s = sched["a"], sched["b"]
         c1_s, c2_s, sra_s, srm1_s = sched["c1"], sched["c2"], sched["sra"], sched["srm1"]
+        # Per-step tensors as tuples of views, so the loop indexes Python tuples, not tensors.
+        p_t = torch.tensor(sched["p"], dtype=dtype, device=device).unbind(0)
+        q_t = torch.tensor(sched["q"], dtype=dtype, device=device).unbind(0)
+        inj = injected.unbind(0)
 
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
             y = F.silu(cond[None] + t_emb[start:stop, None])  # [s, M, W]
             # [s, M, n_mod, W] as the matmul writes it (no transposed copy): each step unbinds
             # into [M, W] vectors with a row stride of n_mod * W, which elementwise ops take as is.
-            mods = net.modulations(y, fused)
+            mods = net.modulations(y, fused).unbind(0)
             for j in range(stop - start):
                 i = start + j  # reverse step index; respaced t = steps - 1 - i
                 h = _linear(x, w_in, b_in)
                 if cfg:
                     h = torch.cat([h, h])
                 out = net.trunk_premodulated(h, mods[j].unbind(1), weights)
+                eps, v = out.split(c, dim=1)  # [M, C] each: predicted noise, variance interpolation
                 if cfg:
+                    eps_c, eps_u = eps.split(n)
                     # A tensor weight must match the (possibly autocast) output dtype; .to is free otherwise.
                     g = guidance_scale if isinstance(guidance_scale, float) else guidance_scale.to(out.dtype)
-                    eps = torch.lerp(out[n:, :c], out[:n, :c], g)
-                else:
-                    eps = out[:, :c]
+                    eps = torch.lerp(eps_u, eps_c, g)
+                    v = v[:n]  # the conditional half's
                 if clip_denoised is None:
                     x_next = (x * a_s[i]).sub_(eps, alpha=b_s[i])
                 else:
                     x0 = (x * sra_s[i]).sub_(eps, alpha=srm1_s[i]).clamp_(-clip_denoised, clip_denoised)
                     x_next = (x * c2_s[i]).add_(x0, alpha=c1_s[i])
-                if i < steps - 1:  # no noise at t = 0
-                    std = out[:n, c:].mul(q_s[i]).add_(p_s[i]).exp_()
-                    x_next.addcmul_(std, injected[i])
+                if i < steps - 1:  # no noise at t = 0; std = exp(p + q v)
+                    x_next.addcmul_(torch.addcmul(p_t[i], v, q_t[i]).exp_(), inj[i])
                 x = x_next
         return x
 

@@ -261,6 +261,16 @@ def rendered_scenes(n: int, seed: int, stream: int, num_objects: int | None = 1)
     return images, scenes
 
 
+def scene_from_caption(text: str):
+    """The scene a fully specified caption describes (for renders of the prompts themselves)."""
+    from training.data.shapes_world import Scene, ShapeObject, parse_caption
+
+    spec = parse_caption(text)
+    if spec.background is None or any(o.size is None or o.position is None for o in spec.objects):
+        raise ValueError(f"caption {text!r} is not fully specified")
+    return Scene(spec.background, tuple(ShapeObject(o.color, o.shape, o.size, o.position) for o in spec.objects))
+
+
 def prompt_seeds(n: int, base: int = EVAL_SEED) -> list[int]:
     """Per-prompt seeds: prompt i uses base + 64 i, so its candidates (seed + k, k < 64) never
     share a seed with another prompt's."""
@@ -333,6 +343,15 @@ def image_tokens(pipe: DreamPipeline, images: Sequence[Image.Image], batch_size:
         with pipe._autocast():
             out.append(pipe.image_tokenizer.encode(x, sample=False).float())
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def vae_round_trip(pipe: DreamPipeline, images: Sequence[Image.Image], batch_size: int = 256) -> list[Image.Image]:
+    """Images through the VAE and back (posterior mean): what a perfect DREAM could at best produce."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out += pipe.decode_tokens(image_tokens(pipe, images[i:i + batch_size], batch_size))
+    return out
 
 
 # --------------------------------------------------------------------------- generation
