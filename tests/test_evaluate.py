@@ -33,10 +33,7 @@ def read_results(out: Path) -> dict:
     return data
 
 
-def scene_of(caption: str, background: str = "white") -> Scene:
-    spec = parse_caption(caption)
-    objects = tuple(ShapeObject(o.color, o.shape, o.size, o.position) for o in spec.objects)
-    return Scene(spec.background or background, objects)
+scene_of = common.scene_from_caption
 
 
 # --------------------------------------------------------------------------- prompt sets and helpers
@@ -56,6 +53,21 @@ def test_eval_prompt_sets_are_fixed_fully_specified_and_distinct():
     assert one_object_prompts(20, seed=1) != one_object_prompts(20)
     seeds = prompt_seeds(3, 100)
     assert seeds == [100, 164, 228]  # 64 candidates per prompt never overlap
+
+
+def test_scene_from_caption_round_trip():
+    text = "a small red circle at the top left and a large blue square at the bottom right on a gray background"
+    scene = common.scene_from_caption(text)
+    assert scene == Scene("gray", (ShapeObject("red", "circle", "small", "top left"),
+                                   ShapeObject("blue", "square", "large", "bottom right")))
+    with pytest.raises(ValueError, match="not fully specified"):
+        common.scene_from_caption("a red circle")
+
+
+def test_vae_round_trip_gives_one_image_per_input(tiny_pipe):
+    images = [render(scene_of(p)) for p in one_object_prompts(3)]
+    out = common.vae_round_trip(tiny_pipe, images)
+    assert len(out) == 3 and all(im.size == (32, 32) and im.mode == "RGB" for im in out)
 
 
 def test_decision_step_for_fraction():
@@ -304,6 +316,21 @@ def test_fid_missing_weights_named_before_generation(tiny_model_dir, tmp_path, m
     assert not (tmp_path / "fid").exists()
 
 
+def test_fid_rejects_a_wrong_weights_file_without_unpickling(tmp_path):
+    from safetensors.torch import save_file
+
+    bogus = tmp_path / "inception.safetensors"
+    save_file({"x": torch.zeros(2)}, str(bogus))
+    load = torch.load
+    with pytest.raises(ValueError, match="does not hold torch-fidelity's Inception-v3 weights"):
+        fid_clip.build_fid(bogus)
+    assert torch.load is load  # the temporary hand-over of the state dict is always undone
+    pickled = tmp_path / "inception.pth"
+    pickled.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ValueError, match="not a tensors-only state dict"):
+        fid_clip.load_state_dict_file(pickled)
+
+
 def test_dist_info_and_strided_split():
     assert dist_info({}) == common.DistInfo(0, 1, 0)
     assert dist_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == common.DistInfo(3, 4, 1)
@@ -346,7 +373,6 @@ def _bench_module():
     return module
 
 
-@pytest.mark.slow
 def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
     bench = _bench_module()
     out = tmp_path / "table.json"
@@ -358,11 +384,12 @@ def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
     main = data["main"]
     assert main["settings"]["sad_steps"] == {"sad_eighth": 1, "sad_quarter": 2}  # 4 steps of 16 tokens
     assert set(main["1-object"]["settings"]) == {"K=1", "sad_eighth", "sad_quarter"}
+    assert main["1-object"]["vae_ceiling"]["n"] == 3 and 0 <= main["2-object"]["vae_ceiling"]["rate"] <= 1
     assert main["2-object"]["n"] == 3 and main["search"]["n"] == 6 and main["search"]["bank_size"] == 2160
     assert 0 <= main["search"]["top1"] <= main["search"]["top5"] <= 1
     assert set(data["compare"]["tiny"]) >= {"1-object", "2-object", "probe"}
     printed = capsys.readouterr().out
-    assert "| 3 | reverse search top-1 |" in printed and "| tiny |" in printed
+    assert "| 3 | reverse search top-1 |" in printed and "| tiny |" in printed and "ceiling" in printed
     assert res["main"]["probe"]["shape"]["val_acc"] == main["probe"]["shape"]["val_acc"]
 
 
