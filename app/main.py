@@ -40,6 +40,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def address(host: str, port: int) -> str:
+    """The URL to open: a wildcard bind is reached through 127.0.0.1; IPv6 hosts get brackets."""
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def free_port() -> int:
     import socket
 
@@ -66,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model: {ctx.manager.name} ({ctx.manager.path}) on {ctx.manager.pipe.device}", flush=True)
     print(f"images are saved in {ctx.history.root}", flush=True)
     port = args.port or free_port()
-    _, local_url, share_url = launch_app(demo, host=args.host, port=port, share=args.share,
-                                         inbrowser=args.inbrowser, prevent_thread_lock=True, quiet=True)
-    shown = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}/"
-    print(f"DREAM Studio running at {shown}" + (f" (bound to {args.host})" if shown.find(args.host) < 0 else ""),
+    _, _, share_url = launch_app(demo, host=args.host, port=port, share=args.share, inbrowser=args.inbrowser,
+                                 prevent_thread_lock=True, quiet=True)
+    print(f"DREAM Studio running at {address(args.host, port)}"
+          + ("" if args.host not in ("0.0.0.0", "::") else f" (listening on all interfaces, {args.host})"),
           flush=True)
     if share_url:
         print(f"public share link: {share_url}", flush=True)

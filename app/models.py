@@ -54,7 +54,7 @@ def discover_models(dirs: list[Path]) -> dict[str, Path]:
 
 def missing_model_message(path: Path) -> str:
     return (f"No model is loaded: the model directory {path} does not exist yet. The bundled model "
-            f"is trained with `make model`; meanwhile start the app with `python launch.py --model DIR`, "
+            f"is trained with 'make model'; meanwhile start the app with 'python launch.py --model DIR', "
             f"or put a model directory into one of the models folders and pick it in the Model tab.")
 
 

@@ -35,6 +35,7 @@ CSS = """
 .ds-banner-ok { color: var(--body-text-color-subdued, #6b7280); }
 #ds-generate { min-height: 44px; }
 .ds-heading p { margin: 0 0 -4px 2px; font-size: 0.92em; }
+#ds-search-img img, #ds-png-in img { width: 100%; height: 100%; object-fit: contain; }
 """
 
 # Ctrl+Enter (Cmd+Enter) in the Generate controls clicks Generate; multi-line prompts keep Enter for newlines.
@@ -51,18 +52,22 @@ document.addEventListener('keydown', function (e) {
 """
 
 
-class CheckedImage(gr.Image):
-    """gr.Image whose upload step turns unreadable files into a clear message instead of a
-    PIL traceback (the size and pixel checks happen again in the handlers)."""
+def CheckedImage(**kwargs) -> gr.Image:  # noqa: N802 - reads like the component it returns
+    """gr.Image whose upload step turns unreadable files into a clear message instead of a PIL
+    traceback (sizes and pixels are checked again in the handlers). The instance's preprocess is
+    wrapped rather than subclassed: a Component subclass makes Gradio write a .pyi beside us."""
+    image = gr.Image(**kwargs)
+    preprocess = image.preprocess
 
-    is_template = True  # rendered by the ordinary Image front end
-
-    def preprocess(self, payload):  # type: ignore[override]
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
             name = getattr(payload, "orig_name", None) or "the file"
             raise h.fail(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
+
+    image.preprocess = checked  # type: ignore[method-assign]
+    return image
 
 
 def _skip(value: Any) -> Any:
@@ -72,7 +77,7 @@ def _skip(value: Any) -> Any:
 def _banner(ctx: h.AppContext) -> str:
     m = ctx.manager
     if m.pipe is None:
-        text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(m.error or "No model loaded.", quote=False))
+        text = re.sub(r"'([^']+)'", r"<code>\1</code>", html.escape(m.error or "No model loaded.", quote=False))
         return f'<div class="ds-banner-missing">⚠ {text}</div>'
     c = m.pipe.config
     return (f'<div class="ds-banner-ok">Model <b>{html.escape(m.name)}</b> on {m.pipe.device} · '
@@ -178,19 +183,21 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                             send_btn = gr.Button("Send to Generate", variant="primary", size="sm")
                             to_search_btn = gr.Button("Search captions for this image", size="sm")
                     with gr.Column(scale=2):
-                        picked_json = gr.JSON(label="Parameters of the selected image", elem_id="ds-picked")
-                        png_in = CheckedImage(label="Drop a PNG made by DREAM Studio to read its parameters",
-                                              type="filepath", sources=["upload", "clipboard"], height=200,
-                                              elem_id="ds-png-in", elem_classes="pixelated")
+                        picked_json = gr.JSON(label="Parameters of the selected (or dropped) image",
+                                              elem_id="ds-picked")
+                        gr.Markdown("**Drop a PNG made by DREAM Studio** to read its parameters",
+                                    elem_classes="ds-heading")
+                        png_in = CheckedImage(show_label=False, type="filepath", sources=["upload", "clipboard"],
+                                              height=200, elem_id="ds-png-in", elem_classes="pixelated")
                         send_png_btn = gr.Button("Send these parameters to Generate", size="sm")
 
             # ---------------- Reverse search ----------------
             with gr.Tab("Reverse search", id="search"):
                 with gr.Row():
                     with gr.Column(scale=2):
-                        search_img = CheckedImage(label="Image (upload, paste, or pick one in History)",
-                                                  type="filepath", sources=["upload", "clipboard"], height=300,
-                                                  elem_id="ds-search-img", elem_classes="pixelated")
+                        gr.Markdown("**Image**: upload, paste, or pick one in History", elem_classes="ds-heading")
+                        search_img = CheckedImage(show_label=False, type="filepath", sources=["upload", "clipboard"],
+                                                  height=300, elem_id="ds-search-img", elem_classes="pixelated")
                         mode = gr.Radio([(h.SEARCH_MODE_LABELS[m], m) for m in h.SEARCH_MODES], value=h.SEARCH_BANK,
                                         label="Search in")
                         caption_file = gr.File(label="Caption bank: a .txt file, one caption per line",
@@ -210,8 +217,10 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                 names = list(ctx.manager.choices())
                 dirs = ", ".join(f"`{p}`" for p in ctx.manager.models_dirs)
                 with gr.Row():
+                    found = f"model directories found in {dirs}" if names else \
+                        f"no model directory found yet in {dirs} (one holds config.json and model.safetensors)"
                     model_dd = gr.Dropdown(names, value=ctx.manager.name if ctx.manager.name in names else None,
-                                           label="Model", info=f"model directories found in {dirs}", scale=3)
+                                           label="Model", info=found, scale=3, elem_id="ds-model-dd")
                     with gr.Column(scale=1, min_width=160):
                         load_btn = gr.Button("Load", variant="primary")
                         rescan_btn = gr.Button("Rescan folders", size="sm")
@@ -394,9 +403,10 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         def on_load(sess):
             dd = h.default_controls(ctx)
             names = list(ctx.manager.choices())
-            return (_banner(ctx), gr.Slider(maximum=dd["seq_len"], value=dd["steps"]),
-                    gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]),
-                    h.decision_info(dd["steps"], dd["decision"], dd["seq_len"], 4),
+            same = dd["seq_len"] == d["seq_len"]  # the controls built with the page still fit the model
+            return (_banner(ctx), gr.skip() if same else gr.Slider(maximum=dd["seq_len"], value=dd["steps"]),
+                    gr.skip() if same else gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]),
+                    gr.skip() if same else h.decision_info(dd["steps"], dd["decision"], dd["seq_len"], 4),
                     gr.Dropdown(choices=names, value=ctx.manager.name if ctx.manager.name in names else None),
                     ctx.manager.info_markdown(), h.model_card(ctx), h.history_items(ctx, sess))
 

@@ -190,7 +190,16 @@ def count_flops(fn: Callable[[], object]) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far, in MB: /proc/self/status VmHWM on Linux
+    (ru_maxrss of a child process starts at its parent's peak, inherited across fork + exec),
+    else resource.getrusage's ru_maxrss (Linux reports KiB, macOS bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024
     return peak * scale / 2**20

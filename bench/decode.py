@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info,  # noqa: E402
-                    mar_size_config, markdown_table, matmul_peak, median, patched, peak_rss_mb,
+                    mar_size_config, markdown_table, matmul_peak, median, patched,
                     random_model, random_text, resolve_device, setup_threads, time_runs)
 
 from dream_core.model import DreamModel  # noqa: E402
@@ -290,35 +290,60 @@ def previews_section(target: Target, args: argparse.Namespace) -> str:
     return "## UI previews (pipeline.decode_tokens on the K partial states)\n\n" + markdown_table(headers, rows)
 
 
+# A fresh interpreter that imports only what the app needs, loads the model and generates once.
+MEMORY_CHILD = r"""
+import json, resource, sys
+def peak():  # MB. VmHWM where there is /proc: ru_maxrss of a child carries its parent's peak across fork + exec
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**20
+model, k, steps, head_steps, threads, device = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+out = {"start": peak()}
+import torch
+if threads:
+    torch.set_num_threads(threads)
+out["import torch"] = peak()
+from dream_core.pipeline import DreamPipeline
+from dream_core.sampling import default_decision_step
+out["import dream_core.pipeline"] = peak()
+try:
+    import gradio  # noqa: F401  (the app's UI library: part of the app process)
+    out["import gradio"] = peak()
+except ImportError:
+    pass
+pipe = DreamPipeline.from_pretrained(model, device=device)
+out["load the model"] = peak()
+steps = min(steps, pipe.config.seq_len)
+pipe("a large red circle in the middle on a white background", num_candidates=k,
+     decision_step=default_decision_step(steps) if k > 1 else None, num_inference_steps=steps,
+     head_steps=head_steps, seed=0)
+out["generate one image"] = peak()
+print(json.dumps(out))
+"""
+
+
 def memory_section(target: Target, args: argparse.Namespace) -> str:
-    """Peak RSS of a fresh process that loads the model and generates once at the app settings."""
+    """Peak RSS of a fresh process that imports the engine, loads the model and generates once at
+    the app settings, after each of those stages. Read from /proc/self/status VmHWM (Linux):
+    resource.getrusage's ru_maxrss would report this (parent) process's peak, which a child
+    inherits across fork + exec; elsewhere ru_maxrss is used."""
     if target.pipe is None:
         return "## Memory\n\n(needs a model directory; skipped for the random model)"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", "--model", str(target.pipe.path),
-           "--threads", str(args.threads), "--app-steps", str(args.app_steps), "--app-head-steps",
-           str(args.app_head_steps), "--device", str(target.device)]
-    rows = []
+    rows, stages = [], None
     for k in args.latency_ks:
-        out = subprocess.run(cmd + ["--ks", str(k)], capture_output=True, text=True, check=True, cwd=ROOT)
+        cmd = [sys.executable, "-c", MEMORY_CHILD, str(target.pipe.path), str(k), str(args.app_steps),
+               str(args.app_head_steps), str(args.threads), str(target.device)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         res = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append([str(k), f"{res['after_import']:.0f} MB", f"{res['after_load']:.0f} MB",
-                     f"{res['after_generate']:.0f} MB"])
-    headers = ["K", "peak RSS after imports", "after loading the model", "after generating"]
-    return "## Peak memory of a fresh process (resource.getrusage ru_maxrss)\n\n" + markdown_table(headers, rows)
-
-
-def memory_child(args: argparse.Namespace) -> None:
-    report = {"after_import": peak_rss_mb()}
-    from dream_core.pipeline import DreamPipeline
-
-    pipe = DreamPipeline.from_pretrained(args.model, device=args.device)
-    report["after_load"] = peak_rss_mb()
-    k = args.ks[0]
-    steps = min(args.app_steps, pipe.config.seq_len)
-    pipe(PROMPT, num_candidates=k, decision_step=default_decision_step(steps) if k > 1 else None,
-         num_inference_steps=steps, head_steps=args.app_head_steps, seed=0)
-    report["after_generate"] = peak_rss_mb()
-    print(json.dumps(report))
+        stages = [s for s in res if s != "start"]
+        rows.append([str(k)] + [f"{res[s]:.0f} MB" for s in stages])
+    headers = ["K"] + [f"after: {s}" for s in stages]
+    return ("## Peak memory (RSS) of a fresh process: import, load the model, generate one image\n\n"
+            + markdown_table(headers, rows))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -358,7 +383,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
     ap.add_argument("--quick", action="store_true", help="1 timed run, K in 1 and 9, a 2 x 2 grid")
-    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = 1
@@ -374,9 +398,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_threads(args.threads)
     device = resolve_device(args.device)
-    if args.memory_child:
-        memory_child(args)
-        return
     target = load_target(args, device)
     if args.sections:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +31,20 @@ LN_EPS = 1e-6
 # The C bindings behind F.linear / F.silu(inplace=True), called directly in the sampling loop.
 _linear = torch._C._nn.linear
 _silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: F.silu(t, inplace=True))
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block on n intra-op threads (0 = leave as is), restoring the count after."""
+    if n <= 0:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +376,12 @@ class DiffusionHead(nn.Module):
 
     # Upper bound (bytes) for the precomputed adaLN vectors of a chunk of sampling steps.
     modulation_chunk_bytes: int = 64 * 2**20
+    # CPU: the reverse loop's ops act on a few rows, where a second thread costs a fork/join per op
+    # (and stalls whenever another process holds a core) instead of helping: up to this many
+    # rows (z rows, CFG included) the loop runs on `loop_threads` threads; the precomputation
+    # (large matmuls) keeps them all. 0 disables.
+    loop_threads: int = 1
+    loop_threads_max_rows: int = 64
     # GPU only, off by default: replay sampling from captured CUDA graphs (`_sample_graphed`).
     cuda_graphs: bool = False
     max_cuda_graphs: int = 16
@@ -474,12 +495,13 @@ class DiffusionHead(nn.Module):
         chunk = max(1, min(steps, self.modulation_chunk_bytes // max(per_step_bytes, 1)))
         w_in, b_in = net.input_proj.weight, net.input_proj.bias
         weights = net.premodulated_weights()
-        a_s, b_s = sched["a"], sched["b"]
-        c1_s, c2_s, sra_s, srm1_s = sched["c1"], sched["c2"], sched["sra"], sched["srm1"]
         # Per-step tensors as tuples of views, so the loop indexes Python tuples, not tensors.
         p_t = torch.tensor(sched["p"], dtype=dtype, device=device).unbind(0)
         q_t = torch.tensor(sched["q"], dtype=dtype, device=device).unbind(0)
         inj = injected.unbind(0)
+        few_rows = device.type == "cpu" and 0 < self.loop_threads < torch.get_num_threads() and m <= self.loop_threads_max_rows
+        a_s, b_s = sched["a"], sched["b"]
+        c1_s, c2_s, sra_s, srm1_s = sched["c1"], sched["c2"], sched["sra"], sched["srm1"]
 
         for start in range(0, steps, chunk):
             stop = min(steps, start + chunk)
@@ -487,27 +509,28 @@ class DiffusionHead(nn.Module):
             # [s, M, n_mod, W] as the matmul writes it (no transposed copy): each step unbinds
             # into [M, W] vectors with a row stride of n_mod * W, which elementwise ops take as is.
             mods = net.modulations(y, fused).unbind(0)
-            for j in range(stop - start):
-                i = start + j  # reverse step index; respaced t = steps - 1 - i
-                h = _linear(x, w_in, b_in)
-                if cfg:
-                    h = torch.cat([h, h])
-                out = net.trunk_premodulated(h, mods[j].unbind(1), weights)
-                eps, v = out.split(c, dim=1)  # [M, C] each: predicted noise, variance interpolation
-                if cfg:
-                    eps_c, eps_u = eps.split(n)
-                    # A tensor weight must match the (possibly autocast) output dtype; .to is free otherwise.
-                    g = guidance_scale if isinstance(guidance_scale, float) else guidance_scale.to(out.dtype)
-                    eps = torch.lerp(eps_u, eps_c, g)
-                    v = v[:n]  # the conditional half's
-                if clip_denoised is None:
-                    x_next = (x * a_s[i]).sub_(eps, alpha=b_s[i])
-                else:
-                    x0 = (x * sra_s[i]).sub_(eps, alpha=srm1_s[i]).clamp_(-clip_denoised, clip_denoised)
-                    x_next = (x * c2_s[i]).add_(x0, alpha=c1_s[i])
-                if i < steps - 1:  # no noise at t = 0; std = exp(p + q v)
-                    x_next.addcmul_(torch.addcmul(p_t[i], v, q_t[i]).exp_(), inj[i])
-                x = x_next
+            with intra_op_threads(self.loop_threads if few_rows else 0):
+                for j in range(stop - start):
+                    i = start + j  # reverse step index; respaced t = steps - 1 - i
+                    h = _linear(x, w_in, b_in)
+                    if cfg:
+                        h = torch.cat([h, h])
+                    out = net.trunk_premodulated(h, mods[j].unbind(1), weights)
+                    eps, v = out.split(c, dim=1)  # [M, C] each: predicted noise, variance interpolation
+                    if cfg:
+                        eps_c, eps_u = eps.split(n)
+                        # A tensor weight must match the (possibly autocast) output dtype; .to is free otherwise.
+                        g = guidance_scale if isinstance(guidance_scale, float) else guidance_scale.to(out.dtype)
+                        eps = torch.lerp(eps_u, eps_c, g)
+                        v = v[:n]  # the conditional half's
+                    if clip_denoised is None:
+                        x_next = (x * a_s[i]).sub_(eps, alpha=b_s[i])
+                    else:
+                        x0 = (x * sra_s[i]).sub_(eps, alpha=srm1_s[i]).clamp_(-clip_denoised, clip_denoised)
+                        x_next = (x * c2_s[i]).add_(x0, alpha=c1_s[i])
+                    if i < steps - 1:  # no noise at t = 0; std = exp(p + q v)
+                        x_next.addcmul_(torch.addcmul(p_t[i], v, q_t[i]).exp_(), inj[i])
+                    x = x_next
         return x
 
     def _sample_graphed(self, z: torch.Tensor, noise: torch.Tensor, guidance_scale: float | torch.Tensor,

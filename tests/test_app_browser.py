@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -117,8 +117,6 @@ def set_number(page, label: str, value: int) -> None:
 def open_app(page, url: str) -> None:
     page.goto(url)
     page.locator("#ds-prompt textarea").wait_for()
-    # the page-load event fills the model panel; wait for it so it cannot overwrite what we type
-    page.locator("#ds-model-info", has_text="DREAM total").wait_for(state="attached")
 
 
 def test_generate_shows_candidates_scores_and_final_image(page, served):
@@ -141,14 +139,14 @@ def test_generate_shows_candidates_scores_and_final_image(page, served):
     expect(page.locator("#ds-scores img")).to_be_visible()
     expect(page.locator("#ds-final img")).to_be_visible()
     expect(page.locator("#ds-infotext textarea")).to_have_value(
-        __import__("re").compile(r"Candidates: 4, Decision step: 2 .*Candidate scores: "))
+        re.compile(r"Candidates: 4, Decision step: 2 .*Candidate scores: "))
     page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
 
     # the download is the PNG with its parameters
-    href = page.locator("#ds-download").get_attribute("href") or page.locator("#ds-download a").get_attribute("href")
-    body = page.request.get(href if href.startswith("http") else url.rstrip("/") + href).body()
+    with page.expect_download() as download:
+        page.locator("#ds-download").click()
     saved = ARTIFACTS / "downloaded.png"
-    saved.write_bytes(body)
+    download.value.save_as(saved)
     from PIL import Image
 
     record = json.loads(Image.open(saved).text[PARAMS_KEY])
@@ -174,17 +172,61 @@ def test_ctrl_enter_generates_and_history_sends_settings_back(page, served):
     page.locator("#ds-history img").first.click()
     expect(page.locator("#ds-picked")).to_contain_text("a small blue square at the top left")
     page.screenshot(path=str(ARTIFACTS / "history.png"), full_page=True)
-    page.locator("#ds-prompt textarea").evaluate("e => e.value = ''")
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#ds-prompt textarea").fill("")
+    page.get_by_role("tab", name="History").click()
     page.get_by_role("button", name="Send to Generate", exact=True).click()
     expect(page.locator("#ds-prompt textarea")).to_have_value("a small blue square at the top left")
     expect(page.get_by_label("Random seed")).not_to_be_checked()
+
+
+def test_dropping_an_app_png_reads_its_parameters(page, served, tmp_path):
+    from playwright.sync_api import expect
+    from PIL import Image
+
+    from app.images import save_png
+    from app.params import GenerationSettings, ImageRecord
+
+    url, _ = served
+    settings = GenerationSettings("a green triangle on the right", seed=77, num_candidates=2,
+                                  num_inference_steps=4, decision_step=1).validated(16)
+    record = ImageRecord.build(settings, 77, 1, [0.1, 0.2], "tiny", (32, 32), 16)
+    png = save_png(Image.new("RGB", (32, 32), (0, 160, 0)), tmp_path / "made-by-app.png", record)
+    open_app(page, url)
+    page.get_by_role("tab", name="History").click()
+    page.locator("#ds-png-in input[type=file]").set_input_files(str(png))
+    expect(page.locator("#ds-picked")).to_contain_text("a green triangle on the right")
+    page.screenshot(path=str(ARTIFACTS / "png-info.png"), full_page=True)
+    page.get_by_role("button", name="Send these parameters to Generate").click()
+    expect(page.locator("#ds-prompt textarea")).to_have_value("a green triangle on the right")
+    expect(page.locator("input[aria-label='number input for Candidates (K)']")).to_have_value("2")
+
+
+def test_missing_model_is_explained(app_dirs, page, tmp_path):
+    from playwright.sync_api import expect
+
+    manager = ModelManager(tmp_path / "dream-shapes", models_dirs=[tmp_path / "models"], device="cpu").load_initial()
+    demo = build_app(context=AppContext(manager, History(app_dirs / "nomodel"), display_dir=app_dirs / "nm-display"))
+    _, url, _ = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        open_app(page, url)
+        expect(page.locator(".ds-banner-missing")).to_contain_text("does not exist yet")
+        page.locator("#ds-prompt textarea").fill("a red circle")
+        page.locator("#ds-generate").click()
+        expect(page.get_by_text("No model is loaded").last).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "no-model.png"), full_page=True)
+        page.get_by_role("tab", name="Model").click()
+        expect(page.locator("#ds-model-info")).to_contain_text("No model loaded")
+        page.screenshot(path=str(ARTIFACTS / "no-model-panel.png"), full_page=True)
+    finally:
+        demo.close()
 
 
 def test_reverse_search_lists_captions(page, served, tmp_path):
     from playwright.sync_api import expect
     from PIL import Image
 
-    url, _ = served
+    url, ctx = served
     img = tmp_path / "query.png"
     Image.new("RGB", (32, 32), (230, 40, 40)).save(img)
     open_app(page, url)
@@ -194,6 +236,32 @@ def test_reverse_search_lists_captions(page, served, tmp_path):
     page.locator("#ds-search").click()
     expect(page.locator("#ds-results")).to_contain_text("on a white background", timeout=TIMEOUT_MS)
     page.screenshot(path=str(ARTIFACTS / "search.png"), full_page=True)
+    page.get_by_role("button", name="Use the best caption as the prompt").click()
+    best = ctx.manager.pipe.search(Image.open(img), top_k=1)[0][0]
+    expect(page.locator("#ds-prompt textarea")).to_have_value(best)
+
+
+def test_switching_models_from_the_list(app_dirs, tiny_pipe, tiny_model_dir, page, tmp_path):
+    from playwright.sync_api import expect
+
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny-b")
+    manager = ModelManager(tiny_model_dir, models_dirs=[tmp_path / "models"], device="cpu",
+                           loader=lambda path, device: tiny_pipe).load_initial()
+    demo = build_app(context=AppContext(manager, History(app_dirs / "switch"), display_dir=app_dirs / "sw-display"))
+    _, url, _ = launch_app(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        open_app(page, url)
+        page.get_by_role("tab", name="Model").click()
+        expect(page.locator("#ds-model-info")).to_contain_text(f"{tiny_model_dir.name} on cpu")
+        page.locator("#ds-model-dd input").click()
+        page.get_by_role("option", name="tiny-b").click()
+        page.get_by_role("button", name="Load", exact=True).click()
+        expect(page.locator("#ds-model-info")).to_contain_text("tiny-b on cpu")
+        assert manager.name == "tiny-b"
+        page.screenshot(path=str(ARTIFACTS / "model.png"), full_page=True)
+    finally:
+        demo.close()
 
 
 def test_stop_interrupts_a_running_generation(app_dirs, tiny_pipe, tiny_model_dir, page):

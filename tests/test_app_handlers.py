@@ -14,7 +14,7 @@ from app import handlers as h
 from app.history import History
 from app.images import (COLORS, Tile, candidate_grid, grid_columns, mark_undecided, open_checked, read_record,
                         render_tile, save_png, score_chart, upscale)
-from app.main import is_loopback, parse_args
+from app.main import address, is_loopback, parse_args
 from app.models import ModelManager, discover_models, missing_model_message
 from app.params import INFOTEXT_KEY, PARAMS_KEY, GenerationSettings, ImageRecord, parse_infotext
 
@@ -88,6 +88,14 @@ def test_png_keeps_parameters_in_text_chunks(tmp_path):
     assert im.text[INFOTEXT_KEY] == rec.infotext()
     assert read_record(path) == rec
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_unicode_prompts_survive_the_png(tmp_path):
+    s = GenerationSettings("un cercle rouge — 赤い円", seed=3, **FAST).validated(16)
+    rec = ImageRecord.build(s, 3, 0, [0.5, 0.1, 0.2], "tiny", (32, 32), 16)
+    path = save_png(Image.new("RGB", (32, 32)), tmp_path / "u.png", rec)
+    assert read_record(path).prompt == "un cercle rouge — 赤い円"
+    assert Image.open(path).text[INFOTEXT_KEY].startswith("un cercle rouge — 赤い円\n")
 
 
 def test_read_record_fallbacks_and_refusals(tmp_path):
@@ -381,3 +389,5 @@ def test_cli_defaults_bind_loopback(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--model", str(tmp_path / "missing")])
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+    assert (address("127.0.0.1", 7860), address("0.0.0.0", 80), address("::1", 7860)) == \
+        ("http://127.0.0.1:7860/", "http://127.0.0.1:80/", "http://[::1]:7860/")

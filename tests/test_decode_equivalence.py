@@ -306,3 +306,23 @@ def test_cuda_graph_flag_is_a_no_op_on_cpu_and_tensor_guidance_matches():
         head.cuda_graphs = False
     as_tensor = head.sample(z, noise, guidance_scale=torch.tensor([[2.5]]), temperature=0.8)
     torch.testing.assert_close(as_tensor, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_single_thread_reverse_loop_gives_the_same_tokens_and_restores_threads():
+    model = random_model(small_config())
+    head = model.head
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(4, model.config.width, generator=g)
+    noise = torch.randn(9, 2, model.config.token_dim, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        head.loop_threads = 0
+        ref = head.sample(z, noise, guidance_scale=3.0)
+        head.loop_threads = 1
+        out = head.sample(z, noise, guidance_scale=3.0)
+        assert torch.get_num_threads() == 2
+    finally:
+        head.loop_threads = type(head).loop_threads
+        torch.set_num_threads(old)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
