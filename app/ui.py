@@ -288,7 +288,9 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
 
         steps.input(on_steps, [steps, decision, k], [decision, decision_md], queue=False, api_visibility="private")
         k.input(on_steps, [steps, decision, k], [decision, decision_md], queue=False, api_visibility="private")
-        decision.change(lambda st, dec, kk: h.decision_info(st, dec, ctx.manager.pipe.config.seq_len
+        # .input, not .change: a programmatic update (from on_steps above) already carries its own
+        # info, and a second request racing it could land last with stale steps.
+        decision.input(lambda st, dec, kk: h.decision_info(st, dec, ctx.manager.pipe.config.seq_len
                                                             if ctx.manager.pipe else d["seq_len"], kk),
                         [steps, decision, k], [decision_md], queue=False, api_visibility="private")
         randomize.change(lambda r: gr.Number(interactive=not r), [randomize], [seed], queue=False,

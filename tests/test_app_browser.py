@@ -127,6 +127,7 @@ def test_generate_shows_candidates_scores_and_final_image(page, served):
     page.locator("#ds-prompt textarea").fill("a large red circle in the middle")
     set_number(page, "Candidates (K)", 4)
     set_number(page, "Decoding steps", 6)
+    expect(page.locator("#ds-decision-info")).to_contain_text(" of 6")
     set_number(page, "Decision step", 2)
     expect(page.locator("#ds-decision-info")).to_contain_text("after step 2 of 6")
     page.get_by_text("Sampling", exact=True).click()
