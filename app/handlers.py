@@ -41,6 +41,7 @@ MAX_CAPTION_FILE_BYTES = 5 * 2**20
 MAX_CAPTIONS = 100_000
 MAX_LABELS = 200
 DEFAULT_MIN_INTERVAL = 0.125  # at most ~8 preview updates per second
+DEFAULT_PREVIEW_BUDGET = 0.10  # live previews may cost at most 10 % of the decoding time (issue 6)
 
 
 def fail(message: str) -> gr.Error:
@@ -70,7 +71,28 @@ class AppContext:
     shared_history: bool = True  # show every PNG in the outputs folder (local use) or only the session's
     display_dir: Path = field(default_factory=lambda: Path(user_cache_dir(APP_NAME, appauthor=False)) / "display")
     min_interval: float = DEFAULT_MIN_INTERVAL
+    preview_budget: float = DEFAULT_PREVIEW_BUDGET
     keep_display_files: int = 200
+
+
+@dataclass
+class PreviewBudget:
+    """Keeps live previews (VAE decode of the K partial states + the tile grid) within `share` of
+    the decoding time: a preview is drawn only if the time spent on previews so far, plus the
+    next one at the last one's cost, stays within `share` x the decoding time so far. The first
+    step and the decision are always drawn (they are what the user waits for), and count too."""
+
+    share: float
+    spent: float = 0.0  # seconds spent on previews
+    last_cost: float = 0.0
+
+    def allows(self, elapsed: float) -> bool:
+        """`elapsed`: seconds since decoding started, previews included."""
+        return self.spent + self.last_cost <= self.share * max(0.0, elapsed - self.spent)
+
+    def add(self, seconds: float) -> None:
+        self.spent += seconds
+        self.last_cost = seconds
 
 
 @dataclass
@@ -89,6 +111,8 @@ class GenerateView:
     stopped: bool = False
     done: bool = False
     reset: bool = False  # a new job starts: clear the live grid and the score chart
+    preview_seconds: float | None = None  # on an image's final view: time its live previews took
+    decode_seconds: float | None = None  # ... and its decoding took (T5 + steps + final VAE decode)
 
 
 # ----- small helpers -----
@@ -177,9 +201,14 @@ def request_stop(session: SessionState) -> None:
 
 def generate_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
                     preview_mode: str = PREVIEW_MARKED, previews: bool = True, min_interval: float | None = None,
+                    preview_budget: float | None = None,
                     clock: Callable[[], float] = time.monotonic) -> Iterator[GenerateView]:
     """Decode `settings.num_images` images of K candidates each, yielding live views; save each
-    finished image as a PNG with its parameters. Stops between decoding steps on request."""
+    finished image as a PNG with its parameters. Stops between decoding steps on request.
+
+    Progress updates come at most every `min_interval` s; candidate previews also within the
+    `preview_budget` share of decoding time (see PreviewBudget); the last step is never decoded
+    for a preview: the final image, decoded anyway, fills the winner's tile."""
     session.pending = False
     try:
         pipe = ctx.manager.require()
@@ -197,9 +226,12 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
     base_seed = s.seed if s.seed is not None else draw_seed()
     s.seed = base_seed
     interval = ctx.min_interval if min_interval is None else min_interval
+    share = ctx.preview_budget if preview_budget is None else preview_budget
+    if not share >= 0:
+        raise fail(f"preview budget must be a share >= 0, got {share}")
     k, steps, n = s.num_candidates, s.num_inference_steps, s.num_images
     tile = tile_size_for(s.num_candidates)
-    share = fraction_decided(s.decision_step, steps, cfg.seq_len) if s.decision_step else None
+    decided_share = fraction_decided(s.decision_step, steps, cfg.seq_len) if s.decision_step else None
     model_name = ctx.manager.name
     done_paths: list[str] = []
     done_records: list[dict] = []
@@ -218,6 +250,8 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
             decided = False
             last = None
             last_yield = -math.inf
+            budget = PreviewBudget(share)
+            t_start = clock()
             events = pipe.stream(s.prompt, num_candidates=k, decision_step=s.decision_step,
                                  num_inference_steps=steps, guidance_scale=s.guidance_scale,
                                  guidance_schedule=s.guidance_schedule, temperature=s.temperature,
@@ -229,17 +263,19 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
                     if ev.kind == "decision":
                         decided = True
                     now = clock()
-                    key = ev.kind in ("decision", "done") or last_yield == -math.inf
-                    if not key and now - last_yield < interval:
+                    first = last_yield == -math.inf
+                    if not (first or ev.kind in ("decision", "done")) and now - last_yield < interval:
                         continue
                     last_yield = now
                     view = GenerateView()
-                    if previews:
+                    if previews and ev.kind != "done" and (first or ev.kind == "decision"
+                                                           or budget.allows(now - t_start)):
                         _update_tiles(pipe, tiles, ev, preview_mode, decided, tile)
                         view.grid = candidate_grid(list(tiles.values()), tile)
                         if ev.kind == "decision":
                             view.scores = score_chart(ev.scores, candidate_states(ev.pruned, ev.chosen))
-                    view.status = progress_html((i + ev.step / steps) / n, _step_text(ev, i, n, share, s))
+                        budget.add(clock() - now)
+                    view.status = progress_html((i + ev.step / steps) / n, _step_text(ev, i, n, decided_share, s))
                     yield view
             except ValueError as err:  # the engine's argument checks
                 raise fail(str(err)) from None
@@ -259,6 +295,7 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
                 yield view
                 return
             image = pipe.decode_tokens(last.tokens[:1])[0]
+            decode_seconds = clock() - t_start - budget.spent
             chosen = last.candidate_ids[0]
             record = ImageRecord.build(s, seed_i, chosen, last.scores, model_name, image.size, cfg.seq_len,
                                        image_index=i, created=datetime.now().isoformat(timespec="seconds"))
@@ -270,9 +307,12 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
             done_records.append(record.to_dict())
             gallery.append((str(display), f"{i + 1}: candidate #{chosen}, seed {seed_i}"))
             view = GenerateView(final=str(display), download=str(path), gallery=list(gallery),
-                                infotext=record.infotext(), records=list(done_records), paths=list(done_paths))
+                                infotext=record.infotext(), records=list(done_records), paths=list(done_paths),
+                                preview_seconds=budget.spent, decode_seconds=decode_seconds)
             if previews:
-                tiles[chosen].state = "final"
+                prev = tiles.get(chosen)  # absent only if the very first event was the last step
+                tiles[chosen] = Tile(fit(image, tile), chosen, "final", *((prev.score, prev.rank, prev.num_ranked)
+                                                                          if prev else ()))
                 view.grid = candidate_grid(list(tiles.values()), tile)
             finished = i + 1 == n
             took = clock() - started
@@ -305,8 +345,9 @@ def _step_text(ev, i: int, n: int, share: float | None, s: GenerationSettings) -
 
 
 def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: bool, size: int) -> None:
-    """Decode the active rows (frozen pruned tiles are not decoded again) and set their states."""
-    images = pipe.decode_tokens(ev.tokens)
+    """Decode the active rows (frozen pruned tiles are not decoded again) and set their states.
+    Uses the model's preview decoder when it has one (a fraction of the VAE's cost)."""
+    images = pipe.decode_previews(ev.tokens)
     side = pipe.config.tokens_per_side
     mask = ev.mask.numpy()
     ranked = sum(1 for s in ev.scores if s is not None) or None

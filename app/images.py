@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +175,22 @@ class Tile:
     score: float | None = None
     rank: int | None = None
     num_ranked: int | None = None
+    _rendered: tuple | None = field(default=None, repr=False, compare=False)  # (key, image, canvas)
 
 
 def render_tile(tile: Tile, size: int = TILE_SIZE) -> Image.Image:
+    """The tile with its coloured frame, caption and (pruned) cross. Cached on the tile: pruned
+    candidates stay frozen after the decision and are redrawn in every later grid."""
+    key = (size, tile.state, tile.score, tile.rank, tile.num_ranked)
+    cached = tile._rendered
+    if cached is not None and cached[0] == key and cached[1] is tile.image:
+        return cached[2]
+    canvas = _render_tile(tile, size)
+    tile._rendered = (key, tile.image, canvas)
+    return canvas
+
+
+def _render_tile(tile: Tile, size: int) -> Image.Image:
     if tile.state not in COLORS:
         raise ValueError(f"unknown tile state {tile.state!r}")
     color = COLORS[tile.state]

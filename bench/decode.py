@@ -7,8 +7,8 @@ Prints markdown tables:
      attention) and the achieved FLOP/s as a share of this machine's measured fp32 matmul peak;
   2. the decoding-steps x head-steps grid at K = 1 (steps capped at the model's token count);
   3. (models with a VAE) latency of the app path: first candidate preview, final image; and the
-     cost of UI previews (pipeline.decode_tokens on the K partial states after every step) as a
-     share of decoding time;
+     cost of UI previews as a share of decoding time: after every step (pipeline.decode_tokens on
+     the K partial states), and in the app itself (app.handlers.generate_stream's own timers);
   4. (models with a VAE) peak memory (RSS) of a fresh process that loads the model and generates.
 
 Every time is the median of --repeats runs after one warm-up. The transformer/head split comes
@@ -43,11 +43,11 @@ from dream_core.sampling import TextCondition, candidate_generators, default_dec
 from dream_core.semantic_decoding import semantic_decode  # noqa: E402
 
 SECTIONS = ("candidates", "grid", "latency", "previews", "memory")
+APP_ROW = "the app (generate_stream: preview decoder, 10 % budget)"
 PROMPT = "a large red circle in the middle on a white background"
 DEFAULT_KS = (1, 2, 4, 9, 16)
 DEFAULT_STEPS = (16, 32, 64)
 DEFAULT_HEAD_STEPS = (25, 50, 100)
-APP_PREVIEW_INTERVAL = 0.125  # app/handlers.py DEFAULT_MIN_INTERVAL: at most ~8 preview updates per second
 
 
 # --------------------------------------------------------------------------- what is decoded
@@ -231,7 +231,7 @@ def latency_section(target: Target, args: argparse.Namespace) -> str:
             stream = pipe.stream(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
                                  guidance_scale=target.cfg, seed=args.seed + r, head_steps=hs)
             first = next(stream)
-            pipe.decode_tokens(first.tokens)
+            pipe.decode_previews(first.tokens)  # as the app: the preview decoder when there is one
             t1 = time.perf_counter()
             for _ in stream:
                 pass
@@ -250,44 +250,67 @@ def latency_section(target: Target, args: argparse.Namespace) -> str:
 
 
 def previews_section(target: Target, args: argparse.Namespace) -> str:
-    """UI previews: decode the K partial states to pixels (pipeline.decode_tokens), either after
-    every step or with the app's throttle (first, decision and last events, otherwise at most one
-    every `APP_PREVIEW_INTERVAL` s); their total time as a share of the same generation's decoding."""
+    """UI previews. Three rows per K: the raw cost of previewing every step with the full VAE
+    (pipeline.decode_tokens on the K partial states) and with the preview decoder
+    (pipeline.decode_previews), and the app itself: app.handlers.generate_stream with its default
+    policy (progress at most every 0.125 s, candidate previews - preview decode, hatching and the
+    tile grid - within a 10 % budget of decoding time, the first step and the decision always
+    shown), which reports its own preview and decoding times on each image's final view."""
     pipe = target.pipe
     if pipe is None:
         return "## Previews\n\n(needs a model directory with a VAE; skipped for the random model)"
+    import tempfile
+
+    from app import handlers as h
+    from app.history import History
+    from app.models import ModelManager
+    from app.params import GenerationSettings
+
     steps, hs = min(args.app_steps, pipe.config.seq_len), args.app_head_steps
     rows = []
-    for k in args.latency_ks:
-        for policy in ("every step", f"app throttle ({APP_PREVIEW_INTERVAL} s)"):
-            shares, per_call, decode_times, counts = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = ModelManager(pipe.path, models_dirs=[], device=str(target.device),
+                               loader=lambda path, device: pipe).load_initial()
+        ctx = h.AppContext(manager, History(Path(tmp) / "outputs"), display_dir=Path(tmp) / "display")
+        for k in args.latency_ks:
+            decision = default_decision_step(steps) if k > 1 else None
+            plain = {"every step, full VAE decode": pipe.decode_tokens,
+                     "every step, preview decoder": pipe.decode_previews}
+            stats = {label: {"n": [], "prev": [], "dec": []} for label in [*plain, APP_ROW]}
             for r in range(args.repeats + 1):
-                preview, calls, last = 0.0, 0, -1e9
+                for label, decode in plain.items():
+                    preview, calls = 0.0, 0
 
-                def on_event(ev) -> None:
-                    nonlocal preview, calls, last
-                    t = time.perf_counter()
-                    key = ev.kind in ("decision", "done") or calls == 0
-                    if policy != "every step" and not key and t - last < APP_PREVIEW_INTERVAL:
-                        return
-                    last = t
-                    pipe.decode_tokens(ev.tokens)
-                    preview += time.perf_counter() - t
-                    calls += 1
+                    def on_event(ev, decode=decode) -> None:
+                        nonlocal preview, calls
+                        t = time.perf_counter()
+                        if ev.kind != "done":  # the final image is decoded anyway
+                            decode(ev.tokens)
+                            calls += 1
+                        preview += time.perf_counter() - t
 
-                t0 = time.perf_counter()
-                target.decode(k, steps, hs, seed=args.seed + r, on_event=on_event)
-                total = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    target.decode(k, steps, hs, seed=args.seed + r, on_event=on_event)
+                    if r:  # the first round is the warm-up
+                        stats[label]["n"].append(calls)
+                        stats[label]["prev"].append(preview)
+                        stats[label]["dec"].append(time.perf_counter() - t0 - preview)
+                settings = GenerationSettings(PROMPT, num_candidates=k, decision_step=decision,
+                                              num_inference_steps=steps, head_steps=hs, guidance_scale=target.cfg,
+                                              seed=args.seed + r)
+                views = list(h.generate_stream(ctx, h.SessionState(), settings))
                 if r:
-                    decode_times.append(total - preview)
-                    shares.append(preview / (total - preview))
-                    per_call.append(preview / calls)
-                    counts.append(calls)
-            rows.append([str(k), str(steps), str(hs), policy, fmt_s(median(decode_times)), str(int(median(counts))),
-                         fmt_s(median(per_call)), f"{100 * median(shares):.1f} %"])
+                    stats[APP_ROW]["n"].append(sum(v.grid is not None for v in views[:-1]))
+                    stats[APP_ROW]["prev"].append(views[-1].preview_seconds)
+                    stats[APP_ROW]["dec"].append(views[-1].decode_seconds)
+            for label, m in stats.items():
+                shares = [p / d for p, d in zip(m["prev"], m["dec"])]
+                rows.append([str(k), str(steps), str(hs), label, fmt_s(median(m["dec"])), str(int(median(m["n"]))),
+                             fmt_s(median([p / max(n, 1) for p, n in zip(m["prev"], m["n"])])),
+                             f"{100 * median(shares):.1f} %"])
     headers = ["K", "steps", "head steps", "previews", "decoding (without previews)", "previews",
                "one preview (K images)", "previews / decoding"]
-    return "## UI previews (pipeline.decode_tokens on the K partial states)\n\n" + markdown_table(headers, rows)
+    return "## UI previews\n\n" + markdown_table(headers, rows)
 
 
 # A fresh interpreter that imports only what the app needs, loads the model and generates once.

@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CLOCKS, ROOT, count_flops, fmt_flops, fmt_s, machine_info, markdown_table,  # noqa: E402
-                    matmul_peak, median, resolve_device, setup_threads, time_runs)
+from common import (CLOCKS, ROOT, clock_fn, count_flops, fmt_flops, fmt_s, machine_info,  # noqa: E402
+                    markdown_table, matmul_peak, median, resolve_device, setup_threads, synchronize, time_runs)
 
 from dream_core.config import DreamConfig  # noqa: E402
 from dream_core.encoder import EncoderOutput  # noqa: E402
@@ -107,17 +107,24 @@ def random_batch(config: DreamConfig, recipe, batch: int, epoch: float, device: 
 # --------------------------------------------------------------------------- the step and its parts
 
 
-def make_step(model, optimizer, b: Batch, device: torch.device, args, recipe) -> Callable[[], float]:
+def make_step(model, optimizer, b: Batch, device: torch.device, args, recipe,
+              optimizer_times: list[float]) -> Callable[[], float]:
+    """One trainer step; appends the time of its clipping + AdamW part to `optimizer_times`."""
     forward = torch.compile(model) if args.compile else model
+    now = clock_fn(args.clock)
 
     def step() -> float:
         with autocast_context(device, args.bf16), sdpa_context(args.sdpa):
             out = forward(b.tokens, b.mask, b.t5_hidden, b.t5_mask, b.clip_tokens)
         out["loss"].backward()
+        synchronize(device)
+        t0 = now()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(out["loss"])
+        synchronize(device)
+        optimizer_times.append(now() - t0)
+        return float(out["loss"].detach())
     return step
 
 
@@ -189,7 +196,8 @@ def measure_size(size: str, args, device: torch.device) -> SizeResult:
     lr = recipe.lr if recipe.lr is not None else recipe.blr * batch / 256
     optimizer = build_optimizer(model, recipe, lr, fused=args.fused_adamw)
     b = random_batch(config, recipe, batch, epoch, device, seed=args.seed)
-    step = make_step(model, optimizer, b, device, args, recipe)
+    opt_times: list[float] = []
+    step = make_step(model, optimizer, b, device, args, recipe, opt_times)
     flops = None
     if not args.no_flops:
         flops = count_flops(step)  # doubles as the warm-up
@@ -201,6 +209,7 @@ def measure_size(size: str, args, device: torch.device) -> SizeResult:
     if not args.no_split:
         for name, fn in part_fns(model, b, device, args).items():
             parts[name] = median(time_runs(fn, repeats, warmup=1, clock=args.clock, device=device))
+        parts["gradient clipping + AdamW"] = median(opt_times[-repeats:])
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     return SizeResult(f"{size} (recipe {recipe.name})", n_params, batch, median(runs), runs, flops, parts,
                       float(b.mask.float().mean()))
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         total = sum(r.parts.values())
         rows = [[name, fmt_s(t), f"{100 * t / r.step:.0f} %"] for name, t in r.parts.items()]
-        rows.append(["rest of the step (optimiser, clipping, masks, glue)", fmt_s(max(0.0, r.step - total)),
+        rows.append(["rest (forward_train's glue: row selection, losses, logging .item() calls)", fmt_s(max(0.0, r.step - total)),
                      f"{100 * max(0.0, r.step - total) / r.step:.0f} %"])
         print(f"## Where a {r.name} step goes (forward + backward of each part alone)\n")
         print(markdown_table(["part", "time", "share of the step"], rows) + "\n")

@@ -3,6 +3,12 @@
 Latents are scaled by the VAE config's `scaling_factor` (0.18215 for SD-VAE). A latent grid
 [B, C, H, W] becomes H/p * W/p tokens in raster order, each with C*p*p features in channel-major
 order (index = c*p*p + row*p + col), exactly as the official code; `unpatchify` is its inverse.
+
+An optional preview decoder (a diffusers `AutoencoderTiny`, TAESD-style, the same option A1111
+offers for live previews) turns the *scaled* latent grid into a rough image at a fraction of the
+VAE decoder's cost; the app uses it for the K live candidates. For SD-VAE models the public TAESD
+weights fit as they are; the bundled model ships its own, distilled from its VAE
+(`training/preview_decoder.py`). Without one, previews use the full VAE.
 """
 
 from __future__ import annotations
@@ -33,22 +39,37 @@ def unpatchify(tokens: torch.Tensor, patch_size: int, channels: int) -> torch.Te
 
 
 class ImageTokenizer(nn.Module):
-    def __init__(self, vae, patch_size: int) -> None:
+    def __init__(self, vae, patch_size: int, preview_decoder=None) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.patch_size = patch_size
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
         self.channels = int(vae.config.latent_channels)
+        self.preview_decoder = None
+        if preview_decoder is not None:
+            self.set_preview_decoder(preview_decoder)
+
+    def set_preview_decoder(self, preview_decoder) -> None:
+        """Attach an AutoencoderTiny whose decoder reads this tokenizer's scaled latent grid."""
+        channels = int(preview_decoder.config.latent_channels)
+        if channels != self.channels:
+            raise ValueError(f"preview decoder reads {channels} latent channels but the VAE has {self.channels}")
+        # channels-last: measured 2-3x faster for these small convolutions on CPU (oneDNN)
+        self.preview_decoder = preview_decoder.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, patch_size: int, torch_dtype: torch.dtype | None = None) -> "ImageTokenizer":
+    def from_pretrained(cls, path: str | Path, patch_size: int, torch_dtype: torch.dtype | None = None,
+                        preview_path: str | Path | None = None) -> "ImageTokenizer":
         from diffusers import AutoencoderKL
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"VAE directory {path} has no config.json (a diffusers AutoencoderKL is expected)")
         vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
-        return cls(vae, patch_size)
+        preview = None
+        if preview_path is not None:
+            preview = load_preview_decoder(preview_path, torch_dtype)
+        return cls(vae, patch_size, preview)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,3 +100,24 @@ class ImageTokenizer(nn.Module):
         """Tokens [B, L, C*p*p] -> images [B, 3, H, W] in [-1, 1] (clamped)."""
         latent = unpatchify(tokens.float(), self.patch_size, self.channels) / self.scaling_factor
         return self.vae.decode(latent.to(self.dtype)).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_preview(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, L, C*p*p] -> rough images [B, 3, H, W] in [-1, 1] from the preview decoder
+        (the full VAE decode when there is none)."""
+        if self.preview_decoder is None:
+            return self.decode(tokens)
+        latent = unpatchify(tokens.float(), self.patch_size, self.channels)
+        dtype = next(self.preview_decoder.parameters()).dtype
+        latent = latent.to(dtype).contiguous(memory_format=torch.channels_last)
+        return self.preview_decoder.decode(latent).sample.float().clamp(-1, 1)
+
+
+def load_preview_decoder(path: str | Path, torch_dtype: torch.dtype | None = None):
+    """A diffusers AutoencoderTiny from a local directory (safetensors only)."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"preview decoder directory {path} has no config.json (a diffusers AutoencoderTiny is expected)")
+    return AutoencoderTiny.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)

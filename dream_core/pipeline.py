@@ -7,8 +7,9 @@
     pipe.search(image, top_k=5)                      # reverse search over the caption bank
 
 A model directory holds config.json, model.safetensors (EMA weights), vae/ (diffusers
-AutoencoderKL), text/ (the T5 encoder and its tokenizer, transformers format), captions.txt and
-README.md (the model card). Nothing is ever unpickled.
+AutoencoderKL), text/ (the T5 encoder and its tokenizer, transformers format), captions.txt,
+README.md (the model card) and optionally preview_vae/ (a diffusers AutoencoderTiny for cheap
+live previews). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .text import ClipTokenizer, ConditioningTextEncoder, validate_prompts
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "dream-shapes"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PREVIEW_DIR = "preview_vae"  # optional AutoencoderTiny for live previews
 MAX_CANDIDATES = 64
 
 
@@ -158,7 +160,9 @@ class DreamPipeline:
             raise ValueError(f"model.safetensors does not match config.json: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}, wrong shapes {bad_shapes[:3]}")
         model.load_state_dict(state)
-        image_tokenizer = ImageTokenizer.from_pretrained(path / "vae", config.patch_size)
+        preview = path / PREVIEW_DIR
+        image_tokenizer = ImageTokenizer.from_pretrained(path / "vae", config.patch_size,
+                                                         preview_path=preview if preview.exists() else None)
         text_encoder = ConditioningTextEncoder.from_pretrained(path / "text", config.t5_max_length)
         if text_encoder.dim != config.t5_dim:
             raise ValueError(f"text/ holds a T5 of width {text_encoder.dim} but config.t5_dim={config.t5_dim}")
@@ -177,6 +181,8 @@ class DreamPipeline:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(path / "model.safetensors"))
         self.image_tokenizer.vae.save_pretrained(path / "vae", safe_serialization=True)
+        if self.image_tokenizer.preview_decoder is not None:
+            self.image_tokenizer.preview_decoder.save_pretrained(path / PREVIEW_DIR, safe_serialization=True)
         text_dir = path / "text"
         self.text_encoder.model.save_pretrained(text_dir, safe_serialization=True)
         self.text_encoder.tokenizer.save_pretrained(text_dir)
@@ -290,6 +296,11 @@ class DreamPipeline:
     def decode_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
         """Latent tokens [R, L, C] -> PIL images."""
         return tensor_to_images(self.image_tokenizer.decode(tokens.to(self.device)))
+
+    def decode_previews(self, tokens: torch.Tensor) -> list[Image.Image]:
+        """Latent tokens [R, L, C] -> rough PIL images for live previews: the preview decoder
+        (preview_vae/) when the model has one, else the full VAE."""
+        return tensor_to_images(self.image_tokenizer.decode_preview(tokens.to(self.device)))
 
     # ----- understanding -----
     @torch.inference_mode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gradio as gr
@@ -28,6 +29,7 @@ def ctx(tmp_path, tiny_pipe, tiny_model_dir):
 
 
 def run(ctx, settings, session=None, **kw):
+    kw.setdefault("preview_budget", math.inf)
     return list(h.generate_stream(ctx, session or h.SessionState(), settings, min_interval=0, **kw))
 
 
@@ -163,6 +165,14 @@ def test_tiles_grid_and_chart():
         score_chart([None], ["kept"])
     with pytest.raises(ValueError, match="unknown tile state"):
         render_tile(Tile(Image.new("RGB", (8, 8)), 0, "lost"))
+    # rendering is cached per tile, and redone when what it shows changes
+    t = tiles[1]
+    assert render_tile(t, 64) is render_tile(t, 64)
+    before = render_tile(t, 64)
+    t.state = "stopped"
+    assert render_tile(t, 64) is not before
+    t.image = Image.new("RGB", (32, 32), (255, 0, 0))
+    assert np.asarray(render_tile(t, 64))[40, 40].tolist() == [255, 0, 0]
 
 
 # ----- generation -----
@@ -171,7 +181,8 @@ def test_generate_stream_shows_candidates_decision_and_saves_png(ctx, tiny_pipe)
     views = run(ctx, GenerationSettings("a red circle", seed=7, **FAST), session)
     # start, 4 steps + 1 decision event, final
     assert len(views) == 7 and views[0].reset and views[-1].done
-    assert all(v.grid is not None for v in views[1:])
+    # every step is previewed except the last, whose tile the final image fills
+    assert [v.grid is not None for v in views] == [False, True, True, True, True, False, True]
     assert [v.scores is not None for v in views] == [False, False, False, True, False, False, False]
     assert "Decision at step 2 (31.2 % decided)" in views[3].status
     final = views[-1]
@@ -196,6 +207,29 @@ def test_previews_are_throttled_but_key_events_always_shown(ctx):
     assert len(views) == 7
     # with a frozen clock only the first step, the decision and the end are drawn
     assert len(throttled) == 5 and throttled[2].scores is not None and throttled[-1].done
+
+
+def test_preview_budget_arithmetic():
+    b = h.PreviewBudget(0.1)
+    assert b.allows(0.0)  # nothing spent, nothing estimated
+    b.add(0.05)  # a 50 ms preview: the next needs 2 x 50 ms <= 10 % of (elapsed - 50 ms)
+    assert not b.allows(1.0) and b.allows(1.05)
+    b.add(0.01)
+    assert b.spent == pytest.approx(0.06) and b.last_cost == 0.01
+    assert not b.allows(0.75) and b.allows(0.77)  # the boundary is 0.76 s
+
+
+def test_preview_budget_keeps_first_and_decision_previews(ctx):
+    """With no budget only the first step and the decision are drawn; the final image fills the
+    winner's tile; the final view reports what the previews cost."""
+    views = run(ctx, GenerationSettings("a red circle", seed=1, **FAST), preview_budget=0.0)
+    assert len(views) == 7
+    assert [v.grid is not None for v in views] == [False, True, False, True, False, False, True]
+    assert views[3].scores is not None
+    final = views[-1]
+    assert final.preview_seconds > 0 and final.decode_seconds > 0
+    with pytest.raises(gr.Error, match="preview budget"):
+        run(ctx, GenerationSettings("a red circle", **FAST), preview_budget=-1.0)
 
 
 def test_stop_lands_within_one_decoding_step(ctx):

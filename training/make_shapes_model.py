@@ -3,7 +3,8 @@
 1. train the Shapes World VAE (training.vae);
 2. build the frozen T5 with a Shapes World vocabulary (training.shapes_text);
 3. train DREAM with the `shapes` recipe (Masking Warmup, both losses) through training.train;
-4. export the EMA weights with the 2,160-caption bank to the model directory.
+4. export the EMA weights with the 2,160-caption bank to the model directory;
+5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
 its last checkpoint). The model card is completed by bench/shapes_eval.py.
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dream_core.pipeline import PREVIEW_DIR
 from training.data.shapes_world import full_caption_bank
 
 
@@ -67,6 +70,13 @@ def main() -> None:
          "--export", str(args.out), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
          *args.overrides])
     timings["dream_seconds"] = time.time() - t
+    # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
+    preview = work / "preview_vae"
+    t = time.time()
+    if not (preview / "config.json").exists():
+        run([py, "-m", "training.preview_decoder", "--model", str(args.out), "--out", str(preview)])
+    shutil.copytree(preview, args.out / PREVIEW_DIR, dirs_exist_ok=True)
+    timings["preview_decoder_seconds"] = time.time() - t
     timings["total_seconds"] = time.time() - t0
     (work / "build_timings.json").write_text(json.dumps(timings, indent=1))
     print(json.dumps(timings))
