@@ -18,6 +18,7 @@ from timers wrapped around the model's encoder, decoder and head inside the real
     python bench/decode.py --random-mar-size      # issue 6's 64-token 4 x 256 model, random weights
     python bench/decode.py --random-mar-size --quick --sections candidates
     python bench/decode.py --model runs/x/export --sections latency,previews,memory
+    python bench/decode.py --random-mar-size --device cuda --bf16 --cuda-graphs
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Target:
     device: torch.device
     pipe: object | None = None  # DreamPipeline
     cfg: float = 3.0
+    bf16: bool = False  # the random model only: a pipeline autocasts to bf16 on CUDA by itself
 
     def decode(self, k: int, steps: int, head_steps: int, seed: int = 0,
                on_event: Callable | None = None):
@@ -80,6 +82,15 @@ class Target:
 
     @torch.inference_mode()
     def _random_stream(self, k, steps, head_steps, seed, decision):
+        c = self.model.config
+        cfg = self.cfg != 1.0
+        if self.bf16 and self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield from self._random_events(k, steps, head_steps, seed, decision)
+            return
+        yield from self._random_events(k, steps, head_steps, seed, decision)
+
+    def _random_events(self, k, steps, head_steps, seed, decision):
         c = self.model.config
         cfg = self.cfg != 1.0
         hidden, mask = random_text(c, cfg=cfg)
@@ -403,6 +414,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--app-steps", type=int, default=16, help="decoding steps of the latency/preview/memory sections")
     ap.add_argument("--app-head-steps", type=int, default=100)
     ap.add_argument("--latency-ks", type=_ints, default=[1, 9], help="candidate counts of the latency sections")
+    ap.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for the random model "
+                    "(a model directory's pipeline always uses it on CUDA)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay the head's reverse loop from CUDA graphs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
     ap.add_argument("--quick", action="store_true", help="1 timed run, K in 1 and 9, a 2 x 2 grid")
@@ -422,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_threads(args.threads)
     device = resolve_device(args.device)
     target = load_target(args, device)
+    target.bf16 = args.bf16
+    target.model.head.cuda_graphs = args.cuda_graphs  # a no-op off CUDA
     if args.sections:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         bad = [s for s in sections if s not in SECTIONS]
