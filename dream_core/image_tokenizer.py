@@ -121,3 +121,16 @@ def load_preview_decoder(path: str | Path, torch_dtype: torch.dtype | None = Non
     if not (path / "config.json").is_file():
         raise ValueError(f"preview decoder directory {path} has no config.json (a diffusers AutoencoderTiny is expected)")
     return AutoencoderTiny.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+
+
+def save_preview_decoder(preview_decoder, path: str | Path) -> None:
+    """Save an AutoencoderTiny (safetensors). Its config.json loses the `block_out_channels` key
+    that AutoencoderTiny registers itself but does not accept back (diffusers would warn on
+    every load)."""
+    import json
+
+    path = Path(path)
+    preview_decoder.save_pretrained(path, safe_serialization=True)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("block_out_channels", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from .config import DreamConfig
-from .image_tokenizer import ImageTokenizer
+from .image_tokenizer import ImageTokenizer, save_preview_decoder
 from .model import DreamModel
 from .retrieval import CaptionBank
 from .sampling import GUIDANCE_SCHEDULES, StepEvent, TextCondition, candidate_generators
@@ -182,7 +182,7 @@ class DreamPipeline:
         save_file(state, str(path / "model.safetensors"))
         self.image_tokenizer.vae.save_pretrained(path / "vae", safe_serialization=True)
         if self.image_tokenizer.preview_decoder is not None:
-            self.image_tokenizer.preview_decoder.save_pretrained(path / PREVIEW_DIR, safe_serialization=True)
+            save_preview_decoder(self.image_tokenizer.preview_decoder, path / PREVIEW_DIR)
         text_dir = path / "text"
         self.text_encoder.model.save_pretrained(text_dir, safe_serialization=True)
         self.text_encoder.tokenizer.save_pretrained(text_dir)

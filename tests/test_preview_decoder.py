@@ -3,6 +3,7 @@ decoding with it, loading and saving it with a model directory, and distilling i
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -50,6 +51,7 @@ def test_pipeline_loads_and_saves_the_preview_decoder(tiny_model_dir, tmp_path):
     assert [im.size for im in previews] == [(32, 32)] * 2
     assert [im.tobytes() for im in previews] != [im.tobytes() for im in pipe.decode_tokens(tokens)]
     pipe.save_pretrained(tmp_path / "copy")
+    assert "block_out_channels" not in json.loads((tmp_path / "copy" / PREVIEW_DIR / "config.json").read_text())
     again = DreamPipeline.from_pretrained(tmp_path / "copy", device="cpu")
     assert [im.tobytes() for im in again.decode_previews(tokens)] == [im.tobytes() for im in previews]
     (model_dir / PREVIEW_DIR / "extra.bin").write_bytes(b"not loaded")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dream_core.image_tokenizer import ImageTokenizer
+from dream_core.image_tokenizer import ImageTokenizer, save_preview_decoder
 from dream_core.pipeline import PREVIEW_DIR
 from training.vae import batches
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                             args.channels, args.seed)
     out = args.out or args.model / PREVIEW_DIR
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_preview_decoder(model, out)
     (out / "training_log.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"]))
 
