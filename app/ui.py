@@ -286,13 +286,10 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                     h.decision_info(st, min(int(dec), top), ctx.manager.pipe.config.seq_len
                                     if ctx.manager.pipe else d["seq_len"], kk))
 
-        steps.input(on_steps, [steps, decision, k], [decision, decision_md], queue=False, api_visibility="private")
-        k.input(on_steps, [steps, decision, k], [decision, decision_md], queue=False, api_visibility="private")
-        # .input, not .change: a programmatic update (from on_steps above) already carries its own
-        # info, and a second request racing it could land last with stale steps.
-        decision.input(lambda st, dec, kk: h.decision_info(st, dec, ctx.manager.pipe.config.seq_len
-                                                            if ctx.manager.pipe else d["seq_len"], kk),
-                        [steps, decision, k], [decision_md], queue=False, api_visibility="private")
+        # One queued handler for all three controls (not three unqueued ones): queued events of a
+        # session run in order, one at a time, so a stale "of 16" can never land after "of 6".
+        gr.on([steps.input, k.input, decision.input], on_steps, [steps, decision, k], [decision, decision_md],
+              concurrency_limit=1, trigger_mode="always_last", show_progress="hidden", api_visibility="private")
         randomize.change(lambda r: gr.Number(interactive=not r), [randomize], [seed], queue=False,
                          api_visibility="private")
         reuse_btn.click(lambda s: (h.reuse_last_seed(s), False), [session], [seed, randomize], queue=False,

@@ -35,7 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/shapes"))
     ap.add_argument("--out", type=Path, default=Path("assets/dream-shapes"))
-    ap.add_argument("--steps", type=int, default=None, help="DREAM optimizer steps (default: the recipe's epochs)")
+    ap.add_argument("--steps", type=int, default=8000,
+                    help="DREAM optimizer steps (the shipped model: 8,000, trained as 3,000 then resumed to 8,000)")
     ap.add_argument("--recipe", default="shapes")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
