@@ -75,3 +75,28 @@ def tiny_pipe(tiny_model_dir):
     from dream_core import DreamPipeline
 
     return DreamPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (pytestmark = pytest.mark.usefixtures("one_thread")): tiny
+    ops are latency-bound, so the module runs faster and is immune to a busy sibling core."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def app_dirs(tmp_path_factory):
+    """The app's data, cache and Gradio temp folders live in the test's tmp dir."""
+    root = tmp_path_factory.mktemp("app")
+    keys = {"XDG_DATA_HOME": root / "data", "XDG_CACHE_HOME": root / "cache", "GRADIO_TEMP_DIR": root / "gradio"}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(v) for k, v in keys.items()})
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -56,20 +56,6 @@ class GatedPipe:
                     time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def app_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app-browser")
-    keys = {"XDG_DATA_HOME": root / "data", "XDG_CACHE_HOME": root / "cache", "GRADIO_TEMP_DIR": root / "gradio"}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: str(v) for k, v in keys.items()})
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def serve(root: Path, pipe, model_dir: Path):
     manager = ModelManager(model_dir, models_dirs=[], device="cpu", loader=lambda path, device: pipe).load_initial()
     ctx = AppContext(manager, History(root / "outputs"), display_dir=root / "display")

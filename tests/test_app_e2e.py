@@ -30,21 +30,6 @@ FAST = dict(num_candidates=3, decision_step=2, num_inference_steps=4, head_steps
 
 
 @pytest.fixture(scope="module")
-def app_dirs(tmp_path_factory):
-    """The app's data, cache and Gradio temp folders live in the test's tmp dir."""
-    root = tmp_path_factory.mktemp("app-e2e")
-    keys = {"XDG_DATA_HOME": root / "data", "XDG_CACHE_HOME": root / "cache", "GRADIO_TEMP_DIR": root / "gradio"}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: str(v) for k, v in keys.items()})
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
 def served(app_dirs, tiny_pipe, tiny_model_dir):
     manager = ModelManager(tiny_model_dir, models_dirs=[], device="cpu",
                            loader=lambda path, device: tiny_pipe).load_initial()

@@ -25,12 +25,7 @@ from dream_core.semantic_decoding import semantic_decode
 PROMPT = "a large blue square in the middle on a black background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def small_config(**kw) -> DreamConfig:

@@ -13,13 +13,7 @@ from dream_core.diffusion import DiffusionHead, DiffusionMLP, GaussianDiffusion,
 C, D, W = 4, 12, 32  # token dim, condition dim, head width for the small cases
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops are latency-bound; one thread keeps the file fast and immune to a busy sibling core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def _perturbed_head(seed: int = 0, std: float = 0.05, **kw) -> DiffusionHead:

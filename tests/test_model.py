@@ -16,12 +16,7 @@ from dream_core.masking import random_token_mask
 from dream_core.model import drop_captions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 @pytest.fixture(scope="module")

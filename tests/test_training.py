@@ -35,12 +35,7 @@ WORKER = ROOT / "tests" / "_train_worker.py"
 COMPARED = ("loss", "diffusion", "clip", "mask_ratio_mean", "lr", "grad_norm", "diffusion_share", "clip_share")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 # ---------------------------------------------------------------------------------------------
