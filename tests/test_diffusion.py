@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dream_core.diffusion import DiffusionHead, DiffusionMLP, GaussianDiffusion, space_timesteps
+from reference import plain_head_sample  # tests/reference.py
 
 C, D, W = 4, 12, 32  # token dim, condition dim, head width for the small cases
 
@@ -29,26 +30,8 @@ def _perturbed_head(seed: int = 0, std: float = 0.05, **kw) -> DiffusionHead:
 def _naive_sample(net: DiffusionMLP, z: torch.Tensor, noise: torch.Tensor, scale: float = 1.0,
                   temperature: float = 1.0) -> torch.Tensor:
     """Textbook ancestral DDPM (IDDPM p_sample with learned range), one plain net call per step."""
-    steps = noise.shape[0] - 1
-    diff = GaussianDiffusion(1000, steps)
-    n, c = noise.shape[1:]
-    cfg = z.shape[0] == 2 * n
-    x = noise[0].clone()
     with torch.no_grad():
-        for k, i in enumerate(range(steps - 1, -1, -1)):
-            def g(table: torch.Tensor) -> float:
-                return float(table[i])
-            t = torch.full((z.shape[0],), int(diff.timestep_map[i]))
-            out = net(torch.cat([x, x]) if cfg else x, t, z)
-            eps, v = out[:, :c], out[:, c:]
-            if cfg:
-                eps, v = eps[n:] + scale * (eps[:n] - eps[n:]), v[:n]
-            x0 = g(diff.sqrt_recip_alphas_cumprod) * x - g(diff.sqrt_recipm1_alphas_cumprod) * eps
-            mean = g(diff.posterior_mean_coef1) * x0 + g(diff.posterior_mean_coef2) * x
-            frac = (v + 1) / 2
-            log_var = frac * g(diff.log_betas) + (1 - frac) * g(diff.posterior_log_variance_clipped)
-            x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise[k + 1] * temperature
-    return x
+        return plain_head_sample(net, GaussianDiffusion(1000, noise.shape[0] - 1), z, noise, scale, temperature, None)
 
 
 # ---- network -----------------------------------------------------------------------------------

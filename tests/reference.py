@@ -1,0 +1,34 @@
+"""Straightforward reference loops that the optimised code is tested against (shared by
+test_diffusion.py and test_decode_equivalence.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from dream_core.diffusion import GaussianDiffusion
+
+
+def plain_head_sample(net, diff: GaussianDiffusion, z: torch.Tensor, noise: torch.Tensor, scale: float,
+                      temperature: float, clip: float | None) -> torch.Tensor:
+    """IDDPM's p_sample_loop with learned-range variance and CFG on eps, one net(x, t, z) per step."""
+    steps = noise.shape[0] - 1
+    n, c = noise.shape[1:]
+    cfg = z.shape[0] == 2 * n
+    x = noise[0].clone()
+    for k, i in enumerate(range(steps - 1, -1, -1)):
+        def g(table: torch.Tensor) -> float:
+            return float(table[i])
+
+        t = torch.full((z.shape[0],), int(diff.timestep_map[i]))
+        out = net(torch.cat([x, x]) if cfg else x, t, z)
+        eps, v = out[:, :c], out[:, c:]
+        if cfg:
+            eps, v = eps[n:] + scale * (eps[:n] - eps[n:]), v[:n]
+        x0 = g(diff.sqrt_recip_alphas_cumprod) * x - g(diff.sqrt_recipm1_alphas_cumprod) * eps
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        mean = g(diff.posterior_mean_coef1) * x0 + g(diff.posterior_mean_coef2) * x
+        frac = (v + 1) / 2
+        log_var = frac * g(diff.log_betas) + (1 - frac) * g(diff.posterior_log_variance_clipped)
+        x = mean + (i > 0) * torch.exp(0.5 * log_var) * noise[k + 1] * temperature
+    return x
