@@ -22,6 +22,7 @@ import pandas as pd
 from platformdirs import user_cache_dir
 
 from dream_core.masking import fraction_decided
+from dream_core.config import DreamConfig
 from dream_core.sampling import default_decision_step
 
 from .history import APP_NAME, History
@@ -222,7 +223,7 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
     if preview_mode not in PREVIEW_MODES:
         raise fail(f"preview mode must be one of {', '.join(PREVIEW_MODES)}")
     if s.num_candidates > 1 and s.decision_step is None:
-        s.decision_step = default_decision_step(s.num_inference_steps)
+        s.decision_step = default_decision_step(cfg, s.num_inference_steps)
     base_seed = s.seed if s.seed is not None else draw_seed()
     s.seed = base_seed
     interval = ctx.min_interval if min_interval is None else min_interval
@@ -494,11 +495,12 @@ def read_parameters(path: str | None) -> ImageRecord:
     return record
 
 
-def controls_from_record(record: ImageRecord, seq_len: int) -> dict[str, Any]:
+def controls_from_record(record: ImageRecord, config: DreamConfig) -> dict[str, Any]:
     """Values for the Generate controls that reproduce a record (clipped to the loaded model)."""
-    steps = max(1, min(int(record.num_inference_steps), seq_len))
+    steps = max(1, min(int(record.num_inference_steps), config.seq_len))
     k = max(1, min(int(record.num_candidates), 16))
-    decision = record.decision_step if record.decision_step is not None else default_decision_step(steps)
+    decision = record.decision_step if record.decision_step is not None else (
+        default_decision_step(config, steps) if steps > 1 else 1)
     decision = max(1, min(int(decision or 1), max(1, steps - 1)))
     return dict(prompt=record.prompt, negative_prompt=record.negative_prompt, num_candidates=k,
                 decision_step=decision, num_inference_steps=steps, head_steps=int(record.head_steps),
@@ -533,9 +535,9 @@ def switch_model(ctx: AppContext, name: Any) -> None:
 def default_controls(ctx: AppContext) -> dict[str, Any]:
     """Slider ranges and defaults for the loaded model (steps <= its number of tokens)."""
     pipe = ctx.manager.pipe
-    seq_len = pipe.config.seq_len if pipe is not None else 16
-    steps = min(seq_len, 16)
-    return dict(seq_len=seq_len, steps=steps, decision=max(1, default_decision_step(steps)))
+    config = pipe.config if pipe is not None else DreamConfig.preset("shapes")
+    steps = min(config.seq_len, 16)
+    return dict(seq_len=config.seq_len, steps=steps, decision=default_decision_step(config, steps))
 
 
 __all__ = ["AppContext", "GenerateView", "PREVIEW_MODES", "SEARCH_MODES", "SessionState", "begin_job",

@@ -303,9 +303,11 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         def send_to_generate(rec):
             if not rec:
                 raise h.fail("pick an image in the history (or drop a PNG made by the app) first")
-            seq_len = ctx.manager.pipe.config.seq_len if ctx.manager.pipe else d["seq_len"]
+            if ctx.manager.pipe is None:
+                raise h.fail("no model is loaded: pick one in the Model tab first")
+            seq_len = ctx.manager.pipe.config.seq_len
             try:
-                c = h.controls_from_record(h.ImageRecord.from_dict(rec), seq_len)
+                c = h.controls_from_record(h.ImageRecord.from_dict(rec), ctx.manager.pipe.config)
             except (TypeError, ValueError) as err:
                 raise h.fail(f"these parameters cannot be used: {err}") from None
             return (c["prompt"], c["negative_prompt"], c["num_candidates"],

@@ -68,7 +68,7 @@ class Target:
     def decode(self, k: int, steps: int, head_steps: int, seed: int = 0,
                on_event: Callable | None = None):
         """One generation; returns the last StepEvent. K > 1 uses SAD at the default decision step."""
-        decision = default_decision_step(steps) if k > 1 else None
+        decision = default_decision_step(self.model.config, steps) if k > 1 else None
         if self.pipe is not None:
             events = self.pipe.stream(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
                                       guidance_scale=self.cfg, seed=seed, head_steps=head_steps)
@@ -206,7 +206,7 @@ def candidates_section(target: Target, args: argparse.Namespace, peak: float) ->
     for k in args.ks:
         t = measure(target, k, steps, args.candidate_head_steps, args)
         base = base or t.seconds
-        decision = f"{default_decision_step(steps)}/{steps}" if k > 1 else "-"
+        decision = f"{default_decision_step(target.model.config, steps)}/{steps}" if k > 1 else "-"
         rows.append([str(k), decision, str(steps), str(args.candidate_head_steps)] + timing_row(t, peak, base))
         print(f"  K={k}: {fmt_s(t.seconds)} (runs {', '.join(f'{r:.3f}' for r in t.runs)})", file=sys.stderr, flush=True)
     headers = ["K", "decision", "steps", "head steps", "per image", "vs K=1"] + SPLIT_HEADERS + FLOP_HEADERS
@@ -235,7 +235,7 @@ def latency_section(target: Target, args: argparse.Namespace) -> str:
     steps, hs = min(args.app_steps, pipe.config.seq_len), args.app_head_steps
     rows = []
     for k in args.latency_ks:
-        decision = default_decision_step(steps) if k > 1 else None
+        decision = default_decision_step(pipe.config, steps) if k > 1 else None
         firsts, finals = [], []
         for r in range(args.repeats + 1):
             t0 = time.perf_counter()
@@ -284,7 +284,7 @@ def previews_section(target: Target, args: argparse.Namespace) -> str:
                                loader=lambda path, device: pipe).load_initial()
         ctx = h.AppContext(manager, History(Path(tmp) / "outputs"), display_dir=Path(tmp) / "display")
         for k in args.latency_ks:
-            decision = default_decision_step(steps) if k > 1 else None
+            decision = default_decision_step(pipe.config, steps) if k > 1 else None
             plain = {"every step, full VAE decode": pipe.decode_tokens,
                      "every step, preview decoder": pipe.decode_previews}
             stats = {label: {"n": [], "prev": [], "dec": []} for label in [*plain, APP_ROW]}
@@ -353,7 +353,7 @@ pipe = DreamPipeline.from_pretrained(model, device=device)
 out["load the model"] = peak()
 steps = min(steps, pipe.config.seq_len)
 pipe("a large red circle in the middle on a white background", num_candidates=k,
-     decision_step=default_decision_step(steps) if k > 1 else None, num_inference_steps=steps,
+     decision_step=default_decision_step(pipe.config, steps) if k > 1 else None, num_inference_steps=steps,
      head_steps=head_steps, seed=0)
 out["generate one image"] = peak()
 print(json.dumps(out))

@@ -8,8 +8,8 @@ captions of the 2,160), 2 two-object prompts, 3 reverse-search renders, 4 / 5 pr
 renders, and [20261123, 9, objects] the jitter of the VAE-ceiling renders. Prompt i is generated
 with seed 20261123 + 64 i (its K candidates: + 0 .. K-1).
 
-1. one-object faithfulness (exact judge), K = 1 and SAD K = 9 at the decision step nearest 1/8
-   of the steps, and also at the step where about 1/4 of the tokens are decided; plus the VAE
+1. one-object faithfulness (exact judge), K = 1 and SAD K = 9 at the model's default decision step
+   (its `sad_decision_share` of tokens decided), and also where half of the tokens are decided; plus the VAE
    ceiling: jittered renders of the same prompts through the VAE and back, judged the same way
    (no generator can beat what its VAE can reproduce);
 2. two-object faithfulness, same settings;
@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dream_core.masking import fraction_decided  # noqa: E402
-from dream_core.sampling import default_decision_step  # noqa: E402
+from dream_core.sampling import decision_step_for_share, default_decision_step  # noqa: E402
 from training.data.shapes_world import render  # noqa: E402
 from training.evaluate.common import (EVAL_SEED, STREAM_SEARCH, SamplerSettings, Setting,  # noqa: E402
-                                      decision_step_for_fraction, generate, load_pipeline, prompt_seeds,
+                                      generate, load_pipeline, prompt_seeds,
                                       rendered_scenes, scene_from_caption, vae_round_trip, write_json)
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.linear_probe import probe_shapes  # noqa: E402
@@ -50,21 +50,22 @@ from training.evaluate.linear_probe import probe_shapes  # noqa: E402
 SAD_K = 9
 STREAM_CEILING = 9  # sub-stream of the jitter of the VAE-ceiling renders
 BARS = {  # issue 4's bars for the shipped model
-    ("1-object", "K=1"): 0.80, ("1-object", "sad_eighth"): 0.95,
-    ("2-object", "K=1"): 0.50, ("2-object", "sad_eighth"): 0.75,
+    ("1-object", "K=1"): 0.80, ("1-object", "sad"): 0.95,
+    ("2-object", "K=1"): 0.50, ("2-object", "sad"): 0.75,
     ("search", "top1"): 0.90, ("probe", "shape"): 0.98,
 }
 
 
-def sad_steps(num_steps: int, seq_len: int) -> dict[str, int]:
-    """The two decision steps of the table: about 1/8 of the steps, and about 1/4 of tokens decided."""
-    return {"sad_eighth": default_decision_step(num_steps),
-            "sad_quarter": decision_step_for_fraction(num_steps, seq_len, 0.25)}
+def sad_steps(config, num_steps: int) -> dict[str, int]:
+    """The two decision steps of the table: the model's default (its `sad_decision_share`), and
+    the step where half of the tokens are decided."""
+    return {"sad": default_decision_step(config, num_steps),
+            "sad_half": decision_step_for_share(0.5, num_steps, config.seq_len)}
 
 
 def faithfulness_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_seed: int,
-                         batch_size: int, k: int = SAD_K, which: tuple[str, ...] = ("sad_eighth", "sad_quarter")) -> dict:
-    steps = sad_steps(sampler.num_inference_steps, pipe.config.seq_len)
+                         batch_size: int, k: int = SAD_K, which: tuple[str, ...] = ("sad", "sad_half")) -> dict:
+    steps = sad_steps(pipe.config, sampler.num_inference_steps)
     named = {"K=1": Setting(1), **{w: Setting(k, steps[w]) for w in which}}
     prompts = prompt_set(objects, n, eval_seed)
     run = generate(pipe, prompts, prompt_seeds(n, eval_seed), list(named.values()), sampler, batch_size, progress=True)
@@ -137,10 +138,10 @@ def main_table(res: dict) -> str:
             continue
         for name, entry in sec["settings"].items():
             label = setting_label(entry, steps)
-            if name == "sad_eighth":
-                label += " [about 1/8 of the steps]"
-            elif name == "sad_quarter":
-                label += " [about 1/4 of the tokens decided]"
+            if name == "sad":
+                label += " [the model's default decision step]"
+            elif name == "sad_half":
+                label += " [half of the tokens decided]"
             lines.append(f"| {num} | {key} faithfulness | {label} | {_pct(entry['rate'])} "
                          f"({entry['faithful']}/{entry['n']}) | {_bar((key, name), entry['rate'])} |")
         if "vae_ceiling" in sec:
@@ -168,7 +169,7 @@ def compare_table(rows: dict[str, dict]) -> str:
     for name, r in rows.items():
         cells = [_pct(r["probe"]["shape"]["val_acc"]), _pct(r["probe"]["color"]["val_acc"])]
         for key in ("1-object", "2-object"):
-            for s in ("K=1", "sad_eighth"):
+            for s in ("K=1", "sad"):
                 cells.append(_pct(r[key]["settings"][s]["rate"]) if key in r else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -206,7 +207,7 @@ def evaluate(pipe, args: argparse.Namespace, sections: set[int], n: int) -> dict
     sampler = SamplerSettings(steps, args.cfg, "constant", args.temperature, args.head_steps)
     res: dict = {"settings": {"num_inference_steps": steps, "head_steps": args.head_steps, "cfg": args.cfg,
                               "temperature": args.temperature, "eval_seed": args.eval_seed, "n_prompts": n,
-                              "sad_k": SAD_K, "sad_steps": sad_steps(steps, pipe.config.seq_len)},
+                              "sad_k": SAD_K, "sad_steps": sad_steps(pipe.config, steps)},
                  "seconds": {}}
     for num, objects in ((1, 1), (2, 2)):
         if num in sections:

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 
+CLIP_POOLINGS = ("all", "image", "buffer")
+CLIP_PROJECTIONS = ("post", "pre")
+
+
 @dataclass
 class DreamConfig:
     name: str = "base"
@@ -45,6 +49,10 @@ class DreamConfig:
     # Clip the head's x0 prediction to [-v, v] while sampling (0 = off, the official sampler).
     # Briefly trained heads amplify their eps error ~300x at t = 999; toy models need it.
     clip_denoised: float = 0.0
+    # Semantically Aligned Decoding: the share of tokens decided when the K candidates are scored,
+    # by default. Never below `min_visible_for_clip` (the encoder was not trained on fewer visible
+    # tokens, so a score there is noise); measured per model by training.evaluate.sad_sweep.
+    sad_decision_share: float = 0.25
 
     # Contrastive text tower (open_clip TextTransformer + BPE tokenizer) and image projector.
     clip_context_length: int = 77
@@ -54,6 +62,12 @@ class DreamConfig:
     clip_heads: int = 8
     projector_hidden: int = 1024
     embed_dim: int = 256
+    # Which encoder tokens form the image's contrastive feature (official `--clip_loss_on`):
+    # "all" = buffer + visible image tokens (official default), "image" = visible image tokens,
+    # "buffer" = buffer tokens only. `clip_projection`: "post" = mean, then the projector (the DREAM
+    # script's post_mlp_stablerep), "pre" = the projector on every token, then the mean.
+    clip_pooling: str = "all"
+    clip_projection: str = "post"
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
 
@@ -128,6 +142,14 @@ class DreamConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"config.{key} must be in [0, 1], got {value!r}")
+        if self.clip_pooling not in CLIP_POOLINGS:
+            raise ValueError(f"config.clip_pooling must be one of {CLIP_POOLINGS}, got {self.clip_pooling!r}")
+        if self.clip_projection not in CLIP_PROJECTIONS:
+            raise ValueError(f"config.clip_projection must be one of {CLIP_PROJECTIONS}, got {self.clip_projection!r}")
+        if not (isinstance(self.sad_decision_share, (int, float))
+                and self.min_visible_for_clip <= self.sad_decision_share < 1.0):
+            raise ValueError(f"config.sad_decision_share must be in [min_visible_for_clip={self.min_visible_for_clip}, 1), "
+                             f"got {self.sad_decision_share!r}")
         for key in ("diffusion_weight", "clip_weight", "repa_weight", "vae_scaling_factor", "clip_denoised"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

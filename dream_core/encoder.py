@@ -24,12 +24,22 @@ class EncoderOutput:
     visible_index: torch.Tensor  # long [B, V], the image position of each kept token
     uniform: bool  # True when no padding was needed
 
-    def pooled(self) -> torch.Tensor:
-        """Mean over buffer + visible tokens (padding excluded): the image's contrastive feature."""
-        if self.uniform:
-            return self.hidden.mean(dim=1)
-        w = self.valid.to(self.hidden.dtype).unsqueeze(-1)
-        return (self.hidden * w).sum(dim=1) / w.sum(dim=1)
+    def pooled(self, which: str = "all", buffer_size: int = 0, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of `features` (default: the hidden states) over the tokens the image's contrastive
+        feature reads: "all" = buffer + visible (the official default), "image" = visible image
+        tokens, "buffer" = the first `buffer_size` tokens. Padding is always excluded."""
+        x = self.hidden if features is None else features
+        w = self.valid.to(x.dtype)
+        if which == "image":
+            w = torch.cat([torch.zeros_like(w[:, :buffer_size]), w[:, buffer_size:]], dim=1)
+        elif which == "buffer":
+            w = torch.cat([w[:, :buffer_size], torch.zeros_like(w[:, buffer_size:])], dim=1)
+        elif which != "all":
+            raise ValueError(f"pooling must be all, image or buffer, got {which!r}")
+        if which == "all" and self.uniform:
+            return x.mean(dim=1)
+        w = w.unsqueeze(-1)
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
 
 
 class MaskedEncoder(nn.Module):

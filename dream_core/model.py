@@ -49,8 +49,14 @@ class DreamModel(nn.Module):
         return self.logit_scale.clamp(0.0, self.config.logit_scale_max)
 
     def embed_image(self, enc: EncoderOutput) -> torch.Tensor:
-        """L2-normalised joint-space embedding of an encoder output."""
-        return F.normalize(self.projector(enc.pooled()), dim=-1)
+        """L2-normalised joint-space embedding of an encoder output (pooling and projection order
+        from the config: `clip_pooling`, `clip_projection`)."""
+        c = self.config
+        if c.clip_projection == "pre":  # project every token (BN over all of them), then pool
+            b, n, d = enc.hidden.shape
+            per_token = self.projector(enc.hidden.reshape(b * n, d)).view(b, n, -1)
+            return F.normalize(enc.pooled(c.clip_pooling, c.buffer_size, per_token), dim=-1)
+        return F.normalize(self.projector(enc.pooled(c.clip_pooling, c.buffer_size)), dim=-1)
 
     def encode_image(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, L, C] (+ mask, True = not yet decoded / hidden) -> normalised embedding [B, E]."""

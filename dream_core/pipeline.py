@@ -204,9 +204,9 @@ class DreamPipeline:
         if decision_step is None and num_candidates > 1:
             from .sampling import default_decision_step
 
-            decision_step = default_decision_step(num_inference_steps)
-            if decision_step == 0:
+            if num_inference_steps < 2:
                 raise ValueError("num_candidates > 1 needs num_inference_steps >= 2 (a decision step before the end)")
+            decision_step = default_decision_step(self.config, num_inference_steps)
         # Checked even for K = 1 (where it is a no-op), so an impossible value never passes silently.
         decisions = validate_decision_steps(decision_step, num_inference_steps)
         if num_candidates == 1:
@@ -252,29 +252,31 @@ class DreamPipeline:
     def stream(self, prompt: str, num_candidates: int = 1, decision_step: int | Sequence[int] | None = None,
                num_inference_steps: int | None = None, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
                temperature: float = 1.0, negative_prompt: str | None = None, generator: torch.Generator | None = None,
-               seed: int | None = None, head_steps: int = 100, should_stop: Callable[[], bool] | None = None
-               ) -> Iterator[StepEvent]:
-        """Yield a StepEvent after every decoding step and at every SAD decision."""
+               seed: int | None = None, head_steps: int = 100, should_stop: Callable[[], bool] | None = None,
+               shared_order: bool = True) -> Iterator[StepEvent]:
+        """Yield a StepEvent after every decoding step and at every SAD decision. `shared_order`:
+        the K candidates share one generation order (the official SAD; False = one order each)."""
         (prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, _) = self._validate(
             prompt, num_candidates, decision_step, num_inference_steps, guidance_scale, guidance_schedule,
             temperature, negative_prompt, head_steps, 1)
         base_seed = self._seed(seed, generator)
         yield from self._stream(prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps,
-                                base_seed, should_stop)
+                                base_seed, should_stop, bool(shared_order))
 
     def _stream(self, prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, base_seed,
-                should_stop=None) -> Iterator[StepEvent]:
+                should_stop=None, shared_order=True) -> Iterator[StepEvent]:
         text, text_emb = self._condition(prompt, neg, cfg_scale != 1.0)
         gens = candidate_generators(base_seed, k)
         with self._autocast():
             yield from semantic_decode(self.model, text, text_emb, gens, steps, decisions, cfg_scale, cfg_sched,
-                                       temp, head_steps, should_stop=should_stop, device=self.device)
+                                       temp, head_steps, should_stop=should_stop, device=self.device,
+                                       shared_order=shared_order)
 
     def __call__(self, prompt: str, num_candidates: int = 1, decision_step: int | Sequence[int] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
                  temperature: float = 1.0, negative_prompt: str | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None, head_steps: int = 100,
-                 num_images: int = 1) -> DreamOutput:
+                 num_images: int = 1, shared_order: bool = True) -> DreamOutput:
         """Generate `num_images` images; image i uses seeds seed + i*K ... seed + i*K + K-1 for its K candidates."""
         args = self._validate(prompt, num_candidates, decision_step, num_inference_steps, guidance_scale,
                               guidance_schedule, temperature, negative_prompt, head_steps, num_images)
@@ -284,7 +286,8 @@ class DreamPipeline:
         for i in range(n_images):
             s = base_seed + i * k
             last = None
-            for event in self._stream(prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, s):
+            for event in self._stream(prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, s,
+                                      shared_order=bool(shared_order)):
                 last = event
             out.images += self.decode_tokens(last.tokens[:1])
             out.scores.append(list(last.scores))

@@ -1,9 +1,12 @@
 """The MAR decoding loop, batched over candidates, as a generator of step events.
 
 Each row (candidate) owns a `torch.Generator`: its random generation order and all the noise its
-diffusion-head sampling injects come from it, drawn in a fixed order. Rows therefore follow the
-same trajectory whether they are decoded alone or batched with others, and a seed reproduces an
-image. All rows share the cosine schedule, so they always have the same number of visible
+diffusion-head sampling injects come from it, drawn in a fixed order. By default the K candidates
+of one image share one generation order (the first row's, as the official SAD): at a decision
+they then differ only in the *content* of the same decided positions, so the critic compares
+like with like instead of ranking how much of the object each happened to decide. Row 0 is
+therefore the K = 1 image of the same seed. `shared_order=False` gives each row its own order.
+All rows share the cosine schedule, so they always have the same number of visible
 tokens and the encoder runs without padding. The encoder never sees text, so with CFG it runs
 once on the K rows and only the decoder and head see the doubled [cond; uncond] batch. The text
 aligner and the decoder's cross-attention keys/values are computed once per call.
@@ -18,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .encoder import EncoderOutput
-from .masking import decoding_schedule
+from .masking import decoding_schedule, fraction_decided
 from .model import DreamModel
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
@@ -112,9 +115,18 @@ class StepEvent:
 
 
 def init_state(seq_len: int, token_dim: int, generators: list[torch.Generator], device: torch.device,
-               dtype: torch.dtype = torch.float32) -> DecodeState:
-    """Every row draws its generation order first from its own generator."""
-    orders = torch.stack([torch.randperm(seq_len, generator=g) for g in generators]).to(device)
+               dtype: torch.dtype = torch.float32, order_groups: int = 1, shared_order: bool = True) -> DecodeState:
+    """Every row draws a generation order first from its own generator (so its noise stream is the
+    same either way). With `shared_order` the rows, taken as `order_groups` consecutive groups of
+    equal size (one group per image), all use the first row's order of their group."""
+    r = len(generators)
+    if r % order_groups:
+        raise ValueError(f"{r} rows cannot be split into {order_groups} equal order groups")
+    orders = torch.stack([torch.randperm(seq_len, generator=g) for g in generators])
+    if shared_order:
+        per = r // order_groups
+        orders = orders[::per].repeat_interleave(per, dim=0)
+    orders = orders.to(device)
     r = len(generators)
     return DecodeState(
         tokens=torch.zeros(r, seq_len, token_dim, device=device, dtype=dtype),
@@ -171,13 +183,13 @@ def make_event(kind: str, state: DecodeState, num_steps: int, num_candidates: in
 def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Generator], num_steps: int,
                guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
                head_steps: int = 100, before_step: Callable[[DecodeState], list[StepEvent]] | None = None,
-               should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu"
-               ) -> Iterator[StepEvent]:
+               should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu",
+               shared_order: bool = True) -> Iterator[StepEvent]:
     """Plain MAR decoding of len(generators) rows; `before_step` may prune rows (SAD) and return
     events to emit. Stops between steps when `should_stop()` is true (no "done" event then)."""
     c = model.config
     schedule = decoding_schedule(num_steps, c.seq_len)
-    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device))
+    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device), shared_order=shared_order)
     k_total = len(generators)
     while state.step < num_steps:
         if should_stop is not None and should_stop():
@@ -189,14 +201,27 @@ def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Ge
 
 
 def candidate_generators(seed: int, num_candidates: int, device: str = "cpu") -> list[torch.Generator]:
-    """Candidate k uses seed + k: decoding candidate k alone with seed + k reproduces it."""
+    """Candidate k uses seed + k for its noise (and, with independent orders, its order)."""
     return [torch.Generator(device).manual_seed((seed + k) % (2**63)) for k in range(num_candidates)]
 
 
-def default_decision_step(num_steps: int) -> int:
-    """About 1/8 of the steps (the paper's 'small fraction'), at least 1."""
-    return max(1, min(num_steps - 1, round(num_steps / 8))) if num_steps > 1 else 0
+def default_decision_step(config, num_steps: int) -> int:
+    """The model's default SAD decision step for `num_steps` steps: the first step at which its
+    `sad_decision_share` (at least `min_visible_for_clip`) of the tokens are decided."""
+    share = max(config.sad_decision_share, config.min_visible_for_clip)
+    return decision_step_for_share(share, num_steps, config.seq_len)
+
+
+def decision_step_for_share(share: float, num_steps: int, seq_len: int) -> int:
+    """The first step (1 .. num_steps - 1) before which at least `share` of the tokens are decided:
+    the encoder scores a candidate with that much of it visible. The last step when none reaches it."""
+    if num_steps < 2:
+        raise ValueError("SAD needs num_inference_steps >= 2 (a decision step before the end)")
+    for step in range(1, num_steps):
+        if fraction_decided(step, num_steps, seq_len) >= share - 1e-9:
+            return step
+    return num_steps - 1
 
 
 __all__ = ["GUIDANCE_SCHEDULES", "DecodeState", "StepEvent", "TextCondition", "candidate_generators",
-           "decode_step", "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]
+           "decode_step", "decision_step_for_share", "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]

@@ -56,7 +56,7 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
                     generators: list[torch.Generator], num_steps: int, decision_steps: Sequence[int],
                     guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
                     head_steps: int = 100, should_stop: Callable[[], bool] | None = None,
-                    device: torch.device | str = "cpu") -> Iterator[StepEvent]:
+                    device: torch.device | str = "cpu", shared_order: bool = True) -> Iterator[StepEvent]:
     """Decode len(generators) candidates, pruning at each decision step. Yields every step's event
     and a "decision" event carrying every candidate's score, rank and pruned flag."""
     k_total = len(generators)
@@ -82,7 +82,8 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
         return [event]
 
     for event in mar_decode(model, text, generators, num_steps, guidance_scale, guidance_schedule, temperature,
-                            head_steps, before_step=before_step, should_stop=should_stop, device=device):
+                            head_steps, before_step=before_step, should_stop=should_stop, device=device,
+                            shared_order=shared_order):
         event.scores, event.ranks, event.pruned = list(scores), list(ranks), list(pruned)
         if event.kind == "done" and len(event.candidate_ids) == 1:
             event.chosen = event.candidate_ids[0]

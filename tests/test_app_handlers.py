@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from dream_core.config import DreamConfig
+
 from app import handlers as h
 from app.history import History
 from app.images import (COLORS, Tile, candidate_grid, grid_columns, mark_undecided, open_checked, read_record,
@@ -355,10 +357,11 @@ def test_history_numbering_selection_and_send_to_generate(ctx, tmp_path):
     with pytest.raises(gr.Error, match="pick an image"):
         h.select_history(ctx, session, 5)
     assert hist.contains(p1) and not hist.contains(tmp_path / "elsewhere.png")
-    c = h.controls_from_record(rec, 16)
+    shapes = DreamConfig.preset("shapes")  # 16 tokens
+    c = h.controls_from_record(rec, shapes)
     assert (c["prompt"], c["seed"], c["randomize"], c["num_candidates"], c["decision_step"]) == (rec.prompt, 11, False, 3, 2)
     long = ImageRecord.from_dict({**rec.to_dict(), "num_inference_steps": 64, "decision_step": 32})
-    assert (h.controls_from_record(long, 16)["num_inference_steps"], h.controls_from_record(long, 16)["decision_step"]) == (16, 15)
+    assert (h.controls_from_record(long, shapes)["num_inference_steps"], h.controls_from_record(long, shapes)["decision_step"]) == (16, 15)
 
 
 def test_read_parameters_of_a_dropped_png(tmp_path):

@@ -382,8 +382,8 @@ def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
                       "--compare-n-prompts", "2"])
     data = json.loads(out.read_text())
     main = data["main"]
-    assert main["settings"]["sad_steps"] == {"sad_eighth": 1, "sad_quarter": 2}  # 4 steps of 16 tokens
-    assert set(main["1-object"]["settings"]) == {"K=1", "sad_eighth", "sad_quarter"}
+    assert main["settings"]["sad_steps"] == {"sad": 2, "sad_half": 3}  # 4 steps of 16 tokens: 25 % and 50 % decided
+    assert set(main["1-object"]["settings"]) == {"K=1", "sad", "sad_half"}
     assert main["1-object"]["vae_ceiling"]["n"] == 3 and 0 <= main["2-object"]["vae_ceiling"]["rate"] <= 1
     assert main["2-object"]["n"] == 3 and main["search"]["n"] == 6 and main["search"]["bank_size"] == 2160
     assert 0 <= main["search"]["top1"] <= main["search"]["top5"] <= 1

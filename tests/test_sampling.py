@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from dream_core.masking import decoding_schedule
+from dream_core.config import DreamConfig
+from dream_core.masking import decoding_schedule, fraction_decided
 from dream_core.sampling import (
     TextCondition,
     candidate_generators,
+    decision_step_for_share,
     default_decision_step,
     guidance_at,
+    init_state,
     mar_decode,
 )
 from dream_core.semantic_decoding import alignment_scores, halving_plan, validate_decision_steps
@@ -71,13 +74,24 @@ def test_decision_steps_are_validated():
             validate_decision_steps(bad, 8)
 
 
-def test_default_decision_step_is_about_an_eighth():
-    assert default_decision_step(64) == 8
-    assert default_decision_step(16) == 2
-    assert default_decision_step(2) == 1
-    assert default_decision_step(1) == 0
-    for steps in range(2, 100):
-        assert 1 <= default_decision_step(steps) <= steps - 1
+def test_decision_step_for_share_is_the_first_step_with_that_much_decided():
+    assert decision_step_for_share(0.25, 16, 16) == 4  # 4 of 16 tokens decided before step 4
+    assert fraction_decided(4, 16, 16) == 0.25 and fraction_decided(3, 16, 16) < 0.25
+    assert decision_step_for_share(0.25, 64, 256) == 30  # the official T = 32 of 64 shows 29.3 %
+    assert fraction_decided(30, 64, 256) >= 0.25 > fraction_decided(29, 64, 256)
+    assert decision_step_for_share(0.99, 8, 16) == 7  # none reaches it: the last possible step
+    for steps in range(2, 65):
+        assert 1 <= decision_step_for_share(0.3, steps, 256) <= steps - 1
+    with pytest.raises(ValueError, match="num_inference_steps >= 2"):
+        decision_step_for_share(0.25, 1, 16)
+
+
+def test_default_decision_step_comes_from_the_model_and_never_below_the_contrastive_floor():
+    c = DreamConfig.preset("shapes")
+    assert default_decision_step(c, 16) == decision_step_for_share(c.sad_decision_share, 16, c.seq_len)
+    assert default_decision_step(c.replace(sad_decision_share=0.5), 16) == decision_step_for_share(0.5, 16, 16)
+    with pytest.raises(ValueError, match="sad_decision_share"):
+        c.replace(sad_decision_share=0.1)  # below min_visible_for_clip = 0.25
 
 
 def test_candidate_k_uses_seed_plus_k():
@@ -174,10 +188,37 @@ def test_stream_stops_between_steps_when_asked(tiny_pipe):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_candidates_share_one_generation_order_by_default(tiny_pipe):
+    """As the official SAD: the K candidates decide the same positions at every step, so at the
+    decision they differ only in content; candidate 0 is the K = 1 image of the same seed."""
+    seed, k_total, decision = 100, 4, 4
+    steps = _steps(_events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=decision))
+    solo = _steps(_events(tiny_pipe, seed=seed))
+    for s in range(1, decision + 1):
+        assert all(torch.equal(steps[s].mask[k], steps[s].mask[0]) for k in range(k_total))
+        assert torch.equal(steps[s].mask[0], solo[s].mask[0])
+        torch.testing.assert_close(steps[s].tokens[0], solo[s].tokens[0], **TOL)
+    assert not torch.allclose(steps[decision].tokens[0], steps[decision].tokens[1])
+    independent = _steps(_events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=decision,
+                                 shared_order=False))
+    assert not all(torch.equal(independent[1].mask[k], independent[1].mask[0]) for k in range(k_total))
+
+
+def test_init_state_shares_the_first_order_of_each_group():
+    gens = candidate_generators(7, 6)
+    shared = init_state(16, 4, candidate_generators(7, 6), torch.device("cpu"), order_groups=2)
+    own = init_state(16, 4, gens, torch.device("cpu"), shared_order=False)
+    assert torch.equal(shared.orders[:3], own.orders[0].expand(3, -1))
+    assert torch.equal(shared.orders[3:], own.orders[3].expand(3, -1))
+    with pytest.raises(ValueError, match="equal order groups"):
+        init_state(16, 4, candidate_generators(7, 5), torch.device("cpu"), order_groups=2)
+
+
 def test_batched_candidates_follow_their_solo_trajectories(tiny_pipe):
-    """Candidate k of a K-candidate run equals decoding it alone with seed + k, step for step."""
+    """With independent orders, candidate k of a K-candidate run equals decoding it alone with
+    seed + k, step for step."""
     seed, k_total, decision = 100, 4, 4  # one decision step: pruning happens only there
-    batched = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=decision)
+    batched = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=decision, shared_order=False)
     steps = _steps(batched)
     for k in range(k_total):
         solo = _steps(_events(tiny_pipe, seed=seed + k))
@@ -209,7 +250,7 @@ def test_sad_with_one_candidate_equals_plain_decoding(tiny_pipe):
 
 def test_sad_keeps_the_argmax_score_candidate(tiny_pipe):
     seed, k_total, decision = 200, 5, 3
-    events = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=decision)
+    events = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=decision, shared_order=False)
     decisions = [e for e in events if e.kind == "decision"]
     assert len(decisions) == 1
     d = decisions[0]
@@ -239,13 +280,13 @@ def test_sad_keeps_the_argmax_score_candidate(tiny_pipe):
     # The survivor continues its own trajectory: the final tokens equal decoding it alone.
     solo = _events(tiny_pipe, seed=seed + best)[-1]
     torch.testing.assert_close(final.tokens[0], solo.tokens[0], **TOL)
-    out = tiny_pipe(PROMPT, seed=seed, num_candidates=k_total, decision_step=decision, **FAST)
+    out = tiny_pipe(PROMPT, seed=seed, num_candidates=k_total, decision_step=decision, shared_order=False, **FAST)
     assert out.chosen == [best] and out.scores == [d.scores]
 
 
 def test_successive_halving_keeps_half_then_one(tiny_pipe):
     seed, k_total = 300, 5
-    events = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=[2, 5])
+    events = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=[2, 5], shared_order=False)
     d1, d2 = [e for e in events if e.kind == "decision"]
     assert (d1.step, d2.step) == (2, 5)
 
@@ -273,4 +314,5 @@ def test_successive_halving_keeps_half_then_one(tiny_pipe):
 def test_default_decision_step_is_used_for_several_candidates(tiny_pipe):
     events = _events(tiny_pipe, seed=0, num_candidates=3)
     (d,) = [e for e in events if e.kind == "decision"]
-    assert d.step == default_decision_step(8) == 1
+    assert d.step == default_decision_step(tiny_pipe.config, 8)
+    assert d.fraction_decided >= tiny_pipe.config.min_visible_for_clip

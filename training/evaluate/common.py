@@ -383,6 +383,7 @@ class SamplerSettings:
     temperature: float = 1.0
     head_steps: int = 100
     negative_prompt: str = ""
+    shared_order: bool = True  # the K candidates of a prompt share one generation order (official SAD)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, pipe: DreamPipeline) -> "SamplerSettings":
@@ -495,7 +496,8 @@ def _generate_chunk(pipe: DreamPipeline, prompts: list[str], seeds: Sequence[int
     gens = [g for s in seeds for g in candidate_generators(int(s), kmax)]
     row_prompt = torch.arange(n).repeat_interleave(kmax)
     row_cand = torch.arange(kmax).repeat(n)
-    state = init_state(cfg_model.seq_len, cfg_model.token_dim, gens, device)
+    state = init_state(cfg_model.seq_len, cfg_model.token_dim, gens, device, order_groups=n,
+                       shared_order=sp.shared_order)
     schedule = decoding_schedule(steps, cfg_model.seq_len)
     cond = condition(row_prompt)
     scores: dict[int, torch.Tensor] = {}

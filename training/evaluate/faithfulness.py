@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.k > 1:
         from dream_core.sampling import default_decision_step
 
-        step = args.decision_step if args.decision_step is not None else default_decision_step(sampler.num_inference_steps)
+        step = args.decision_step if args.decision_step is not None else default_decision_step(pipe.config, sampler.num_inference_steps)
         setting = Setting(args.k, step)
     else:
         setting = Setting(1)

@@ -61,13 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+# Shares of decided tokens swept by default: from the contrastive floor (25 % visible, what the
+# encoder was trained on) up; the curve is what chooses a model's `sad_decision_share`.
+SWEEP_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)
+
+
 def default_decision_steps(num_steps: int, seq_len: int) -> list[int]:
-    from dream_core.sampling import default_decision_step
+    from dream_core.sampling import decision_step_for_share
 
-    from .common import decision_step_for_fraction
-
-    steps = {default_decision_step(num_steps)}
-    steps |= {decision_step_for_fraction(num_steps, seq_len, f) for f in (0.125, 0.25, 0.5)}
+    steps = {decision_step_for_share(f, num_steps, seq_len) for f in SWEEP_SHARES}
     return sorted(s for s in steps if 1 <= s < num_steps)
 
 
