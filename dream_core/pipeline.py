@@ -239,12 +239,13 @@ class DreamPipeline:
     def _condition(self, prompt: str, negative_prompt: str, cfg: bool) -> tuple[TextCondition, torch.Tensor]:
         texts = [prompt, negative_prompt] if cfg else [prompt]
         hidden, mask = self.text_encoder(texts)
-        with self._autocast():
+        with self.autocast():
             text = TextCondition.build(self.model, hidden.to(self.device), mask.to(self.device))
             text_emb = self.model.encode_text(self.clip_tokenizer([prompt]).to(self.device)).float()
         return text, text_emb
 
-    def _autocast(self):
+    def autocast(self):
+        """The precision context the model runs under: bf16 autocast on CUDA, plain fp32 on CPU."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
@@ -267,7 +268,7 @@ class DreamPipeline:
                 should_stop=None, shared_order=True) -> Iterator[StepEvent]:
         text, text_emb = self._condition(prompt, neg, cfg_scale != 1.0)
         gens = candidate_generators(base_seed, k)
-        with self._autocast():
+        with self.autocast():
             yield from semantic_decode(self.model, text, text_emb, gens, steps, decisions, cfg_scale, cfg_sched,
                                        temp, head_steps, should_stop=should_stop, device=self.device,
                                        shared_order=shared_order)
@@ -313,14 +314,14 @@ class DreamPipeline:
         if not images:
             raise ValueError("image list must not be empty")
         x = torch.cat([image_to_tensor(im, self.config.image_size) for im in images]).to(self.device)
-        with self._autocast():
+        with self.autocast():
             tokens = self.image_tokenizer.encode(x, sample=False)
             return self.model.encode_image(tokens).float()
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         out = []
-        with self._autocast():
+        with self.autocast():
             for i in range(0, len(texts), batch_size):
                 out.append(self.model.encode_text(self.clip_tokenizer(texts[i:i + batch_size]).to(self.device)).float())
         return torch.cat(out)

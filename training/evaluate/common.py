@@ -340,7 +340,7 @@ def image_tokens(pipe: DreamPipeline, images: Sequence[Image.Image], batch_size:
     size = pipe.config.image_size
     for i in range(0, len(images), batch_size):
         x = torch.cat([image_to_tensor(im, size) for im in images[i:i + batch_size]]).to(pipe.device)
-        with pipe._autocast():
+        with pipe.autocast():
             out.append(pipe.image_tokenizer.encode(x, sample=False).float())
     return torch.cat(out)
 
@@ -480,7 +480,7 @@ def _generate_chunk(pipe: DreamPipeline, prompts: list[str], seeds: Sequence[int
     # 1. Text: T5 outside autocast (as the pipeline), aligner + cross-attention keys/values once per prompt.
     hidden, t5_mask = pipe.text_encoder(list(prompts) + ([sp.negative_prompt] if use_cfg else []))
     hidden, t5_mask = hidden.to(device), t5_mask.to(device)
-    with pipe._autocast():
+    with pipe.autocast():
         kv = model.decoder.text_kv(model.align_text(hidden, t5_mask))
         text_emb = model.encode_text(pipe.clip_tokenizer(prompts).to(device)).float()
 
@@ -506,7 +506,7 @@ def _generate_chunk(pipe: DreamPipeline, prompts: list[str], seeds: Sequence[int
     # 3. Decode; score at every decision step; after the last one keep only the rows a setting needs.
     for step in range(steps):
         if step in sad_steps:
-            with pipe._autocast():
+            with pipe.autocast():
                 img = model.encode_image(state.tokens, state.mask)
                 s = torch.bmm(img[:, None, :], text_emb[row_prompt.to(device)][:, :, None].to(img.dtype))
             scores[step] = s.float().view(n, kmax).cpu()
@@ -516,7 +516,7 @@ def _generate_chunk(pipe: DreamPipeline, prompts: list[str], seeds: Sequence[int
             keep_t = torch.tensor(keep, dtype=torch.long)
             row_prompt, row_cand = row_prompt[keep_t], row_cand[keep_t]
             cond = condition(row_prompt)
-        with pipe._autocast():
+        with pipe.autocast():
             decode_step(model, state, cond, schedule, sp.guidance_scale, sp.guidance_schedule, sp.temperature,
                         sp.head_steps)
         spent += state.tokens.shape[0]

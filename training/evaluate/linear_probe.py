@@ -47,7 +47,7 @@ def encoder_features(pipe: DreamPipeline, images: Sequence, batch_size: int = 25
     for i in range(0, len(images), batch_size):
         tokens = image_tokens(pipe, images[i:i + batch_size], batch_size)
         mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        with pipe._autocast():
+        with pipe.autocast():
             enc = pipe.model.encoder(tokens, mask)
         hidden = enc.hidden.float()  # [B, buffer + L, width], no padding (nothing is masked)
         if pool == "all":

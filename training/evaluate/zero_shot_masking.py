@@ -70,7 +70,7 @@ def accuracy_vs_mask_ratio(pipe: DreamPipeline, tokens: torch.Tensor, labels: di
             mask = random_token_mask(torch.full((n,), float(r)), seq_len, gen).to(tokens.device)
             embs = []
             for i in range(0, n, batch_size):
-                with pipe._autocast():
+                with pipe.autocast():
                     embs.append(pipe.model.encode_image(tokens[i:i + batch_size], mask[i:i + batch_size]).float().cpu())
             emb = torch.cat(embs)
             for name, y in labels.items():
