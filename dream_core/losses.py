@@ -35,12 +35,14 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, eligible: torch.Tensor,
-                            logit_scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                            logit_scale: torch.Tensor, hard_text_emb: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, dict[str, float]]:
     """Symmetric InfoNCE over the global batch restricted to eligible images.
 
     image_emb, text_emb: L2-normalised [B, E] (local); eligible: bool [B]; logit_scale: the
-    (already clamped) log scale. Returns (loss, stats); loss is 0 with a graph when no sample is
-    eligible anywhere."""
+    (already clamped) log scale; hard_text_emb: optional [B, M, E] captions that are wrong for
+    their image only (one attribute swapped): extra columns of that image's image-to-text row.
+    Returns (loss, stats); loss is 0 with a graph when no sample is eligible anywhere."""
     img = gather_with_grad(image_emb)
     txt = gather_with_grad(text_emb)
     ok = gather_no_grad(eligible.to(torch.uint8)).bool()
@@ -51,12 +53,16 @@ def masked_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, eli
     logits = scale * img @ txt.t()  # [N, N], image rows, text columns
     labels = torch.arange(img.shape[0], device=img.device)
     rows = ok.nonzero().squeeze(1)
-    loss_i2t = F.cross_entropy(logits[rows], labels[rows], reduction="none")
+    i2t = logits
+    if hard_text_emb is not None:
+        hard = gather_with_grad(hard_text_emb.flatten(1)).view(img.shape[0], hard_text_emb.shape[1], -1)
+        i2t = torch.cat([logits, scale * torch.einsum("ne,nme->nm", img, hard)], dim=1)  # [N, N + M]
+    loss_i2t = F.cross_entropy(i2t[rows], labels[rows], reduction="none")
     logits_t2i = logits.t().masked_fill(~ok[None, :], float("-inf"))
     loss_t2i = F.cross_entropy(logits_t2i[rows], labels[rows], reduction="none")
     loss = 0.5 * (loss_i2t + loss_t2i).mean()
     with torch.no_grad():
-        acc = (logits[rows].argmax(dim=1) == labels[rows]).float().mean().item()
+        acc = (i2t[rows].argmax(dim=1) == labels[rows]).float().mean().item()
     return loss, {"clip_global_eligible": n_ok / img.shape[0], "clip_i2t_acc": acc}
 
 

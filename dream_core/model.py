@@ -79,10 +79,12 @@ class DreamModel(nn.Module):
     # ----- training -----
     def forward_train(self, tokens: torch.Tensor, mask: torch.Tensor, t5_hidden: torch.Tensor,
                       t5_mask: torch.Tensor, clip_tokens: torch.Tensor,
-                      repa_target: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
+                      repa_target: torch.Tensor | None = None,
+                      hard_clip_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
         """One training forward. tokens [B, L, C] clean latents; mask bool [B, L] (True = masked);
         t5_hidden/t5_mask: conditioning (caption dropout already applied); clip_tokens [B, ctx]:
-        the real captions. Returns a dict with `loss` and the logged terms."""
+        the real captions; hard_clip_tokens [B, M, ctx]: optional per-image hard-negative
+        captions (extra image-to-text negatives). Returns a dict with `loss` and the logged terms."""
         c = self.config
         L = tokens.shape[1]
         masked_frac = mask.float().sum(dim=1) / L
@@ -114,7 +116,11 @@ class DreamModel(nn.Module):
         if c.clip_weight > 0:
             image_emb = self.embed_image(enc)
             text_emb = self.encode_text(clip_tokens)
-            clip, stats = masked_contrastive_loss(image_emb, text_emb, clip_ok, self.clamped_logit_scale())
+            hard_emb = None
+            if hard_clip_tokens is not None:
+                b, m, ctx = hard_clip_tokens.shape
+                hard_emb = self.encode_text(hard_clip_tokens.reshape(b * m, ctx)).view(b, m, -1)
+            clip, stats = masked_contrastive_loss(image_emb, text_emb, clip_ok, self.clamped_logit_scale(), hard_emb)
             out["clip"] = clip.detach()
             out.update(stats)
             out["logit_scale"] = self.clamped_logit_scale().exp().item()

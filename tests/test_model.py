@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dream_core import DreamConfig, DreamModel
 from dream_core.encoder import EncoderOutput
@@ -454,3 +455,27 @@ def test_caption_dropout_replaces_conditioning_with_the_null_caption():
     assert torch.equal(m2[dropped], null_m.expand(int(dropped.sum()), t))
     same_h, same_m = drop_captions(hidden, mask, null_h, null_m, 0.0)
     assert same_h is hidden and same_m is mask
+
+
+def test_hard_negatives_are_extra_image_to_text_columns():
+    """Per-image hard negatives add columns to that image's image-to-text row only: with
+    negatives identical to another image's caption the loss rises, with none it is unchanged."""
+    from dream_core.losses import masked_contrastive_loss
+
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    txt = F.normalize(img + 0.3 * torch.randn(4, 8), dim=-1)
+    ok = torch.ones(4, dtype=torch.bool)
+    scale = torch.tensor(2.0)
+    base, _ = masked_contrastive_loss(img, txt, ok, scale)
+    far = -img[:, None, :]  # cosine -1 with their image: contributes almost nothing
+    with_far, _ = masked_contrastive_loss(img, txt, ok, scale, far)
+    near = txt[:, None, :].clone()  # as close as the positive
+    with_near, _ = masked_contrastive_loss(img, txt, ok, scale, near)
+    assert base < with_far < with_near
+    # By hand: image-to-text rows get the extra column, text-to-image rows do not.
+    logits = scale.exp() * img @ txt.t()
+    i2t = torch.cat([logits, scale.exp() * (img * near[:, 0]).sum(-1, keepdim=True)], dim=1)
+    labels = torch.arange(4)
+    expected = 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels))
+    torch.testing.assert_close(with_near, expected)

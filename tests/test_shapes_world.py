@@ -385,3 +385,34 @@ def test_dataset_is_worker_and_rank_aware(monkeypatch):
     # A custom transform replaces the tensor conversion.
     ds = sw.ShapesWorldDataset(seed=1, transform=lambda im: np.asarray(im).shape)
     assert next(iter(ds))["image"] == (64, 64, 3)
+
+
+def _stated(spec: sw.CaptionSpec) -> dict:
+    out = {} if spec.background is None else {("bg",): spec.background}
+    for k, obj in enumerate(spec.objects):
+        out.update({(k, a): getattr(obj, a) for a in ("color", "shape", "size", "position") if getattr(obj, a) is not None})
+    return out
+
+
+def test_hard_negative_captions_differ_in_exactly_one_stated_attribute():
+    rng = np.random.default_rng(3)
+    seen = set()
+    for image, text, scene in itertools.islice(sw.stream(11), 200):
+        truth = _stated(sw.parse_caption(text))
+        for neg in sw.hard_negative_captions(text, rng, 4):
+            got = _stated(sw.parse_caption(neg))  # still inside the grammar
+            assert got.keys() == truth.keys()  # states exactly what the caption states
+            changed = [key for key in truth if got[key] != truth[key]]
+            assert len(changed) == 1
+            seen.add(changed[0][-1])
+            assert not sw.judge(image, neg)  # false of the image
+    assert seen == {"bg", "color", "shape", "size", "position"}
+
+
+def test_dataset_hard_negatives_leave_the_scenes_unchanged():
+    plain = iter(sw.ShapesWorldDataset(seed=5))
+    with_negs = iter(sw.ShapesWorldDataset(seed=5, hard_negatives=3))
+    for _ in range(5):
+        a, b = next(plain), next(with_negs)
+        assert a["caption"] == b["caption"] and (a["image"] == b["image"]).all()
+        assert "hard_negatives" not in a and len(b["hard_negatives"]) == 3

@@ -169,3 +169,15 @@ def test_t5_of_any_width_conditions_the_decoder(t5_dir):
 def test_t5_encoder_needs_an_existing_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         ConditioningTextEncoder.from_pretrained(tmp_path / "no-t5", max_length=16)
+
+
+def test_text_tower_cut_after_the_last_eot_equals_open_clip_forward():
+    """The tower drops the padding after the batch's last EOT (it is causal and pools at EOT):
+    the embeddings must be exactly open_clip's full-context forward."""
+    torch.manual_seed(0)
+    config = DreamConfig.preset("tiny")
+    tower = ContrastiveTextTower(config).eval()
+    tokens = ClipTokenizer(config.clip_context_length)(["a red circle", "a big blue square at the top left", "x"])
+    assert int(tokens.argmax(dim=-1).max()) + 1 < config.clip_context_length  # something is cut
+    with torch.no_grad():
+        torch.testing.assert_close(tower(tokens), tower.transformer(tokens), rtol=1e-5, atol=1e-6)

@@ -25,6 +25,12 @@ class TrainRecipe:
     samples_per_epoch: int = 10_000_000  # CC12M size; defines the fractional epoch for streams
     vae_path: str = ""
     t5_path: str = ""
+    # Start from a model directory's weights (its config.json is the architecture, `model.*`
+    # overrides apply on top; its vae/ and text/ are used unless vae_path / t5_path are set).
+    init_from: str = ""
+    # Shapes World only: per image, this many captions that differ from its own in one stated
+    # attribute, as extra contrastive negatives (issue 9's joint-space ablation).
+    hard_negatives: int = 0
 
     # optimisation
     epochs: float = 49.0
@@ -108,6 +114,13 @@ class TrainRecipe:
             raise ValueError(f"recipe.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.masking not in ("warmup", "mar", "fx", "uni", "cd", "none"):
             raise ValueError(f"recipe.masking must be warmup, mar, fx, uni, cd or none, got {self.masking!r}")
+        if self.init_from:  # the model directory's own VAE and T5 unless others are named
+            self.vae_path = self.vae_path or f"{self.init_from}/vae"
+            self.t5_path = self.t5_path or f"{self.init_from}/text"
+        if self.hard_negatives < 0:
+            raise ValueError(f"recipe.hard_negatives must be >= 0, got {self.hard_negatives}")
+        if self.hard_negatives and self.data != "shapes":
+            raise ValueError("recipe.hard_negatives needs data=shapes (negatives are made from the Shapes World grammar)")
         if self.max_steps < 0:
             raise ValueError(f"recipe.max_steps must be >= 0, got {self.max_steps}")
         return self
@@ -125,7 +138,8 @@ class TrainRecipe:
     def model_config(self):
         from dream_core.config import DreamConfig
 
-        return DreamConfig.preset(self.model).replace(**self.model_overrides)
+        base = DreamConfig.load(f"{self.init_from}/config.json") if self.init_from else DreamConfig.preset(self.model)
+        return base.replace(**self.model_overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -60,6 +60,18 @@ def lr_at(epoch: float, recipe: TrainRecipe, peak: float) -> float:
     return peak
 
 
+def load_model_weights(model: DreamModel, path: Path) -> None:
+    """Initialise from a model directory's (EMA) weights; a checkpoint found at resume overrides them."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"recipe.init_from: {path} does not exist")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"recipe.init_from: {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
 class EMA:
     """Exponential moving average of the parameters (fp32). With warm-up the decay at update t is
     min(decay, (1 + t) / (10 + t)); without it, the fixed decay from step 0 (official)."""
@@ -127,6 +139,8 @@ class Trainer:
 
         torch.manual_seed(recipe.seed)  # same initial weights on every rank
         self.model = DreamModel(self.config)
+        if recipe.init_from:
+            load_model_weights(self.model, Path(recipe.init_from) / "model.safetensors")
         if recipe.grad_checkpointing:
             for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
                 part.grad_checkpointing = True
@@ -234,6 +248,10 @@ class Trainer:
         mask = random_token_mask(ratios, c.seq_len, self.mask_gen).to(self.device)
         out = {"tokens": tokens, "mask": mask, "t5_hidden": t5_hidden, "t5_mask": t5_mask,
                "clip_tokens": self.clip_tok(captions).to(self.device), "ratios": ratios}
+        if "hard_negatives" in batch:  # [B][M] captions -> [B, M, context]
+            negs = batch["hard_negatives"]
+            flat = self.clip_tok([c for row in negs for c in row])
+            out["hard_clip_tokens"] = flat.view(len(negs), len(negs[0]), -1).to(self.device)
         if self.teacher is not None:
             out["repa_target"] = self.teacher(batch["image"].to(self.device))
         return out
@@ -245,7 +263,8 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             # Through the (DDP/FSDP) wrapper, so gradient synchronisation hooks fire.
-            out = self.model(t["tokens"], t["mask"], t["t5_hidden"], t["t5_mask"], t["clip_tokens"], t.get("repa_target"))
+            out = self.model(t["tokens"], t["mask"], t["t5_hidden"], t["t5_mask"], t["clip_tokens"], t.get("repa_target"),
+                             t.get("hard_clip_tokens"))
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")

@@ -12,10 +12,11 @@ from training.data.shapes_world import ShapesWorldDataset
 
 
 def collate(samples: list[dict]) -> dict:
-    out: dict = {"caption": [s["caption"] for s in samples]}
-    for key in samples[0]:
-        if key != "caption":
-            out[key] = torch.stack([s[key] for s in samples])
+    """Tensors are stacked; anything else (captions, hard-negative caption lists) stays a list."""
+    out: dict = {}
+    for key, first in samples[0].items():
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(first, torch.Tensor) else values
     return out
 
 
@@ -28,7 +29,8 @@ def build_dataloader(recipe, config: DreamConfig, rank: int = 0, world: int = 1,
     if recipe.data == "shapes":
         if config.image_size != 64:
             raise ValueError(f"the Shapes World renders 64 x 64 images, but config.image_size={config.image_size}")
-        ds = ShapesWorldDataset(seed=stream_seed(recipe.seed, start_step), rank=rank)
+        ds = ShapesWorldDataset(seed=stream_seed(recipe.seed, start_step), rank=rank,
+                                hard_negatives=recipe.hard_negatives)
         # An own generator: iter(loader) must not draw from the global RNG (exact resume).
         return DataLoader(ds, batch_size=recipe.batch_size, num_workers=recipe.num_workers, collate_fn=collate,
                           generator=torch.Generator().manual_seed(recipe.seed))

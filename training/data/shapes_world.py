@@ -21,6 +21,8 @@ background ``on a B background``, e.g.::
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -386,6 +388,36 @@ def parse_caption(text: str) -> CaptionSpec:
     return CaptionSpec(background=m.group("background"), objects=objects)
 
 
+def hard_negative_captions(text: str, rng: np.random.Generator, n: int) -> list[str]:
+    """`n` captions that each differ from `text` in exactly one attribute the caption states
+    (one object's colour, shape, size or position, or the background), worded with the same
+    random synonyms as training captions (so wording never tells a negative from a positive).
+
+    They are contrastive hard negatives: in a batch of random scenes almost no caption differs
+    from an image's own in position or shape alone, so mean-pooled features are never pushed to
+    keep where and what an object is (issue 9)."""
+    spec = parse_caption(text)
+    choices: list[tuple[int | None, str]] = [(None, "background")] if spec.background is not None else []
+    for k, obj in enumerate(spec.objects):
+        choices += [(k, "color"), (k, "shape")]
+        choices += [(k, key) for key in ("size", "position") if getattr(obj, key) is not None]
+    pools = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS),
+             "background": tuple(BACKGROUNDS)}
+    out = []
+    for _ in range(n):
+        k, key = choices[int(rng.integers(len(choices)))]
+        current = spec.background if k is None else getattr(spec.objects[k], key)
+        new = _pick(rng, [v for v in pools[key] if v != current])
+        background, objects = spec.background, list(spec.objects)
+        if k is None:
+            background = new
+        else:
+            objects[k] = dataclasses.replace(objects[k], **{key: new})
+        phrase = " and ".join(_object_phrase(obj, rng, True) for obj in objects)
+        out.append(phrase + (f" on a {background} background" if background is not None else ""))
+    return out
+
+
 def full_caption_bank() -> list[str]:
     """The 2,160 fully specified one-object captions, canonical wording.
 
@@ -447,6 +479,7 @@ class ShapesWorldDataset(_IterableDataset):  # type: ignore[misc,valid-type]
         transform: Callable[[Image.Image], Any] | None = None,
         rank: int = 0,
         full_prob: float = 0.0,
+        hard_negatives: int = 0,
     ) -> None:
         if torch is None:  # pragma: no cover - depends on the environment
             raise ImportError("ShapesWorldDataset needs torch")
@@ -455,6 +488,7 @@ class ShapesWorldDataset(_IterableDataset):  # type: ignore[misc,valid-type]
         self.transform = transform
         self.rank = int(rank)
         self.full_prob = float(full_prob)
+        self.hard_negatives = int(hard_negatives)
 
     def _rng(self) -> np.random.Generator:
         info = torch.utils.data.get_worker_info()
@@ -464,9 +498,17 @@ class ShapesWorldDataset(_IterableDataset):  # type: ignore[misc,valid-type]
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, worker]))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for image, text, _scene in _stream_from(self._rng(), self.full_prob):
+        rng = self._rng()
+        # Hard negatives draw from their own sub-stream, so turning them on leaves the scenes as they were.
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        neg_rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, worker, 7919]))
+        for image, text, _scene in _stream_from(rng, self.full_prob):
             out = self.transform(image) if self.transform is not None else _to_tensor(image)
-            yield {"image": out, "caption": text}
+            sample = {"image": out, "caption": text}
+            if self.hard_negatives:
+                sample["hard_negatives"] = hard_negative_captions(text, neg_rng, self.hard_negatives)
+            yield sample
 
 
 # --------------------------------------------------------------------------- the judge

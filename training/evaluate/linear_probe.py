@@ -151,6 +151,38 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
                        history, history_epochs, epochs, lr)
 
 
+def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+              num_classes: int | None = None, l2: float = 1e-4, max_iter: int = 1000) -> ProbeResult:
+    """Multinomial logistic regression on standardised features, solved to convergence with
+    L-BFGS (full batch, deterministic). A probe that converges measures the features, not its own
+    optimiser: the SGD probe above stops far from its optimum on small sets (issue 9)."""
+    if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
+        raise ValueError(f"features must be [N, D] with the same D, got {tuple(train_x.shape)} and {tuple(val_x.shape)}")
+    if len(train_x) != len(train_y) or len(val_x) != len(val_y):
+        raise ValueError("features and labels differ in length")
+    train_y, val_y = train_y.long(), val_y.long()
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    mean, std = train_x.double().mean(0), train_x.double().std(0).clamp(min=1e-6)
+    x_tr, x_va = (train_x.double() - mean) / std, (val_x.double() - mean) / std
+    linear = nn.Linear(x_tr.shape[1], num_classes).double()
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(linear(x_tr), train_y) + l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        val_logits, train_acc = linear(x_va), _accuracy(linear(x_tr), train_y)
+    val_acc = _accuracy(val_logits, val_y)
+    return ProbeResult(train_acc, val_acc, val_acc, _accuracy(val_logits, val_y, 5), [val_acc], [1], 1, 0.0)
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -175,15 +207,20 @@ def shapes_labels(scenes: Sequence, attribute: str) -> tuple[torch.Tensor, list[
 
 def probe_shapes(pipe: DreamPipeline, attributes: Sequence[str] = ("shape", "color"), n_train: int = 2000,
                  n_val: int = 1000, seed: int = EVAL_SEED, epochs: int = 100, lr: float = 1e-3,
-                 pool: str = "all") -> dict[str, ProbeResult]:
-    """One probe per attribute on the same cached features (issue 4, metric 4)."""
+                 pool: str = "all", solver: str = "lbfgs") -> dict[str, ProbeResult]:
+    """One probe per attribute on the same cached features (issue 4, metric 4). `solver`:
+    "lbfgs" (default: logistic regression solved to convergence) or "sgd" (the BN + linear head
+    trained with AdamW, as the ImageNet protocol)."""
+    if solver not in ("lbfgs", "sgd"):
+        raise ValueError(f"solver must be lbfgs or sgd, got {solver!r}")
     (tr_images, tr_scenes), (va_images, va_scenes) = shapes_probe_data(n_train, n_val, seed)
     tr_x, va_x = encoder_features(pipe, tr_images, pool=pool), encoder_features(pipe, va_images, pool=pool)
     out = {}
     for attr in attributes:
         tr_y, classes = shapes_labels(tr_scenes, attr)
         va_y, _ = shapes_labels(va_scenes, attr)
-        out[attr] = train_probe(tr_x, tr_y, va_x, va_y, len(classes), epochs=epochs, lr=lr)
+        out[attr] = (fit_probe(tr_x, tr_y, va_x, va_y, len(classes)) if solver == "lbfgs"
+                     else train_probe(tr_x, tr_y, va_x, va_y, len(classes), epochs=epochs, lr=lr))
     return out
 
 
