@@ -75,12 +75,16 @@ def random_text(config: DreamConfig, cfg: bool = True) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def plain_decode(model: DreamModel, t5_hidden: torch.Tensor, t5_mask: torch.Tensor, seeds: list[int],
                  num_steps: int, guidance_scale: float, guidance_schedule: str = "constant",
-                 temperature: float = 1.0, head_steps: int = 100) -> torch.Tensor:
-    """MAR decoding of one row per seed, as MAR writes it; returns the final tokens [R, L, C]."""
+                 temperature: float = 1.0, head_steps: int = 100, shared_order: bool = True) -> torch.Tensor:
+    """MAR decoding of one row per seed, as MAR writes it; returns the final tokens [R, L, C].
+    Each row's order is its generator's first draw; with `shared_order` every row then decides
+    in the first row's order (the official SAD), as the pipeline's default."""
     c = model.config
     L, C, R = c.seq_len, c.token_dim, len(seeds)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    orders = [torch.randperm(L, generator=g) for g in gens]  # each row's order is its first draw
+    orders = [torch.randperm(L, generator=g) for g in gens]
+    if shared_order:
+        orders = [orders[0]] * R
     tokens = torch.zeros(R, L, C)
     mask = torch.ones(R, L, dtype=torch.bool)
     cfg = guidance_scale != 1.0
@@ -180,8 +184,9 @@ def test_sad_survivor_matches_the_plain_loop_of_its_seed():
                                   head_steps=6))
     last = events[-1]
     assert last.kind == "done" and last.chosen is not None and last.candidate_ids == [last.chosen]
-    ref = plain_decode(model, hidden, mask, [40 + last.chosen], 8, 3.0, head_steps=6)
-    assert_same_tokens(last.tokens, ref)
+    # The survivor keeps its own noise (seed 40 + k) and the order the candidates share (seed 40's).
+    ref = plain_decode(model, hidden, mask, [40, 40 + last.chosen], 8, 3.0, head_steps=6)
+    assert_same_tokens(last.tokens, ref[-1:])
 
 
 def test_pipeline_stream_matches_the_plain_loop(tiny_pipe):
