@@ -300,9 +300,14 @@ def test_search_rejects_bad_arguments(tiny_pipe, picture):
         tiny_pipe.search(picture, captions=[])
 
 
+def _bank(pipe, captions):
+    """A bank built from what it needs (an embedding function and the weights' fingerprint)."""
+    return CaptionBank.build(pipe.embed_texts, pipe.weights_fingerprint(), captions)
+
+
 def test_bank_embeddings_are_cached_on_disk_and_reused(tiny_pipe, monkeypatch, _cache_in_tmp):
     captions = ["a purple cross", "a tiny yellow diamond at the bottom", "a large blue square in the middle"]
-    first = CaptionBank.build(tiny_pipe, captions)
+    first = _bank(tiny_pipe, captions)
     files = list(_cache_in_tmp.glob("*.safetensors"))
     assert len(files) == 1
 
@@ -311,23 +316,23 @@ def test_bank_embeddings_are_cached_on_disk_and_reused(tiny_pipe, monkeypatch, _
 
     real_embed_texts = tiny_pipe.embed_texts
     monkeypatch.setattr(tiny_pipe, "embed_texts", no_recompute)
-    again = CaptionBank.build(tiny_pipe, captions)
+    again = _bank(tiny_pipe, captions)
     assert again.captions == captions
     assert torch.equal(again.embeddings, first.embeddings)
     # Another caption list is another cache entry (and needs computing).
     with pytest.raises(AssertionError, match="recomputed"):
-        CaptionBank.build(tiny_pipe, captions[:2])
+        _bank(tiny_pipe, captions[:2])
     monkeypatch.setattr(tiny_pipe, "embed_texts", real_embed_texts)
-    CaptionBank.build(tiny_pipe, captions[:2])
+    _bank(tiny_pipe, captions[:2])
     assert len(list(_cache_in_tmp.glob("*.safetensors"))) == 2
 
 
 def test_a_damaged_cache_file_is_rebuilt(tiny_pipe, _cache_in_tmp):
     captions = ["a purple cross", "a big green triangle on the right"]
-    first = CaptionBank.build(tiny_pipe, captions)
+    first = _bank(tiny_pipe, captions)
     (path,) = _cache_in_tmp.glob("*.safetensors")
     path.write_bytes(b"damaged")
-    again = CaptionBank.build(tiny_pipe, captions)
+    again = _bank(tiny_pipe, captions)
     torch.testing.assert_close(again.embeddings, first.embeddings)
 
 
