@@ -15,11 +15,13 @@ from typing import Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, MAX_GUIDANCE_SCALE,
+                                MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, request_defaults)
+
 from . import handlers as h
 from .history import History
 from .images import MAX_UPLOAD_BYTES
 from .models import ModelManager
-from .params import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED
 
 TITLE = "DREAM Studio"
 
@@ -93,7 +95,8 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         manager = ModelManager(model, models_dirs, device=device).load_initial()
         context = h.AppContext(manager, History(outputs_dir), shared_history=shared_history)
     ctx = context
-    d = h.default_controls(ctx)
+    d = h.default_controls(ctx)  # ranges that depend on the loaded model
+    r = request_defaults()  # the engine's defaults; every limit below comes from dream_core.request
 
     with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         session = gr.State(h.SessionState())
@@ -115,27 +118,31 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                         with gr.Row():
                             gen_btn = gr.Button("Generate", variant="primary", scale=3, elem_id="ds-generate")
                             stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="ds-stop")
-                        k = gr.Slider(1, MAX_CANDIDATES, value=4, step=1, label="Candidates (K)",
+                        k = gr.Slider(1, APP_MAX_CANDIDATES, value=APP_DEFAULT_CANDIDATES, step=1, label="Candidates (K)",
                                       info="decoded together; all but the best are pruned at the decision step")
                         steps = gr.Slider(1, d["seq_len"], value=d["steps"], step=1, label="Decoding steps",
                                           info=f"at most one step per token ({d['seq_len']} tokens)")
                         decision = gr.Slider(1, max(2, d["steps"] - 1), value=d["decision"], step=1,
                                              label="Decision step")
-                        decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"], 4),
+                        decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"], APP_DEFAULT_CANDIDATES),
                                                   elem_id="ds-decision-info")
                         with gr.Row():
                             seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
                                              interactive=False, scale=2)
                             randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
                             reuse_btn = gr.Button("♻ Reuse last seed", size="sm", scale=1)
-                        n_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
+                        n_images = gr.Slider(1, MAX_IMAGES, value=r["num_images"], step=1, label="Images",
                                              info="image i uses seeds seed + i·K …")
                         with gr.Accordion("Sampling", open=False):
-                            cfg = gr.Slider(0.0, 10.0, value=3.0, step=0.1, label="CFG scale")
-                            schedule = gr.Radio(["constant", "linear"], value="constant", label="CFG schedule",
+                            cfg = gr.Slider(0.0, MAX_GUIDANCE_SCALE, value=r["guidance_scale"], step=0.1,
+                                            label="CFG scale")
+                            schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
+                                                label="CFG schedule",
                                                 info="linear ramps guidance up as tokens get decided")
-                            temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
-                            head_steps = gr.Slider(1, 1000, value=100, step=1, label="Diffusion-head steps",
+                            temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=r["temperature"], step=0.05,
+                                                    label="Temperature")
+                            head_steps = gr.Slider(1, d["head_steps_max"], value=r["head_steps"], step=1,
+                                                   label="Diffusion-head steps",
                                                    info="denoising steps of the per-token head at every decoding step")
                         preview_mode = gr.Radio(list(h.PREVIEW_MODES), value=h.PREVIEW_MARKED, label="Live view",
                                                 info="hatched = not decided yet; partial decode = the VAE's view "
@@ -235,15 +242,15 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         with gr.Column(visible=False):
             a_prompt = gr.Textbox(label="prompt")
             a_negative = gr.Textbox(label="negative_prompt", value="")
-            a_k = gr.Number(label="num_candidates", value=4, precision=0)
+            a_k = gr.Number(label="num_candidates", value=APP_DEFAULT_CANDIDATES, precision=0)
             a_decision = gr.Number(label="decision_step", value=0, precision=0)
             a_steps = gr.Number(label="num_inference_steps", value=d["steps"], precision=0)
-            a_head = gr.Number(label="head_steps", value=100, precision=0)
-            a_cfg = gr.Number(label="guidance_scale", value=3.0)
-            a_sched = gr.Dropdown(["constant", "linear"], value="constant", label="guidance_schedule")
-            a_temp = gr.Number(label="temperature", value=1.0)
+            a_head = gr.Number(label="head_steps", value=r["head_steps"], precision=0)
+            a_cfg = gr.Number(label="guidance_scale", value=r["guidance_scale"])
+            a_sched = gr.Dropdown(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"], label="guidance_schedule")
+            a_temp = gr.Number(label="temperature", value=r["temperature"])
             a_seed = gr.Number(label="seed", value=-1, precision=0)
-            a_n = gr.Number(label="num_images", value=1, precision=0)
+            a_n = gr.Number(label="num_images", value=r["num_images"], precision=0)
             a_files = gr.File(label="images", file_count="multiple")
             a_records = gr.JSON(label="parameters")
             a_gen = gr.Button("api-generate")
@@ -376,10 +383,11 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                          queue=False, api_visibility="private")
 
         # ----- Public API -----
-        def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "", num_candidates: int = 4,
-                     decision_step: int = 0, num_inference_steps: int = 16, head_steps: int = 100,
-                     guidance_scale: float = 3.0, guidance_schedule: str = "constant", temperature: float = 1.0,
-                     seed: int = -1, num_images: int = 1):
+        def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
+                     num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
+                     num_inference_steps: int = d["steps"], head_steps: int = r["head_steps"],
+                     guidance_scale: float = r["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
+                     temperature: float = r["temperature"], seed: int = -1, num_images: int = r["num_images"]):
             """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
             settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
                                               None if not decision_step else decision_step, num_inference_steps,
@@ -407,7 +415,8 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
             same = dd["seq_len"] == d["seq_len"]  # the controls built with the page still fit the model
             return (_banner(ctx), gr.skip() if same else gr.Slider(maximum=dd["seq_len"], value=dd["steps"]),
                     gr.skip() if same else gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]),
-                    gr.skip() if same else h.decision_info(dd["steps"], dd["decision"], dd["seq_len"], 4),
+                    gr.skip() if same else h.decision_info(dd["steps"], dd["decision"], dd["seq_len"],
+                                                                  APP_DEFAULT_CANDIDATES),
                     gr.Dropdown(choices=names, value=ctx.manager.name if ctx.manager.name in names else None),
                     ctx.manager.info_markdown(), h.model_card(ctx), h.history_items(ctx, sess))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +63,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but CUDA is not available")
     return device
+
+
+def check_image_tokenizer(config: DreamConfig, tokenizer: ImageTokenizer) -> None:
+    """The VAE in vae/ must be the one the weights were trained on: same latent channels and the
+    same latent scale (config.vae_scaling_factor, which training copies from the VAE)."""
+    if tokenizer.channels != config.vae_channels:
+        raise ValueError(f"vae/ has {tokenizer.channels} latent channels but config.vae_channels={config.vae_channels}")
+    expected, found = config.vae_scaling_factor, tokenizer.scaling_factor
+    if not math.isclose(found, expected, rel_tol=1e-5):
+        raise ValueError(f"vae/ scales latents by {found} but the weights were trained with "
+                         f"config.vae_scaling_factor={expected}")
 
 
 def image_to_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
@@ -147,6 +159,7 @@ class DreamPipeline:
         preview = path / PREVIEW_DIR
         image_tokenizer = ImageTokenizer.from_pretrained(path / "vae", config.patch_size,
                                                          preview_path=preview if preview.exists() else None)
+        check_image_tokenizer(config, image_tokenizer)
         text_encoder = ConditioningTextEncoder.from_pretrained(path / "text", config.t5_max_length)
         if text_encoder.dim != config.t5_dim:
             raise ValueError(f"text/ holds a T5 of width {text_encoder.dim} but config.t5_dim={config.t5_dim}")

@@ -188,6 +188,18 @@ def test_missing_directory_or_files_raise(tmp_path, tiny_model_dir):
             DreamPipeline.from_pretrained(d, device="cpu")
 
 
+def test_a_vae_other_than_the_trained_one_is_refused(tmp_path, tiny_model_dir):
+    """config.vae_scaling_factor is the latent scale the weights were trained with: a vae/ that
+    scales differently (or has other channels) would decode garbage, so loading refuses it."""
+    for key, value, match in (("scaling_factor", 0.25, r"scales latents by 0.25 .*config.vae_scaling_factor=0.5"),
+                              ("latent_channels", 8, "8 latent channels but config.vae_channels=4")):
+        d = _copy(tiny_model_dir, tmp_path / key)
+        vae_config = d / "vae" / "config.json"
+        vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), key: value}))
+        with pytest.raises(ValueError, match=match):
+            DreamPipeline.from_pretrained(d, device="cpu")
+
+
 @pytest.mark.parametrize("how", ["garbage", "truncated", "empty"])
 def test_corrupt_weights_raise(tmp_path, tiny_model_dir, how):
     d = _copy(tiny_model_dir, tmp_path)
