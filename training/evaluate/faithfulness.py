@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_pipeline(args.model, args.device, args.threads)
     sampler = sampler_from_args(args, pipe)
     if args.k > 1:
-        from dream_core.sampling import default_decision_step
-
-        step = args.decision_step if args.decision_step is not None else default_decision_step(pipe.config, sampler.num_inference_steps)
+        # The request resolves the model's default decision step (and checks a given one).
+        step = sampler.request("x", args.k, args.decision_step).validate(pipe.config).decision_step
         setting = Setting(args.k, step)
     else:
         setting = Setting(1)
