@@ -8,6 +8,7 @@ flag between decoding steps, so Stop lands within one step.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import secrets
@@ -21,15 +22,16 @@ import gradio as gr
 import pandas as pd
 from platformdirs import user_cache_dir
 
-from dream_core.masking import fraction_decided
 from dream_core.config import DreamConfig
+from dream_core.masking import fraction_decided
+from dream_core.request import APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, MAX_SEED, default_steps
 from dream_core.sampling import default_decision_step
 
 from .history import APP_NAME, History
 from .images import (DISPLAY_SIZE, MAX_UPLOAD_BYTES, Tile, candidate_grid, fit, mark_undecided, open_checked,
                      read_record, save_png, score_chart, tile_size_for, upscale)
 from .models import ModelManager
-from .params import MAX_SEED, GenerationSettings, ImageRecord
+from .params import GenerationSettings, ImageRecord
 
 PREVIEW_MARKED = "Decided tokens (undecided hatched)"
 PREVIEW_PARTIAL = "Partial decode (raw latent)"
@@ -149,7 +151,8 @@ def decision_info(num_steps: Any, decision_step: Any, seq_len: int, num_candidat
         return "One candidate: plain MAR decoding, nothing to decide."
     if steps < 2:
         return "Needs at least 2 steps to decide between candidates."
-    decision = max(1, min(decision, steps - 1))
+    if not 1 <= decision <= steps - 1:
+        return f"The decision step must be between 1 and {steps - 1} for {steps} steps."
     share = fraction_decided(decision, steps, seq_len)
     return (f"Candidates are scored after step **{decision}** of {steps}, when **{100 * share:.1f} %** of the "
             f"{seq_len} tokens are decided; the best one continues.")
@@ -217,13 +220,11 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
         raise fail(str(err)) from None
     cfg = pipe.config
     try:
-        s = settings.validated(cfg.seq_len, cfg.num_train_timesteps)
+        s = settings.validated(cfg)  # the engine's request checks, defaults resolved
     except ValueError as err:
         raise fail(str(err)) from None
     if preview_mode not in PREVIEW_MODES:
         raise fail(f"preview mode must be one of {', '.join(PREVIEW_MODES)}")
-    if s.num_candidates > 1 and s.decision_step is None:
-        s.decision_step = default_decision_step(cfg, s.num_inference_steps)
     base_seed = s.seed if s.seed is not None else draw_seed()
     s.seed = base_seed
     interval = ctx.min_interval if min_interval is None else min_interval
@@ -253,11 +254,8 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
             last_yield = -math.inf
             budget = PreviewBudget(share)
             t_start = clock()
-            events = pipe.stream(s.prompt, num_candidates=k, decision_step=s.decision_step,
-                                 num_inference_steps=steps, guidance_scale=s.guidance_scale,
-                                 guidance_schedule=s.guidance_schedule, temperature=s.temperature,
-                                 negative_prompt=s.negative_prompt or None, seed=seed_i, head_steps=s.head_steps,
-                                 should_stop=lambda: session.stop_requested)
+            request = dataclasses.replace(s, seed=seed_i, num_images=1).request()
+            events = pipe.stream(request, should_stop=lambda: session.stop_requested)
             try:
                 for ev in events:
                     last = ev
@@ -496,16 +494,17 @@ def read_parameters(path: str | None) -> ImageRecord:
 
 
 def controls_from_record(record: ImageRecord, config: DreamConfig) -> dict[str, Any]:
-    """Values for the Generate controls that reproduce a record (clipped to the loaded model)."""
+    """Values for the Generate controls that reproduce a record, fitted to what the loaded model's
+    widgets can show (a record from a longer model is cut to its token count: the UI shows that)."""
     steps = max(1, min(int(record.num_inference_steps), config.seq_len))
-    k = max(1, min(int(record.num_candidates), 16))
+    k = max(1, min(int(record.num_candidates), APP_MAX_CANDIDATES))
     decision = record.decision_step if record.decision_step is not None else (
         default_decision_step(config, steps) if steps > 1 else 1)
     decision = max(1, min(int(decision or 1), max(1, steps - 1)))
     return dict(prompt=record.prompt, negative_prompt=record.negative_prompt, num_candidates=k,
                 decision_step=decision, num_inference_steps=steps, head_steps=int(record.head_steps),
                 guidance_scale=float(record.guidance_scale), guidance_schedule=record.guidance_schedule
-                if record.guidance_schedule in ("constant", "linear") else "constant",
+                if record.guidance_schedule in GUIDANCE_SCHEDULES else GUIDANCE_SCHEDULES[0],
                 temperature=float(record.temperature), seed=int(record.seed), randomize=False, num_images=1)
 
 
@@ -533,11 +532,13 @@ def switch_model(ctx: AppContext, name: Any) -> None:
 
 
 def default_controls(ctx: AppContext) -> dict[str, Any]:
-    """Slider ranges and defaults for the loaded model (steps <= its number of tokens)."""
+    """Slider ranges and defaults for the loaded model, from the engine's request: steps <= its
+    number of tokens, the default steps and the model's default decision step."""
     pipe = ctx.manager.pipe
     config = pipe.config if pipe is not None else DreamConfig.preset("shapes")
-    steps = min(config.seq_len, 16)
-    return dict(seq_len=config.seq_len, steps=steps, decision=default_decision_step(config, steps))
+    steps = default_steps(config.seq_len)
+    decision = default_decision_step(config, steps) if steps > 1 else 1
+    return dict(seq_len=config.seq_len, steps=steps, decision=decision, head_steps_max=config.num_train_timesteps)
 
 
 __all__ = ["AppContext", "GenerateView", "PREVIEW_MODES", "SEARCH_MODES", "SessionState", "begin_job",

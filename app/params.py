@@ -8,95 +8,63 @@ image browsers read). Reading accepts either, JSON first.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dream_core.masking import fraction_decided
+from dream_core.request import APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GenerationRequest
 
 PARAMS_KEY = "dream-studio"
 INFOTEXT_KEY = "parameters"
 RECORD_VERSION = 1
-MAX_CANDIDATES = 16
-MAX_IMAGES = 8
-MAX_SEED = 2**32 - 1
-GUIDANCE_SCHEDULES = ("constant", "linear")
 
 
-def _as_int(name: str, value: Any, low: int, high: int) -> int:
-    """Gradio sliders and JSON clients send 4.0 for 4: accept integral floats, reject the rest."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        value = int(value)
-    if not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+def _whole(value: Any) -> Any:
+    """Gradio sliders and JSON clients send 4.0 for 4: an integral float becomes that integer;
+    anything else is passed on unchanged for the request to accept or refuse (2.5 is refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
-
-
-def _as_float(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not low <= float(value) <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
-    return float(value)
 
 
 @dataclass
 class GenerationSettings:
-    """What a user asks for. `seed=None` means "draw a random seed" (the drawn seed is recorded)."""
+    """What a user asks for in the app. `seed=None` means "draw a random seed" (the drawn seed is
+    recorded); `decision_step=None` and `num_inference_steps=None` mean the model's defaults.
+    Checked by dream_core's GenerationRequest (the one source of every limit)."""
 
     prompt: str
     negative_prompt: str = ""
-    num_candidates: int = 4
-    decision_step: int | None = None  # None: the engine's default (about 1/8 of the steps)
-    num_inference_steps: int = 16
-    head_steps: int = 100
-    guidance_scale: float = 3.0
-    guidance_schedule: str = "constant"
-    temperature: float = 1.0
+    num_candidates: int = APP_DEFAULT_CANDIDATES
+    decision_step: int | None = None
+    num_inference_steps: int | None = None
+    head_steps: int = GenerationRequest.head_steps
+    guidance_scale: float = GenerationRequest.guidance_scale
+    guidance_schedule: str = GenerationRequest.guidance_schedule
+    temperature: float = GenerationRequest.temperature
     seed: int | None = None
-    num_images: int = 1
+    num_images: int = GenerationRequest.num_images
 
-    def validated(self, seq_len: int, num_train_timesteps: int = 1000) -> "GenerationSettings":
-        """Check the ranges the app allows (the engine checks again); messages name the field."""
-        if not isinstance(self.prompt, str) or not " ".join(self.prompt.split()):
-            raise ValueError("prompt must not be empty: describe the image you want")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ValueError("negative_prompt must be text")
-        k = _as_int("num_candidates", self.num_candidates, 1, MAX_CANDIDATES)
-        steps = _as_int("num_inference_steps", self.num_inference_steps, 1, seq_len)
-        decision = self.decision_step
-        if k > 1:
-            if steps < 2:
-                raise ValueError("with more than one candidate, num_inference_steps must be at least 2 "
-                                 "(the decision happens before the last step)")
-            if decision is not None:
-                decision = _as_int("decision_step", decision, 1, steps - 1)
-        else:
-            decision = None
-        schedule = self.guidance_schedule
-        if schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
-        seed = None if self.seed is None else _as_int("seed", self.seed, 0, MAX_SEED)
+    def request(self) -> GenerationRequest:
+        """The engine's request for these settings (widget floats such as 4.0 read as integers)."""
+        return GenerationRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt if self.negative_prompt is not None else "",
+            num_candidates=_whole(self.num_candidates), decision_step=_whole(self.decision_step),
+            num_inference_steps=_whole(self.num_inference_steps), guidance_scale=self.guidance_scale,
+            guidance_schedule=self.guidance_schedule, temperature=self.temperature,
+            head_steps=_whole(self.head_steps), seed=_whole(self.seed), num_images=_whole(self.num_images))
+
+    def validated(self, config) -> "GenerationSettings":
+        """Checked against the model `config` by the engine's request (app limit on K: the
+        request's APP_MAX_CANDIDATES), defaults resolved; messages name the field."""
+        r = self.request().validate(config, max_candidates=APP_MAX_CANDIDATES)
         return GenerationSettings(
-            prompt=" ".join(self.prompt.split()),
-            negative_prompt=" ".join((self.negative_prompt or "").split()),
-            num_candidates=k,
-            decision_step=decision,
-            num_inference_steps=steps,
-            head_steps=_as_int("head_steps", self.head_steps, 1, num_train_timesteps),
-            guidance_scale=_as_float("guidance_scale", self.guidance_scale, 0.0, 30.0),
-            guidance_schedule=schedule,
-            temperature=_as_float("temperature", self.temperature, 0.0, 5.0),
-            seed=seed,
-            num_images=_as_int("num_images", self.num_images, 1, MAX_IMAGES),
-        )
+            prompt=r.prompt, negative_prompt=r.negative_prompt, num_candidates=r.num_candidates,
+            decision_step=r.decision_step, num_inference_steps=r.num_inference_steps, head_steps=r.head_steps,
+            guidance_scale=r.guidance_scale, guidance_schedule=r.guidance_schedule, temperature=r.temperature,
+            seed=r.seed, num_images=r.num_images)
 
 
 @dataclass

@@ -10,16 +10,19 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, MAX_GUIDANCE_SCALE,
+                                MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, request_defaults)
+
 from . import handlers as h
 from .history import History
 from .images import MAX_UPLOAD_BYTES
 from .models import ModelManager
-from .params import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED
 
 TITLE = "DREAM Studio"
 
@@ -88,335 +91,395 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
               outputs_dir: str | Path | None = None, shared_history: bool = True,
               context: h.AppContext | None = None) -> gr.Blocks:
     """The DREAM Studio Blocks app. Launch it with `launch_app(demo, ...)` (CSS, head script and
-    allowed paths travel with it)."""
+    allowed paths travel with it). Layout per tab (`_*_tab`), then the events (`_wire_*`)."""
     if context is None:
         manager = ModelManager(model, models_dirs, device=device).load_initial()
         context = h.AppContext(manager, History(outputs_dir), shared_history=shared_history)
     ctx = context
-    d = h.default_controls(ctx)
+    d = h.default_controls(ctx)  # ranges that depend on the loaded model
+    r = request_defaults()  # the engine's defaults; every limit comes from dream_core.request
 
     with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
-        session = gr.State(h.SessionState())
-        picked = gr.State(None)  # the record chosen in History (or read from a dropped PNG)
+        ui = SimpleNamespace(session=gr.State(h.SessionState()),
+                             picked=gr.State(None))  # the record chosen in History (or read from a dropped PNG)
         gr.Markdown(f"# {TITLE}\nDREAM decodes **K candidates** at once, scores them with its own encoder "
                     "early in decoding (Semantically Aligned Decoding), and finishes only the best one.")
-        banner = gr.HTML(_banner(ctx))
-
+        ui.banner = gr.HTML(_banner(ctx))
+        ui.demo = demo
         with gr.Tabs() as tabs:
-            # ---------------- Generate ----------------
-            with gr.Tab("Generate", id="generate"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=1, min_width=340, elem_id="ds-controls"):
-                        prompt = gr.Textbox(label="Prompt", lines=2, elem_id="ds-prompt",
-                                            placeholder="a large red circle in the middle on a white background",
-                                            info="Ctrl+Enter generates")
-                        negative = gr.Textbox(label="Negative prompt (optional)", lines=1,
-                                              placeholder="replaces the empty prompt in classifier-free guidance")
-                        with gr.Row():
-                            gen_btn = gr.Button("Generate", variant="primary", scale=3, elem_id="ds-generate")
-                            stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="ds-stop")
-                        k = gr.Slider(1, MAX_CANDIDATES, value=4, step=1, label="Candidates (K)",
-                                      info="decoded together; all but the best are pruned at the decision step")
-                        steps = gr.Slider(1, d["seq_len"], value=d["steps"], step=1, label="Decoding steps",
-                                          info=f"at most one step per token ({d['seq_len']} tokens)")
-                        decision = gr.Slider(1, max(2, d["steps"] - 1), value=d["decision"], step=1,
-                                             label="Decision step")
-                        decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"], 4),
-                                                  elem_id="ds-decision-info")
-                        with gr.Row():
-                            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
-                                             interactive=False, scale=2)
-                            randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
-                            reuse_btn = gr.Button("♻ Reuse last seed", size="sm", scale=1)
-                        n_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
-                                             info="image i uses seeds seed + i·K …")
-                        with gr.Accordion("Sampling", open=False):
-                            cfg = gr.Slider(0.0, 10.0, value=3.0, step=0.1, label="CFG scale")
-                            schedule = gr.Radio(["constant", "linear"], value="constant", label="CFG schedule",
-                                                info="linear ramps guidance up as tokens get decided")
-                            temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="Temperature")
-                            head_steps = gr.Slider(1, 1000, value=100, step=1, label="Diffusion-head steps",
-                                                   info="denoising steps of the per-token head at every decoding step")
-                        preview_mode = gr.Radio(list(h.PREVIEW_MODES), value=h.PREVIEW_MARKED, label="Live view",
-                                                info="hatched = not decided yet; partial decode = the VAE's view "
-                                                     "of the half-filled latent")
-                    with gr.Column(scale=2, min_width=480):
-                        status = gr.HTML(h.progress_html(0.0, "Ready."), elem_id="ds-status")
-                        with gr.Row(equal_height=False):
-                            with gr.Column(min_width=300):
-                                gr.Markdown("**Candidates** (live) · hatched patches are tokens not decided yet",
-                                            elem_classes="ds-heading")
-                                grid = gr.Image(show_label=False, type="pil", format="png", interactive=False,
-                                                buttons=["fullscreen"], elem_id="ds-grid", elem_classes="pixelated",
-                                                height=440)
-                            with gr.Column(min_width=300):
-                                gr.Markdown("**Result** · saved as PNG with its parameters", elem_classes="ds-heading")
-                                final = gr.Image(show_label=False, type="filepath", format="png", interactive=False,
-                                                 buttons=["download", "fullscreen"], elem_id="ds-final",
-                                                 elem_classes="pixelated", height=440)
-                                download = gr.DownloadButton("Download PNG (with parameters)", visible=False,
-                                                             elem_id="ds-download", size="md")
-                        with gr.Row(equal_height=False):
-                            with gr.Column(min_width=300):
-                                gr.Markdown("**Scores at the decision step** · the model's own image-text similarity",
-                                            elem_classes="ds-heading")
-                                scores_plot = gr.Image(show_label=False, type="pil", format="png", interactive=False,
-                                                       buttons=[], elem_id="ds-scores", height=260)
-                            with gr.Column(min_width=300):
-                                infotext = gr.Textbox(label="Parameters (stored in the PNG)", lines=5,
-                                                      interactive=False, buttons=["copy"], elem_id="ds-infotext")
-                        run_gallery = gr.Gallery(label="This run", columns=4, height=220, visible=False,
-                                                 elem_classes="pixelated", format="png",
-                                                 buttons=["download", "fullscreen"])
-
-            # ---------------- History ----------------
-            with gr.Tab("History", id="history"):
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        gr.Markdown("**Past generations**, newest first · click one to see its parameters",
-                                    elem_classes="ds-heading")
-                        history = gr.Gallery(show_label=False, columns=6, height=460,
-                                             elem_classes="pixelated", elem_id="ds-history", format="png",
-                                             allow_preview=True, buttons=["download", "fullscreen"])
-                        with gr.Row():
-                            refresh_btn = gr.Button("Refresh", size="sm")
-                            send_btn = gr.Button("Send to Generate", variant="primary", size="sm")
-                            to_search_btn = gr.Button("Search captions for this image", size="sm")
-                    with gr.Column(scale=2):
-                        picked_json = gr.JSON(label="Parameters of the selected (or dropped) image",
-                                              elem_id="ds-picked")
-                        gr.Markdown("**Drop a PNG made by DREAM Studio** to read its parameters",
-                                    elem_classes="ds-heading")
-                        png_in = CheckedImage(show_label=False, type="filepath", sources=["upload", "clipboard"],
-                                              height=200, elem_id="ds-png-in", elem_classes="pixelated")
-                        send_png_btn = gr.Button("Send these parameters to Generate", size="sm")
-
-            # ---------------- Reverse search ----------------
-            with gr.Tab("Reverse search", id="search"):
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        gr.Markdown("**Image**: upload, paste, or pick one in History", elem_classes="ds-heading")
-                        search_img = CheckedImage(show_label=False, type="filepath", sources=["upload", "clipboard"],
-                                                  height=300, elem_id="ds-search-img", elem_classes="pixelated")
-                        mode = gr.Radio([(h.SEARCH_MODE_LABELS[m], m) for m in h.SEARCH_MODES], value=h.SEARCH_BANK,
-                                        label="Search in")
-                        caption_file = gr.File(label="Caption bank: a .txt file, one caption per line",
-                                               file_types=[".txt"], type="filepath", visible=False)
-                        labels = gr.Textbox(label="Labels, one per line (or comma-separated)", lines=4,
-                                            visible=False, placeholder="circle\nsquare\ntriangle")
-                        top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
-                        search_btn = gr.Button("Search", variant="primary", elem_id="ds-search")
-                    with gr.Column(scale=3):
-                        results = gr.Dataframe(headers=["rank", "caption", "score"], interactive=False,
-                                               label="Best captions", elem_id="ds-results", wrap=True)
-                        results_note = gr.Markdown("")
-                        use_caption_btn = gr.Button("Use the best caption as the prompt", size="sm")
-
-            # ---------------- Model ----------------
-            with gr.Tab("Model", id="model"):
-                names = list(ctx.manager.choices())
-                dirs = ", ".join(f"`{p}`" for p in ctx.manager.models_dirs)
-                with gr.Row():
-                    found = f"model directories found in {dirs}" if names else \
-                        f"no model directory found yet in {dirs} (one holds config.json and model.safetensors)"
-                    model_dd = gr.Dropdown(names, value=ctx.manager.name if ctx.manager.name in names else None,
-                                           label="Model", info=found, scale=3, elem_id="ds-model-dd")
-                    with gr.Column(scale=1, min_width=160):
-                        load_btn = gr.Button("Load", variant="primary")
-                        rescan_btn = gr.Button("Rescan folders", size="sm")
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=2):
-                        model_info = gr.Markdown(ctx.manager.info_markdown(), elem_id="ds-model-info")
-                    with gr.Column(scale=3):
-                        gr.Markdown("**Model card**", elem_classes="ds-heading")
-                        card = gr.Markdown(h.model_card(ctx), elem_id="ds-model-card", container=True)
-
-        # Hidden components carrying the typed public API.
-        with gr.Column(visible=False):
-            a_prompt = gr.Textbox(label="prompt")
-            a_negative = gr.Textbox(label="negative_prompt", value="")
-            a_k = gr.Number(label="num_candidates", value=4, precision=0)
-            a_decision = gr.Number(label="decision_step", value=0, precision=0)
-            a_steps = gr.Number(label="num_inference_steps", value=d["steps"], precision=0)
-            a_head = gr.Number(label="head_steps", value=100, precision=0)
-            a_cfg = gr.Number(label="guidance_scale", value=3.0)
-            a_sched = gr.Dropdown(["constant", "linear"], value="constant", label="guidance_schedule")
-            a_temp = gr.Number(label="temperature", value=1.0)
-            a_seed = gr.Number(label="seed", value=-1, precision=0)
-            a_n = gr.Number(label="num_images", value=1, precision=0)
-            a_files = gr.File(label="images", file_count="multiple")
-            a_records = gr.JSON(label="parameters")
-            a_gen = gr.Button("api-generate")
-            s_image = CheckedImage(label="image", type="filepath")
-            s_top = gr.Number(label="top_k", value=5, precision=0)
-            s_mode = gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode")
-            s_file = gr.File(label="captions_file", type="filepath")
-            s_labels = gr.Textbox(label="labels", value="")
-            s_out = gr.JSON(label="results")
-            a_search = gr.Button("api-search")
-
-        gen_controls = [prompt, negative, k, decision, steps, head_steps, cfg, schedule, temperature, seed,
-                        randomize, n_images]
-
-        # ----- Generate events -----
-        def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
-            settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
-            for v in h.generate_stream(ctx, sess, settings, pm):
-                yield (
-                    _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
-                    _skip(v.final),
-                    gr.DownloadButton(value=v.download, visible=True) if v.download else gr.skip(),
-                    gr.Gallery(value=v.gallery, visible=len(v.gallery) > 1) if v.gallery is not None else gr.skip(),
-                    _skip(v.infotext),
-                )
-
-        gen_event = gr.on([gen_btn.click], fn=h.begin_job, inputs=[session], outputs=None, queue=False,
-                          api_visibility="private").then(
-            ui_generate, inputs=[session, *gen_controls, preview_mode],
-            outputs=[status, grid, scores_plot, final, download, run_gallery, infotext],
-            concurrency_id="model", api_visibility="private", show_progress="hidden")
-        gen_event.then(lambda s: gr.Gallery(value=h.history_items(ctx, s)), inputs=[session], outputs=[history],
-                       api_visibility="private", queue=False)
-        stop_btn.click(h.request_stop, inputs=[session], outputs=None, queue=False, api_visibility="private")
-
-        def on_steps(st, dec, kk):
-            st = int(st)
-            top = max(1, st - 1)
-            return (gr.Slider(maximum=max(2, top), value=min(int(dec), top), interactive=st >= 2 and int(kk) > 1),
-                    h.decision_info(st, min(int(dec), top), ctx.manager.pipe.config.seq_len
-                                    if ctx.manager.pipe else d["seq_len"], kk))
-
-        # One queued handler for all three controls (not three unqueued ones): queued events of a
-        # session run in order, one at a time, so a stale "of 16" can never land after "of 6".
-        gr.on([steps.input, k.input, decision.input], on_steps, [steps, decision, k], [decision, decision_md],
-              concurrency_limit=1, trigger_mode="always_last", show_progress="hidden", api_visibility="private")
-        randomize.change(lambda r: gr.Number(interactive=not r), [randomize], [seed], queue=False,
-                         api_visibility="private")
-        reuse_btn.click(lambda s: (h.reuse_last_seed(s), False), [session], [seed, randomize], queue=False,
-                        api_visibility="private")
-
-        # ----- History events -----
-        def on_history_select(sess, evt: gr.SelectData):
-            record = h.select_history(ctx, sess, evt.index)
-            return record.to_dict(), record.to_dict()
-
-        def send_to_generate(rec):
-            if not rec:
-                raise h.fail("pick an image in the history (or drop a PNG made by the app) first")
-            if ctx.manager.pipe is None:
-                raise h.fail("no model is loaded: pick one in the Model tab first")
-            seq_len = ctx.manager.pipe.config.seq_len
-            try:
-                c = h.controls_from_record(h.ImageRecord.from_dict(rec), ctx.manager.pipe.config)
-            except (TypeError, ValueError) as err:
-                raise h.fail(f"these parameters cannot be used: {err}") from None
-            return (c["prompt"], c["negative_prompt"], c["num_candidates"],
-                    gr.Slider(maximum=max(2, c["num_inference_steps"] - 1), value=c["decision_step"],
-                              interactive=c["num_inference_steps"] >= 2 and c["num_candidates"] > 1),
-                    c["num_inference_steps"], c["head_steps"], c["guidance_scale"], c["guidance_schedule"],
-                    c["temperature"], gr.Number(value=c["seed"], interactive=True), False, 1,
-                    h.decision_info(c["num_inference_steps"], c["decision_step"], seq_len, c["num_candidates"]),
-                    gr.Tabs(selected="generate"))
-
-        send_outputs = gen_controls + [decision_md, tabs]
-        history.select(on_history_select, [session], [picked, picked_json], api_visibility="private", queue=False)
-        refresh_btn.click(lambda s: h.history_items(ctx, s), [session], [history], api_visibility="private",
-                          queue=False)
-        send_btn.click(send_to_generate, [picked], send_outputs, api_visibility="private", queue=False)
-        send_png_btn.click(send_to_generate, [picked], send_outputs, api_visibility="private", queue=False)
-
-        def on_png(path):
-            if path is None:
-                return None, None
-            record = h.read_parameters(path)
-            return record.to_dict(), record.to_dict()
-
-        png_in.upload(on_png, [png_in], [picked, picked_json], api_visibility="private", queue=False)
-        png_in.clear(lambda: (None, None), None, [picked, picked_json], api_visibility="private", queue=False)
-
-        def history_to_search(sess):
-            if not sess.selected:
-                raise h.fail("pick an image in the history first")
-            return sess.selected, gr.Tabs(selected="search")
-
-        to_search_btn.click(history_to_search, [session], [search_img, tabs], api_visibility="private", queue=False)
-
-        # ----- Reverse search events -----
-        mode.change(lambda m: (gr.File(visible=m == h.SEARCH_FILE), gr.Textbox(visible=m == h.SEARCH_LABELS)),
-                    [mode], [caption_file, labels], queue=False, api_visibility="private")
-
-        def ui_search(img, kk, m, f, lab):
-            found = h.search(ctx, img, kk, m, f, lab)
-            kind = "softmax probability over the labels" if m == h.SEARCH_LABELS else "cosine similarity"
-            return h.search_table(found), f"Score: {kind} in the model's joint image-text space."
-
-        search_btn.click(ui_search, [search_img, top_k, mode, caption_file, labels], [results, results_note],
-                         concurrency_id="search", api_visibility="private")
-
-        def use_caption(table):
-            rows = table.values.tolist() if hasattr(table, "values") else (table or [])
-            if not rows or not rows[0] or not rows[0][1]:
-                raise h.fail("search first: there is no caption to use yet")
-            return rows[0][1], gr.Tabs(selected="generate")
-
-        use_caption_btn.click(use_caption, [results], [prompt, tabs], queue=False, api_visibility="private")
-
-        # ----- Model events -----
-        def ui_switch(name):
-            h.switch_model(ctx, name)
-            dd = h.default_controls(ctx)
-            return (ctx.manager.info_markdown(), h.model_card(ctx), _banner(ctx),
-                    gr.Slider(maximum=dd["seq_len"], value=dd["steps"],
-                              info=f"at most one step per token ({dd['seq_len']} tokens)"),
-                    gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]))
-
-        load_btn.click(ui_switch, [model_dd], [model_info, card, banner, steps, decision],
-                       concurrency_id="model", api_visibility="private")
-        rescan_btn.click(lambda: gr.Dropdown(choices=list(ctx.manager.choices())), None, [model_dd],
-                         queue=False, api_visibility="private")
-
-        # ----- Public API -----
-        def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "", num_candidates: int = 4,
-                     decision_step: int = 0, num_inference_steps: int = 16, head_steps: int = 100,
-                     guidance_scale: float = 3.0, guidance_schedule: str = "constant", temperature: float = 1.0,
-                     seed: int = -1, num_images: int = 1):
-            """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
-            settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
-                                              None if not decision_step else decision_step, num_inference_steps,
-                                              head_steps, guidance_scale, guidance_schedule, temperature,
-                                              h.resolve_seed(seed, False), num_images)
-            paths, records = h.generate_images(ctx, sess, settings)
-            return paths, records
-
-        a_gen.click(generate, [session, a_prompt, a_negative, a_k, a_decision, a_steps, a_head, a_cfg, a_sched,
-                               a_temp, a_seed, a_n], [a_files, a_records], api_name="generate",
-                    concurrency_id="model")
-
-        def search(image: str, top_k: int = 5, mode: str = "bank", captions_file: str | None = None,
-                   labels: str = ""):
-            """Reverse search: the best captions for an image, [{rank, caption, score}]."""
-            return h.search(ctx, image, top_k, mode, captions_file, labels)
-
-        a_search.click(search, [s_image, s_top, s_mode, s_file, s_labels], [s_out], api_name="search",
-                       concurrency_id="search")
-
-        # ----- page load: the current model may differ from the one at build time -----
-        def on_load(sess):
-            dd = h.default_controls(ctx)
-            names = list(ctx.manager.choices())
-            same = dd["seq_len"] == d["seq_len"]  # the controls built with the page still fit the model
-            return (_banner(ctx), gr.skip() if same else gr.Slider(maximum=dd["seq_len"], value=dd["steps"]),
-                    gr.skip() if same else gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]),
-                    gr.skip() if same else h.decision_info(dd["steps"], dd["decision"], dd["seq_len"], 4),
-                    gr.Dropdown(choices=names, value=ctx.manager.name if ctx.manager.name in names else None),
-                    ctx.manager.info_markdown(), h.model_card(ctx), h.history_items(ctx, sess))
-
-        demo.load(on_load, [session], [banner, steps, decision, decision_md, model_dd, model_info, card, history],
-                  api_visibility="private", queue=False, show_progress="hidden")
+            for part in (_generate_tab(d, r), _history_tab(), _search_tab(), _model_tab(ctx)):
+                vars(ui).update(vars(part))
+        ui.tabs = tabs
+        vars(ui).update(vars(_api_components(d, r)))
+        ui.gen_controls = [ui.prompt, ui.negative, ui.k, ui.decision, ui.steps, ui.head_steps, ui.cfg, ui.schedule,
+                           ui.temperature, ui.seed, ui.randomize, ui.n_images]
+        for wire in (_wire_generate, _wire_history, _wire_search, _wire_model, _wire_api, _wire_page_load):
+            wire(ctx, ui, d, r)
 
     demo.queue(default_concurrency_limit=1)
     demo.dream_context = ctx  # type: ignore[attr-defined]
     return demo
+
+
+# ----- layout, one function per tab -----
+def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
+    """The Generate tab: controls on the left, live candidates and the result on the right."""
+    with gr.Tab("Generate", id="generate"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=340, elem_id="ds-controls"):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="ds-prompt",
+                                    placeholder="a large red circle in the middle on a white background",
+                                    info="Ctrl+Enter generates")
+                negative = gr.Textbox(label="Negative prompt (optional)", lines=1,
+                                      placeholder="replaces the empty prompt in classifier-free guidance")
+                with gr.Row():
+                    gen_btn = gr.Button("Generate", variant="primary", scale=3, elem_id="ds-generate")
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="ds-stop")
+                k = gr.Slider(1, APP_MAX_CANDIDATES, value=APP_DEFAULT_CANDIDATES, step=1, label="Candidates (K)",
+                              info="decoded together; all but the best are pruned at the decision step")
+                steps = gr.Slider(1, d["seq_len"], value=d["steps"], step=1, label="Decoding steps",
+                                  info=f"at most one step per token ({d['seq_len']} tokens)")
+                decision = gr.Slider(1, max(2, d["steps"] - 1), value=d["decision"], step=1,
+                                     label="Decision step")
+                decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"],
+                                                          APP_DEFAULT_CANDIDATES), elem_id="ds-decision-info")
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
+                                     interactive=False, scale=2)
+                    randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
+                    reuse_btn = gr.Button("♻ Reuse last seed", size="sm", scale=1)
+                n_images = gr.Slider(1, MAX_IMAGES, value=r["num_images"], step=1, label="Images",
+                                     info="image i uses seeds seed + i·K …")
+                with gr.Accordion("Sampling", open=False):
+                    cfg = gr.Slider(0.0, MAX_GUIDANCE_SCALE, value=r["guidance_scale"], step=0.1,
+                                    label="CFG scale")
+                    schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
+                                        label="CFG schedule",
+                                        info="linear ramps guidance up as tokens get decided")
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=r["temperature"], step=0.05,
+                                            label="Temperature")
+                    head_steps = gr.Slider(1, d["head_steps_max"], value=r["head_steps"], step=1,
+                                           label="Diffusion-head steps",
+                                           info="denoising steps of the per-token head at every decoding step")
+                preview_mode = gr.Radio(list(h.PREVIEW_MODES), value=h.PREVIEW_MARKED, label="Live view",
+                                        info="hatched = not decided yet; partial decode = the VAE's view "
+                                             "of the half-filled latent")
+            with gr.Column(scale=2, min_width=480):
+                status = gr.HTML(h.progress_html(0.0, "Ready."), elem_id="ds-status")
+                with gr.Row(equal_height=False):
+                    with gr.Column(min_width=300):
+                        gr.Markdown("**Candidates** (live) · hatched patches are tokens not decided yet",
+                                    elem_classes="ds-heading")
+                        grid = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                        buttons=["fullscreen"], elem_id="ds-grid", elem_classes="pixelated",
+                                        height=440)
+                    with gr.Column(min_width=300):
+                        gr.Markdown("**Result** · saved as PNG with its parameters", elem_classes="ds-heading")
+                        final = gr.Image(show_label=False, type="filepath", format="png", interactive=False,
+                                         buttons=["download", "fullscreen"], elem_id="ds-final",
+                                         elem_classes="pixelated", height=440)
+                        download = gr.DownloadButton("Download PNG (with parameters)", visible=False,
+                                                     elem_id="ds-download", size="md")
+                with gr.Row(equal_height=False):
+                    with gr.Column(min_width=300):
+                        gr.Markdown("**Scores at the decision step** · the model's own image-text similarity",
+                                    elem_classes="ds-heading")
+                        scores_plot = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                               buttons=[], elem_id="ds-scores", height=260)
+                    with gr.Column(min_width=300):
+                        infotext = gr.Textbox(label="Parameters (stored in the PNG)", lines=5,
+                                              interactive=False, buttons=["copy"], elem_id="ds-infotext")
+                run_gallery = gr.Gallery(label="This run", columns=4, height=220, visible=False,
+                                         elem_classes="pixelated", format="png",
+                                         buttons=["download", "fullscreen"])
+    return SimpleNamespace(prompt=prompt, negative=negative, gen_btn=gen_btn, stop_btn=stop_btn, k=k, steps=steps,
+                           decision=decision, decision_md=decision_md, seed=seed, randomize=randomize,
+                           reuse_btn=reuse_btn, n_images=n_images, cfg=cfg, schedule=schedule,
+                           temperature=temperature, head_steps=head_steps, preview_mode=preview_mode, status=status,
+                           grid=grid, final=final, download=download, scores_plot=scores_plot, infotext=infotext,
+                           run_gallery=run_gallery)
+
+
+def _history_tab() -> SimpleNamespace:
+    """The History tab: past generations, their parameters, a PNG drop zone."""
+    with gr.Tab("History", id="history"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                gr.Markdown("**Past generations**, newest first · click one to see its parameters",
+                            elem_classes="ds-heading")
+                history = gr.Gallery(show_label=False, columns=6, height=460,
+                                     elem_classes="pixelated", elem_id="ds-history", format="png",
+                                     allow_preview=True, buttons=["download", "fullscreen"])
+                with gr.Row():
+                    refresh_btn = gr.Button("Refresh", size="sm")
+                    send_btn = gr.Button("Send to Generate", variant="primary", size="sm")
+                    to_search_btn = gr.Button("Search captions for this image", size="sm")
+            with gr.Column(scale=2):
+                picked_json = gr.JSON(label="Parameters of the selected (or dropped) image",
+                                      elem_id="ds-picked")
+                gr.Markdown("**Drop a PNG made by DREAM Studio** to read its parameters",
+                            elem_classes="ds-heading")
+                png_in = CheckedImage(show_label=False, type="filepath", sources=["upload", "clipboard"],
+                                      height=200, elem_id="ds-png-in", elem_classes="pixelated")
+                send_png_btn = gr.Button("Send these parameters to Generate", size="sm")
+    return SimpleNamespace(history=history, refresh_btn=refresh_btn, send_btn=send_btn, to_search_btn=to_search_btn,
+                           picked_json=picked_json, png_in=png_in, send_png_btn=send_png_btn)
+
+
+def _search_tab() -> SimpleNamespace:
+    """The Reverse search tab: an image against the caption bank, a caption file or labels."""
+    with gr.Tab("Reverse search", id="search"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                gr.Markdown("**Image**: upload, paste, or pick one in History", elem_classes="ds-heading")
+                search_img = CheckedImage(show_label=False, type="filepath", sources=["upload", "clipboard"],
+                                          height=300, elem_id="ds-search-img", elem_classes="pixelated")
+                mode = gr.Radio([(h.SEARCH_MODE_LABELS[m], m) for m in h.SEARCH_MODES], value=h.SEARCH_BANK,
+                                label="Search in")
+                caption_file = gr.File(label="Caption bank: a .txt file, one caption per line",
+                                       file_types=[".txt"], type="filepath", visible=False)
+                labels = gr.Textbox(label="Labels, one per line (or comma-separated)", lines=4,
+                                    visible=False, placeholder="circle\nsquare\ntriangle")
+                top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+                search_btn = gr.Button("Search", variant="primary", elem_id="ds-search")
+            with gr.Column(scale=3):
+                results = gr.Dataframe(headers=["rank", "caption", "score"], interactive=False,
+                                       label="Best captions", elem_id="ds-results", wrap=True)
+                results_note = gr.Markdown("")
+                use_caption_btn = gr.Button("Use the best caption as the prompt", size="sm")
+    return SimpleNamespace(search_img=search_img, mode=mode, caption_file=caption_file, labels=labels, top_k=top_k,
+                           search_btn=search_btn, results=results, results_note=results_note,
+                           use_caption_btn=use_caption_btn)
+
+
+def _model_tab(ctx: h.AppContext) -> SimpleNamespace:
+    """The Model tab: pick a model directory, its info and model card."""
+    with gr.Tab("Model", id="model"):
+        names = list(ctx.manager.choices())
+        dirs = ", ".join(f"`{p}`" for p in ctx.manager.models_dirs)
+        with gr.Row():
+            found = f"model directories found in {dirs}" if names else \
+                f"no model directory found yet in {dirs} (one holds config.json and model.safetensors)"
+            model_dd = gr.Dropdown(names, value=ctx.manager.name if ctx.manager.name in names else None,
+                                   label="Model", info=found, scale=3, elem_id="ds-model-dd")
+            with gr.Column(scale=1, min_width=160):
+                load_btn = gr.Button("Load", variant="primary")
+                rescan_btn = gr.Button("Rescan folders", size="sm")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2):
+                model_info = gr.Markdown(ctx.manager.info_markdown(), elem_id="ds-model-info")
+            with gr.Column(scale=3):
+                gr.Markdown("**Model card**", elem_classes="ds-heading")
+                card = gr.Markdown(h.model_card(ctx), elem_id="ds-model-card", container=True)
+
+    return SimpleNamespace(model_dd=model_dd, load_btn=load_btn, rescan_btn=rescan_btn, model_info=model_info,
+                           card=card)
+
+
+def _api_components(d: dict, r: dict) -> SimpleNamespace:
+    """Hidden components carrying the typed public API (`generate`, `search`)."""
+    with gr.Column(visible=False):
+        a_prompt = gr.Textbox(label="prompt")
+        a_negative = gr.Textbox(label="negative_prompt", value="")
+        a_k = gr.Number(label="num_candidates", value=APP_DEFAULT_CANDIDATES, precision=0)
+        a_decision = gr.Number(label="decision_step", value=0, precision=0)
+        a_steps = gr.Number(label="num_inference_steps", value=d["steps"], precision=0)
+        a_head = gr.Number(label="head_steps", value=r["head_steps"], precision=0)
+        a_cfg = gr.Number(label="guidance_scale", value=r["guidance_scale"])
+        a_sched = gr.Dropdown(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"], label="guidance_schedule")
+        a_temp = gr.Number(label="temperature", value=r["temperature"])
+        a_seed = gr.Number(label="seed", value=-1, precision=0)
+        a_n = gr.Number(label="num_images", value=r["num_images"], precision=0)
+        a_files = gr.File(label="images", file_count="multiple")
+        a_records = gr.JSON(label="parameters")
+        a_gen = gr.Button("api-generate")
+        s_image = CheckedImage(label="image", type="filepath")
+        s_top = gr.Number(label="top_k", value=5, precision=0)
+        s_mode = gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode")
+        s_file = gr.File(label="captions_file", type="filepath")
+        s_labels = gr.Textbox(label="labels", value="")
+        s_out = gr.JSON(label="results")
+        a_search = gr.Button("api-search")
+    return SimpleNamespace(a_prompt=a_prompt, a_negative=a_negative, a_k=a_k, a_decision=a_decision,
+                           a_steps=a_steps, a_head=a_head, a_cfg=a_cfg, a_sched=a_sched, a_temp=a_temp,
+                           a_seed=a_seed, a_n=a_n, a_files=a_files, a_records=a_records, a_gen=a_gen,
+                           s_image=s_image, s_top=s_top, s_mode=s_mode, s_file=s_file, s_labels=s_labels,
+                           s_out=s_out, a_search=a_search)
+
+
+# ----- events -----
+def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """Generate, Stop, the step/decision helpers and the seed controls."""
+    def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
+        settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
+        for v in h.generate_stream(ctx, sess, settings, pm):
+            yield (
+                _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
+                _skip(v.final),
+                gr.DownloadButton(value=v.download, visible=True) if v.download else gr.skip(),
+                gr.Gallery(value=v.gallery, visible=len(v.gallery) > 1) if v.gallery is not None else gr.skip(),
+                _skip(v.infotext),
+            )
+
+    gen_event = gr.on([ui.gen_btn.click], fn=h.begin_job, inputs=[ui.session], outputs=None, queue=False,
+                      api_visibility="private").then(
+        ui_generate, inputs=[ui.session, *ui.gen_controls, ui.preview_mode],
+        outputs=[ui.status, ui.grid, ui.scores_plot, ui.final, ui.download, ui.run_gallery, ui.infotext],
+        concurrency_id="model", api_visibility="private", show_progress="hidden")
+    gen_event.then(lambda s: gr.Gallery(value=h.history_items(ctx, s)), inputs=[ui.session], outputs=[ui.history],
+                   api_visibility="private", queue=False)
+    ui.stop_btn.click(h.request_stop, inputs=[ui.session], outputs=None, queue=False, api_visibility="private")
+
+    def on_steps(st, dec, kk):
+        st = int(st)
+        top = max(1, st - 1)
+        return (gr.Slider(maximum=max(2, top), value=min(int(dec), top), interactive=st >= 2 and int(kk) > 1),
+                h.decision_info(st, min(int(dec), top), ctx.manager.pipe.config.seq_len
+                                if ctx.manager.pipe else d["seq_len"], kk))
+
+    # One queued handler for all three controls (not three unqueued ones): queued events of a
+    # session run in order, one at a time, so a stale "of 16" can never land after "of 6".
+    gr.on([ui.steps.input, ui.k.input, ui.decision.input], on_steps, [ui.steps, ui.decision, ui.k],
+          [ui.decision, ui.decision_md], concurrency_limit=1, trigger_mode="always_last", show_progress="hidden",
+          api_visibility="private")
+    ui.randomize.change(lambda r: gr.Number(interactive=not r), [ui.randomize], [ui.seed], queue=False,
+                        api_visibility="private")
+    ui.reuse_btn.click(lambda s: (h.reuse_last_seed(s), False), [ui.session], [ui.seed, ui.randomize], queue=False,
+                       api_visibility="private")
+
+
+def _wire_history(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """History selection, PNG drop, and sending parameters to Generate."""
+    def on_history_select(sess, evt: gr.SelectData):
+        record = h.select_history(ctx, sess, evt.index)
+        return record.to_dict(), record.to_dict()
+
+    def send_to_generate(rec):
+        if not rec:
+            raise h.fail("pick an image in the history (or drop a PNG made by the app) first")
+        if ctx.manager.pipe is None:
+            raise h.fail("no model is loaded: pick one in the Model tab first")
+        seq_len = ctx.manager.pipe.config.seq_len
+        try:
+            c = h.controls_from_record(h.ImageRecord.from_dict(rec), ctx.manager.pipe.config)
+        except (TypeError, ValueError) as err:
+            raise h.fail(f"these parameters cannot be used: {err}") from None
+        return (c["prompt"], c["negative_prompt"], c["num_candidates"],
+                gr.Slider(maximum=max(2, c["num_inference_steps"] - 1), value=c["decision_step"],
+                          interactive=c["num_inference_steps"] >= 2 and c["num_candidates"] > 1),
+                c["num_inference_steps"], c["head_steps"], c["guidance_scale"], c["guidance_schedule"],
+                c["temperature"], gr.Number(value=c["seed"], interactive=True), False, 1,
+                h.decision_info(c["num_inference_steps"], c["decision_step"], seq_len, c["num_candidates"]),
+                gr.Tabs(selected="generate"))
+
+    send_outputs = ui.gen_controls + [ui.decision_md, ui.tabs]
+    ui.history.select(on_history_select, [ui.session], [ui.picked, ui.picked_json], api_visibility="private",
+                      queue=False)
+    ui.refresh_btn.click(lambda s: h.history_items(ctx, s), [ui.session], [ui.history], api_visibility="private",
+                         queue=False)
+    ui.send_btn.click(send_to_generate, [ui.picked], send_outputs, api_visibility="private", queue=False)
+    ui.send_png_btn.click(send_to_generate, [ui.picked], send_outputs, api_visibility="private", queue=False)
+
+    def on_png(path):
+        if path is None:
+            return None, None
+        record = h.read_parameters(path)
+        return record.to_dict(), record.to_dict()
+
+    ui.png_in.upload(on_png, [ui.png_in], [ui.picked, ui.picked_json], api_visibility="private", queue=False)
+    ui.png_in.clear(lambda: (None, None), None, [ui.picked, ui.picked_json], api_visibility="private", queue=False)
+
+    def history_to_search(sess):
+        if not sess.selected:
+            raise h.fail("pick an image in the history first")
+        return sess.selected, gr.Tabs(selected="search")
+
+    ui.to_search_btn.click(history_to_search, [ui.session], [ui.search_img, ui.tabs], api_visibility="private",
+                           queue=False)
+
+
+def _wire_search(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """Reverse search and using its best caption as the prompt."""
+    ui.mode.change(lambda m: (gr.File(visible=m == h.SEARCH_FILE), gr.Textbox(visible=m == h.SEARCH_LABELS)),
+                   [ui.mode], [ui.caption_file, ui.labels], queue=False, api_visibility="private")
+
+    def ui_search(img, kk, m, f, lab):
+        found = h.search(ctx, img, kk, m, f, lab)
+        kind = "softmax probability over the labels" if m == h.SEARCH_LABELS else "cosine similarity"
+        return h.search_table(found), f"Score: {kind} in the model's joint image-text space."
+
+    ui.search_btn.click(ui_search, [ui.search_img, ui.top_k, ui.mode, ui.caption_file, ui.labels],
+                        [ui.results, ui.results_note], concurrency_id="search", api_visibility="private")
+
+    def use_caption(table):
+        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+        if not rows or not rows[0] or not rows[0][1]:
+            raise h.fail("search first: there is no caption to use yet")
+        return rows[0][1], gr.Tabs(selected="generate")
+
+    ui.use_caption_btn.click(use_caption, [ui.results], [ui.prompt, ui.tabs], queue=False, api_visibility="private")
+
+
+def _wire_model(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """Loading another model (sliders follow its token count) and rescanning folders."""
+    def ui_switch(name):
+        h.switch_model(ctx, name)
+        dd = h.default_controls(ctx)
+        return (ctx.manager.info_markdown(), h.model_card(ctx), _banner(ctx),
+                gr.Slider(maximum=dd["seq_len"], value=dd["steps"],
+                          info=f"at most one step per token ({dd['seq_len']} tokens)"),
+                gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]))
+
+    ui.load_btn.click(ui_switch, [ui.model_dd], [ui.model_info, ui.card, ui.banner, ui.steps, ui.decision],
+                      concurrency_id="model", api_visibility="private")
+    ui.rescan_btn.click(lambda: gr.Dropdown(choices=list(ctx.manager.choices())), None, [ui.model_dd],
+                        queue=False, api_visibility="private")
+
+
+def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """The two public endpoints, typed by the hidden components."""
+    def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
+                 num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
+                 num_inference_steps: int = d["steps"], head_steps: int = r["head_steps"],
+                 guidance_scale: float = r["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
+                 temperature: float = r["temperature"], seed: int = -1, num_images: int = r["num_images"]):
+        """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
+        settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
+                                          None if not decision_step else decision_step, num_inference_steps,
+                                          head_steps, guidance_scale, guidance_schedule, temperature,
+                                          h.resolve_seed(seed, False), num_images)
+        paths, records = h.generate_images(ctx, sess, settings)
+        return paths, records
+
+    ui.a_gen.click(generate, [ui.session, ui.a_prompt, ui.a_negative, ui.a_k, ui.a_decision, ui.a_steps, ui.a_head,
+                              ui.a_cfg, ui.a_sched, ui.a_temp, ui.a_seed, ui.a_n], [ui.a_files, ui.a_records],
+                   api_name="generate", concurrency_id="model")
+
+    def search(image: str, top_k: int = 5, mode: str = "bank", captions_file: str | None = None,
+               labels: str = ""):
+        """Reverse search: the best captions for an image, [{rank, caption, score}]."""
+        return h.search(ctx, image, top_k, mode, captions_file, labels)
+
+    ui.a_search.click(search, [ui.s_image, ui.s_top, ui.s_mode, ui.s_file, ui.s_labels], [ui.s_out],
+                      api_name="search", concurrency_id="search")
+
+
+def _wire_page_load(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """Page load: the current model may differ from the one at build time."""
+    def on_load(sess):
+        dd = h.default_controls(ctx)
+        names = list(ctx.manager.choices())
+        same = dd["seq_len"] == d["seq_len"]  # the controls built with the page still fit the model
+        return (_banner(ctx), gr.skip() if same else gr.Slider(maximum=dd["seq_len"], value=dd["steps"]),
+                gr.skip() if same else gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]),
+                gr.skip() if same else h.decision_info(dd["steps"], dd["decision"], dd["seq_len"],
+                                                       APP_DEFAULT_CANDIDATES),
+                gr.Dropdown(choices=names, value=ctx.manager.name if ctx.manager.name in names else None),
+                ctx.manager.info_markdown(), h.model_card(ctx), h.history_items(ctx, sess))
+
+    ui.demo.load(on_load, [ui.session], [ui.banner, ui.steps, ui.decision, ui.decision_md, ui.model_dd, ui.model_info,
+                                         ui.card, ui.history],
+                 api_visibility="private", queue=False, show_progress="hidden")
 
 
 def _patient_self_check() -> None:

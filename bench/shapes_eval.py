@@ -23,9 +23,9 @@ with seed 20261123 + 64 i (its K candidates: + 0 .. K-1).
    the end and judged; SAD's choice vs best-of-K by the judge, and the within-prompt correlation
    between SAD's score at the decision and the final verdict.
 
-Generation dominates; every setting of a prompt shares one decoding trunk (`common.generate`):
-the 9 candidates run together up to the last decision step, then only the rows some setting keeps
-(candidate 0 for K = 1, each SAD winner) run to the end: exactly what separate runs give.
+Generation dominates; every setting of a prompt shares one decoding trunk
+(`DreamPipeline.generate_batch`): the 9 candidates run together up to the last decision step, then
+only the rows some setting keeps (candidate 0 for K = 1, each SAD winner) run to the end: exactly what separate runs give.
 
     python bench/shapes_eval.py                                   # bundled model, 500 prompts per set
     python bench/shapes_eval.py --quick                           # smoke run
@@ -46,9 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.sampling import decision_step_for_share, default_decision_step  # noqa: E402
 from training.data.shapes_world import parse_caption, render  # noqa: E402
-from training.evaluate.common import (EVAL_SEED, STREAM_SEARCH, SamplerSettings, Setting,  # noqa: E402
-                                      generate, load_pipeline, prompt_seeds,
-                                      rendered_scenes, scene_from_caption, vae_round_trip, write_json)
+from dream_core.request import SamplerSettings  # noqa: E402
+from dream_core.semantic_decoding import Setting  # noqa: E402
+from training.evaluate.cli import load_pipeline, write_json  # noqa: E402
+from training.evaluate.scoring import vae_round_trip  # noqa: E402
+from training.evaluate.sets import (EVAL_SEED, STREAM_SEARCH, prompt_seeds, rendered_scenes,  # noqa: E402
+                                    scene_from_caption)
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.linear_probe import probe_shapes  # noqa: E402
 
@@ -74,7 +77,8 @@ def faithfulness_section(pipe, objects: int, n: int, sampler: SamplerSettings, e
     steps = sad_steps(pipe.config, sampler.num_inference_steps)
     named = {"K=1": Setting(1), **{w: Setting(k, steps[w]) for w in which}}
     prompts = prompt_set(objects, n, eval_seed)
-    run = generate(pipe, prompts, prompt_seeds(n, eval_seed), list(named.values()), sampler, batch_size, progress=True)
+    run = pipe.generate_batch(prompts, prompt_seeds(n, eval_seed), list(named.values()), sampler, batch_size,
+                              progress=True)
     out = {"n": n, "generation_seconds": run.seconds, "row_steps": run.row_steps, "settings": {}}
     # The ceiling: jittered renders of the very prompts through the VAE and back, judged the same way.
     rng = np.random.default_rng(np.random.SeedSequence([eval_seed, STREAM_CEILING, objects]))
@@ -134,8 +138,8 @@ def critic_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_se
     d = default_decision_step(pipe.config, sampler.num_inference_steps)
     sad, oracle = Setting(k, d), Setting(k, rerank=True)
     prompts = prompt_set(objects, n, eval_seed)
-    run = generate(pipe, prompts, prompt_seeds(n, eval_seed), [sad, oracle], sampler, batch_size,
-                   reranker=JudgeReranker(), progress=True)
+    run = pipe.generate_batch(prompts, prompt_seeds(n, eval_seed), [sad, oracle], sampler, batch_size,
+                              reranker=JudgeReranker(), progress=True)
     verdicts = torch.tensor(run.results[oracle].scores)  # [n, K] judge verdict of every candidate
     sad_scores = torch.tensor(run.results[sad].scores)  # [n, K] SAD's score at the decision
     chosen = torch.tensor(run.results[sad].chosen)

@@ -4,6 +4,7 @@ diffusion head), Masking Warmup schedules, Semantically Aligned Decoding and rev
 from .config import DreamConfig
 from .model import DreamModel
 from .pipeline import DreamOutput, DreamPipeline
+from .request import GenerationRequest
 
-__all__ = ["DreamConfig", "DreamModel", "DreamOutput", "DreamPipeline"]
+__all__ = ["DreamConfig", "DreamModel", "DreamOutput", "DreamPipeline", "GenerationRequest"]
 __version__ = "0.1.0"

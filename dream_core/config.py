@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,10 @@ CLIP_PROJECTIONS = ("post", "pre")
 class DreamConfig:
     name: str = "base"
 
+    # ----- architecture -----
     # Image tokenizer: a diffusers AutoencoderKL, its latent cut into patch x patch tokens.
+    # `vae_scaling_factor` is the latent scale the weights were trained with; the pipeline checks
+    # it against the VAE's own config.scaling_factor at load (the one the tokenizer applies).
     image_size: int = 256
     vae_channels: int = 4
     vae_stride: int = 8
@@ -46,13 +49,6 @@ class DreamConfig:
     head_width: int = 1024
     diffusion_batch_mul: int = 4
     num_train_timesteps: int = 1000
-    # Clip the head's x0 prediction to [-v, v] while sampling (0 = off, the official sampler).
-    # Briefly trained heads amplify their eps error ~300x at t = 999; toy models need it.
-    clip_denoised: float = 0.0
-    # Semantically Aligned Decoding: the share of tokens decided when the K candidates are scored,
-    # by default. Never below `min_visible_for_clip` (the encoder was not trained on fewer visible
-    # tokens, so a score there is noise); measured per model by training.evaluate.sad_sweep.
-    sad_decision_share: float = 0.25
 
     # Contrastive text tower (open_clip TextTransformer + BPE tokenizer) and image projector.
     clip_context_length: int = 77
@@ -72,11 +68,23 @@ class DreamConfig:
     logit_scale_max: float = math.log(100.0)
 
     # Conditioning: frozen T5 encoder (any width) + text aligner, used only by the decoder.
+    # `t5_path` records where the T5 came from (a hub id for training; "text" = the model
+    # directory's text/ folder once exported); the pipeline loads text/ and checks `t5_dim`.
     t5_path: str = "google/t5-v1_1-xxl"
     t5_dim: int = 4096
     t5_max_length: int = 128
     aligner_depth: int = 6
 
+    # ----- sampling defaults (read by dream_core.sampling; a request may not override them) -----
+    # Clip the head's x0 prediction to [-v, v] while sampling (0 = off, the official sampler).
+    # Briefly trained heads amplify their eps error ~300x at t = 999; toy models need it.
+    clip_denoised: float = 0.0
+    # Semantically Aligned Decoding: the share of tokens decided when the K candidates are scored,
+    # by default. Never below `min_visible_for_clip` (the encoder was not trained on fewer visible
+    # tokens, so a score there is noise); measured per model by training.evaluate.sad_sweep.
+    sad_decision_share: float = 0.25
+
+    # ----- training losses (read by dream_core.losses / model.forward_train and training/) -----
     # Loss weights and filters (per sample).
     diffusion_weight: float = 1.0
     clip_weight: float = 0.005
@@ -88,8 +96,6 @@ class DreamConfig:
     repa_block: int = 0
     repa_teacher_dim: int = 768
     repa_weight: float = 0.5
-
-    extra: dict[str, Any] = field(default_factory=dict)
 
     # ----- derived geometry -----
     @property
@@ -162,6 +168,12 @@ class DreamConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DreamConfig":
+        data = dict(data)
+        # Files written before the `extra` catch-all was removed hold "extra": {} (never read).
+        legacy_extra = data.pop("extra", {})
+        if legacy_extra:
+            raise ValueError(f"config.extra is no longer supported and holds {sorted(legacy_extra)}; "
+                             "move those notes to the model card (README.md)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -18,9 +18,11 @@ import hashlib
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,14 +32,16 @@ from .config import DreamConfig
 from .image_tokenizer import ImageTokenizer, save_preview_decoder
 from .model import DreamModel
 from .retrieval import CaptionBank
-from .sampling import GUIDANCE_SCHEDULES, StepEvent, TextCondition, candidate_generators
-from .semantic_decoding import semantic_decode, validate_decision_steps
+from .masking import decoding_schedule
+from .request import MAX_SEED, GenerationRequest, SamplerSettings, check_int
+from .sampling import StepEvent, TextCondition, candidate_generators, decode_step, init_state
+from .semantic_decoding import (GenerationRun, Generated, Setting, alignment_scores, rank_candidates, rows_needed,
+                                semantic_decode)
 from .text import ClipTokenizer, ConditioningTextEncoder, validate_prompts
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "dream-shapes"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PREVIEW_DIR = "preview_vae"  # optional AutoencoderTiny for live previews
-MAX_CANDIDATES = 64
 
 
 @dataclass
@@ -61,23 +65,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
-    return int(value)
-
-
-def _check_float(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high if high is not None else 'inf'}], got {value}")
-    return value
+def check_image_tokenizer(config: DreamConfig, tokenizer: ImageTokenizer) -> None:
+    """The VAE in vae/ must be the one the weights were trained on: same latent channels and the
+    same latent scale (config.vae_scaling_factor, which training copies from the VAE)."""
+    if tokenizer.channels != config.vae_channels:
+        raise ValueError(f"vae/ has {tokenizer.channels} latent channels but config.vae_channels={config.vae_channels}")
+    expected, found = config.vae_scaling_factor, tokenizer.scaling_factor
+    if not math.isclose(found, expected, rel_tol=1e-5):
+        raise ValueError(f"vae/ scales latents by {found} but the weights were trained with "
+                         f"config.vae_scaling_factor={expected}")
 
 
 def image_to_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
@@ -163,6 +159,7 @@ class DreamPipeline:
         preview = path / PREVIEW_DIR
         image_tokenizer = ImageTokenizer.from_pretrained(path / "vae", config.patch_size,
                                                          preview_path=preview if preview.exists() else None)
+        check_image_tokenizer(config, image_tokenizer)
         text_encoder = ConditioningTextEncoder.from_pretrained(path / "text", config.t5_max_length)
         if text_encoder.dim != config.t5_dim:
             raise ValueError(f"text/ holds a T5 of width {text_encoder.dim} but config.t5_dim={config.t5_dim}")
@@ -192,48 +189,18 @@ class DreamPipeline:
             (path / "README.md").write_text(card)
 
     # ----- generation -----
-    def _validate(self, prompt, num_candidates, decision_step, num_inference_steps, guidance_scale,
-                  guidance_schedule, temperature, negative_prompt, head_steps, num_images):
-        prompt = validate_prompts(prompt, "prompt")
-        if len(prompt) != 1:
-            raise ValueError("prompt must be a single string (call once per prompt)")
-        num_candidates = _check_int("num_candidates", num_candidates, 1, MAX_CANDIDATES)
-        if num_inference_steps is None:  # 64 as MAR/DREAM, or one step per token for short sequences
-            num_inference_steps = min(64, self.config.seq_len)
-        num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1, self.config.seq_len)
-        if decision_step is None and num_candidates > 1:
-            from .sampling import default_decision_step
-
-            if num_inference_steps < 2:
-                raise ValueError("num_candidates > 1 needs num_inference_steps >= 2 (a decision step before the end)")
-            decision_step = default_decision_step(self.config, num_inference_steps)
-        # Checked even for K = 1 (where it is a no-op), so an impossible value never passes silently.
-        decisions = validate_decision_steps(decision_step, num_inference_steps)
-        if num_candidates == 1:
-            decisions = []
-        guidance_scale = _check_float("guidance_scale", guidance_scale, 0.0, 100.0)
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
-        temperature = _check_float("temperature", temperature, 0.0, 10.0)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
-        if negative_prompt is not None and negative_prompt.strip():
-            negative_prompt = validate_prompts(negative_prompt, "negative_prompt")[0]
-        else:
-            negative_prompt = ""
-        head_steps = _check_int("head_steps", head_steps, 1, self.config.num_train_timesteps)
-        num_images = _check_int("num_images", num_images, 1, 64)
-        return (prompt[0], num_candidates, decisions, num_inference_steps, guidance_scale, guidance_schedule,
-                temperature, negative_prompt, head_steps, num_images)
+    def request(self, prompt: str | GenerationRequest, **settings: Any) -> GenerationRequest:
+        """The validated request for this model (defaults resolved); ValueError names a bad field."""
+        return GenerationRequest.from_settings(prompt, **settings).validate(self.config)
 
     def _seed(self, seed: int | None, generator: torch.Generator | None) -> int:
         if seed is not None:
-            return _check_int("seed", seed, 0, 2**63 - 1)
+            return seed
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            return int(torch.randint(0, 2**62, (1,), generator=generator))
-        return int(torch.randint(0, 2**62, (1,)))
+            return int(torch.randint(0, MAX_SEED + 1, (1,), generator=generator))
+        return int(torch.randint(0, MAX_SEED + 1, (1,)))
 
     @torch.inference_mode()
     def _condition(self, prompt: str, negative_prompt: str, cfg: bool) -> tuple[TextCondition, torch.Tensor]:
@@ -250,51 +217,186 @@ class DreamPipeline:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    def stream(self, prompt: str, num_candidates: int = 1, decision_step: int | Sequence[int] | None = None,
-               num_inference_steps: int | None = None, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
-               temperature: float = 1.0, negative_prompt: str | None = None, generator: torch.Generator | None = None,
-               seed: int | None = None, head_steps: int = 100, should_stop: Callable[[], bool] | None = None,
-               shared_order: bool = True) -> Iterator[StepEvent]:
-        """Yield a StepEvent after every decoding step and at every SAD decision. `shared_order`:
-        the K candidates share one generation order (the official SAD; False = one order each)."""
-        (prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, _) = self._validate(
-            prompt, num_candidates, decision_step, num_inference_steps, guidance_scale, guidance_schedule,
-            temperature, negative_prompt, head_steps, 1)
-        base_seed = self._seed(seed, generator)
-        yield from self._stream(prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps,
-                                base_seed, should_stop, bool(shared_order))
+    def stream(self, prompt: str | GenerationRequest, generator: torch.Generator | None = None,
+               should_stop: Callable[[], bool] | None = None, **settings: Any) -> Iterator[StepEvent]:
+        """Yield a StepEvent after every decoding step and at every SAD decision, for one image.
+        `prompt` is a GenerationRequest or a prompt with its settings as keywords (see
+        GenerationRequest: num_candidates, decision_step, seed, ...); num_images is ignored."""
+        req = self.request(prompt, **settings)
+        base_seed = self._seed(req.seed, generator)
+        yield from self._stream(req, base_seed, should_stop)
 
-    def _stream(self, prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, base_seed,
-                should_stop=None, shared_order=True) -> Iterator[StepEvent]:
-        text, text_emb = self._condition(prompt, neg, cfg_scale != 1.0)
-        gens = candidate_generators(base_seed, k)
+    def _stream(self, req: GenerationRequest, base_seed: int,
+                should_stop: Callable[[], bool] | None = None) -> Iterator[StepEvent]:
+        text, text_emb = self._condition(req.prompt, req.negative_prompt, req.guidance_scale != 1.0)
+        gens = candidate_generators(base_seed, req.num_candidates)
         with self.autocast():
-            yield from semantic_decode(self.model, text, text_emb, gens, steps, decisions, cfg_scale, cfg_sched,
-                                       temp, head_steps, should_stop=should_stop, device=self.device,
-                                       shared_order=shared_order)
+            yield from semantic_decode(self.model, text, text_emb, gens, req.num_inference_steps, req.decision_steps,
+                                       req.guidance_scale, req.guidance_schedule, req.temperature, req.head_steps,
+                                       should_stop=should_stop, device=self.device, shared_order=req.shared_order)
 
-    def __call__(self, prompt: str, num_candidates: int = 1, decision_step: int | Sequence[int] | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float = 3.0, guidance_schedule: str = "constant",
-                 temperature: float = 1.0, negative_prompt: str | None = None,
-                 generator: torch.Generator | None = None, seed: int | None = None, head_steps: int = 100,
-                 num_images: int = 1, shared_order: bool = True) -> DreamOutput:
-        """Generate `num_images` images; image i uses seeds seed + i*K ... seed + i*K + K-1 for its K candidates."""
-        args = self._validate(prompt, num_candidates, decision_step, num_inference_steps, guidance_scale,
-                              guidance_schedule, temperature, negative_prompt, head_steps, num_images)
-        (prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, n_images) = args
-        base_seed = self._seed(seed, generator)
+    def __call__(self, prompt: str | GenerationRequest, generator: torch.Generator | None = None,
+                 **settings: Any) -> DreamOutput:
+        """Generate `num_images` images; image i uses seeds seed + i*K ... seed + i*K + K-1 for its
+        K candidates. `prompt` is a GenerationRequest or a prompt with settings as keywords."""
+        req = self.request(prompt, **settings)
+        base_seed = self._seed(req.seed, generator)
+        k = req.num_candidates
         out = DreamOutput(images=[])
-        for i in range(n_images):
+        for i in range(req.num_images):
             s = base_seed + i * k
             last = None
-            for event in self._stream(prompt, k, decisions, steps, cfg_scale, cfg_sched, temp, neg, head_steps, s,
-                                      shared_order=bool(shared_order)):
+            for event in self._stream(req, s):
                 last = event
             out.images += self.decode_tokens(last.tokens[:1])
             out.scores.append(list(last.scores))
             out.chosen.append(last.candidate_ids[0])
             out.seeds.append(s)
         return out
+
+    # ----- batched generation (evaluation) -----
+    def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], settings: Sequence[Setting],
+                       sampler: SamplerSettings | None = None, batch_size: int = 0, reranker: Any = None,
+                       progress: bool = False) -> GenerationRun:
+        """One image per prompt for every setting, the settings sharing the candidates' decoding.
+
+        For prompt i with seed s_i this gives what `pipe(prompt_i, num_candidates=K,
+        decision_step=d, seed=s_i)` gives (up to floating-point batch effects): candidate k of
+        prompt i is seeded s_i + k, rows never interact, and SAD keeps the best-scored of the first
+        K candidates at step d. So one decoding trunk of K_max candidates per prompt serves every
+        setting: all rows run together up to the last decision step, then only the rows some
+        setting keeps run to the end.
+
+        Args:
+            seeds: per-prompt seeds.
+            sampler: what every prompt shares (steps, CFG, ...); validated as a request would be.
+            batch_size: prompts per batch (0 = as many as fit `default_batch_rows`).
+            reranker: a `semantic_decoding.ExternalReranker`, for `Setting(rerank=True)`.
+        """
+        sampler = sampler or SamplerSettings()
+        prompts, req = self._validate_batch(prompts, seeds, settings, sampler, reranker)
+        settings = list(dict.fromkeys(settings))
+        kmax = max(s.num_candidates for s in settings)
+        if batch_size <= 0:
+            batch_size = max(1, self.default_batch_rows() // kmax)
+        results = {s: Generated() for s in settings}
+        row_steps = 0
+        start = time.perf_counter()
+        chunks = range(0, len(prompts), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="generating", unit="batch", file=sys.stderr)
+        for i in chunks:
+            part, spent = self._generate_chunk(prompts[i:i + batch_size], seeds[i:i + batch_size], settings,
+                                               req, kmax, reranker)
+            row_steps += spent
+            for s in settings:
+                results[s].images += part[s].images
+                results[s].chosen += part[s].chosen
+                results[s].scores += part[s].scores
+        return GenerationRun(results, time.perf_counter() - start, row_steps)
+
+    def default_batch_rows(self) -> int:
+        """Candidate rows decoded together: 4096 (GPU) / 256 (CPU) for 16-token models, fewer for
+        longer sequences so activations stay about the same size."""
+        budget = 65536 if self.device.type == "cuda" else 4096
+        return max(1, budget // self.config.seq_len)
+
+    def _validate_batch(self, prompts, seeds, settings, sampler, reranker) -> tuple[list[str], GenerationRequest]:
+        prompts = validate_prompts(list(prompts), "prompts")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds ({len(seeds)}) and prompts ({len(prompts)}) differ in length")
+        if not settings:
+            raise ValueError("settings must not be empty")
+        req = None
+        for s in settings:
+            if s.rerank and reranker is None:
+                raise ValueError(f"setting {s.name} needs an external reranker")
+            if s.num_candidates > 1 and not s.rerank and s.decision_step is None:
+                raise ValueError(f"setting {s.name} needs a decision_step")
+            # The request's own checks, so a sweep rejects exactly what a single call would.
+            req = sampler.request(prompts[0], s.num_candidates, None if s.rerank else s.decision_step).validate(
+                self.config)
+        for seed in seeds:
+            check_int("seed", seed, 0, MAX_SEED)
+        return prompts, req
+
+    @torch.inference_mode()
+    def _generate_chunk(self, prompts: list[str], seeds: Sequence[int], settings: list[Setting],
+                        sp: GenerationRequest, kmax: int, reranker: Any) -> tuple[dict[Setting, Generated], int]:
+        model, device, cfg_model = self.model, self.device, self.config
+        n = len(prompts)
+        steps = sp.num_inference_steps
+        use_cfg = sp.guidance_scale != 1.0
+        sad_steps = sorted({s.decision_step for s in settings if s.num_candidates > 1 and not s.rerank})
+        prune_at = sad_steps[-1] if sad_steps else 0
+
+        # 1. Text: T5 outside autocast, aligner + cross-attention keys/values once per prompt.
+        hidden, t5_mask = self.text_encoder(list(prompts) + ([sp.negative_prompt] if use_cfg else []))
+        hidden, t5_mask = hidden.to(device), t5_mask.to(device)
+        with self.autocast():
+            kv = model.decoder.text_kv(model.align_text(hidden, t5_mask))
+            text_emb = model.encode_text(self.clip_tokenizer(prompts).to(device)).float()
+
+        def condition(row_prompt: torch.Tensor) -> TextCondition:
+            idx = row_prompt.to(device)
+            cond = TextCondition([(k[:n][idx], v[:n][idx]) for k, v in kv], t5_mask[:n][idx])
+            if use_cfg:
+                cond.kv_uncond = [(k[n:n + 1], v[n:n + 1]) for k, v in kv]
+                cond.mask_uncond = t5_mask[n:n + 1]
+            return cond
+
+        # 2. Candidate rows: prompt-major, candidate k of prompt i seeded seeds[i] + k.
+        gens = [g for s in seeds for g in candidate_generators(int(s), kmax)]
+        row_prompt = torch.arange(n).repeat_interleave(kmax)
+        row_cand = torch.arange(kmax).repeat(n)
+        state = init_state(cfg_model.seq_len, cfg_model.token_dim, gens, device, order_groups=n,
+                           shared_order=sp.shared_order)
+        schedule = decoding_schedule(steps, cfg_model.seq_len)
+        cond = condition(row_prompt)
+        scores: dict[int, torch.Tensor] = {}
+        spent = 0
+
+        # 3. Decode; score at every decision step; after the last one keep only the rows a setting needs.
+        for step in range(steps):
+            if step in sad_steps:
+                with self.autocast():
+                    s = alignment_scores(model, state.tokens, state.mask, text_emb[row_prompt.to(device)])
+                scores[step] = s.view(n, kmax).cpu()
+            if step == prune_at:
+                keep = rows_needed(settings, scores, n, kmax)
+                state.select(keep)
+                keep_t = torch.tensor(keep, dtype=torch.long)
+                row_prompt, row_cand = row_prompt[keep_t], row_cand[keep_t]
+                cond = condition(row_prompt)
+            with self.autocast():
+                decode_step(model, state, cond, schedule, sp.guidance_scale, sp.guidance_schedule, sp.temperature,
+                            sp.head_steps)
+            spent += state.tokens.shape[0]
+
+        # 4. Decode the surviving rows to pixels and assemble every setting.
+        final: dict[tuple[int, int], Image.Image] = {}
+        tokens = state.tokens
+        for i in range(0, tokens.shape[0], 256):
+            for j, im in enumerate(self.decode_tokens(tokens[i:i + 256])):
+                r = i + j
+                final[(int(row_prompt[r]), int(row_cand[r]))] = im
+        out = {s: Generated() for s in settings}
+        for s in settings:
+            res = out[s]
+            for p in range(n):
+                k = s.num_candidates
+                if k == 1:
+                    res.chosen.append(0)
+                    res.scores.append([])
+                else:
+                    sc = (reranker.scores([final[(p, c)] for c in range(k)], prompts[p]) if s.rerank
+                          else scores[s.decision_step][p, :k])
+                    res.chosen.append(rank_candidates(sc)[0])
+                    res.scores.append([float(v) for v in sc])
+                res.images.append(final[(p, res.chosen[-1])])
+        return out, spent
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: torch.Tensor) -> list[Image.Image]:
@@ -332,15 +434,15 @@ class DreamPipeline:
             if self._bank is None:
                 if not self.captions:
                     raise ValueError("this model has no caption bank; pass captions=[...]")
-                self._bank = CaptionBank.build(self, self.captions)
+                self._bank = CaptionBank.build(self.embed_texts, self.weights_fingerprint(), self.captions)
             return self._bank
         captions = validate_prompts(list(captions), "captions")
-        return CaptionBank.build(self, captions)
+        return CaptionBank.build(self.embed_texts, self.weights_fingerprint(), captions)
 
     def search(self, image: Image.Image | np.ndarray, top_k: int = 5,
                captions: Sequence[str] | None = None) -> list[tuple[str, float]]:
         """Reverse search: the top-k captions of the bank for an image, with cosine scores."""
-        top_k = _check_int("top_k", top_k, 1, 1000)
+        top_k = check_int("top_k", top_k, 1, 1000)
         return self.caption_bank(captions).search(self.embed_images([image])[0], top_k)
 
     @torch.inference_mode()

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Sequence
 
 import torch
 from platformdirs import user_cache_dir
 from safetensors.torch import load_file, save_file
-
-if TYPE_CHECKING:
-    from .pipeline import DreamPipeline
-
 
 def cache_dir() -> Path:
     return Path(user_cache_dir("dream-studio", appauthor=False)) / "caption-banks"
@@ -30,11 +26,14 @@ class CaptionBank:
         self.embeddings = embeddings.float()
 
     @classmethod
-    def build(cls, pipe: "DreamPipeline", captions: Sequence[str], use_cache: bool = True) -> "CaptionBank":
+    def build(cls, embed_texts: Callable[[list[str]], torch.Tensor], fingerprint: str, captions: Sequence[str],
+              use_cache: bool = True) -> "CaptionBank":
+        """Embed `captions` with `embed_texts` (normalised [N, E]), or read them from the on-disk
+        cache, keyed by `fingerprint` (which identifies the weights) and the captions."""
         captions = list(captions)
         if not captions:
             raise ValueError("the caption bank is empty")
-        key = hashlib.sha256((pipe.weights_fingerprint() + "\n" + "\n".join(captions)).encode()).hexdigest()[:24]
+        key = hashlib.sha256((fingerprint + "\n" + "\n".join(captions)).encode()).hexdigest()[:24]
         path = cache_dir() / f"{key}.safetensors"
         if use_cache and path.exists():
             try:
@@ -43,7 +42,7 @@ class CaptionBank:
                     return cls(captions, emb)
             except Exception:  # a damaged cache file is rebuilt, never trusted
                 pass
-        emb = pipe.embed_texts(captions).cpu()
+        emb = embed_texts(captions).cpu()
         if use_cache:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ scores finished candidates with an open_clip model from local weights (the paper
 from __future__ import annotations
 
 import math
-import numbers
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -30,26 +30,66 @@ def halving_plan(num_candidates: int, decision_steps: Sequence[int]) -> list[int
     return plan
 
 
-def validate_decision_steps(decision_steps: int | Sequence[int] | None, num_steps: int) -> list[int]:
-    if decision_steps is None:
-        return []
-    steps = list(decision_steps) if isinstance(decision_steps, (list, tuple)) else [decision_steps]
-    if not steps:
-        raise ValueError("decision_step must name at least one step (or be None for the default)")
-    for s in steps:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 1 <= s <= num_steps - 1:
-            raise ValueError(
-                f"decision_step must be an integer in [1, num_inference_steps - 1] = [1, {num_steps - 1}], got {s!r}")
-    steps = [int(s) for s in steps]
-    if sorted(set(steps)) != steps:
-        raise ValueError(f"decision_step list must be strictly increasing, got {steps}")
-    return steps
-
-
 @torch.inference_mode()
 def alignment_scores(model: DreamModel, tokens: torch.Tensor, mask: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine between each candidate's partial-latent embedding and the prompt embedding [1, E]."""
-    return (model.encode_image(tokens, mask) @ text_emb.t()).squeeze(-1).float()
+    """The SAD score: cosine between each candidate's partial-latent embedding (visible = decided
+    tokens) and its prompt's embedding; `text_emb` is [1, E] (one prompt) or [R, E] (one per row)."""
+    img = model.encode_image(tokens, mask).float()
+    return (img * text_emb.float().to(img.device)).sum(-1)
+
+
+def rank_candidates(scores: torch.Tensor | Sequence[float]) -> list[int]:
+    """Indices best first; ties go to the lower index (a stable sort), so a rerun picks the same."""
+    return torch.argsort(torch.as_tensor(scores).float().cpu(), descending=True, stable=True).tolist()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the final image is chosen among K candidates in batched generation: K = 1 (plain MAR
+    decoding), SAD at `decision_step`, or (`rerank`) all K decoded to the end and the best kept by
+    an external model."""
+
+    num_candidates: int = 1
+    decision_step: int | None = None
+    rerank: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.num_candidates == 1:
+            return "K=1"
+        if self.rerank:
+            return f"K={self.num_candidates} external reranker"
+        return f"SAD K={self.num_candidates} step={self.decision_step}"
+
+
+@dataclass
+class Generated:
+    """One setting's outcome for every prompt."""
+
+    images: list = field(default_factory=list)  # PIL images, one per prompt
+    chosen: list[int] = field(default_factory=list)  # candidate id kept, per prompt
+    scores: list[list[float]] = field(default_factory=list)  # per prompt, the K candidates' scores
+
+
+@dataclass
+class GenerationRun:
+    results: dict[Setting, Generated]
+    seconds: float
+    row_steps: int  # decoder forwards x rows: the compute actually spent
+
+
+def rows_needed(settings: Sequence[Setting], scores: dict[int, torch.Tensor], n: int, kmax: int) -> list[int]:
+    """Rows (prompt-major, kmax per prompt) some setting still needs after the last decision."""
+    need: set[tuple[int, int]] = set()
+    for s in settings:
+        for p in range(n):
+            if s.num_candidates == 1:
+                need.add((p, 0))
+            elif s.rerank:
+                need.update((p, c) for c in range(s.num_candidates))
+            else:
+                need.add((p, rank_candidates(scores[s.decision_step][p, :s.num_candidates])[0]))
+    return sorted(p * kmax + c for p, c in need)
 
 
 def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tensor,
@@ -70,7 +110,7 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
         if keep is None or len(state.candidate_ids) <= keep:
             return []
         s = alignment_scores(model, state.tokens, state.mask, text_emb).cpu()
-        order = torch.argsort(s, descending=True, stable=True).tolist()
+        order = rank_candidates(s)
         for rank, row in enumerate(order):
             cid = state.candidate_ids[row]
             scores[cid], ranks[cid] = float(s[row]), rank + 1

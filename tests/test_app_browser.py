@@ -173,10 +173,11 @@ def test_dropping_an_app_png_reads_its_parameters(page, served, tmp_path):
 
     from app.images import save_png
     from app.params import GenerationSettings, ImageRecord
+    from dream_core.config import DreamConfig
 
     url, _ = served
     settings = GenerationSettings("a green triangle on the right", seed=77, num_candidates=2,
-                                  num_inference_steps=4, decision_step=1).validated(16)
+                                  num_inference_steps=4, decision_step=1).validated(DreamConfig.preset("tiny"))
     record = ImageRecord.build(settings, 77, 1, [0.1, 0.2], "tiny", (32, 32), 16)
     png = save_png(Image.new("RGB", (32, 32), (0, 160, 0)), tmp_path / "made-by-app.png", record)
     open_app(page, url)

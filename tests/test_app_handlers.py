@@ -22,6 +22,7 @@ from app.models import ModelManager, discover_models, missing_model_message
 from app.params import INFOTEXT_KEY, PARAMS_KEY, GenerationSettings, ImageRecord, parse_infotext
 
 FAST = dict(num_candidates=3, decision_step=2, num_inference_steps=4, head_steps=2)
+TINY = DreamConfig.preset("tiny")  # 16 tokens, 1000 diffusion steps
 
 
 @pytest.fixture
@@ -36,15 +37,15 @@ def run(ctx, settings, session=None, **kw):
 
 
 def record_example(**kw) -> ImageRecord:
-    s = GenerationSettings("a red circle, top left", negative_prompt="blue", seed=11, **FAST).validated(16)
+    s = GenerationSettings("a red circle, top left", negative_prompt="blue", seed=11, **FAST).validated(TINY)
     return ImageRecord.build(s, 11, 2, [0.1, -0.2, 0.3], "tiny", (32, 32), 16, created="2026-01-01T00:00:00", **kw)
 
 
 # ----- parameters -----
 def test_settings_validation_messages():
-    ok = GenerationSettings("  a  red circle ", num_candidates=4.0, decision_step=2, num_inference_steps=8).validated(16)
+    ok = GenerationSettings("  a  red circle ", num_candidates=4.0, decision_step=2, num_inference_steps=8).validated(TINY)
     assert (ok.prompt, ok.num_candidates, ok.decision_step) == ("a red circle", 4, 2)
-    assert GenerationSettings("x", num_candidates=1, decision_step=7, num_inference_steps=8).validated(16).decision_step is None
+    assert GenerationSettings("x", num_candidates=1, decision_step=7, num_inference_steps=8).validated(TINY).decision_step is None
     cases = [(dict(prompt="   "), "prompt must not be empty"),
              (dict(num_inference_steps=17), "num_inference_steps must be between 1 and 16"),
              (dict(decision_step=8, num_inference_steps=8), "decision_step must be between 1 and 7"),
@@ -57,7 +58,7 @@ def test_settings_validation_messages():
     for kw, message in cases:
         base = dict(prompt="a red circle", num_inference_steps=8)
         with pytest.raises(ValueError, match=message):
-            GenerationSettings(**{**base, **kw}).validated(16)
+            GenerationSettings(**{**base, **kw}).validated(TINY)
 
 
 def test_record_infotext_round_trip():
@@ -95,7 +96,7 @@ def test_png_keeps_parameters_in_text_chunks(tmp_path):
 
 
 def test_unicode_prompts_survive_the_png(tmp_path):
-    s = GenerationSettings("un cercle rouge — 赤い円", seed=3, **FAST).validated(16)
+    s = GenerationSettings("un cercle rouge — 赤い円", seed=3, **FAST).validated(TINY)
     rec = ImageRecord.build(s, 3, 0, [0.5, 0.1, 0.2], "tiny", (32, 32), 16)
     path = save_png(Image.new("RGB", (32, 32)), tmp_path / "u.png", rec)
     assert read_record(path).prompt == "un cercle rouge — 赤い円"

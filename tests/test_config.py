@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
 from dream_core import DreamConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Official size factories (spec §1.3): width, encoder/decoder depth, heads, MLP hidden.
 PAPER_SIZES = {
@@ -60,7 +64,7 @@ def test_derived_geometry_of_the_tiny_preset():
 
 
 def test_json_round_trip_is_exact(tmp_path):
-    c = DreamConfig.preset("giant").replace(t5_dim=1024, repa_block=8, extra={"note": "x", "n": [1, 2]})
+    c = DreamConfig.preset("giant").replace(t5_dim=1024, repa_block=8, sad_decision_share=0.3)
     path = tmp_path / "config.json"
     c.save(path)
     back = DreamConfig.load(path)
@@ -119,6 +123,30 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
 def test_impossible_values_raise_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
         DreamConfig.preset("tiny").replace(**overrides)
+
+
+def test_config_files_written_before_the_regrouping_still_load(tmp_path):
+    """Flat keys as every config.json so far holds them, with the retired `extra` catch-all."""
+    bundled = DreamConfig.load(REPO / "assets" / "dream-shapes" / "config.json")
+    assert (bundled.name, bundled.seq_len, bundled.clip_denoised, bundled.vae_scaling_factor) == (
+        "shapes", 16, 5.0, pytest.approx(0.3715726137161255))
+    old = DreamConfig.preset("tiny").to_dict()
+    assert "extra" not in old
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**old, "extra": {}}))
+    assert DreamConfig.load(path) == DreamConfig.preset("tiny")
+    path.write_text(json.dumps({**old, "extra": {"note": "x"}}))  # never dropped silently
+    with pytest.raises(ValueError, match=r"config.extra is no longer supported and holds \['note'\]"):
+        DreamConfig.load(path)
+
+
+def test_every_config_field_is_read_outside_config_py():
+    """No dead settings: each field is read as an attribute (`config.x`, `c.x`) by the engine,
+    training or the app."""
+    sources = "".join(p.read_text() for folder in ("dream_core", "training", "app")
+                      for p in (REPO / folder).rglob("*.py") if p.name != "config.py")
+    unread = [f for f in DreamConfig().to_dict() if f != "name" and not re.search(rf"\.{f}\b", sources)]
+    assert unread == []
 
 
 def test_load_rejects_non_json_and_non_objects(tmp_path):

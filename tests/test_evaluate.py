@@ -16,9 +16,13 @@ import torch
 from PIL import Image
 
 from training.data.shapes_world import Scene, ShapeObject, full_caption_bank, parse_caption, render
-from training.evaluate import common, faithfulness, fid_clip, linear_probe, sad_sweep, zero_shot_masking
-from training.evaluate.common import (SamplerSettings, Setting, decision_step_for_fraction, dist_info, generate,
-                                      one_object_prompts, prompt_seeds, shard_indices, two_object_prompts)
+from dream_core.request import SamplerSettings
+from dream_core.semantic_decoding import Setting
+from training.evaluate import (cli, distributed, faithfulness, fid_clip, linear_probe, sad_sweep, scoring, sets,
+                               zero_shot_masking)
+from training.evaluate.distributed import dist_info, shard_indices
+from training.evaluate.scoring import decision_step_for_fraction
+from training.evaluate.sets import one_object_prompts, prompt_seeds, two_object_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SAMPLER = ["--steps", "3", "--head-steps", "2", "--cfg", "2.0"]
@@ -33,7 +37,7 @@ def read_results(out: Path) -> dict:
     return data
 
 
-scene_of = common.scene_from_caption
+scene_of = sets.scene_from_caption
 
 
 # --------------------------------------------------------------------------- prompt sets and helpers
@@ -57,16 +61,16 @@ def test_eval_prompt_sets_are_fixed_fully_specified_and_distinct():
 
 def test_scene_from_caption_round_trip():
     text = "a small red circle at the top left and a large blue square at the bottom right on a gray background"
-    scene = common.scene_from_caption(text)
+    scene = sets.scene_from_caption(text)
     assert scene == Scene("gray", (ShapeObject("red", "circle", "small", "top left"),
                                    ShapeObject("blue", "square", "large", "bottom right")))
     with pytest.raises(ValueError, match="not fully specified"):
-        common.scene_from_caption("a red circle")
+        sets.scene_from_caption("a red circle")
 
 
 def test_vae_round_trip_gives_one_image_per_input(tiny_pipe):
     images = [render(scene_of(p)) for p in one_object_prompts(3)]
-    out = common.vae_round_trip(tiny_pipe, images)
+    out = scoring.vae_round_trip(tiny_pipe, images)
     assert len(out) == 3 and all(im.size == (32, 32) and im.mode == "RGB" for im in out)
 
 
@@ -83,7 +87,7 @@ def test_batched_generation_equals_the_pipeline(tiny_pipe):
     seeds = prompt_seeds(2, 7)
     sampler = SamplerSettings(num_inference_steps=4, guidance_scale=2.0, head_steps=3)
     settings = [Setting(1), Setting(3, 1), Setting(3, 2)]
-    run = generate(tiny_pipe, prompts, seeds, settings, sampler, batch_size=2)
+    run = tiny_pipe.generate_batch(prompts, seeds, settings, sampler, batch_size=2)
     # The shared trunk: 3 rows per prompt up to the last decision step (2), then only the kept rows.
     kept = {(i, run.results[s].chosen[i]) for s in settings for i in range(2)}
     assert run.row_steps == 2 * 3 * 2 + len(kept) * 2
@@ -102,17 +106,17 @@ def test_batched_generation_equals_the_pipeline(tiny_pipe):
 def test_generation_rejects_bad_settings(tiny_pipe):
     sampler = SamplerSettings(num_inference_steps=4, head_steps=2)
     with pytest.raises(ValueError, match="decision_step"):
-        generate(tiny_pipe, ["a red circle"], [0], [Setting(3, 4)], sampler)
+        tiny_pipe.generate_batch(["a red circle"], [0], [Setting(3, 4)], sampler)
     with pytest.raises(ValueError, match="external reranker"):
-        generate(tiny_pipe, ["a red circle"], [0], [Setting(3, rerank=True)], sampler)
+        tiny_pipe.generate_batch(["a red circle"], [0], [Setting(3, rerank=True)], sampler)
     with pytest.raises(ValueError, match="differ in length"):
-        generate(tiny_pipe, ["a red circle"], [0, 1], [Setting(1)], sampler)
+        tiny_pipe.generate_batch(["a red circle"], [0, 1], [Setting(1)], sampler)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        generate(tiny_pipe, ["a red circle"], [0], [Setting(1)], SamplerSettings(num_inference_steps=17))
+        tiny_pipe.generate_batch(["a red circle"], [0], [Setting(1)], SamplerSettings(num_inference_steps=17))
 
 
 def test_write_json_is_strict(tmp_path):
-    path = common.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": torch.tensor([1, 2])})
+    path = cli.write_json(tmp_path / "r.json", {"a": np.float32(0.5), "b": float("nan"), "c": torch.tensor([1, 2])})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": None, "c": [1, 2]}
 
 
@@ -172,7 +176,7 @@ def test_linear_probe_cli_shapes(tiny_model_dir, tmp_path):
     assert set(data["probes"]) == {"shape", "color"} == set(res["probes"])
     for r in data["probes"].values():
         assert 0.0 <= r["val_acc"] <= 1.0 and len(r["history"]) == len(r["history_epochs"])
-    assert data["data"] == {"source": "shapes", "n_train": 40, "n_val": 20, "seed": common.EVAL_SEED}
+    assert data["data"] == {"source": "shapes", "n_train": 40, "n_val": 20, "seed": sets.EVAL_SEED}
 
 
 def _image_folder(root: Path, per_class: int = 6) -> None:
@@ -332,8 +336,8 @@ def test_fid_rejects_a_wrong_weights_file_without_unpickling(tmp_path):
 
 
 def test_dist_info_and_strided_split():
-    assert dist_info({}) == common.DistInfo(0, 1, 0)
-    assert dist_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == common.DistInfo(3, 4, 1)
+    assert dist_info({}) == distributed.DistInfo(0, 1, 0)
+    assert dist_info({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == distributed.DistInfo(3, 4, 1)
     with pytest.raises(ValueError, match="RANK"):
         dist_info({"RANK": "4", "WORLD_SIZE": "4"})
     n, world = 50_003, 8

@@ -14,6 +14,7 @@ from PIL import Image
 
 import dream_core.retrieval as retrieval
 from dream_core import DreamOutput, DreamPipeline
+from dream_core.pipeline import check_image_tokenizer
 from dream_core.retrieval import CaptionBank
 
 PROMPT = "a small red circle at the top left on a white background"
@@ -188,6 +189,20 @@ def test_missing_directory_or_files_raise(tmp_path, tiny_model_dir):
             DreamPipeline.from_pretrained(d, device="cpu")
 
 
+def test_a_vae_other_than_the_trained_one_is_refused(tmp_path, tiny_model_dir):
+    """config.vae_scaling_factor is the latent scale the weights were trained with: a vae/ that
+    scales differently (or has other channels) would decode garbage, so loading refuses it."""
+    d = _copy(tiny_model_dir, tmp_path)
+    vae_config = d / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.25}))
+    with pytest.raises(ValueError, match=r"^vae/ scales latents by 0.25 but the weights were trained with "
+                                         r"config.vae_scaling_factor=0.5$"):
+        DreamPipeline.from_pretrained(d, device="cpu")
+    tiny = DreamPipeline.from_pretrained(tiny_model_dir, device="cpu")
+    with pytest.raises(ValueError, match="^vae/ has 4 latent channels but config.vae_channels=8$"):
+        check_image_tokenizer(tiny.config.replace(vae_channels=8), tiny.image_tokenizer)
+
+
 @pytest.mark.parametrize("how", ["garbage", "truncated", "empty"])
 def test_corrupt_weights_raise(tmp_path, tiny_model_dir, how):
     d = _copy(tiny_model_dir, tmp_path)
@@ -300,9 +315,14 @@ def test_search_rejects_bad_arguments(tiny_pipe, picture):
         tiny_pipe.search(picture, captions=[])
 
 
+def _bank(pipe, captions):
+    """A bank built from what it needs (an embedding function and the weights' fingerprint)."""
+    return CaptionBank.build(pipe.embed_texts, pipe.weights_fingerprint(), captions)
+
+
 def test_bank_embeddings_are_cached_on_disk_and_reused(tiny_pipe, monkeypatch, _cache_in_tmp):
     captions = ["a purple cross", "a tiny yellow diamond at the bottom", "a large blue square in the middle"]
-    first = CaptionBank.build(tiny_pipe, captions)
+    first = _bank(tiny_pipe, captions)
     files = list(_cache_in_tmp.glob("*.safetensors"))
     assert len(files) == 1
 
@@ -311,23 +331,23 @@ def test_bank_embeddings_are_cached_on_disk_and_reused(tiny_pipe, monkeypatch, _
 
     real_embed_texts = tiny_pipe.embed_texts
     monkeypatch.setattr(tiny_pipe, "embed_texts", no_recompute)
-    again = CaptionBank.build(tiny_pipe, captions)
+    again = _bank(tiny_pipe, captions)
     assert again.captions == captions
     assert torch.equal(again.embeddings, first.embeddings)
     # Another caption list is another cache entry (and needs computing).
     with pytest.raises(AssertionError, match="recomputed"):
-        CaptionBank.build(tiny_pipe, captions[:2])
+        _bank(tiny_pipe, captions[:2])
     monkeypatch.setattr(tiny_pipe, "embed_texts", real_embed_texts)
-    CaptionBank.build(tiny_pipe, captions[:2])
+    _bank(tiny_pipe, captions[:2])
     assert len(list(_cache_in_tmp.glob("*.safetensors"))) == 2
 
 
 def test_a_damaged_cache_file_is_rebuilt(tiny_pipe, _cache_in_tmp):
     captions = ["a purple cross", "a big green triangle on the right"]
-    first = CaptionBank.build(tiny_pipe, captions)
+    first = _bank(tiny_pipe, captions)
     (path,) = _cache_in_tmp.glob("*.safetensors")
     path.write_bytes(b"damaged")
-    again = CaptionBank.build(tiny_pipe, captions)
+    again = _bank(tiny_pipe, captions)
     torch.testing.assert_close(again.embeddings, first.embeddings)
 
 

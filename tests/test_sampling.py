@@ -18,7 +18,8 @@ from dream_core.sampling import (
     init_state,
     mar_decode,
 )
-from dream_core.semantic_decoding import alignment_scores, halving_plan, validate_decision_steps
+from dream_core.request import GenerationRequest
+from dream_core.semantic_decoding import alignment_scores, halving_plan
 
 PROMPT = "a large blue square in the middle on a black background"
 FAST = dict(num_inference_steps=8, head_steps=8)
@@ -66,12 +67,18 @@ def test_halving_plan_keeps_half_then_one():
 
 
 def test_decision_steps_are_validated():
-    assert validate_decision_steps(None, 8) == []
-    assert validate_decision_steps(3, 8) == [3]
-    assert validate_decision_steps([1, 7], 8) == [1, 7]
+    config = DreamConfig.preset("tiny")
+
+    def steps(decision, k=3):
+        return GenerationRequest("x", num_candidates=k, decision_step=decision, num_inference_steps=8).validate(
+            config).decision_steps
+
+    assert steps(None, k=1) == []
+    assert steps(3) == [3]
+    assert steps([1, 7]) == [1, 7]
     for bad in (0, 8, -1, 2.5, True, [3, 3], [4, 2], "3"):
         with pytest.raises(ValueError, match="decision_step"):
-            validate_decision_steps(bad, 8)
+            steps(bad)
 
 
 def test_decision_step_for_share_is_the_first_step_with_that_much_decided():

@@ -7,5 +7,7 @@ writing a JSON of results and a PNG plot:
 - `sad_sweep`: Semantically Aligned Decoding over K and the decision step (Tables 6 and 17);
 - `faithfulness`: Shapes World prompt faithfulness with the exact judge.
 
-`common` holds what they share: model loading, seeded prompt sets, batched generation, JSON and plots.
+What they share, one idea per module: `sets` (the seeded prompt sets, renders, image folders),
+`scoring` (VAE tokens, CLIPScore), `plotting`, `distributed` (the data-parallel split) and `cli`
+(flags, model loading, JSON output). Batched generation is `DreamPipeline.generate_batch`.
 """

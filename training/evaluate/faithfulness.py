@@ -1,7 +1,7 @@
 """Shapes World prompt faithfulness with the exact judge (`training.data.shapes_world.judge`).
 
 A fixed, seeded set of fully specified prompts (one-object and two-object, see
-`common.EVAL_SEED`) is generated with the given K / decision step / steps / CFG / head steps, and
+`sets.EVAL_SEED`) is generated with the given K / decision step / steps / CFG / head steps, and
 each image is judged against its prompt. The report gives the rate and a per-attribute breakdown
 of the failures, read from the judge's own reasons: a wrong background or object count stops the
 judge first; otherwise each named object counts once per wrong attribute (colour = no object of
@@ -20,9 +20,12 @@ from typing import Sequence
 
 from PIL import Image
 
-from .common import (EVAL_SEED, SamplerSettings, Setting, add_model_args, add_sampler_args, generate,
-                     image_grid, load_pipeline, one_object_prompts, parse_int_list, plot_bars, prompt_seeds,
-                     run_cli, run_metadata, two_object_prompts, write_json)
+from dream_core.semantic_decoding import Setting
+
+from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,
+                  sampler_from_args, write_json)
+from .plotting import image_grid, plot_bars
+from .sets import EVAL_SEED, one_object_prompts, prompt_seeds, two_object_prompts
 
 FAILURE_KINDS = ("background", "count", "color", "shape", "size", "position")
 
@@ -117,11 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     if n < 1:
         raise ValueError(f"--n-prompts must be >= 1, got {n}")
     pipe = load_pipeline(args.model, args.device, args.threads)
-    sampler = SamplerSettings.from_args(args, pipe)
+    sampler = sampler_from_args(args, pipe)
     if args.k > 1:
-        from dream_core.sampling import default_decision_step
-
-        step = args.decision_step if args.decision_step is not None else default_decision_step(pipe.config, sampler.num_inference_steps)
+        # The request resolves the model's default decision step (and checks a given one).
+        step = sampler.request("x", args.k, args.decision_step).validate(pipe.config).decision_step
         setting = Setting(args.k, step)
     else:
         setting = Setting(1)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     for o in objects:
         prompts = prompt_set(o, n, args.prompt_seed)
-        run = generate(pipe, prompts, prompt_seeds(n, args.seed), [setting], sampler, args.batch_size, progress=True)
+        run = pipe.generate_batch(prompts, prompt_seeds(n, args.seed), [setting], sampler, args.batch_size, progress=True)
         images = run.results[setting].images
         report = judge_images(images, prompts)
         key = f"{o}-object"

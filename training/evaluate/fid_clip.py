@@ -33,10 +33,15 @@ from PIL import Image
 
 from dream_core.pipeline import DreamPipeline, image_to_tensor
 
-from .common import (EVAL_SEED, SamplerSettings, Setting, add_model_args, add_sampler_args, barrier, chunked,
-                     clip_scores, default_batch_rows, dist_info, generate, init_distributed, list_images, load_open_clip,
-                     load_pipeline, plot_bars, prompt_seeds, read_prompts, rendered_scenes, run_cli,
-                     run_metadata, shard_indices, write_json)
+from dream_core.request import SamplerSettings
+from dream_core.semantic_decoding import Setting
+
+from .cli import (add_model_args, add_sampler_args, load_pipeline, run_cli, run_metadata, sampler_from_args,
+                  write_json)
+from .distributed import barrier, chunked, dist_info, init_distributed, shard_indices
+from .plotting import plot_bars
+from .scoring import clip_scores, load_open_clip
+from .sets import EVAL_SEED, list_images, prompt_seeds, read_prompts, rendered_scenes
 
 STREAM_FID_SCENES = 8
 
@@ -103,10 +108,10 @@ def generate_shard(pipe: DreamPipeline, prompts: Sequence[str], seeds: Sequence[
     already exist are kept (resume). Returns the number of images written now."""
     folder.mkdir(parents=True, exist_ok=True)
     todo = [i for i in indices if not sample_path(folder, i).exists()]
-    step = batch_size if batch_size > 0 else max(1, default_batch_rows(pipe) // setting.num_candidates)
+    step = batch_size if batch_size > 0 else max(1, pipe.default_batch_rows() // setting.num_candidates)
     written = 0
     for part in chunked(todo, step):
-        run = generate(pipe, [prompts[i] for i in part], [seeds[i] for i in part], [setting], sampler,
+        run = pipe.generate_batch([prompts[i] for i in part], [seeds[i] for i in part], [setting], sampler,
                        batch_size, progress=False)
         for i, im in zip(part, run.results[setting].images):
             tmp = sample_path(folder, i).with_suffix(".tmp.png")
@@ -187,11 +192,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         base = read_prompts(args.prompts)
         prompts = [base[i % len(base)] for i in range(n)]
     seeds = prompt_seeds(n, args.seed)
-    sampler = SamplerSettings.from_args(args, pipe)
+    sampler = sampler_from_args(args, pipe)
     if args.k > 1:
-        from dream_core.sampling import default_decision_step
-
-        step = args.decision_step if args.decision_step is not None else default_decision_step(pipe.config, sampler.num_inference_steps)
+        # The request resolves the model's default decision step (and checks a given one).
+        step = sampler.request("x", args.k, args.decision_step).validate(pipe.config).decision_step
         setting = Setting(args.k, step)
     else:
         setting = Setting(1)

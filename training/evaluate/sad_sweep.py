@@ -6,8 +6,8 @@ faithfulness with the exact judge (`--shapes`, the default without `--prompts`) 
 `--reranker-weights`, the paper's external-reranker comparison is added: all K candidates decoded
 to the end, the best kept by that model (`dream_core.semantic_decoding.ExternalReranker`).
 
-Quality comes from one shared decoding trunk per prompt (see `common.generate`: candidate k of a
-prompt is the same trajectory in every setting, so this equals separate runs). Speed is measured
+Quality comes from one shared decoding trunk per prompt (see `DreamPipeline.generate_batch`:
+candidate k of a prompt is the same trajectory in every setting, so this equals separate runs). Speed is measured
 separately, by decoding `--timing-prompts` prompts once per setting exactly as a user would (a
 batch of prompts, SAD pruning at the decision step): seconds per image and images per second on
 this device, plus `row_steps_per_image` (decoder forwards x candidate rows), the device-free cost.
@@ -23,9 +23,13 @@ from pathlib import Path
 
 from dream_core.masking import fraction_decided
 
-from .common import (EVAL_SEED, SamplerSettings, Setting, add_model_args, add_sampler_args, clip_scores, generate,
-                     load_open_clip, load_pipeline, parse_int_list, plot_lines, prompt_seeds, read_prompts, run_cli,
-                     run_metadata, write_json)
+from dream_core.semantic_decoding import Setting
+
+from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,
+                  sampler_from_args, write_json)
+from .plotting import plot_lines
+from .scoring import clip_scores, load_open_clip
+from .sets import EVAL_SEED, prompt_seeds, read_prompts
 from .faithfulness import judge_images, prompt_set
 
 
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.reranker_weights is None:
             raise ValueError("--reranker-arch needs --reranker-weights (a local open_clip weights file)")
         reranker = load_open_clip(args.reranker_arch, args.reranker_weights, pipe.device)
-    sampler = SamplerSettings.from_args(args, pipe)
+    sampler = sampler_from_args(args, pipe)
     steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
     decision_steps = (parse_int_list(args.decision_steps, "--decision-steps") if args.decision_steps
                       else default_decision_steps(steps, seq_len))
@@ -108,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "num_inference_steps": steps, "rows": []}
     for set_name, prompts in sets.items():
         seeds = prompt_seeds(len(prompts), args.seed)
-        run = generate(pipe, prompts, seeds, settings, sampler, args.batch_size, reranker, progress=True)
+        run = pipe.generate_batch(prompts, seeds, settings, sampler, args.batch_size, reranker, progress=True)
         timing = {}
         if n_timing:
             for s in settings:
-                t = generate(pipe, prompts[:n_timing], seeds[:n_timing], [s], sampler, args.batch_size, reranker)
+                t = pipe.generate_batch(prompts[:n_timing], seeds[:n_timing], [s], sampler, args.batch_size,
+                                        reranker)
                 timing[s] = (t.seconds / len(prompts[:n_timing]), t.row_steps / len(prompts[:n_timing]))
         for s in settings:
             images = run.results[s].images

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from dream_core.masking import random_token_mask
 from dream_core.pipeline import DreamPipeline
 
-from .common import (EVAL_SEED, STREAM_MASKS, STREAM_ZERO_SHOT, add_model_args, image_folder, image_tokens,
-                     load_images, load_pipeline, plot_lines, rendered_scenes, run_cli, run_metadata, write_json)
+from .cli import add_model_args, load_pipeline, run_cli, run_metadata, write_json
+from .plotting import plot_lines
+from .scoring import image_tokens
+from .sets import EVAL_SEED, STREAM_MASKS, STREAM_ZERO_SHOT, image_folder, load_images, rendered_scenes
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
 

@@ -1,0 +1,225 @@
+"""GenerationRequest: the one generation request. Every sampling setting with its type, limits
+and default lives here; the pipeline, the app's widgets and its API, evaluation and bench read
+them from this module.
+
+    request = GenerationRequest("a large red circle", num_candidates=9, seed=0)
+    ready = request.validate(pipe.config)   # ValueError naming the field and the allowed range
+    ready.num_inference_steps, ready.decision_steps, ready.fraction_decided(pipe.config)
+
+`validate` never clamps or rounds: a value outside its range, a float where an integer is
+expected (2.5 or even 4.0 candidates), NaN, a bool where a number is expected, all raise. (The
+app turns its widgets' integral floats into integers before it builds a request.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .masking import fraction_decided as _fraction_decided
+from .sampling import GUIDANCE_SCHEDULES, default_decision_step
+from .text import MAX_PROMPT_CHARS, validate_prompts
+
+# ----- limits (the single source) -----
+#: K: candidates decoded together for one image. Evaluation spaces per-prompt seeds by this, so
+#: candidate seeds of different prompts never meet (see training.evaluate.prompts.prompt_seeds).
+MAX_CANDIDATES = 64
+#: The app offers fewer: its live grid of K previews stays readable and cheap to draw up to 16
+#: tiles, and a shared server should not let one request decode 64 rows. Its slider and its API
+#: both use this limit.
+APP_MAX_CANDIDATES = 16
+#: The app's default K: enough candidates that SAD visibly chooses, few enough for a CPU.
+APP_DEFAULT_CANDIDATES = 4
+#: Images per call; image i decodes its own K candidates, so this bounds one call's work.
+MAX_IMAGES = 8
+#: Seeds are 0 .. 2^32 - 1: exactly representable in a browser (JavaScript numbers stop being
+#: exact at 2^53) and in A1111-style parameter texts. Candidate k of image i uses seed + i*K + k.
+MAX_SEED = 2**32 - 1
+#: Classifier-free guidance scale: 0 = unconditional, 1 = off (one forward), MAR/DREAM use ~3.
+MAX_GUIDANCE_SCALE = 10.0
+#: Temperature of the diffusion head's sampling (0 = its mean, 1 = the trained distribution).
+MAX_TEMPERATURE = 2.0
+#: Default decoding steps: 64 as MAR/DREAM, or one step per token for shorter sequences.
+DEFAULT_STEPS = 64
+
+
+def default_steps(seq_len: int) -> int:
+    """Default decoding steps for a model of `seq_len` tokens."""
+    return min(DEFAULT_STEPS, seq_len)
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """An integer (Python or numpy) in [low, high]; bools and floats (2.5, 4.0) are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, low: float, high: float) -> float:
+    """A finite number in [low, high]; bools and strings are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one generation asks for. `None` defaults are resolved by `validate` from the
+    model: `num_inference_steps` (min(64, tokens)), `decision_step` (the model's
+    `sad_decision_share`, for K > 1); `seed=None` means "draw one"."""
+
+    prompt: str
+    negative_prompt: str = ""  # replaces the empty prompt in classifier-free guidance
+    num_candidates: int = 1  # K; 1 = plain MAR decoding
+    decision_step: int | tuple[int, ...] | None = None  # a step, or increasing steps (successive halving)
+    num_inference_steps: int | None = None  # 1 .. the model's number of tokens
+    guidance_scale: float = 3.0  # 0 .. MAX_GUIDANCE_SCALE
+    guidance_schedule: str = "constant"  # one of sampling.GUIDANCE_SCHEDULES
+    temperature: float = 1.0  # 0 .. MAX_TEMPERATURE
+    head_steps: int = 100  # diffusion-head steps, 1 .. the model's num_train_timesteps
+    seed: int | None = None  # 0 .. MAX_SEED
+    num_images: int = 1  # 1 .. MAX_IMAGES
+    shared_order: bool = True  # the K candidates share one generation order (the official SAD)
+
+    def validate(self, config, max_candidates: int = MAX_CANDIDATES) -> "GenerationRequest":
+        """A checked copy with the defaults resolved for the model `config` (a DreamConfig).
+        Raises ValueError naming the first bad field and its allowed values; never clamps."""
+        prompt = validate_prompts(self.prompt, "prompt")
+        if len(prompt) != 1:
+            raise ValueError("prompt must be a single string (one request per prompt)")
+        neg = self.negative_prompt
+        if neg is not None and not isinstance(neg, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(neg).__name__}")
+        neg = validate_prompts(neg, "negative_prompt")[0] if neg and neg.strip() else ""
+        k = check_int("num_candidates", self.num_candidates, 1, max_candidates)
+        steps = self.num_inference_steps
+        steps = default_steps(config.seq_len) if steps is None else check_int(
+            "num_inference_steps", steps, 1, config.seq_len)
+        if k > 1 and steps < 2:
+            raise ValueError("with more than one candidate, num_inference_steps must be at least 2 "
+                             "(the decision happens before the last step)")
+        decision = self._checked_decision(steps)
+        if k == 1:
+            decision = None  # nothing to decide (an impossible value was still refused above)
+        elif decision is None:
+            decision = default_decision_step(config, steps)
+        schedule = self.guidance_schedule
+        if schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
+        if not isinstance(self.shared_order, bool):
+            raise ValueError(f"shared_order must be true or false, got {self.shared_order!r}")
+        return dataclasses.replace(
+            self, prompt=prompt[0], negative_prompt=neg, num_candidates=k, decision_step=decision,
+            num_inference_steps=steps,
+            guidance_scale=check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE),
+            temperature=check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
+            head_steps=check_int("head_steps", self.head_steps, 1, config.num_train_timesteps),
+            seed=None if self.seed is None else check_int("seed", self.seed, 0, MAX_SEED),
+            num_images=check_int("num_images", self.num_images, 1, MAX_IMAGES),
+        )
+
+    def _checked_decision(self, steps: int) -> int | tuple[int, ...] | None:
+        d = self.decision_step
+        if d is None:
+            return None
+        many = isinstance(d, (list, tuple))
+        items = list(d) if many else [d]
+        if not items:
+            raise ValueError("decision_step must name at least one step (or be None for the model's default)")
+        if steps < 2:
+            raise ValueError("decision_step needs num_inference_steps >= 2 (a decision before the last step), "
+                             f"got {steps} step")
+        out = [check_int("decision_step", s, 1, steps - 1) for s in items]
+        if sorted(set(out)) != out:
+            raise ValueError(f"decision_step list must be strictly increasing, got {out}")
+        return tuple(out) if many else out[0]
+
+    # ----- derived (on a validated request) -----
+    @property
+    def decision_steps(self) -> list[int]:
+        """The decision steps as a list ([] for K = 1 or before validation resolved them)."""
+        d = self.decision_step
+        return [] if d is None else list(d) if isinstance(d, tuple) else [d]
+
+    def fraction_decided(self, config) -> float | None:
+        """Share of the tokens decided when the winner is picked (at the last decision step)."""
+        steps = self.decision_steps
+        if not steps or self.num_inference_steps is None:
+            return None
+        return _fraction_decided(steps[-1], self.num_inference_steps, config.seq_len)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_settings(cls, prompt: "str | GenerationRequest", **settings: Any) -> "GenerationRequest":
+        """`prompt` plus keyword settings, or an existing request (then no settings may be given).
+        An unknown setting is a ValueError listing the known ones."""
+        if isinstance(prompt, GenerationRequest):
+            if settings:
+                raise ValueError(f"pass either a GenerationRequest or settings, not both (got {', '.join(settings)})")
+            return prompt
+        unknown = sorted(set(settings) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown generation setting {', '.join(unknown)}; the settings are "
+                             f"{', '.join(cls.field_names()[1:])}")
+        if isinstance(settings.get("decision_step"), list):
+            settings["decision_step"] = tuple(settings["decision_step"])
+        return cls(prompt, **settings)
+
+
+def request_defaults() -> dict[str, Any]:
+    """The request's defaults by field (for widgets and CLI flags)."""
+    return {f.name: f.default for f in dataclasses.fields(GenerationRequest) if f.default is not dataclasses.MISSING}
+
+
+def sampler_limits(config) -> dict[str, tuple[float, float]]:
+    """(low, high) of every bounded setting for a model `config` (what the app's sliders span)."""
+    return {
+        "num_candidates": (1, MAX_CANDIDATES),
+        "num_inference_steps": (1, config.seq_len),
+        "guidance_scale": (0.0, MAX_GUIDANCE_SCALE),
+        "temperature": (0.0, MAX_TEMPERATURE),
+        "head_steps": (1, config.num_train_timesteps),
+        "seed": (0, MAX_SEED),
+        "num_images": (1, MAX_IMAGES),
+    }
+
+
+__all__ = ["APP_DEFAULT_CANDIDATES", "APP_MAX_CANDIDATES", "DEFAULT_STEPS", "GUIDANCE_SCHEDULES", "GenerationRequest",
+           "MAX_CANDIDATES", "MAX_GUIDANCE_SCALE", "MAX_IMAGES", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_TEMPERATURE",
+           "check_float", "check_int", "default_steps", "request_defaults", "sampler_limits"]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What a batch of prompts shares (evaluation sweeps): a request without its prompt, K,
+    decision step and seed, which come per prompt and per selection. Defaults are the request's."""
+
+    num_inference_steps: int | None = None
+    guidance_scale: float = GenerationRequest.guidance_scale
+    guidance_schedule: str = GenerationRequest.guidance_schedule
+    temperature: float = GenerationRequest.temperature
+    head_steps: int = GenerationRequest.head_steps
+    negative_prompt: str = GenerationRequest.negative_prompt
+    shared_order: bool = GenerationRequest.shared_order
+
+    def request(self, prompt: str, num_candidates: int = 1, decision_step: int | None = None,
+                seed: int | None = None) -> GenerationRequest:
+        return GenerationRequest(prompt, negative_prompt=self.negative_prompt, num_candidates=num_candidates,
+                                 decision_step=decision_step, num_inference_steps=self.num_inference_steps,
+                                 guidance_scale=self.guidance_scale, guidance_schedule=self.guidance_schedule,
+                                 temperature=self.temperature, head_steps=self.head_steps, seed=seed,
+                                 shared_order=self.shared_order)
+
+
+__all__ += ["SamplerSettings"]

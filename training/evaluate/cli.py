@@ -1,0 +1,115 @@
+"""What every evaluation command does around its measurement: flags, model loading, a one-line
+error for bad input, and the results written as strict JSON with the run's metadata."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dream_core.pipeline import DreamPipeline
+from dream_core.request import GUIDANCE_SCHEDULES, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE, GenerationRequest, SamplerSettings
+
+from .sets import EVAL_SEED
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help="model directory (default: $DREAM_MODEL or assets/dream-shapes)")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (results.json + plot.png)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+
+
+def add_sampler_args(ap: argparse.ArgumentParser, steps_default: int | None = None) -> None:
+    ap.add_argument("--steps", type=int, default=steps_default,
+                    help="decoding steps (default: the model's token count, i.e. one token per step)")
+    ap.add_argument("--cfg", type=float, default=GenerationRequest.guidance_scale,
+                    help=f"classifier-free guidance scale (0 .. {MAX_GUIDANCE_SCALE})")
+    ap.add_argument("--cfg-schedule", default="constant", choices=GUIDANCE_SCHEDULES)
+    ap.add_argument("--temperature", type=float, default=GenerationRequest.temperature,
+                    help=f"0 .. {MAX_TEMPERATURE}")
+    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps, help="diffusion-head sampling steps")
+    ap.add_argument("--batch-size", type=int, default=0, help="prompts decoded together (0 = automatic)")
+    ap.add_argument("--seed", type=int, default=EVAL_SEED, help="generation seed base (prompt i: seed + 64 i)")
+
+
+def run_cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a command's main(); a ValueError (bad input) becomes a one-line error, exit status 2."""
+    try:
+        main(None)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}") from err
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    return values
+
+
+def sampler_from_args(args: argparse.Namespace, pipe: DreamPipeline) -> SamplerSettings:
+    """The sampler of `add_sampler_args` flags (steps default: one token per step)."""
+    steps = args.steps if args.steps is not None else pipe.config.seq_len
+    return SamplerSettings(steps, args.cfg, args.cfg_schedule, args.temperature, args.head_steps)
+
+
+def load_pipeline(model: str | Path | None = None, device: str = "auto", threads: int = 0) -> DreamPipeline:
+    if threads:
+        torch.set_num_threads(threads)
+    return DreamPipeline.from_pretrained(model, device=device)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomic JSON write (non-finite numbers become null, so the file is always valid JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_metadata(pipe: DreamPipeline | None, args: argparse.Namespace | dict | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv else "",
+    }
+    if pipe is not None:
+        meta.update(model=str(pipe.path) if pipe.path else None, preset=pipe.config.name,
+                    image_size=pipe.config.image_size, tokens=pipe.config.seq_len, device=str(pipe.device),
+                    weights=pipe.weights_fingerprint())
+    if args is not None:
+        meta["args"] = {k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items()}
+    return meta

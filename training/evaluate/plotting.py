@@ -1,0 +1,94 @@
+"""Plots and contact sheets of the evaluation commands (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, Sequence[float | None]], xlabel: str,
+               ylabel: str, title: str, ylim: tuple[float, float] | None = (0.0, 1.0),
+               xticks: Sequence[float] | None = None, xticklabels: Sequence[str] | None = None) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, ys in series.items():
+        pts = [(xi, yi) for xi, yi in zip(x, ys) if yi is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
+        if xticklabels is not None:
+            ax.set_xticklabels(list(xticklabels))
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
+              title: str, ylim: tuple[float, float] | None = None) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(categories) * max(1, len(series))), 4.2), dpi=110)
+    n = max(1, len(series))
+    width = 0.8 / n
+    xs = np.arange(len(categories))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(xs + (i - (n - 1) / 2) * width, list(values), width, label=name)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(list(categories), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3, axis="y")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: Sequence[Image.Image], cols: int = 8, marks: Sequence[bool] | None = None,
+               scale: int = 2) -> Image.Image:
+    """A contact sheet; with `marks`, a green (True) or red (False) frame around each image."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    pad = 4
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(images):
+        x, y = pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)
+        if marks is not None:
+            color = (30, 160, 60) if marks[i] else (200, 30, 30)
+            draw.rectangle([x - 2, y - 2, x + w + 1, y + h + 1], outline=color, width=2)
+        sheet.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
+    return sheet
