@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from . import handlers as h
 from .history import History
 from .images import MAX_UPLOAD_BYTES
+from .jobs import iterate_in_thread
 from .models import ModelManager
 from .params import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED
 
@@ -259,16 +260,23 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                         randomize, n_images]
 
         # ----- Generate events -----
-        def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
-            settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
-            for v in h.generate_stream(ctx, sess, settings, pm):
-                yield (
-                    _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
-                    _skip(v.final),
-                    gr.DownloadButton(value=v.download, visible=True) if v.download else gr.skip(),
-                    gr.Gallery(value=v.gallery, visible=len(v.gallery) > 1) if v.gallery is not None else gr.skip(),
-                    _skip(v.infotext),
-                )
+        # Generation handlers are async generators over a worker thread (app.jobs): a cancel or a
+        # closed page stops the decoding within one step and frees the queue slot only after it.
+        async def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
+            job = h.next_job(sess)
+            try:
+                settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
+                async for v in iterate_in_thread(h.generate_stream(ctx, sess, settings, pm, job=job), job):
+                    yield (
+                        _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
+                        _skip(v.final),
+                        gr.DownloadButton(value=v.download, visible=True) if v.download else gr.skip(),
+                        gr.Gallery(value=v.gallery, visible=len(v.gallery) > 1) if v.gallery is not None
+                        else gr.skip(),
+                        _skip(v.infotext),
+                    )
+            finally:
+                h.end_job(sess, job)
 
         gen_event = gr.on([gen_btn.click], fn=h.begin_job, inputs=[session], outputs=None, queue=False,
                           api_visibility="private").then(
@@ -376,17 +384,21 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                          queue=False, api_visibility="private")
 
         # ----- Public API -----
-        def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "", num_candidates: int = 4,
-                     decision_step: int = 0, num_inference_steps: int = 16, head_steps: int = 100,
-                     guidance_scale: float = 3.0, guidance_schedule: str = "constant", temperature: float = 1.0,
-                     seed: int = -1, num_images: int = 1):
+        async def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "", num_candidates: int = 4,
+                           decision_step: int = 0, num_inference_steps: int = 16, head_steps: int = 100,
+                           guidance_scale: float = 3.0, guidance_schedule: str = "constant", temperature: float = 1.0,
+                           seed: int = -1, num_images: int = 1):
             """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
-            settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
-                                              None if not decision_step else decision_step, num_inference_steps,
-                                              head_steps, guidance_scale, guidance_schedule, temperature,
-                                              h.resolve_seed(seed, False), num_images)
-            paths, records = h.generate_images(ctx, sess, settings)
-            return paths, records
+            job = h.next_job(sess)
+            try:
+                settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
+                                                  None if not decision_step else decision_step, num_inference_steps,
+                                                  head_steps, guidance_scale, guidance_schedule, temperature,
+                                                  h.resolve_seed(seed, False), num_images)
+                async for out in iterate_in_thread(h.generate_api_stream(ctx, sess, settings, job=job), job):
+                    yield (gr.skip(), gr.skip()) if out is None else out
+            finally:
+                h.end_job(sess, job)
 
         a_gen.click(generate, [session, a_prompt, a_negative, a_k, a_decision, a_steps, a_head, a_cfg, a_sched,
                                a_temp, a_seed, a_n], [a_files, a_records], api_name="generate",
