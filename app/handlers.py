@@ -124,7 +124,7 @@ class GenerateView:
 
 # ----- small helpers -----
 def resolve_seed(seed: Any, randomize: bool) -> int | None:
-    """UI/API seed: random toggle or seed < 0 -> None (draw one); else a validated integer."""
+    """UI/API seed: random toggle, no seed or -1 -> None (draw one); else a validated integer."""
     if randomize or seed is None or seed == "":
         return None
     try:
@@ -133,10 +133,10 @@ def resolve_seed(seed: Any, randomize: bool) -> int | None:
         raise fail(f"seed must be a whole number, got {seed!r}") from None
     if not math.isfinite(value) or value != int(value):
         raise fail(f"seed must be a whole number, got {seed!r}")
-    if value < 0:
+    if value == -1:
         return None
-    if value > MAX_SEED:
-        raise fail(f"seed must be at most {MAX_SEED}, got {int(value)}")
+    if not 0 <= value <= MAX_SEED:  # never replaced by a random seed without a word
+        raise fail(f"seed must be between 0 and {MAX_SEED}, or -1 for a random seed; got {int(value)}")
     return int(value)
 
 
@@ -492,6 +492,8 @@ def search(ctx: AppContext, image_path: str | None, top_k: Any = 5, mode: str = 
             if not pipe.captions:
                 raise fail("this model has no caption bank; upload a caption file or type labels instead")
             results = pipe.search(image, top_k=k)
+    except gr.Error:  # already a message (gr.Error is a ValueError whose str() adds quotes)
+        raise
     except ValueError as err:
         raise fail(str(err)) from None
     return [{"rank": r + 1, "caption": c, "score": round(float(v), 4)} for r, (c, v) in enumerate(results)]

@@ -7,7 +7,9 @@ slider helpers run outside the queue so they answer while a job runs.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import re
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import handlers as h
 from .history import History
-from .images import MAX_UPLOAD_BYTES
+from .images import MAX_UPLOAD_BYTES, check_image_size, header_size, remove_leftovers
 from .jobs import iterate_in_thread
 from .models import ModelManager
 from .params import MAX_CANDIDATES, MAX_IMAGES, MAX_SEED
@@ -53,22 +55,59 @@ document.addEventListener('keydown', function (e) {
 """
 
 
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose refusal of a request with too few input values (raw HTTP `data: []`) is one
+    readable sentence naming the endpoint's inputs, instead of Gradio's list of component objects."""
+
+    def validate_inputs(self, block_fn, inputs: list[Any]) -> None:
+        try:
+            super().validate_inputs(block_fn, inputs)
+        except ValueError:
+            names = [("session state (send null)" if isinstance(b, gr.State) else str(getattr(b, "label", None)
+                      or b.get_block_name())) for b in block_fn.inputs]
+            endpoint = f"/{block_fn.api_name}" if block_fn.api_name else "this event"
+            raise h.fail(f"{endpoint} takes {len(names)} input values ({', '.join(names)}); "
+                         f"the request sent {len(inputs)}") from None
+
+
 def CheckedImage(**kwargs) -> gr.Image:  # noqa: N802 - reads like the component it returns
     """gr.Image whose upload step turns unreadable files into a clear message instead of a PIL
-    traceback (sizes and pixels are checked again in the handlers). The instance's preprocess is
+    traceback, and refuses an image too large by the size its header declares, before Gradio
+    decodes it (sizes and pixels are checked again in the handlers). The instance's preprocess is
     wrapped rather than subclassed: a Component subclass makes Gradio write a .pyi beside us."""
     image = gr.Image(**kwargs)
     preprocess = image.preprocess
 
     def checked(payload):
+        name = getattr(payload, "orig_name", None) or "the file"
         try:
+            if payload is not None:
+                url = getattr(payload, "url", None) or ""
+                if url.startswith("data:"):
+                    source = io.BytesIO(base64.b64decode(url.split(",", 1)[-1]))
+                else:
+                    source = getattr(payload, "path", None)
+                if source is not None:
+                    check_image_size(*header_size(source))
             return preprocess(payload)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
-            name = getattr(payload, "orig_name", None) or "the file"
+        except ValueError as err:
+            if "too large" in str(err):
+                raise h.fail(f"{name}: {err}") from None
+            raise h.fail(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
             raise h.fail(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
 
     image.preprocess = checked  # type: ignore[method-assign]
     return image
+
+
+def WholeNumber(**kwargs) -> gr.Number:  # noqa: N802
+    """gr.Number(precision=0) for the typed API and the seed box, whose value reaches the handler
+    as sent: Gradio would round 2.5 to 2 (and fail on "four" or NaN with a list of components);
+    the handler's validation refuses them with a message naming the field instead."""
+    number = gr.Number(precision=0, **kwargs)
+    number.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return number
 
 
 def _skip(value: Any) -> Any:
@@ -96,7 +135,7 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
     ctx = context
     d = h.default_controls(ctx)
 
-    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
+    with StudioBlocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         session = gr.State(h.SessionState())
         picked = gr.State(None)  # the record chosen in History (or read from a dropped PNG)
         gr.Markdown(f"# {TITLE}\nDREAM decodes **K candidates** at once, scores them with its own encoder "
@@ -125,8 +164,8 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                         decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"], 4),
                                                   elem_id="ds-decision-info")
                         with gr.Row():
-                            seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
-                                             interactive=False, scale=2)
+                            seed = WholeNumber(label="Seed", value=0, minimum=0, maximum=MAX_SEED,
+                                               interactive=False, scale=2)
                             randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
                             reuse_btn = gr.Button("♻ Reuse last seed", size="sm", scale=1)
                         n_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Images",
@@ -236,20 +275,20 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         with gr.Column(visible=False):
             a_prompt = gr.Textbox(label="prompt")
             a_negative = gr.Textbox(label="negative_prompt", value="")
-            a_k = gr.Number(label="num_candidates", value=4, precision=0)
-            a_decision = gr.Number(label="decision_step", value=0, precision=0)
-            a_steps = gr.Number(label="num_inference_steps", value=d["steps"], precision=0)
-            a_head = gr.Number(label="head_steps", value=100, precision=0)
+            a_k = WholeNumber(label="num_candidates", value=4)
+            a_decision = WholeNumber(label="decision_step", value=0)
+            a_steps = WholeNumber(label="num_inference_steps", value=d["steps"])
+            a_head = WholeNumber(label="head_steps", value=100)
             a_cfg = gr.Number(label="guidance_scale", value=3.0)
             a_sched = gr.Dropdown(["constant", "linear"], value="constant", label="guidance_schedule")
             a_temp = gr.Number(label="temperature", value=1.0)
-            a_seed = gr.Number(label="seed", value=-1, precision=0)
-            a_n = gr.Number(label="num_images", value=1, precision=0)
+            a_seed = WholeNumber(label="seed", value=-1)
+            a_n = WholeNumber(label="num_images", value=1)
             a_files = gr.File(label="images", file_count="multiple")
             a_records = gr.JSON(label="parameters")
             a_gen = gr.Button("api-generate")
             s_image = CheckedImage(label="image", type="filepath")
-            s_top = gr.Number(label="top_k", value=5, precision=0)
+            s_top = WholeNumber(label="top_k", value=5)
             s_mode = gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode")
             s_file = gr.File(label="captions_file", type="filepath")
             s_labels = gr.Textbox(label="labels", value="")
@@ -453,6 +492,8 @@ def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None
     ctx: h.AppContext = demo.dream_context  # type: ignore[attr-defined]
     ctx.display_dir.mkdir(parents=True, exist_ok=True)
     ctx.history.root.mkdir(parents=True, exist_ok=True)
+    ctx.history.remove_leftovers()  # *.png.tmp of saves a kill interrupted
+    remove_leftovers(ctx.display_dir)
     _patient_self_check()
     return demo.launch(
         server_name=host, server_port=port, share=share, inbrowser=inbrowser,

@@ -298,7 +298,7 @@ def test_seed_and_decision_helpers():
     assert h.resolve_seed(12.0, False) == 12
     with pytest.raises(gr.Error, match="whole number"):
         h.resolve_seed(2.5, False)
-    with pytest.raises(gr.Error, match="at most"):
+    with pytest.raises(gr.Error, match="seed must be between 0 and 4294967295, or -1 for a random seed; got 1099"):
         h.resolve_seed(2**40, False)
     assert "step **2** of 16, when **12.5 %**" in h.decision_info(16, 2, 16, 4)
     assert h.decision_info(16, 2, 16, 1).startswith("One candidate")
