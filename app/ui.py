@@ -101,13 +101,17 @@ def CheckedImage(**kwargs) -> gr.Image:  # noqa: N802 - reads like the component
     return image
 
 
+def as_sent(component: gr.components.Component) -> gr.components.Component:
+    """The component's value reaches the handler as the client sent it: Gradio's own preprocess
+    would round a Number (2.5 -> 2), fail on "four" or NaN with a list of components, or refuse a
+    Dropdown value without naming the field; the handler's validation names the field instead."""
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
+
+
 def WholeNumber(**kwargs) -> gr.Number:  # noqa: N802
-    """gr.Number(precision=0) for the typed API and the seed box, whose value reaches the handler
-    as sent: Gradio would round 2.5 to 2 (and fail on "four" or NaN with a list of components);
-    the handler's validation refuses them with a message naming the field instead."""
-    number = gr.Number(precision=0, **kwargs)
-    number.preprocess = lambda payload: payload  # type: ignore[method-assign]
-    return number
+    """gr.Number(precision=0) (typed "integer" in the API) whose value is never rounded."""
+    return as_sent(gr.Number(precision=0, **kwargs))
 
 
 def _skip(value: Any) -> Any:
@@ -423,6 +427,9 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                          queue=False, api_visibility="private")
 
         # ----- Public API -----
+        for choice in (a_sched, s_mode):  # refused by the handlers, by name, when not a choice
+            as_sent(choice)
+
         async def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "", num_candidates: int = 4,
                            decision_step: int = 0, num_inference_steps: int = 16, head_steps: int = 100,
                            guidance_scale: float = 3.0, guidance_schedule: str = "constant", temperature: float = 1.0,

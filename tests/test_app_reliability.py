@@ -192,10 +192,16 @@ def test_closed_connection_stops_decoding(served):
     url, ctx, probe, demo = served
     probe.runs.clear()
     probe.delay = 0.2
+    updates = []
+
+    def hang_up(msg: dict) -> bool:  # the API reports "Starting", then every decoding step
+        updates.append(msg.get("msg") == "process_generating")
+        return sum(updates) == 2
+
     try:
         msg = raw_queue(url, fn_index(demo, "generate"), generate_json(seed="3000", num_images="3"), "hangup-1",
-                        on_message=lambda m: m.get("msg") == "process_generating")
-        assert msg["msg"] == "process_generating"  # hung up after the first decoding step
+                        on_message=hang_up)
+        assert msg["msg"] == "process_generating" and probe.runs  # hung up after the first decoding step
         assert wait_until(lambda: probe.runs and all(r["end"] is not None for r in probe.runs)
                           and time.monotonic() - probe.runs[-1]["end"] > 0.5)
     finally:
@@ -206,6 +212,39 @@ def test_closed_connection_stops_decoding(served):
     assert len(saved_with_seed(ctx, 3000)) + len(saved_with_seed(ctx, 3003)) == finished  # only whole images
     assert ctx.job_lock.acquire(blocking=False)
     ctx.job_lock.release()
+
+
+def test_stop_button_stops_the_ui_generation(served):
+    """The page's own events over HTTP: Generate (begin_job, then the queued ui_generate), and
+    Stop while it decodes (the browser tests do this with clicks, where Chromium is installed)."""
+    url, ctx, probe, demo = served
+    session = "ui-stop"
+
+    def call(name: str) -> None:
+        r = httpx.post(url + "gradio_api/run/predict", timeout=WAIT,
+                       json={"data": [None], "fn_index": fn_index(demo, name), "session_hash": session})
+        assert r.status_code == 200, r.text
+
+    def stop_after_first_step(msg: dict) -> bool:
+        if msg.get("msg") == "process_generating" and not stopped:
+            assert probe.first_step.wait(WAIT), "the job never started decoding"
+            stopped.append(True)
+            call("request_stop")  # while the job waits after its first step
+        return False
+
+    stopped: list[bool] = []
+    probe.runs.clear()
+    probe.first_step.clear()
+    probe.gate = True
+    try:
+        call("begin_job")
+        inputs = '[null, "a red circle", "", 3, 2, 4, 2, 3.0, "constant", 1.0, 6000, false, 2, "' + \
+            h.PREVIEW_MARKED + '"]'
+        msg = raw_queue(url, fn_index(demo, "ui_generate"), inputs, session, on_message=stop_after_first_step)
+    finally:
+        probe.gate = False
+    assert msg["success"] and stopped
+    assert [r["steps"] for r in probe.runs] == [1] and saved_with_seed(ctx, 6000) == []
 
 
 def test_stop_while_idle_does_not_stick(served, app_dirs):
@@ -234,6 +273,8 @@ def test_bad_inputs_through_the_client_read_clearly(client, tmp_path):
         (dict(prompt="a red circle", seed=2.5, api_name="/generate"), ("seed", "2.5")),
         (dict(prompt="a red circle", num_candidates="four", api_name="/generate"), ("num_candidates", "four")),
         (dict(image=handle_file(str(ok)), top_k=2.5, api_name="/search"), ("top_k", "2.5")),
+        (dict(image=handle_file(str(ok)), mode="everything", api_name="/search"),
+         ("search mode must be one of: bank, file, labels",)),
         (dict(image=handle_file(str(ok)), mode="labels", labels="circle", api_name="/search"),
          ("zero-shot classification needs at least two labels",)),
         (dict(image=handle_file(str(ok)), mode="file", captions_file=handle_file(str(latin)), api_name="/search"),
