@@ -2,7 +2,14 @@
 
 Public API endpoints (gradio_client): `generate` and `search`; every UI-only event is private.
 Generation runs in the queue with concurrency 1 (shared with model switching); Stop and the
-slider helpers run outside the queue so they answer while a job runs.
+slider helpers run outside the queue so they answer while a job runs. Generation handlers are
+async generators over a worker thread (app.jobs), so a client's cancel or a closed page stops the
+decoding within one step, and the queue slot is freed only once it has.
+
+Refusals that still come from Gradio/FastAPI, before any handler (none lists components or
+object addresses): a body that is not Gradio's JSON shape (HTTP 422, pydantic's JSON detail), an
+unknown session (HTTP 400 "Session hash not found."), an unknown fn_index (HTTP 500), an upload
+over MAX_UPLOAD_BYTES ("... exceeds the maximum file size of 20971520 bytes").
 """
 
 from __future__ import annotations
