@@ -2,8 +2,9 @@
 be tested without a browser. User mistakes become gr.Error messages, never tracebacks.
 
 Generation is a generator: it yields a `GenerateView` after decoding steps (throttled, so the
-browser keeps up), always at the SAD decision and at the end, and it checks the session's stop
-flag between decoding steps, so Stop lands within one step.
+browser keeps up), always at the SAD decision and at the end, and it checks its job's stop flag
+between decoding steps, so Stop lands within one step. One job runs at a time (AppContext.job_lock),
+whatever the queue does on a cancel (see app.jobs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import html
 import math
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +32,7 @@ from dream_core.sampling import default_decision_step
 from .history import APP_NAME, History
 from .images import (DISPLAY_SIZE, MAX_UPLOAD_BYTES, Tile, candidate_grid, fit, mark_undecided, open_checked,
                      read_record, save_png, score_chart, tile_size_for, upscale)
+from .jobs import Job
 from .models import ModelManager
 from .params import GenerationSettings, ImageRecord
 
@@ -56,13 +59,15 @@ def fail(message: str) -> gr.Error:
 class SessionState:
     """Per-browser-session state (a gr.State): never shared between users."""
 
-    stop_requested: bool = False
     last_seed: int | None = None
     paths: list[str] = field(default_factory=list)  # this session's images, newest first
     shown: list[str] = field(default_factory=list)  # what the history gallery shows, by index
     selected: str | None = None  # history entry picked by the user
-    running: bool = False
-    pending: bool = False  # Generate was clicked and the job waits in the queue
+    jobs: list[Job] = field(default_factory=list)  # queued (Generate clicked) or running, oldest first
+
+    @property
+    def running(self) -> bool:
+        return any(job.started for job in self.jobs)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class AppContext:
     min_interval: float = DEFAULT_MIN_INTERVAL
     preview_budget: float = DEFAULT_PREVIEW_BUDGET
     keep_display_files: int = 200
+    job_lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
 
 
 @dataclass
@@ -120,7 +126,7 @@ class GenerateView:
 
 # ----- small helpers -----
 def resolve_seed(seed: Any, randomize: bool) -> int | None:
-    """UI/API seed: random toggle or seed < 0 -> None (draw one); else a validated integer."""
+    """UI/API seed: random toggle, no seed or -1 -> None (draw one); else a validated integer."""
     if randomize or seed is None or seed == "":
         return None
     try:
@@ -129,10 +135,10 @@ def resolve_seed(seed: Any, randomize: bool) -> int | None:
         raise fail(f"seed must be a whole number, got {seed!r}") from None
     if not math.isfinite(value) or value != int(value):
         raise fail(f"seed must be a whole number, got {seed!r}")
-    if value < 0:
+    if value == -1:
         return None
-    if value > MAX_SEED:
-        raise fail(f"seed must be at most {MAX_SEED}, got {int(value)}")
+    if not 0 <= value <= MAX_SEED:  # never replaced by a random seed without a word
+        raise fail(f"seed must be between 0 and {MAX_SEED}, or -1 for a random seed; got {int(value)}")
     return int(value)
 
 
@@ -190,30 +196,63 @@ def settings_from_inputs(prompt: Any, negative_prompt: Any, num_candidates: Any,
 
 
 def begin_job(session: SessionState) -> None:
-    """Runs (unqueued) the moment Generate is clicked: a Stop after this point reaches the job."""
-    session.stop_requested = False
-    session.pending = True
+    """Runs (unqueued) the moment Generate is clicked: a Stop after this point reaches the job,
+    even while it still waits in the queue."""
+    session.jobs.append(Job())
+
+
+def next_job(session: SessionState) -> Job:
+    """The job a starting generation runs as: the session's oldest one still queued (Generate was
+    clicked), else a new one (an API call)."""
+    job = next((j for j in session.jobs if not j.started), None)
+    if job is None:
+        job = Job()
+        session.jobs.append(job)
+    return job
+
+
+def end_job(session: SessionState, job: Job) -> None:
+    if job in session.jobs:
+        session.jobs.remove(job)
 
 
 def request_stop(session: SessionState) -> None:
-    """Runs (unqueued) while a job runs; the job itself reports where it stopped, so this writes
-    nothing to the page (two writers would race)."""
-    session.stop_requested = True
-    if not session.running and not session.pending:
+    """Runs (unqueued): stops the session's queued and running jobs. The job itself reports where
+    it stopped, so this writes nothing to the page (two writers would race). With nothing to stop
+    it changes nothing: a Stop never reaches a later job."""
+    if not session.jobs:
         gr.Info("Nothing is running; the next generation starts normally.")
+    for job in session.jobs:
+        job.stop()
 
 
 def generate_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
                     preview_mode: str = PREVIEW_MARKED, previews: bool = True, min_interval: float | None = None,
-                    preview_budget: float | None = None,
-                    clock: Callable[[], float] = time.monotonic) -> Iterator[GenerateView]:
+                    preview_budget: float | None = None, clock: Callable[[], float] = time.monotonic,
+                    job: Job | None = None) -> Iterator[GenerateView]:
     """Decode `settings.num_images` images of K candidates each, yielding live views; save each
-    finished image as a PNG with its parameters. Stops between decoding steps on request.
+    finished image as a PNG with its parameters. Stops between decoding steps when `job` (by
+    default the session's oldest queued job, else a new one) is stopped.
 
     Progress updates come at most every `min_interval` s; candidate previews also within the
     `preview_budget` share of decoding time (see PreviewBudget); the last step is never decoded
     for a preview: the final image, decoded anyway, fills the winner's tile."""
-    session.pending = False
+    if job is None:
+        job = next_job(session)
+    elif job not in session.jobs:
+        session.jobs.append(job)
+    job.started = True
+    try:
+        with ctx.job_lock:  # the previous job has really ended (a cancelled one finishes its step first)
+            yield from _generate(ctx, session, settings, job, preview_mode, previews, min_interval,
+                                 preview_budget, clock)
+    finally:
+        end_job(session, job)
+
+
+def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettings, job: Job, preview_mode: str,
+              previews: bool, min_interval: float | None, preview_budget: float | None,
+              clock: Callable[[], float]) -> Iterator[GenerateView]:
     try:
         pipe = ctx.manager.require()
     except ValueError as err:
@@ -239,91 +278,87 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
     done_records: list[dict] = []
     gallery: list[tuple[str, str]] = []
     started = clock()
-    session.running = True
-    try:
-        if session.stop_requested:
-            yield GenerateView(status=progress_html(0.0, "Stopped before it started.", "stopped"), stopped=True)
-            return
-        yield GenerateView(status=progress_html(0.0, f"Starting: {k} candidate{'s' * (k > 1)}, {steps} steps, "
-                                                     f"seed {base_seed}…"), reset=True)
-        for i in range(n):
-            seed_i = base_seed + i * k
-            tiles: dict[int, Tile] = {}
-            decided = False
-            last = None
-            last_yield = -math.inf
-            budget = PreviewBudget(share)
-            t_start = clock()
-            request = dataclasses.replace(s, seed=seed_i, num_images=1).request()
-            events = pipe.stream(request, should_stop=lambda: session.stop_requested)
-            try:
-                for ev in events:
-                    last = ev
-                    if ev.kind == "decision":
-                        decided = True
-                    now = clock()
-                    first = last_yield == -math.inf
-                    if not (first or ev.kind in ("decision", "done")) and now - last_yield < interval:
-                        continue
-                    last_yield = now
-                    view = GenerateView()
-                    if previews and ev.kind != "done" and (first or ev.kind == "decision"
-                                                           or budget.allows(now - t_start)):
-                        _update_tiles(pipe, tiles, ev, preview_mode, decided, tile)
-                        view.grid = candidate_grid(list(tiles.values()), tile)
-                        if ev.kind == "decision":
-                            view.scores = score_chart(ev.scores, candidate_states(ev.pruned, ev.chosen))
-                        budget.add(clock() - now)
-                    view.status = progress_html((i + ev.step / steps) / n, _step_text(ev, i, n, decided_share, s))
-                    yield view
-            except ValueError as err:  # the engine's argument checks
-                raise fail(str(err)) from None
-            except RuntimeError as err:  # e.g. out of memory: say so instead of a bare "Error"
-                raise fail(f"generation failed on {pipe.device}: {err}") from None
-            if last is None or last.kind != "done":
-                at = last.step if last is not None else 0
-                view = GenerateView(status=progress_html((i + at / steps) / n,
-                                                         f"Stopped at step {at} of {steps} (image {i + 1} of {n}); "
-                                                         "the unfinished image was not saved.", "stopped"),
-                                    stopped=True, records=done_records, paths=done_paths)
-                if previews and tiles:
-                    for t in tiles.values():
-                        if t.state != "pruned":
-                            t.state = "stopped"
+    if job.stop_requested:
+        yield GenerateView(status=progress_html(0.0, "Stopped before it started.", "stopped"), stopped=True)
+        return
+    yield GenerateView(status=progress_html(0.0, f"Starting: {k} candidate{'s' * (k > 1)}, {steps} steps, "
+                                                 f"seed {base_seed}…"), reset=True)
+    for i in range(n):
+        seed_i = base_seed + i * k
+        tiles: dict[int, Tile] = {}
+        decided = False
+        last = None
+        last_yield = -math.inf
+        budget = PreviewBudget(share)
+        t_start = clock()
+        request = dataclasses.replace(s, seed=seed_i, num_images=1).request()
+        events = pipe.stream(request, should_stop=job.stop_event.is_set)
+        try:
+            for ev in events:
+                last = ev
+                if ev.kind == "decision":
+                    decided = True
+                now = clock()
+                first = last_yield == -math.inf
+                if not (first or ev.kind in ("decision", "done")) and now - last_yield < interval:
+                    continue
+                last_yield = now
+                view = GenerateView()
+                if previews and ev.kind != "done" and (first or ev.kind == "decision"
+                                                       or budget.allows(now - t_start)):
+                    _update_tiles(pipe, tiles, ev, preview_mode, decided, tile)
                     view.grid = candidate_grid(list(tiles.values()), tile)
+                    if ev.kind == "decision":
+                        view.scores = score_chart(ev.scores, candidate_states(ev.pruned, ev.chosen))
+                    budget.add(clock() - now)
+                view.status = progress_html((i + ev.step / steps) / n, _step_text(ev, i, n, decided_share, s))
                 yield view
-                return
-            image = pipe.decode_tokens(last.tokens[:1])[0]
-            decode_seconds = clock() - t_start - budget.spent
-            chosen = last.candidate_ids[0]
-            record = ImageRecord.build(s, seed_i, chosen, last.scores, model_name, image.size, cfg.seq_len,
-                                       image_index=i, created=datetime.now().isoformat(timespec="seconds"))
-            path = ctx.history.save(image, record)
-            session.paths.insert(0, str(path))
-            session.last_seed = base_seed
-            display = _display_copy(ctx, path, image, record)
-            done_paths.append(str(path))
-            done_records.append(record.to_dict())
-            gallery.append((str(display), f"{i + 1}: candidate #{chosen}, seed {seed_i}"))
-            view = GenerateView(final=str(display), download=str(path), gallery=list(gallery),
-                                infotext=record.infotext(), records=list(done_records), paths=list(done_paths),
-                                preview_seconds=budget.spent, decode_seconds=decode_seconds)
-            if previews:
-                prev = tiles.get(chosen)  # absent only if the very first event was the last step
-                tiles[chosen] = Tile(fit(image, tile), chosen, "final", *((prev.score, prev.rank, prev.num_ranked)
-                                                                          if prev else ()))
+        except ValueError as err:  # the engine's argument checks
+            raise fail(str(err)) from None
+        except RuntimeError as err:  # e.g. out of memory: say so instead of a bare "Error"
+            raise fail(f"generation failed on {pipe.device}: {err}") from None
+        if last is None or last.kind != "done":
+            at = last.step if last is not None else 0
+            view = GenerateView(status=progress_html((i + at / steps) / n,
+                                                     f"Stopped at step {at} of {steps} (image {i + 1} of {n}); "
+                                                     "the unfinished image was not saved.", "stopped"),
+                                stopped=True, records=done_records, paths=done_paths)
+            if previews and tiles:
+                for t in tiles.values():
+                    if t.state != "pruned":
+                        t.state = "stopped"
                 view.grid = candidate_grid(list(tiles.values()), tile)
-            finished = i + 1 == n
-            took = clock() - started
-            text = (f"Done: {n} image{'s' * (n > 1)} in {took:.1f} s, saved as {path.name}" if finished else
-                    f"Image {i + 1} of {n} saved ({path.name}); decoding the next…")
-            if k > 1 and last.scores[chosen] is not None:
-                text += f" · candidate #{chosen} won with score {last.scores[chosen]:+.3f}"
-            view.status = progress_html((i + 1) / n, text, "done" if finished else "running")
-            view.done = finished
             yield view
-    finally:
-        session.running = False
+            return
+        image = pipe.decode_tokens(last.tokens[:1])[0]
+        decode_seconds = clock() - t_start - budget.spent
+        chosen = last.candidate_ids[0]
+        record = ImageRecord.build(s, seed_i, chosen, last.scores, model_name, image.size, cfg.seq_len,
+                                   image_index=i, created=datetime.now().isoformat(timespec="seconds"))
+        path = ctx.history.save(image, record)
+        session.paths.insert(0, str(path))
+        session.last_seed = base_seed
+        display = _display_copy(ctx, path, image, record)
+        done_paths.append(str(path))
+        done_records.append(record.to_dict())
+        gallery.append((str(display), f"{i + 1}: candidate #{chosen}, seed {seed_i}"))
+        view = GenerateView(final=str(display), download=str(path), gallery=list(gallery),
+                            infotext=record.infotext(), records=list(done_records), paths=list(done_paths),
+                            preview_seconds=budget.spent, decode_seconds=decode_seconds)
+        if previews:
+            prev = tiles.get(chosen)  # absent only if the very first event was the last step
+            tiles[chosen] = Tile(fit(image, tile), chosen, "final", *((prev.score, prev.rank, prev.num_ranked)
+                                                                      if prev else ()))
+            view.grid = candidate_grid(list(tiles.values()), tile)
+        finished = i + 1 == n
+        took = clock() - started
+        text = (f"Done: {n} image{'s' * (n > 1)} in {took:.1f} s, saved as {path.name}" if finished else
+                f"Image {i + 1} of {n} saved ({path.name}); decoding the next…")
+        if k > 1 and last.scores[chosen] is not None:
+            text += f" · candidate #{chosen} won with score {last.scores[chosen]:+.3f}"
+        view.status = progress_html((i + 1) / n, text, "done" if finished else "running")
+        view.done = finished
+        yield view
 
 
 def _step_text(ev, i: int, n: int, share: float | None, s: GenerationSettings) -> str:
@@ -369,14 +404,24 @@ def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: 
         tiles[cid] = Tile(img, cid, state, score, rank, ranked)
 
 
-def generate_images(ctx: AppContext, session: SessionState, settings: GenerationSettings) -> tuple[list[str], list[dict]]:
-    """Run a whole generation without previews (the `generate` API): saved PNG paths and records."""
+def generate_api_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
+                        job: Job | None = None) -> Iterator[tuple[list[str], list[dict]] | None]:
+    """The `generate` API: None after every decoding step (each one is a point where the server
+    notices a closed connection or a cancel), then the saved PNG paths and their records."""
     last = None
-    for view in generate_stream(ctx, session, settings, previews=False):
+    for view in generate_stream(ctx, session, settings, previews=False, min_interval=0.0, job=job):
         last = view
+        if not view.done:
+            yield None
     if last is None or last.stopped or not last.done:
         raise fail("generation was stopped before it finished")
-    return last.paths, last.records
+    yield last.paths, last.records
+
+
+def generate_images(ctx: AppContext, session: SessionState, settings: GenerationSettings) -> tuple[list[str], list[dict]]:
+    """Run a whole generation without previews: saved PNG paths and records."""
+    *_, result = generate_api_stream(ctx, session, settings)
+    return result
 
 
 # ----- reverse search -----
@@ -445,6 +490,8 @@ def search(ctx: AppContext, image_path: str | None, top_k: Any = 5, mode: str = 
             if not pipe.captions:
                 raise fail("this model has no caption bank; upload a caption file or type labels instead")
             results = pipe.search(image, top_k=k)
+    except gr.Error:  # already a message (gr.Error is a ValueError whose str() adds quotes)
+        raise
     except ValueError as err:
         raise fail(str(err)) from None
     return [{"rank": r + 1, "caption": c, "score": round(float(v), 4)} for r, (c, v) in enumerate(results)]
@@ -542,7 +589,7 @@ def default_controls(ctx: AppContext) -> dict[str, Any]:
 
 
 __all__ = ["AppContext", "GenerateView", "PREVIEW_MODES", "SEARCH_MODES", "SessionState", "begin_job",
-           "controls_from_record", "decision_info", "default_controls", "generate_images", "generate_stream",
-           "history_items", "model_card", "parse_labels", "read_caption_file", "read_parameters",
-           "request_stop", "resolve_seed", "reuse_last_seed", "search", "search_table", "select_history",
+           "controls_from_record", "decision_info", "default_controls", "end_job", "generate_api_stream",
+           "generate_images", "generate_stream", "history_items", "model_card", "parse_labels", "read_caption_file", "read_parameters",
+           "next_job", "request_stop", "resolve_seed", "reuse_last_seed", "search", "search_table", "select_history",
            "settings_from_inputs", "switch_model", "MAX_UPLOAD_BYTES"]

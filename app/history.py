@@ -3,6 +3,11 @@
 The folder is the database: a file is one entry, its text chunk the record, so history survives
 restarts, can be browsed with any image viewer, and Gradio's cache (wiped at every restart) is
 never relied on. Layout: <root>/<YYYY-MM-DD>/<NNNNN>-<seed>.png.
+
+Several processes may share the folder (two app instances, scripts): a name is taken
+create-exclusively, so no save ever replaces another's image, and each PNG appears whole (written
+to a temp file, then linked under its name); a kill mid-save leaves only a `*.png.tmp`, which the
+next start-up removes.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from pathlib import Path
 from PIL import Image
 from platformdirs import user_data_dir
 
-from .images import read_record, save_png
+from .images import read_record, remove_leftovers, save_png
 from .params import ImageRecord
 
 APP_NAME = "dream-studio"
 _NUMBERED = re.compile(r"^(\d{5,})-")
+MAX_NAME_ATTEMPTS = 1000
 
 
 def data_dir() -> Path:
@@ -49,15 +55,25 @@ class History:
         self._cache: dict[Path, tuple[int, ImageRecord | None]] = {}
 
     def save(self, image: Image.Image, record: ImageRecord, now: datetime | None = None) -> Path:
-        """Number the file after the highest number of the day (under a lock: two jobs never collide)."""
+        """Number the file after the highest number of the day; if another process took that name
+        meanwhile, take the next one (never overwrite)."""
         now = now or datetime.now()
         folder = self.root / now.strftime("%Y-%m-%d")
         with self._lock:
             folder.mkdir(parents=True, exist_ok=True)
             numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
-            path = folder / f"{max(numbers, default=0) + 1:05d}-{record.seed}.png"
-            save_png(image, path, record)
-        return path
+            number = max(numbers, default=0) + 1
+            for _ in range(MAX_NAME_ATTEMPTS):
+                path = folder / f"{number:05d}-{record.seed}.png"
+                try:
+                    return save_png(image, path, record, exclusive=True)
+                except FileExistsError:
+                    number += 1
+        raise OSError(f"could not find a free file name in {folder} after {MAX_NAME_ATTEMPTS} attempts")
+
+    def remove_leftovers(self, older_than: float = 60.0) -> list[Path]:
+        """Delete the `*.png.tmp` files interrupted saves left behind (run at start-up)."""
+        return remove_leftovers(self.root, older_than)
 
     def entries(self, limit: int = 200) -> list[HistoryEntry]:
         """Newest first; files without parameters (or unreadable ones) are skipped."""

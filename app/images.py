@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,19 +46,74 @@ def png_info(record: ImageRecord) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | Path, record: ImageRecord) -> Path:
-    """Write atomically (temp file + rename) so a half-written PNG never shows up in the history."""
+TMP_SUFFIX = ".png.tmp"
+
+
+def save_png(image: Image.Image, path: str | Path, record: ImageRecord, exclusive: bool = False) -> Path:
+    """Write atomically (temp file, then rename) so a half-written PNG never shows up under its
+    name; a kill leaves at most a `*.png.tmp` (see remove_leftovers). `exclusive`: never replace
+    an existing file, even one another process wrote a moment ago (FileExistsError instead)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=png_info(record))
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic and create-exclusive: fails if the name is taken
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: reserve the name, then fill it
+                with open(path, "xb"):
+                    pass
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_leftovers(folder: str | Path, older_than: float = 60.0) -> list[Path]:
+    """Delete `*.png.tmp` files an interrupted save left in `folder` and its subfolders. Only
+    those older than `older_than` seconds: another process may be saving right now."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for tmp in folder.rglob(f"*{TMP_SUFFIX}"):
+        try:
+            if now - tmp.stat().st_mtime >= older_than:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def check_image_size(width: int, height: int, max_side: int = MAX_UPLOAD_SIDE) -> None:
+    """Refuse an image by the size its header declares, before any pixel is decoded."""
+    if max(width, height) > max_side:
+        raise ValueError(f"the image is too large ({width}x{height} pixels); at most {max_side} pixels per side "
+                         f"({max_side * max_side:,} pixels)")
+
+
+def header_size(source) -> tuple[int, int]:
+    """(width, height) from an image file's header (PIL opens lazily: nothing is decoded).
+    Raises ValueError for files PIL cannot identify, or declaring a decompression bomb."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller checks the size
+            with Image.open(source) as image:
+                return image.size
+    except Image.DecompressionBombError:  # more than twice PIL's MAX_IMAGE_PIXELS, refused at open
+        raise ValueError(f"the image is too large (more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels); "
+                         f"at most {MAX_UPLOAD_SIDE} pixels per side") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError):
+        raise ValueError("the file is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
 
 
 def open_checked(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_side: int = MAX_UPLOAD_SIDE) -> Image.Image:
@@ -73,16 +129,15 @@ def open_checked(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_side: 
         raise ValueError(f"the file is too large ({size / 2**20:.1f} MB); the limit is {max_bytes / 2**20:.0f} MB")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            w, h = image.size
-            if max(w, h) > max_side:
-                raise ValueError(f"the image is too large ({w}x{h} pixels); at most {max_side} pixels per side")
-            image.load()
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is stricter
+            image = Image.open(path)  # lazy: reads the header only
+        check_image_size(*image.size, max_side=max_side)  # before any pixel is decoded
+        image.load()
     except ValueError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"the image is too large; at most {max_side} pixels per side") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"the image is too large (more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels); "
+                         f"at most {max_side} pixels per side") from None
     except UnidentifiedImageError:
         raise ValueError(f"'{path.name}' is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
     except (OSError, SyntaxError, EOFError) as err:

@@ -2,12 +2,21 @@
 
 Public API endpoints (gradio_client): `generate` and `search`; every UI-only event is private.
 Generation runs in the queue with concurrency 1 (shared with model switching); Stop and the
-slider helpers run outside the queue so they answer while a job runs.
+slider helpers run outside the queue so they answer while a job runs. Generation handlers are
+async generators over a worker thread (app.jobs), so a client's cancel or a closed page stops the
+decoding within one step, and the queue slot is freed only once it has.
+
+Refusals that still come from Gradio/FastAPI, before any handler (none lists components or
+object addresses): a body that is not Gradio's JSON shape (HTTP 422, pydantic's JSON detail), an
+unknown session (HTTP 400 "Session hash not found."), an unknown fn_index (HTTP 500), an upload
+over MAX_UPLOAD_BYTES ("... exceeds the maximum file size of 20971520 bytes").
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +30,8 @@ from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GUID
 
 from . import handlers as h
 from .history import History
-from .images import MAX_UPLOAD_BYTES
+from .images import MAX_UPLOAD_BYTES, check_image_size, header_size, remove_leftovers
+from .jobs import iterate_in_thread
 from .models import ModelManager
 
 TITLE = "DREAM Studio"
@@ -55,22 +65,63 @@ document.addEventListener('keydown', function (e) {
 """
 
 
+class StudioBlocks(gr.Blocks):
+    """gr.Blocks whose refusal of a request with too few input values (raw HTTP `data: []`) is one
+    readable sentence naming the endpoint's inputs, instead of Gradio's list of component objects."""
+
+    def validate_inputs(self, block_fn, inputs: list[Any]) -> None:
+        try:
+            super().validate_inputs(block_fn, inputs)
+        except ValueError:
+            names = [("session state (send null)" if isinstance(b, gr.State) else str(getattr(b, "label", None)
+                      or b.get_block_name())) for b in block_fn.inputs]
+            endpoint = f"/{block_fn.api_name}" if block_fn.api_name else "this event"
+            raise h.fail(f"{endpoint} takes {len(names)} input values ({', '.join(names)}); "
+                         f"the request sent {len(inputs)}") from None
+
+
 def CheckedImage(**kwargs) -> gr.Image:  # noqa: N802 - reads like the component it returns
     """gr.Image whose upload step turns unreadable files into a clear message instead of a PIL
-    traceback (sizes and pixels are checked again in the handlers). The instance's preprocess is
+    traceback, and refuses an image too large by the size its header declares, before Gradio
+    decodes it (sizes and pixels are checked again in the handlers). The instance's preprocess is
     wrapped rather than subclassed: a Component subclass makes Gradio write a .pyi beside us."""
     image = gr.Image(**kwargs)
     preprocess = image.preprocess
 
     def checked(payload):
+        name = getattr(payload, "orig_name", None) or "the file"
         try:
+            if payload is not None:
+                url = getattr(payload, "url", None) or ""
+                if url.startswith("data:"):
+                    source = io.BytesIO(base64.b64decode(url.split(",", 1)[-1]))
+                else:
+                    source = getattr(payload, "path", None)
+                if source is not None:
+                    check_image_size(*header_size(source))
             return preprocess(payload)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
-            name = getattr(payload, "orig_name", None) or "the file"
+        except ValueError as err:
+            if "too large" in str(err):
+                raise h.fail(f"{name}: {err}") from None
+            raise h.fail(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError):
             raise h.fail(f"{name} is not an image this app can read (PNG, JPEG, WebP, GIF, BMP)") from None
 
     image.preprocess = checked  # type: ignore[method-assign]
     return image
+
+
+def as_sent(component: gr.components.Component) -> gr.components.Component:
+    """The component's value reaches the handler as the client sent it: Gradio's own preprocess
+    would round a Number (2.5 -> 2), fail on "four" or NaN with a list of components, or refuse a
+    Dropdown value without naming the field; the handler's validation names the field instead."""
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
+
+
+def WholeNumber(**kwargs) -> gr.Number:  # noqa: N802
+    """gr.Number(precision=0) (typed "integer" in the API) whose value is never rounded."""
+    return as_sent(gr.Number(precision=0, **kwargs))
 
 
 def _skip(value: Any) -> Any:
@@ -99,7 +150,7 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
     d = h.default_controls(ctx)  # ranges that depend on the loaded model
     r = request_defaults()  # the engine's defaults; every limit comes from dream_core.request
 
-    with gr.Blocks(title=TITLE, delete_cache=(600, 3600)) as demo:
+    with StudioBlocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         ui = SimpleNamespace(session=gr.State(h.SessionState()),
                              picked=gr.State(None))  # the record chosen in History (or read from a dropped PNG)
         gr.Markdown(f"# {TITLE}\nDREAM decodes **K candidates** at once, scores them with its own encoder "
@@ -144,7 +195,7 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                 decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"],
                                                           APP_DEFAULT_CANDIDATES), elem_id="ds-decision-info")
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, maximum=MAX_SEED,
+                    seed = WholeNumber(label="Seed", value=0, minimum=0, maximum=MAX_SEED,
                                      interactive=False, scale=2)
                     randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
                     reuse_btn = gr.Button("♻ Reuse last seed", size="sm", scale=1)
@@ -281,21 +332,23 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
     with gr.Column(visible=False):
         a_prompt = gr.Textbox(label="prompt")
         a_negative = gr.Textbox(label="negative_prompt", value="")
-        a_k = gr.Number(label="num_candidates", value=APP_DEFAULT_CANDIDATES, precision=0)
-        a_decision = gr.Number(label="decision_step", value=0, precision=0)
-        a_steps = gr.Number(label="num_inference_steps", value=d["steps"], precision=0)
-        a_head = gr.Number(label="head_steps", value=r["head_steps"], precision=0)
+        a_k = WholeNumber(label="num_candidates", value=APP_DEFAULT_CANDIDATES)
+        a_decision = WholeNumber(label="decision_step", value=0)
+        a_steps = WholeNumber(label="num_inference_steps", value=d["steps"])
+        a_head = WholeNumber(label="head_steps", value=r["head_steps"])
         a_cfg = gr.Number(label="guidance_scale", value=r["guidance_scale"])
-        a_sched = gr.Dropdown(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"], label="guidance_schedule")
+        # Dropdowns as sent: a value that is not a choice is refused by the handlers, by name.
+        a_sched = as_sent(gr.Dropdown(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
+                                      label="guidance_schedule"))
         a_temp = gr.Number(label="temperature", value=r["temperature"])
-        a_seed = gr.Number(label="seed", value=-1, precision=0)
-        a_n = gr.Number(label="num_images", value=r["num_images"], precision=0)
+        a_seed = WholeNumber(label="seed", value=-1)
+        a_n = WholeNumber(label="num_images", value=r["num_images"])
         a_files = gr.File(label="images", file_count="multiple")
         a_records = gr.JSON(label="parameters")
         a_gen = gr.Button("api-generate")
         s_image = CheckedImage(label="image", type="filepath")
-        s_top = gr.Number(label="top_k", value=5, precision=0)
-        s_mode = gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode")
+        s_top = WholeNumber(label="top_k", value=5)
+        s_mode = as_sent(gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode"))
         s_file = gr.File(label="captions_file", type="filepath")
         s_labels = gr.Textbox(label="labels", value="")
         s_out = gr.JSON(label="results")
@@ -310,16 +363,23 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
 # ----- events -----
 def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
     """Generate, Stop, the step/decision helpers and the seed controls."""
-    def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
-        settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
-        for v in h.generate_stream(ctx, sess, settings, pm):
-            yield (
-                _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
-                _skip(v.final),
-                gr.DownloadButton(value=v.download, visible=True) if v.download else gr.skip(),
-                gr.Gallery(value=v.gallery, visible=len(v.gallery) > 1) if v.gallery is not None else gr.skip(),
-                _skip(v.infotext),
-            )
+    # Generation handlers are async generators over a worker thread (app.jobs): a cancel or a
+    # closed page stops the decoding within one step and frees the queue slot only after it.
+    async def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
+        job = h.next_job(sess)
+        try:
+            settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
+            async for v in iterate_in_thread(h.generate_stream(ctx, sess, settings, pm, job=job), job):
+                yield (
+                    _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
+                    _skip(v.final),
+                    gr.DownloadButton(value=v.download, visible=True) if v.download else gr.skip(),
+                    gr.Gallery(value=v.gallery, visible=len(v.gallery) > 1) if v.gallery is not None
+                    else gr.skip(),
+                    _skip(v.infotext),
+                )
+        finally:
+            h.end_job(sess, job)
 
     gen_event = gr.on([ui.gen_btn.click], fn=h.begin_job, inputs=[ui.session], outputs=None, queue=False,
                       api_visibility="private").then(
@@ -438,18 +498,22 @@ def _wire_model(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> Non
 
 def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
     """The two public endpoints, typed by the hidden components."""
-    def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
+    async def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
                  num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
                  num_inference_steps: int = d["steps"], head_steps: int = r["head_steps"],
                  guidance_scale: float = r["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
                  temperature: float = r["temperature"], seed: int = -1, num_images: int = r["num_images"]):
         """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
-        settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
-                                          None if not decision_step else decision_step, num_inference_steps,
-                                          head_steps, guidance_scale, guidance_schedule, temperature,
-                                          h.resolve_seed(seed, False), num_images)
-        paths, records = h.generate_images(ctx, sess, settings)
-        return paths, records
+        job = h.next_job(sess)
+        try:
+            settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
+                                              None if not decision_step else decision_step, num_inference_steps,
+                                              head_steps, guidance_scale, guidance_schedule, temperature,
+                                              h.resolve_seed(seed, False), num_images)
+            async for out in iterate_in_thread(h.generate_api_stream(ctx, sess, settings, job=job), job):
+                yield (gr.skip(), gr.skip()) if out is None else out
+        finally:
+            h.end_job(sess, job)
 
     ui.a_gen.click(generate, [ui.session, ui.a_prompt, ui.a_negative, ui.a_k, ui.a_decision, ui.a_steps, ui.a_head,
                               ui.a_cfg, ui.a_sched, ui.a_temp, ui.a_seed, ui.a_n], [ui.a_files, ui.a_records],
@@ -504,6 +568,8 @@ def launch_app(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None
     ctx: h.AppContext = demo.dream_context  # type: ignore[attr-defined]
     ctx.display_dir.mkdir(parents=True, exist_ok=True)
     ctx.history.root.mkdir(parents=True, exist_ok=True)
+    ctx.history.remove_leftovers()  # *.png.tmp of saves a kill interrupted
+    remove_leftovers(ctx.display_dir)
     _patient_self_check()
     return demo.launch(
         server_name=host, server_port=port, share=share, inbrowser=inbrowser,

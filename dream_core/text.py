@@ -40,6 +40,11 @@ def validate_prompts(prompts: str | Sequence[str], name: str = "prompt") -> list
             raise ValueError(f"{name} must not be empty")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"{name} is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800" (JSON allows it, tokenizers do not)
+            raise ValueError(f"{name} contains invalid characters (unpaired surrogates); "
+                             "only valid Unicode text is allowed") from None
         out.append(p)
     return out
 

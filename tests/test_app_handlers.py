@@ -237,20 +237,28 @@ def test_preview_budget_keeps_first_and_decision_previews(ctx):
 
 def test_stop_lands_within_one_decoding_step(ctx):
     session = h.SessionState()
+    h.begin_job(session)  # the click
     gen = h.generate_stream(ctx, session, GenerationSettings("a red circle", seed=3, **FAST), min_interval=0)
     assert next(gen).reset
     first = next(gen)
-    assert "Step 1/4" in first.status
-    session.stop_requested = True
+    assert "Step 1/4" in first.status and session.running
+    h.request_stop(session)
     rest = list(gen)
     assert len(rest) == 1 and rest[0].stopped
     assert "Stopped at step 1 of 4" in rest[0].status
     assert not ctx.history.root.exists() or not list(ctx.history.root.rglob("*.png"))
-    session.stop_requested = True
+    assert session.jobs == [] and not session.running
+    # a Stop while the job waits in the queue reaches that job
+    h.begin_job(session)
+    h.request_stop(session)
     early = run(ctx, GenerationSettings("a red circle", seed=3, **FAST), session)
     assert len(early) == 1 and early[0].stopped and "before it started" in early[0].status
+    # a Stop while idle reaches no later job (UI click or API call)
+    h.request_stop(session)
+    assert run(ctx, GenerationSettings("a red circle", seed=3, **FAST), session)[-1].done
     h.begin_job(session)
-    assert not session.stop_requested
+    assert run(ctx, GenerationSettings("a red circle", seed=3, **FAST), session)[-1].done
+    assert session.jobs == []
 
 
 def test_several_images_use_successive_seeds_and_sessions_are_isolated(ctx):
@@ -291,16 +299,16 @@ def test_seed_and_decision_helpers():
     assert h.resolve_seed(12.0, False) == 12
     with pytest.raises(gr.Error, match="whole number"):
         h.resolve_seed(2.5, False)
-    with pytest.raises(gr.Error, match="at most"):
+    with pytest.raises(gr.Error, match="seed must be between 0 and 4294967295, or -1 for a random seed; got 1099"):
         h.resolve_seed(2**40, False)
     assert "step **2** of 16, when **12.5 %**" in h.decision_info(16, 2, 16, 4)
     assert h.decision_info(16, 2, 16, 1).startswith("One candidate")
     with pytest.raises(gr.Error, match="no image generated"):
         h.reuse_last_seed(h.SessionState())
     assert h.reuse_last_seed(h.SessionState(last_seed=9)) == 9
-    running = h.SessionState(running=True)
+    running = h.SessionState(jobs=[h.Job(started=True)])
     h.request_stop(running)
-    assert running.stop_requested
+    assert running.running and running.jobs[0].stop_requested
 
 
 # ----- reverse search -----
