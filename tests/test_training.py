@@ -455,14 +455,16 @@ def test_cache_round_trip_resume_and_sharding(data, tmp_path):
 # Several processes, kill and resume (subprocesses)
 # ---------------------------------------------------------------------------------------------
 
-def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = ()) -> list[str]:
+def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = (),
+                expect: int = 0, **train_kw) -> list[str]:
     port = free_port()
     procs = []
+    train_kw = {"batch_size": 4, "ckpt_every": 3, **train_kw}
     for rank in range(2):
         env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank,
                              LOCAL_WORLD_SIZE=2)
         cmd = [sys.executable, str(WORKER), "--report", str(report), *extra_worker, "--",
-               *train_args(d, out, max_steps, batch_size=4, ckpt_every=3)]
+               *train_args(d, out, max_steps, **train_kw)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = []
@@ -474,7 +476,7 @@ def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, ext
                 q.kill()
             raise
         outputs.append(text)
-        assert p.returncode == 0, text[-3000:]
+        assert p.returncode == expect, text[-3000:]
     return outputs
 
 
@@ -508,6 +510,56 @@ def test_two_processes_over_gloo(data, tmp_path):
     assert sorted(rows_b) == [4, 5]
     for step in (4, 5):
         assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_shard_checkpoint_and_resume(data, tmp_path):
+    """FSDP2 over gloo: every parameter is a shard, each rank writes its own part of the checkpoint,
+    and a resume from step 3 to 5 equals the uninterrupted 5-step run (weights, EMA and losses)."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    run_b.mkdir()
+    _launch_two(data, run_a, tmp_path / "rep_a", 5, ["--snapshot-at", "3", "--snapshot-to", str(run_b)], fsdp=True)
+    reps = [json.loads((tmp_path / "rep_a" / f"rank{r}.json").read_text()) for r in range(2)]
+    from dream_core.config import DreamConfig
+    from dream_core.model import DreamModel
+
+    ref = DreamModel(DreamConfig.preset("tiny").replace(t5_dim=32))
+    names = {n for n, p in ref.named_parameters() if p.ndim}  # the 0-d temperature stays replicated
+    for rep in reps:
+        assert rep["world"] == 2 and rep["final_step"] == 5
+        assert set(rep["sharded"]) == names  # nothing else unsharded (the old FSDP path was one NO_WRAP unit)
+    assert reps[0]["param_digest"] == reps[1]["param_digest"]  # gathered full weights agree
+    ckpt = run_a / "checkpoint-last"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["sharded_world_size"] == 2 and state["step"] == 5 and state["layout"]["fsdp"] is True
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rank-00000", "rank-00001", "rng.safetensors", "state.json"]
+    from safetensors.torch import load_file
+
+    shards = [load_file(str(ckpt / f"rank-0000{r}" / "ema.safetensors")) for r in range(2)]
+    for n in names:  # dim-0 shards that concatenate to the full shape
+        p = ref.get_parameter(n)
+        assert shards[0][n].shape[0] + shards[1][n].shape[0] == p.shape[0], n
+        assert shards[0][n].shape[1:] == p.shape[1:], n
+
+    outputs = _launch_two(data, run_b, tmp_path / "rep_b", 5, fsdp=True)
+    assert "at step 3" in outputs[0]
+    reps_b = [json.loads((tmp_path / "rep_b" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reps_b[0]["param_digest"] == reps_b[1]["param_digest"] == reps[0]["param_digest"]
+    rows_a, rows_b = read_log(run_a / "log.csv"), read_log(run_b / "log.csv")
+    assert sorted(rows_b) == [4, 5]
+    for step in (4, 5):
+        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_both(data, tmp_path):
+    """Rank 1's loss is NaN at step 2: both processes exit (code 3) with the step and the loss terms,
+    none is left waiting in a collective."""
+    outputs = _launch_two(data, tmp_path / "run", tmp_path / "rep", 4, ["--nan-at-step", "2", "--nan-rank", "1"],
+                          expect=3, ckpt_every=0)
+    for text in outputs:
+        assert "error: non-finite loss at step 2 on rank 1 (loss=nan, diffusion=" in text, text[-2000:]
+        assert "rank 0 (" not in text
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@ per transformer block, the EMA (on plain or sharded parameters), resume guards a
 all-ranks non-finite stop.
 
 FSDP here is torch's FSDP2 (`fully_shard`): every encoder, decoder, text-aligner and text-tower
-block is its own unit, the rest (embeddings, projector, diffusion head, temperature) is the root
-unit. Parameters become DTensors sharded on dim 0; the EMA clones them, so each rank keeps the
+block is its own unit, the rest (embeddings, projector, diffusion head) is the root unit.
+Parameters become DTensors sharded on dim 0, except scalars (the temperature `logit_scale`:
+FSDP2 cannot shard a 0-d tensor), which stay replicated with their gradient averaged by
+`sync_replicated_grads`; the EMA clones them, so each rank keeps the
 EMA of its own shards and the update is a local `lerp_`. It runs on CUDA (NCCL) and on CPU
 (gloo), which is how the tests exercise it.
 """
@@ -51,7 +53,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     blocks += list(model.encoder.blocks)
     blocks += list(model.decoder.blocks)
     blocks += list(model.aligner.blocks)
-    blocks += list(model.text_tower.transformer.resblocks)
+    blocks += list(model.text_tower.transformer.transformer.resblocks)  # open_clip TextTransformer
     return blocks
 
 
@@ -72,8 +74,19 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    fully_shard(model, mesh=mesh, ignored_params=scalars or None)
     return model
+
+
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of the parameters FSDP left replicated (scalars) over the ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for p in model.parameters():
+        if not isinstance(p, DTensor) and p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(dist.get_world_size())
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -91,9 +104,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm (sharded or not) and return it as a float on every rank."""
-    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
-    return float(full(norm))
+    """Clip the global gradient norm over sharded and replicated parameters alike and return it
+    (the same float on every rank)."""
+    params = [p for p in parameters if p.grad is not None]
+    groups = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    squares = [full(torch.nn.utils.get_total_norm([p.grad for p in g])).float() ** 2 for g in groups if g]
+    if not squares:
+        return 0.0
+    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt()
+    for g in groups:
+        if g:
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total.to(g[0].device))
+    return float(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,5 +302,5 @@ __all__ = [
     "EMA", "RESUME_KEYS", "check_resume", "clip_grad_norm", "configure_cuda", "contrastive_negatives_note",
     "ensure_process_group", "frozen_autocast", "full", "is_sharded", "load_local_model_state", "local",
     "local_model_state", "local_optimizer_state", "run_layout", "shard_model", "shard_optimizer_state",
-    "stop_if_not_finite", "transformer_blocks",
+    "stop_if_not_finite", "sync_replicated_grads", "transformer_blocks",
 ]

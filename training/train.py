@@ -36,7 +36,8 @@ from training.checkpoint import (find_checkpoint, load_checkpoint, load_sharded_
                                  save_checkpoint, save_sharded_checkpoint)
 from training.distributed import (EMA, check_resume, clip_grad_norm, configure_cuda, contrastive_negatives_note,
                                   frozen_autocast, load_local_model_state, local_model_state, local_optimizer_state,
-                                  run_layout, shard_model, shard_optimizer_state, stop_if_not_finite)
+                                  run_layout, shard_model, shard_optimizer_state, stop_if_not_finite,
+                                  sync_replicated_grads)
 from training.data.loaders import build_dataloader
 from training.recipes import RECIPES, TrainRecipe, get_recipe
 
@@ -262,9 +263,11 @@ class Trainer:
             stop_if_not_finite(out, self.step, self.device)  # all ranks together, before any backward
             self.acc.backward(loss)
             grad_norm = None
-            if self.acc.sync_gradients:
-                grad_norm = (clip_grad_norm(self.model.parameters(), self.recipe.grad_clip) if self.sharded
-                             else self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip))
+            if self.acc.sync_gradients and self.sharded:
+                sync_replicated_grads(self.model)
+                grad_norm = clip_grad_norm(self.model.parameters(), self.recipe.grad_clip)
+            elif self.acc.sync_gradients:
+                grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self.acc.sync_gradients:
