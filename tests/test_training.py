@@ -317,6 +317,94 @@ def test_the_loop_trains_and_the_loss_falls(trained):
     assert state["step"] == 30 and state["samples_seen"] == 240
 
 
+class MetaAccelerator:
+    """accelerate's interface as the Trainer uses it, on the `meta` device: anything the Trainer
+    builds on CPU instead of where the model lives shows up as a non-meta tensor."""
+
+    device = torch.device("meta")
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self) -> None:
+        self.printed: list[str] = []
+
+    def prepare(self, *objs, device_placement=None):
+        return objs if len(objs) > 1 else objs[0]
+
+    def print(self, *args) -> None:
+        self.printed.append(" ".join(map(str, args)))
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")  # loading into meta parameters is a no-op, on purpose
+def test_every_state_lives_on_the_model_device_after_prepare_and_resume(data, trained, tmp_path, monkeypatch):
+    """The EMA, the optimizer state (loaded at resume) and the null caption are on the model's device
+    (the old trainer built the EMA on CPU before prepare moved the model: every CUDA run crashed)."""
+    from dream_core.text import ConditioningTextEncoder
+    from training.train import Trainer
+
+    def t5_on_its_device(self, prompts):  # T5's attention mask code calls .item(), which meta cannot
+        device = next(self.model.parameters()).device
+        return (torch.zeros(len(prompts), self.max_length, self.dim, device=device),
+                torch.ones(len(prompts), self.max_length, dtype=torch.bool, device=device))
+
+    monkeypatch.setattr(ConditioningTextEncoder, "forward", t5_on_its_device)
+
+    out = tmp_path / "run"
+    shutil.copytree(trained.out / "checkpoint-last", out / "checkpoint-last")
+    acc = MetaAccelerator()
+    trainer = Trainer(tiny_recipe(data, masking="fx", max_steps=40), out, accelerator=acc)
+    assert trainer.step == 30  # resumed
+    assert {p.device.type for p in trainer.model.parameters()} == {"meta"}
+    assert {t.device.type for t in trainer.ema.shadow.values()} == {"meta"}
+    states = [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert states and {v.device.type for v in states if v.ndim} == {"meta"}
+    assert trainer.null_hidden.device.type == "meta" and trainer.null_mask.device.type == "meta"
+    assert any("contrastive loss: each query sees 8 captions" in line for line in acc.printed)
+
+
+def test_resume_refuses_another_world_size_accumulation_or_data(data, trained, tmp_path):
+    from training.train import Trainer
+
+    def run_with(edit=None, **kw) -> Path:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(trained.out / "checkpoint-last", out / "checkpoint-last")
+        if edit:
+            path = out / "checkpoint-last" / "state.json"
+            state = json.loads(path.read_text())
+            edit(state)
+            path.write_text(json.dumps(state))
+        return out
+
+    def two_processes(state):
+        state["world_size"] = state["layout"]["world_size"] = 2
+        state["layout"]["global_batch"] = 16
+
+    with pytest.raises(ValueError, match=r"world_size: checkpoint 2 vs now 1.*global_batch: checkpoint 16 vs now 8"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40), run_with(two_processes))
+
+    def old_format(state):  # written before the layout was recorded: derived from the recipe
+        del state["layout"]
+        state["world_size"] = 2
+
+    with pytest.raises(ValueError, match=r"cannot resume .*world_size: checkpoint 2 vs now 1.*same number of processes"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40), run_with(old_format))
+    with pytest.raises(ValueError, match=r"grad_accum: checkpoint 1 vs now 2"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40, grad_accum=2), run_with())
+    other = tmp_path / "other-images"
+    shutil.copytree(data.images, other)
+    with pytest.raises(ValueError, match=r"data_path: checkpoint .* vs now"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40, data_path=str(other)), run_with())
+
+
+def test_contrastive_negatives_are_stated_for_accumulation():
+    from training.distributed import contrastive_negatives_note
+
+    recipe = get_recipe("dream-huge").overrides(["batch_size=32", "grad_accum=4"])
+    note = contrastive_negatives_note(recipe, 8)
+    assert note.startswith("contrastive loss: each query sees 256 captions (batch_size 32 x 8 processes)")
+    assert "NOT the global batch of 1024" in note
+    assert "NOT" not in contrastive_negatives_note(recipe.overrides(["grad_accum=1"]), 8)
+
+
 def _truncated_normal_mean(mu: float, sigma: float, lo: float = 0.0, hi: float = 1.0) -> float:
     pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)  # noqa: E731
     cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
@@ -424,6 +512,8 @@ def test_cache_round_trip_resume_and_sharding(data, tmp_path):
 
     # Training reads the cache.
     trainer = Trainer(tiny_recipe(data, data="cache", cache_path=str(cache), max_steps=2), tmp_path / "from-cache")
+    assert trainer.t5 is None  # T5 is never loaded from the cache: its null caption comes from the cache too
+    torch.testing.assert_close(trainer.null_hidden, null["t5_hidden"].float())
     assert math.isfinite(float(trainer.fit()["loss"]))
 
     # Resume after a kill: shard 1 lost its JSON (the completion marker) and left a temporary file.

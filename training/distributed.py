@@ -13,6 +13,7 @@ EMA of its own shards and the update is a local `lerp_`. It runs on CUDA (NCCL) 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable
 
 import torch
@@ -39,8 +40,9 @@ def configure_cuda() -> None:
 
 def frozen_autocast(device: torch.device, precision: str):
     """Autocast for the frozen VAE and T5: bf16 on CUDA when the run is bf16, a no-op otherwise."""
-    enabled = device.type == "cuda" and precision == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
