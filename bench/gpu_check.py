@@ -1,4 +1,4 @@
-"""One-command GPU check of the training and decoding paths (issue 10), about 5 minutes on one GPU.
+"""One-command GPU check of the training and decoding paths (issue 10), sized to stay under 8 minutes on one GPU.
 
 Builds, in a temporary folder, everything a `dream-base` run needs without any download: random
 images with captions (an image folder), a random-weight diffusers AutoencoderKL with the SD-VAE
