@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, markdown_table  # noqa: E402,F401  (common puts the repository on sys.path)
+from common import markdown_table  # noqa: E402  (importing common puts the repository on sys.path)
 
 WORDS = ("red", "green", "blue", "circle", "square", "dog", "cat", "car", "tree", "house", "on", "a", "the",
          "street", "beach", "small", "large", "photo", "of", "near")
