@@ -159,8 +159,8 @@ def critic_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_se
 
 def probe_section(pipe, n_train: int, n_val: int, eval_seed: int) -> dict:
     """Logistic-regression probes solved to convergence (train accuracy reported beside val)."""
-    probes = probe_shapes(pipe, SEARCH_ATTRIBUTES, n_train, n_val, eval_seed, solver="lbfgs")
-    return {"n_train": n_train, "n_val": n_val, "solver": "lbfgs",
+    probes = probe_shapes(pipe, SEARCH_ATTRIBUTES, n_train, n_val, eval_seed, protocol="converged")
+    return {"n_train": n_train, "n_val": n_val, "protocol": "converged (L-BFGS logistic regression)",
             **{a: {"val_acc": r.val_acc, "train_acc": r.train_acc} for a, r in probes.items()}}
 
 

@@ -8,7 +8,9 @@ call (the logits are rows x rows), the captions of each local batch, a digest of
 parameters and EMA, and (on ranks > 0) every attempt to write inside the run directory, caught
 with an audit hook. --pause-in-save-at N blocks forever in the middle of writing step N's
 checkpoint (after the log row of step N), so the test can SIGKILL it there. --snapshot-at copies
-rank 0's checkpoint of step N to another run directory (to resume from it later).
+rank 0's checkpoint of step N to another run directory (to resume from it later). --nan-at-step N
+--nan-rank R makes rank R's loss NaN at optimizer step N (the others stay finite). Digests of
+sharded (FSDP) parameters are taken over the gathered full tensors.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     ap.add_argument("--pause-in-save-at", type=int, default=0)
     ap.add_argument("--snapshot-at", type=int, default=0)
     ap.add_argument("--snapshot-to", type=Path, default=None)
+    ap.add_argument("--nan-at-step", type=int, default=0)
+    ap.add_argument("--nan-rank", type=int, default=0)
     args = ap.parse_args(argv[:split])
     train_args = argv[split + 1:]
     out_dir = Path(train_args[train_args.index("--out") + 1]).resolve()
@@ -90,6 +94,21 @@ def main() -> None:
 
     train.Trainer.train_step = recording_step
 
+    if args.nan_at_step:
+        import dream_core.model as dream_model
+
+        original_forward = dream_model.DreamModel.forward_train
+        nan_state = {"calls": 0}
+
+        def nan_forward(self, *a, **kw):
+            out = original_forward(self, *a, **kw)
+            nan_state["calls"] += 1  # one call per micro-batch (grad_accum 1 in the tests: per step)
+            if rank == args.nan_rank and nan_state["calls"] == args.nan_at_step:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        dream_model.DreamModel.forward_train = nan_forward
+
     saving = {"step": -1}
     original_save = train.Trainer.save
 
@@ -118,13 +137,16 @@ def main() -> None:
 
     def recording_fit(self):
         out = original_fit(self)
+        from training.distributed import full
+
         core = self.acc.unwrap_model(self.model)
         h = hashlib.sha256()
         for name, p in sorted(core.named_parameters()):
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(full(p.detach()).float().cpu().numpy().tobytes())
         for name in sorted(self.ema.shadow):
-            h.update(self.ema.shadow[name].cpu().numpy().tobytes())
+            h.update(full(self.ema.shadow[name]).cpu().numpy().tobytes())
+        report["sharded"] = [name for name, p in core.named_parameters() if type(p).__name__ == "DTensor"]
         report["param_digest"] = h.hexdigest()
         report["final_step"] = self.step
         report["world"] = self.world

@@ -141,6 +141,45 @@ def test_probe_learns_separable_features_and_not_random_labels():
     assert noise.val_acc < 0.45  # chance is 0.2: held-out accuracy cannot come from memorising
 
 
+def test_probe_streams_feature_chunks_from_disk_with_the_paper_protocol(tmp_path):
+    """Features in several safetensors chunks (only one in memory at a time) train the head as well;
+    the paper protocol is LARS with lr = blr x batch / 256."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 24, generator=gen) * 3 + 40
+    tx, ty = _clusters(400, 5, 24, gen, centres)
+    vx, vy = _clusters(200, 5, 24, gen, centres)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"chunk-{i}.safetensors")
+        save_file({"x": tx[i * 100:(i + 1) * 100].contiguous(), "y": ty[i * 100:(i + 1) * 100].contiguous()},
+                  str(files[-1]))
+    train = linear_probe.FeatureChunks(files)
+    assert len(train) == 400 and train.dim == 24 and train.sizes == [100] * 4
+    val = linear_probe.FeatureChunks.from_tensors(vx, vy)
+    res = linear_probe.train_probe(train, None, val, None, 5, protocol="paper", epochs=30)
+    assert res.protocol == "paper" and res.lr == pytest.approx(0.1 * 100 / 256)  # batch capped at the chunk
+    # LARS (trust 0.001) moves the head by ~1e-4 of its norm a step: 120 steps at blr 0.1 stay near chance,
+    # a large blr learns the clusters (ImageNet's 225k steps are what make the default work).
+    assert res.val_acc < 0.6
+    res = linear_probe.train_probe(train, None, val, None, 5, protocol="paper", epochs=30, blr=20.0)
+    assert res.val_acc >= 0.95 and res.lr == pytest.approx(20.0 * 100 / 256)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        linear_probe.train_probe(tx, ty, vx, vy, protocol="sgd")
+
+
+def test_linear_probe_cli_writes_feature_chunks(tiny_model_dir, tmp_path):
+    _image_folder(tmp_path / "data")
+    out = tmp_path / "probe"
+    linear_probe.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--data",
+                       str(tmp_path / "data"), "--epochs", "3", "--chunk-size", "5", "--protocol", "paper"])
+    data = read_results(out)
+    assert sorted(p.name for p in (out / "features" / "train").iterdir()) == [f"chunk-0000{i}.safetensors" for i in range(3)]
+    assert data["data"]["train_images"] == 12 and data["data"]["feature_chunks"] == 3 + 3  # 12 + 12 rows, 5 a file
+    assert data["probes"]["label"]["protocol"] == "paper"
+
+
 def test_probe_rejects_bad_inputs():
     x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match="same D"):
@@ -403,3 +442,20 @@ def test_shapes_eval_bench_rejects_bad_compare(tiny_model_dir, tmp_path):
         bench.main(["--model", str(tiny_model_dir), "--compare", "oops"])
     with pytest.raises(ValueError, match="does not exist"):
         bench.main(["--model", str(tiny_model_dir), "--compare", f"x={tmp_path / 'missing'}"])
+
+
+def test_converged_probe_fits_separable_features_exactly():
+    """The L-BFGS probe is solved to convergence: linearly separable classes are fitted 100 %
+    (the SGD head of the same features stops short on small sets), and held-out points follow."""
+    from training.evaluate.linear_probe import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 3
+    y = torch.arange(5).repeat(40)
+    x = centers[y] + 0.5 * torch.randn(200, 32, generator=g)
+    yv = torch.arange(5).repeat(10)
+    xv = centers[yv] + 0.5 * torch.randn(50, 32, generator=g)
+    r = fit_probe(x, y, xv, yv, 5)
+    assert r.train_acc == 1.0 and r.val_acc == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        fit_probe(x, y[:10], xv, yv)

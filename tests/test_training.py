@@ -317,6 +317,94 @@ def test_the_loop_trains_and_the_loss_falls(trained):
     assert state["step"] == 30 and state["samples_seen"] == 240
 
 
+class MetaAccelerator:
+    """accelerate's interface as the Trainer uses it, on the `meta` device: anything the Trainer
+    builds on CPU instead of where the model lives shows up as a non-meta tensor."""
+
+    device = torch.device("meta")
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self) -> None:
+        self.printed: list[str] = []
+
+    def prepare(self, *objs, device_placement=None):
+        return objs if len(objs) > 1 else objs[0]
+
+    def print(self, *args) -> None:
+        self.printed.append(" ".join(map(str, args)))
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")  # loading into meta parameters is a no-op, on purpose
+def test_every_state_lives_on_the_model_device_after_prepare_and_resume(data, trained, tmp_path, monkeypatch):
+    """The EMA, the optimizer state (loaded at resume) and the null caption are on the model's device
+    (the old trainer built the EMA on CPU before prepare moved the model: every CUDA run crashed)."""
+    from dream_core.text import ConditioningTextEncoder
+    from training.train import Trainer
+
+    def t5_on_its_device(self, prompts):  # T5's attention mask code calls .item(), which meta cannot
+        device = next(self.model.parameters()).device
+        return (torch.zeros(len(prompts), self.max_length, self.dim, device=device),
+                torch.ones(len(prompts), self.max_length, dtype=torch.bool, device=device))
+
+    monkeypatch.setattr(ConditioningTextEncoder, "forward", t5_on_its_device)
+
+    out = tmp_path / "run"
+    shutil.copytree(trained.out / "checkpoint-last", out / "checkpoint-last")
+    acc = MetaAccelerator()
+    trainer = Trainer(tiny_recipe(data, masking="fx", max_steps=40), out, accelerator=acc)
+    assert trainer.step == 30  # resumed
+    assert {p.device.type for p in trainer.model.parameters()} == {"meta"}
+    assert {t.device.type for t in trainer.ema.shadow.values()} == {"meta"}
+    states = [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert states and {v.device.type for v in states if v.ndim} == {"meta"}
+    assert trainer.null_hidden.device.type == "meta" and trainer.null_mask.device.type == "meta"
+    assert any("contrastive loss: each query sees 8 captions" in line for line in acc.printed)
+
+
+def test_resume_refuses_another_world_size_accumulation_or_data(data, trained, tmp_path):
+    from training.train import Trainer
+
+    def run_with(edit=None, **kw) -> Path:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(trained.out / "checkpoint-last", out / "checkpoint-last")
+        if edit:
+            path = out / "checkpoint-last" / "state.json"
+            state = json.loads(path.read_text())
+            edit(state)
+            path.write_text(json.dumps(state))
+        return out
+
+    def two_processes(state):
+        state["world_size"] = state["layout"]["world_size"] = 2
+        state["layout"]["global_batch"] = 16
+
+    with pytest.raises(ValueError, match=r"world_size: checkpoint 2 vs now 1.*global_batch: checkpoint 16 vs now 8"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40), run_with(two_processes))
+
+    def old_format(state):  # written before the layout was recorded: derived from the recipe
+        del state["layout"]
+        state["world_size"] = 2
+
+    with pytest.raises(ValueError, match=r"cannot resume .*world_size: checkpoint 2 vs now 1.*same number of processes"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40), run_with(old_format))
+    with pytest.raises(ValueError, match=r"grad_accum: checkpoint 1 vs now 2"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40, grad_accum=2), run_with())
+    other = tmp_path / "other-images"
+    shutil.copytree(data.images, other)
+    with pytest.raises(ValueError, match=r"data_path: checkpoint .* vs now"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40, data_path=str(other)), run_with())
+
+
+def test_contrastive_negatives_are_stated_for_accumulation():
+    from training.distributed import contrastive_negatives_note
+
+    recipe = get_recipe("dream-huge").overrides(["batch_size=32", "grad_accum=4"])
+    note = contrastive_negatives_note(recipe, 8)
+    assert note.startswith("contrastive loss: each query sees 256 captions (batch_size 32 x 8 processes)")
+    assert "NOT the global batch of 1024" in note
+    assert "NOT" not in contrastive_negatives_note(recipe.overrides(["grad_accum=1"]), 8)
+
+
 def _truncated_normal_mean(mu: float, sigma: float, lo: float = 0.0, hi: float = 1.0) -> float:
     pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)  # noqa: E731
     cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
@@ -424,6 +512,8 @@ def test_cache_round_trip_resume_and_sharding(data, tmp_path):
 
     # Training reads the cache.
     trainer = Trainer(tiny_recipe(data, data="cache", cache_path=str(cache), max_steps=2), tmp_path / "from-cache")
+    assert trainer.t5 is None  # T5 is never loaded from the cache: its null caption comes from the cache too
+    torch.testing.assert_close(trainer.null_hidden, null["t5_hidden"].float())
     assert math.isfinite(float(trainer.fit()["loss"]))
 
     # Resume after a kill: shard 1 lost its JSON (the completion marker) and left a temporary file.
@@ -455,14 +545,16 @@ def test_cache_round_trip_resume_and_sharding(data, tmp_path):
 # Several processes, kill and resume (subprocesses)
 # ---------------------------------------------------------------------------------------------
 
-def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = ()) -> list[str]:
+def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = (),
+                expect: int = 0, **train_kw) -> list[str]:
     port = free_port()
     procs = []
+    train_kw = {"batch_size": 4, "ckpt_every": 3, **train_kw}
     for rank in range(2):
         env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank,
                              LOCAL_WORLD_SIZE=2)
         cmd = [sys.executable, str(WORKER), "--report", str(report), *extra_worker, "--",
-               *train_args(d, out, max_steps, batch_size=4, ckpt_every=3)]
+               *train_args(d, out, max_steps, **train_kw)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outputs = []
@@ -474,7 +566,7 @@ def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, ext
                 q.kill()
             raise
         outputs.append(text)
-        assert p.returncode == 0, text[-3000:]
+        assert p.returncode == expect, text[-3000:]
     return outputs
 
 
@@ -508,6 +600,56 @@ def test_two_processes_over_gloo(data, tmp_path):
     assert sorted(rows_b) == [4, 5]
     for step in (4, 5):
         assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_shard_checkpoint_and_resume(data, tmp_path):
+    """FSDP2 over gloo: every parameter is a shard, each rank writes its own part of the checkpoint,
+    and a resume from step 3 to 5 equals the uninterrupted 5-step run (weights, EMA and losses)."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    run_b.mkdir()
+    _launch_two(data, run_a, tmp_path / "rep_a", 5, ["--snapshot-at", "3", "--snapshot-to", str(run_b)], fsdp=True)
+    reps = [json.loads((tmp_path / "rep_a" / f"rank{r}.json").read_text()) for r in range(2)]
+    from dream_core.config import DreamConfig
+    from dream_core.model import DreamModel
+
+    ref = DreamModel(DreamConfig.preset("tiny").replace(t5_dim=32))
+    names = {n for n, p in ref.named_parameters() if p.ndim}  # the 0-d temperature stays replicated
+    for rep in reps:
+        assert rep["world"] == 2 and rep["final_step"] == 5
+        assert set(rep["sharded"]) == names  # nothing else unsharded (the old FSDP path was one NO_WRAP unit)
+    assert reps[0]["param_digest"] == reps[1]["param_digest"]  # gathered full weights agree
+    ckpt = run_a / "checkpoint-last"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["sharded_world_size"] == 2 and state["step"] == 5 and state["layout"]["fsdp"] is True
+    assert sorted(p.name for p in ckpt.iterdir()) == ["rank-00000", "rank-00001", "rng.safetensors", "state.json"]
+    from safetensors.torch import load_file
+
+    shards = [load_file(str(ckpt / f"rank-0000{r}" / "ema.safetensors")) for r in range(2)]
+    for n in names:  # dim-0 shards that concatenate to the full shape
+        p = ref.get_parameter(n)
+        assert shards[0][n].shape[0] + shards[1][n].shape[0] == p.shape[0], n
+        assert shards[0][n].shape[1:] == p.shape[1:], n
+
+    outputs = _launch_two(data, run_b, tmp_path / "rep_b", 5, fsdp=True)
+    assert "at step 3" in outputs[0]
+    reps_b = [json.loads((tmp_path / "rep_b" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reps_b[0]["param_digest"] == reps_b[1]["param_digest"] == reps[0]["param_digest"]
+    rows_a, rows_b = read_log(run_a / "log.csv"), read_log(run_b / "log.csv")
+    assert sorted(rows_b) == [4, 5]
+    for step in (4, 5):
+        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_both(data, tmp_path):
+    """Rank 1's loss is NaN at step 2: both processes exit (code 3) with the step and the loss terms,
+    none is left waiting in a collective."""
+    outputs = _launch_two(data, tmp_path / "run", tmp_path / "rep", 4, ["--nan-at-step", "2", "--nan-rank", "1"],
+                          expect=3, ckpt_every=0)
+    for text in outputs:
+        assert "error: non-finite loss at step 2 on rank 1 (loss=nan, diffusion=" in text, text[-2000:]
+        assert "rank 0 (" not in text
 
 
 @pytest.mark.slow

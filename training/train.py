@@ -5,11 +5,14 @@
     torchrun --nnodes 4 --nproc-per-node 8 ... -m training.train --recipe dream-huge --out runs/h
     python -m training.train --list-recipes
 
-DDP by default (FSDP for the huge/giant recipes), bf16 autocast on CUDA and fp32 on CPU, gradient
-accumulation, AdamW (0.9, 0.95) without decay on norms/biases/embeddings/temperature, LR = blr x
+DDP by default (FSDP2, sharded per transformer block, for the huge/giant recipes; see
+training/distributed.py), bf16 autocast on CUDA (the frozen VAE and T5 too) with TF32 on, fp32 on
+CPU, gradient accumulation, AdamW (0.9, 0.95) without decay on norms/biases/embeddings/temperature, LR = blr x
 global batch / 256 with linear warm-up, clip 3.0, EMA (warmed up with the step count, so a short
 run exports trained weights), Masking Warmup driven by the fractional epoch. Resumes from
-`<out>/checkpoint-last` automatically.
+`<out>/checkpoint-last` automatically, and refuses to when the world size, accumulation, batch or
+data source changed (they position the data stream and set the LR). A non-finite loss on any rank
+stops every rank.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from dream_core.masking import random_token_mask
 from dream_core.model import DreamModel, drop_captions
 from dream_core.text import ClipTokenizer, ConditioningTextEncoder
 from dream_core.image_tokenizer import ImageTokenizer, patchify
-from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import (find_checkpoint, load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta,
+                                 save_checkpoint, save_sharded_checkpoint)
+from training.distributed import (EMA, check_resume, clip_grad_norm, configure_cuda, contrastive_negatives_note,
+                                  frozen_autocast, load_local_model_state, local_model_state, local_optimizer_state,
+                                  run_layout, shard_model, shard_optimizer_state, stop_if_not_finite,
+                                  sync_replicated_grads)
 from training.data.loaders import build_dataloader
 from training.recipes import RECIPES, TrainRecipe, get_recipe
 
@@ -72,42 +80,6 @@ def load_model_weights(model: DreamModel, path: Path) -> None:
                          f"unexpected {unexpected[:5]}")
 
 
-class EMA:
-    """Exponential moving average of the parameters (fp32). With warm-up the decay at update t is
-    min(decay, (1 + t) / (10 + t)); without it, the fixed decay from step 0 (official)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool) -> None:
-        self.decay, self.warmup = decay, warmup
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        self.updates = 0
-
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = self.current_decay()
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1 - d)
-        self.updates += 1
-
-    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """EMA parameters plus the model's buffers (BN running statistics are not averaged)."""
-        state = {n: t.clone() for n, t in self.shadow.items()}
-        persistent = model.state_dict().keys()  # not e.g. open_clip's non-persistent attn_mask
-        for n, b in model.named_buffers():
-            if n in persistent:
-                state[n] = b.detach().clone()
-        return state
-
-    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n])
-        self.updates = updates
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -121,19 +93,18 @@ class Trainer:
         self.config = recipe.model_config()
         cuda = torch.cuda.is_available()
         precision = {"auto": "bf16" if cuda else "no", "bf16": "bf16", "fp32": "no"}[recipe.precision]
+        self.precision = precision
         unused = self.config.clip_weight == 0 or self.config.diffusion_weight == 0 or self.config.repa_block > 0
-        plugins = {}
-        if recipe.fsdp and cuda:
-            from accelerate import FullyShardedDataParallelPlugin
-
-            plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+        configure_cuda()
         # cpu=True on a CUDA-less machine, so torchrun / accelerate launch env vars start gloo there
-        # (without it accelerate treats every CPU process as a world of one).
+        # (without it accelerate treats every CPU process as a world of one). FSDP is applied here
+        # (training/distributed.py: FSDP2 per block), not through accelerate's plugin.
         self.acc = accelerator or Accelerator(
             cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=recipe.grad_accum,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)], **plugins,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
         )
         self.device = self.acc.device
+        self.sharded = bool(recipe.fsdp)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self._check_paths()
 
@@ -144,22 +115,27 @@ class Trainer:
         if recipe.grad_checkpointing:
             for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
                 part.grad_checkpointing = True
-        if self.world > 1 and not recipe.fsdp and self.device.type == "cuda":  # SyncBN is GPU-only
+        # The projector's BatchNorm: synchronised under DDP and FSDP alike (SyncBN is GPU-only; the
+        # CPU/gloo runs of the tests keep per-rank statistics).
+        if self.world > 1 and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         torch.manual_seed(recipe.seed + self.rank)  # independent noise per rank from here on
         self.tokenizer = ImageTokenizer.from_pretrained(recipe.vae_path, self.config.patch_size).to(self.device)
-        self.t5 = ConditioningTextEncoder.from_pretrained(recipe.t5_path, self.config.t5_max_length).to(self.device)
         self.clip_tok = ClipTokenizer(self.config.clip_context_length)
         if abs(self.tokenizer.scaling_factor - self.config.vae_scaling_factor) > 1e-6 * max(1.0, self.config.vae_scaling_factor):
             self.config.vae_scaling_factor = self.tokenizer.scaling_factor
-        if self.t5.dim != self.config.t5_dim:
-            raise ValueError(f"T5 at {recipe.t5_path} has d_model={self.t5.dim} but config.t5_dim={self.config.t5_dim}")
-        null_hidden, null_mask = self.t5([""])
-        self.null_hidden, self.null_mask = null_hidden.to(self.device), null_mask.to(self.device)
+        # From the cache T5 is never loaded (the cache holds every caption's states and the null
+        # caption's); export and sample checks load it on demand (`conditioning_encoder`).
+        self.t5 = None if recipe.data == "cache" else self.conditioning_encoder(self.device)
+        self.null_hidden, self.null_mask = self._null_caption()
 
         self.global_batch = recipe.batch_size * recipe.grad_accum * self.world
         self.peak_lr = recipe.lr if recipe.lr is not None else recipe.blr * self.global_batch / 256
-        fused = self.device.type == "cuda"
+        # Every state below is built where the (prepared) model lives: move, shard, then optimizer and EMA.
+        self.model.to(self.device)
+        if self.sharded:
+            shard_model(self.model, self.device)
+        fused = self.device.type == "cuda" and not self.sharded  # foreach AdamW on DTensors
         self.optimizer = build_optimizer(self.model, recipe, self.peak_lr, fused=fused)
         self.schedule = recipe.masking_schedule()
         self.ema = EMA(self.model, recipe.ema_decay, recipe.ema_warmup)
@@ -171,7 +147,11 @@ class Trainer:
         self._resume()
         # Built here (not in fit) so bad data fails before any training, and resumes at the saved step.
         self.loader = build_dataloader(recipe, self.config, rank=self.rank, world=self.world, start_step=self.step)
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        if self.sharded:  # the model is already sharded; accelerate only steps the optimizer on sync
+            self.optimizer = self.acc.prepare(self.optimizer, device_placement=[False])
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.acc.print(contrastive_negatives_note(recipe, self.world))
         if recipe.compile:
             self.model = torch.compile(self.model)
         self.teacher = self._build_repa_teacher()
@@ -194,18 +174,47 @@ class Trainer:
         if r.data == "cache" and self.config.repa_block:
             raise ValueError("REPA needs images for its teacher, but a cache holds latents only; use image data")
 
+    def conditioning_encoder(self, device: torch.device | str = "cpu") -> ConditioningTextEncoder:
+        """The frozen T5 (bf16 weights on a bf16 CUDA run: T5-XXL is 9.5 GB instead of 19)."""
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" and self.precision == "bf16" else None
+        t5 = ConditioningTextEncoder.from_pretrained(self.recipe.t5_path, self.config.t5_max_length,
+                                                     torch_dtype=dtype).to(device)
+        if t5.dim != self.config.t5_dim:
+            raise ValueError(f"T5 at {self.recipe.t5_path} has d_model={t5.dim} but config.t5_dim={self.config.t5_dim}")
+        return t5
+
+    def _null_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's T5 states (for caption dropout): from the cache when training from it."""
+        if self.t5 is None:
+            from safetensors.torch import load_file
+
+            from training.cache import NULL_CAPTION_FILE
+
+            null = load_file(str(Path(self.recipe.cache_path or self.recipe.data_path) / NULL_CAPTION_FILE))
+            return null["t5_hidden"].float().to(self.device), null["t5_mask"].bool().to(self.device)
+        with frozen_autocast(self.device, self.precision):
+            hidden, mask = self.t5([""])
+        return hidden.float().to(self.device), mask.to(self.device)
+
     def _resume(self) -> None:
         ckpt_dir = find_checkpoint(self.out)
         if ckpt_dir is None:
             return
-        ckpt = load_checkpoint(ckpt_dir)
-        meta = ckpt["meta"]
+        meta = read_checkpoint_meta(ckpt_dir)
         if meta.get("config") != self.config.to_dict():
             raise ValueError(f"checkpoint {ckpt_dir} was written for another model config; use a new --out")
-        missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        check_resume(meta, run_layout(self.recipe, self.world), str(ckpt_dir))
+        if self.sharded:  # this rank's shards only
+            ckpt = load_sharded_checkpoint(ckpt_dir, self.rank, self.world)
+            load_local_model_state(self.model, ckpt["model"], str(ckpt_dir))
+            self.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], self.optimizer))
+        else:
+            ckpt = load_checkpoint(ckpt_dir)
+            missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.ema.load(ckpt["ema"], meta["ema_updates"])
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.data_skipped = meta.get("data_skipped", 0) if self.rank == 0 else 0  # a total over ranks
@@ -233,15 +242,17 @@ class Trainer:
         """Latent tokens, conditioning and CLIP tokens for a batch from the loader."""
         c = self.config
         captions = batch["caption"]
-        if "moments" in batch:
-            latents = self.tokenizer.latents_from_moments(batch["moments"].to(self.device), sample=True)
-            tokens = patchify(latents, c.patch_size)
-        else:
-            tokens = self.tokenizer.encode(batch["image"].to(self.device), sample=True)
-        if "t5_hidden" in batch:
-            t5_hidden, t5_mask = batch["t5_hidden"].to(self.device).float(), batch["t5_mask"].to(self.device)
-        else:
-            t5_hidden, t5_mask = self.t5(captions)
+        with torch.no_grad(), frozen_autocast(self.device, self.precision):  # the frozen VAE and T5
+            if "moments" in batch:
+                latents = self.tokenizer.latents_from_moments(batch["moments"].to(self.device), sample=True)
+                tokens = patchify(latents, c.patch_size)
+            else:
+                tokens = self.tokenizer.encode(batch["image"].to(self.device), sample=True)
+            if "t5_hidden" in batch:
+                t5_hidden, t5_mask = batch["t5_hidden"].to(self.device).float(), batch["t5_mask"].to(self.device)
+            else:
+                t5_hidden, t5_mask = self.t5(captions)
+        tokens, t5_hidden = tokens.float(), t5_hidden.float()
         t5_hidden, t5_mask = drop_captions(t5_hidden, t5_mask, self.null_hidden, self.null_mask,
                                            c.caption_dropout, self.mask_gen)
         ratios = self.schedule.sample(self.epoch, tokens.shape[0], self.mask_gen, per_sample=self.recipe.per_sample_masking)
@@ -263,14 +274,18 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             # Through the (DDP/FSDP) wrapper, so gradient synchronisation hooks fire.
+            if self.sharded:  # FSDP2: reduce-scatter gradients on the last micro-batch only
+                self.model.set_requires_gradient_sync(self.acc.sync_gradients)
             out = self.model(t["tokens"], t["mask"], t["t5_hidden"], t["t5_mask"], t["clip_tokens"], t.get("repa_target"),
                              t.get("hard_clip_tokens"))
             loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+            stop_if_not_finite(out, self.step, self.device)  # all ranks together, before any backward
             self.acc.backward(loss)
             grad_norm = None
-            if self.acc.sync_gradients:
+            if self.acc.sync_gradients and self.sharded:
+                sync_replicated_grads(self.model)
+                grad_norm = clip_grad_norm(self.model.parameters(), self.recipe.grad_clip)
+            elif self.acc.sync_gradients:
                 grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -286,7 +301,6 @@ class Trainer:
     def save(self) -> None:
         self.acc.wait_for_everyone()
         core = self.acc.unwrap_model(self.model)
-        model_state = self.acc.get_state_dict(self.model) if self.recipe.fsdp else core.state_dict()
         # Every rank's generators (masking, global torch, CUDA), so a resume continues each stream.
         states = {"mask_gen": self.mask_gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -296,27 +310,38 @@ class Trainer:
             gathered = {k: list(self.acc.gather(v[None].to(self.device)).cpu()) for k, v in states.items()}
         skipped = int(self.acc.reduce(torch.tensor([self.data_skipped], device=self.device), "sum").item()) \
             if self.world > 1 else self.data_skipped
+        rng, meta = None, None
         if self.acc.is_main_process:
             rng = {f"{k}_{i}": s for k, v in gathered.items() for i, s in enumerate(v)}
             rng["torch"] = torch.get_rng_state()
             meta = {"step": self.step, "samples_seen": self.samples_seen, "epoch": self.epoch,
                     "ema_updates": self.ema.updates, "recipe": self.recipe.to_dict(),
-                    "config": self.config.to_dict(), "world_size": self.world, "data_skipped": skipped}
-            save_checkpoint(self.out / "checkpoint-last", model_state=model_state,
+                    "config": self.config.to_dict(), "world_size": self.world, "data_skipped": skipped,
+                    "layout": run_layout(self.recipe, self.world)}
+        if self.sharded:  # every rank writes its own shards
+            save_sharded_checkpoint(self.out / "checkpoint-last", rank=self.rank, world=self.world,
+                                    barrier=self.acc.wait_for_everyone, model_state=local_model_state(core),
+                                    ema_state=self.ema.local_state(),
+                                    optimizer_state=local_optimizer_state(self.optimizer.state_dict()),
+                                    rng=rng, meta=meta)
+        elif self.acc.is_main_process:
+            save_checkpoint(self.out / "checkpoint-last", model_state=core.state_dict(),
                             ema_state=self.ema.state_dict(core), optimizer_state=self.optimizer.state_dict(),
                             rng=rng, meta=meta)
         self.acc.wait_for_everyone()
 
     def export(self, model_dir: Path, captions: list[str] | None = None, card: str | None = None) -> None:
-        """Write a model directory (EMA weights) that `DreamPipeline.from_pretrained` loads."""
-        if not self.acc.is_main_process:
-            return
+        """Write a model directory (EMA weights) that `DreamPipeline.from_pretrained` loads. Every
+        rank calls it (under FSDP the EMA shards are gathered once); rank 0 writes."""
         from dream_core.pipeline import DreamPipeline
 
-        core = self.acc.unwrap_model(self.model)
+        state = {k: v.cpu() for k, v in self.ema.state_dict(self.acc.unwrap_model(self.model)).items()}
+        if not self.acc.is_main_process:
+            return
         export_model = DreamModel(self.config)
-        export_model.load_state_dict(self.ema.state_dict(core))
-        pipe = DreamPipeline(export_model, self.tokenizer, self.t5, captions=captions or [],
+        export_model.load_state_dict(state)
+        t5 = self.t5 if self.t5 is not None else self.conditioning_encoder("cpu")
+        pipe = DreamPipeline(export_model, self.tokenizer, t5, captions=captions or [],
                              vae_dir=Path(self.recipe.vae_path), text_dir=Path(self.recipe.t5_path))
         pipe.save_pretrained(model_dir, model_card=card)
 
@@ -380,8 +405,8 @@ class Trainer:
                     bar.set_postfix(loss=row.get("loss"), diff=row.get("diffusion"), clip=row.get("clip"))
             if r.ckpt_every and self.step % r.ckpt_every == 0:
                 self.save()
-            if r.sample_every and self.step % r.sample_every == 0 and self.acc.is_main_process:
-                self.sample_check()
+            if r.sample_every and self.step % r.sample_every == 0:
+                self.sample_check()  # every rank: the EMA is gathered under FSDP
         self.save()
         bar.close()
         if log_file is not None:
@@ -393,9 +418,13 @@ class Trainer:
         """Decode a few images with the EMA weights: MAR-family models can sample NaN/black early."""
         from dream_core.pipeline import DreamPipeline
 
-        core = self.acc.unwrap_model(self.model)
+        state = self.ema.state_dict(self.acc.unwrap_model(self.model))
+        if not self.acc.is_main_process:
+            return
         model = DreamModel(self.config).to(self.device)
-        model.load_state_dict(self.ema.state_dict(core))
+        model.load_state_dict(state)
+        if self.t5 is None:  # trained from the cache: load T5 for the check only
+            self.t5 = self.conditioning_encoder(self.device)
         pipe = DreamPipeline(model, self.tokenizer, self.t5, captions=[])
         prompts = self.recipe_sample_prompts()
         images = []
@@ -461,7 +490,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
-    last = trainer.fit()
+    try:
+        last = trainer.fit()
+    except FloatingPointError as err:  # raised on every rank together (training/distributed.py)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(3)
     if args.export:
         trainer.export(args.export, captions)
     trainer.acc.print(json.dumps(last))
