@@ -34,6 +34,7 @@ from app.main import free_port  # noqa: E402
 from app.models import ModelManager  # noqa: E402
 from app.params import GenerationSettings, ImageRecord  # noqa: E402
 from app.ui import CheckedImage, build_app, launch_app  # noqa: E402
+from dream_core.config import DreamConfig  # noqa: E402
 from dream_core.text import validate_prompts  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +59,9 @@ class ProbePipe:
         return getattr(self._pipe, name)
 
     def stream(self, *args, should_stop=None, **kwargs):
-        run = {"start": time.monotonic(), "end": None, "steps": 0, "seed": kwargs.get("seed")}
+        request = args[0] if args else None
+        run = {"start": time.monotonic(), "end": None, "steps": 0,
+               "seed": getattr(request, "seed", None) if request is not None else kwargs.get("seed")}
         self.runs.append(run)
         try:
             for event in self._pipe.stream(*args, should_stop=should_stop, **kwargs):
@@ -365,7 +368,7 @@ def _image(value: int) -> Image.Image:
 
 
 def _record(seed: int = 42) -> ImageRecord:
-    s = GenerationSettings("a red circle", seed=seed, **FAST).validated(16)
+    s = GenerationSettings("a red circle", seed=seed, **FAST).validated(DreamConfig.preset("shapes"))
     return ImageRecord.build(s, seed, 0, [0.1, 0.2, 0.3], "tiny", (8, 8), 16)
 
 
