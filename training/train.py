@@ -9,7 +9,13 @@ DDP by default (FSDP for the huge/giant recipes), bf16 autocast on CUDA and fp32
 accumulation, AdamW (0.9, 0.95) without decay on norms/biases/embeddings/temperature, LR = blr x
 global batch / 256 with linear warm-up, clip 3.0, EMA (warmed up with the step count, so a short
 run exports trained weights), Masking Warmup driven by the fractional epoch. Resumes from
-`<out>/checkpoint-last` automatically.
+`<out>/checkpoint-last` automatically; Ctrl-C finishes the step, saves a checkpoint and exits.
+
+The epoch is the data's size (recipe.samples_per_epoch=0) or the recipe's. A run cut shorter than
+the recipe's epochs by --max-steps follows the recipe's LR warm-up and Masking Warmup scaled to its
+own length (printed at the start), so a short run trains instead of logging lr 0. Fine-tuning is a
+mode of this loop: `init_from=MODEL_DIR` (weights, config, VAE and T5 from a model directory),
+optionally `lora_rank=R` (see training/finetune.py, its CLI).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import argparse
 import csv
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +39,8 @@ from dream_core.text import ClipTokenizer, ConditioningTextEncoder
 from dream_core.image_tokenizer import ImageTokenizer, patchify
 from training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from training.data.loaders import build_dataloader
+from training.data.sources import describe_source, open_source
+from training.init_from import check_resume_settings, init_from_model_dir, plain_state, set_train_mode
 from training.recipes import RECIPES, TrainRecipe, get_recipe
 
 
@@ -49,9 +59,16 @@ def build_optimizer(model: DreamModel, recipe: TrainRecipe, lr: float, fused: bo
     return torch.optim.AdamW(groups, lr=lr, betas=(recipe.beta1, recipe.beta2), **kwargs)
 
 
-def lr_at(epoch: float, recipe: TrainRecipe, peak: float) -> float:
-    """Linear warm-up to `peak`, then constant (the recipe) or cosine to min_lr."""
-    if recipe.warmup_epochs > 0 and epoch < recipe.warmup_epochs:
+def lr_at(epoch: float, recipe: TrainRecipe, peak: float, step: int | None = None,
+          warmup_steps: int | None = None) -> float:
+    """Linear warm-up to `peak`, then constant (the recipe) or cosine to min_lr. `epoch` is the
+    (schedule) epoch at the end of the step; with recipe.warmup_steps >= 0 the warm-up counts
+    optimizer steps instead (`step`, 1-based, over `warmup_steps`, default recipe.warmup_steps)."""
+    if recipe.warmup_steps >= 0 and step is not None:
+        warm = recipe.warmup_steps if warmup_steps is None else warmup_steps
+        if step < warm:
+            return peak * step / warm
+    elif recipe.warmup_epochs > 0 and epoch < recipe.warmup_epochs:
         return peak * epoch / recipe.warmup_epochs
     if recipe.lr_schedule == "cosine":
         span = max(recipe.epochs - recipe.warmup_epochs, 1e-8)
@@ -105,8 +122,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        recipe = recipe.resolved()  # init_from: the model directory's vae/ and text/ by default
         self.recipe, self.out = recipe, Path(out)
-        self.config = recipe.model_config()
+        self.config = recipe.model_config()  # geometry read from the VAE / T5 configs
         cuda = torch.cuda.is_available()
         precision = {"auto": "bf16" if cuda else "no", "bf16": "bf16", "fp32": "no"}[recipe.precision]
         unused = self.config.clip_weight == 0 or self.config.diffusion_weight == 0 or self.config.repa_block > 0
@@ -127,6 +145,7 @@ class Trainer:
 
         torch.manual_seed(recipe.seed)  # same initial weights on every rank
         self.model = DreamModel(self.config)
+        init_from_model_dir(self.model, recipe)  # fine-tuning: base weights, LoRA adapters
         if recipe.grad_checkpointing:
             for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
                 part.grad_checkpointing = True
@@ -152,11 +171,16 @@ class Trainer:
         self.mask_gen = torch.Generator().manual_seed(recipe.seed * 1000 + self.rank)
         self.step = 0
         self.samples_seen = 0
-        self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * recipe.samples_per_epoch / self.global_batch)
+        self.source = None if recipe.data == "shapes" else open_source(recipe)  # opened (and checked) once
+        self.samples_per_epoch = recipe.samples_per_epoch or len(self.source)
+        self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * self.samples_per_epoch / self.global_batch)
+        self.schedule_scale = schedule_scale(recipe, self.total_steps, self.global_batch, self.samples_per_epoch)
         self.data_skipped = 0
+        self.stop_requested = self.interrupted = False
         self._resume()
         # Built here (not in fit) so bad data fails before any training, and resumes at the saved step.
-        self.loader = build_dataloader(recipe, self.config, rank=self.rank, world=self.world, start_step=self.step)
+        self.loader = build_dataloader(recipe, self.config, rank=self.rank, world=self.world, start_step=self.step,
+                                       source=self.source)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         if recipe.compile:
             self.model = torch.compile(self.model)
@@ -186,6 +210,7 @@ class Trainer:
             return
         ckpt = load_checkpoint(ckpt_dir)
         meta = ckpt["meta"]
+        check_resume_settings(meta, self.recipe, ckpt_dir)
         if meta.get("config") != self.config.to_dict():
             raise ValueError(f"checkpoint {ckpt_dir} was written for another model config; use a new --out")
         missing, unexpected = self.model.load_state_dict(ckpt["model"], strict=False)
@@ -212,7 +237,45 @@ class Trainer:
 
     @property
     def epoch(self) -> float:
-        return self.samples_seen / self.recipe.samples_per_epoch
+        return self.samples_seen / self.samples_per_epoch
+
+    @property
+    def schedule_epoch(self) -> float:
+        """The epoch the LR and masking schedules read (scaled when the run is shorter than the recipe)."""
+        return self.epoch * self.schedule_scale
+
+    @property
+    def warmup_steps(self) -> int:
+        """recipe.warmup_steps, at most a tenth of the run (a 5-step run must train, not warm up)."""
+        return min(self.recipe.warmup_steps, self.total_steps // 10)
+
+    def lr_after(self, samples: int) -> float:
+        """The LR of the optimizer step that ends at `samples` seen (step self.step + 1)."""
+        epoch = samples / self.samples_per_epoch * self.schedule_scale
+        return lr_at(epoch, self.recipe, self.peak_lr, step=self.step + 1, warmup_steps=self.warmup_steps)
+
+    def start_message(self) -> str:
+        """What the run will do, printed once at the start (data, length, schedules, LR)."""
+        r = self.recipe
+        data = describe_source(self.source) if self.source is not None else "the Shapes World (endless)"
+        what = f"fine-tuning {r.init_from}" + (f" with LoRA rank {r.lora_rank}" if r.lora_rank else " (every weight)") \
+            if r.init_from else f"training {self.config.name} from scratch"
+        lines = [f"{what} on {data}",
+                 f"{self.total_steps} steps of {self.global_batch} samples = {self.total_steps * self.global_batch / self.samples_per_epoch:.2f} "
+                 f"epochs of {self.samples_per_epoch}" + (f", resuming at step {self.step}" if self.step else "")]
+        if r.warmup_steps >= 0:
+            warm = f"LR warm-up over {self.warmup_steps} steps"
+            if self.warmup_steps < r.warmup_steps:
+                warm += f" (warmup_steps={r.warmup_steps} is more than a tenth of this {self.total_steps}-step run)"
+        else:
+            warm = f"LR warm-up over {r.warmup_epochs * self.samples_per_epoch / self.schedule_scale / self.global_batch:.0f} steps"
+        if self.schedule_scale != 1.0 and (r.warmup_steps < 0 or r.masking in ("warmup", "cd")):
+            warm += (f" (the recipe's {r.epochs:g}-epoch schedules scaled x{1 / self.schedule_scale:.3g} "
+                     f"to this {self.total_steps}-step run)")
+        lines.append(f"peak LR {self.peak_lr:.3g}, {warm}; LR at step {self.step + 1}: "
+                     f"{self.lr_after(self.samples_seen + self.global_batch):.3g}; masking {r.masking}, "
+                     f"EMA {r.ema_decay}{' warmed up' if r.ema_warmup else ''}")
+        return "\n".join(lines)
 
     # ----- one step -----
     def batch_tensors(self, batch: dict) -> dict:
@@ -230,7 +293,7 @@ class Trainer:
             t5_hidden, t5_mask = self.t5(captions)
         t5_hidden, t5_mask = drop_captions(t5_hidden, t5_mask, self.null_hidden, self.null_mask,
                                            c.caption_dropout, self.mask_gen)
-        ratios = self.schedule.sample(self.epoch, tokens.shape[0], self.mask_gen, per_sample=self.recipe.per_sample_masking)
+        ratios = self.schedule.sample(self.schedule_epoch, tokens.shape[0], self.mask_gen, per_sample=self.recipe.per_sample_masking)
         mask = random_token_mask(ratios, c.seq_len, self.mask_gen).to(self.device)
         out = {"tokens": tokens, "mask": mask, "t5_hidden": t5_hidden, "t5_mask": t5_mask,
                "clip_tokens": self.clip_tok(captions).to(self.device), "ratios": ratios}
@@ -241,7 +304,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         t = self.batch_tensors(batch)
         with self.acc.accumulate(self.model), self.acc.autocast():
-            lr = lr_at(self.epoch, self.recipe, self.peak_lr)
+            lr = self.lr_after(self.samples_seen + t["tokens"].shape[0] * self.world)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             # Through the (DDP/FSDP) wrapper, so gradient synchronisation hooks fire.
@@ -288,15 +351,18 @@ class Trainer:
                             rng=rng, meta=meta)
         self.acc.wait_for_everyone()
 
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The EMA weights as a plain DreamModel state dict (LoRA adapters merged)."""
+        return plain_state(self.ema.state_dict(self.acc.unwrap_model(self.model)), self.recipe, self.config)
+
     def export(self, model_dir: Path, captions: list[str] | None = None, card: str | None = None) -> None:
         """Write a model directory (EMA weights) that `DreamPipeline.from_pretrained` loads."""
         if not self.acc.is_main_process:
             return
         from dream_core.pipeline import DreamPipeline
 
-        core = self.acc.unwrap_model(self.model)
         export_model = DreamModel(self.config)
-        export_model.load_state_dict(self.ema.state_dict(core))
+        export_model.load_state_dict(self.export_state())
         pipe = DreamPipeline(export_model, self.tokenizer, self.t5, captions=captions or [],
                              vae_dir=Path(self.recipe.vae_path), text_dir=Path(self.recipe.t5_path))
         pipe.save_pretrained(model_dir, model_card=card)
@@ -311,6 +377,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.json").write_text(json.dumps(r.to_dict(), indent=1))
+            trim_log(log_path, self.step)  # rows past the resumed step were logged before a kill
             log_file = open(log_path, "a", newline="")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -318,16 +385,25 @@ class Trainer:
                 tb = SummaryWriter(str(self.out / "tb"))
             except Exception:  # tensorboard is optional; CSV is always written
                 tb = None
-        self.model.train()
+        set_train_mode(self.model, r)
         from tqdm import tqdm
 
+        self.acc.print(self.start_message(), flush=True)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.acc.is_main_process,
-                   dynamic_ncols=True, mininterval=2.0)
+                   dynamic_ncols=True, mininterval=2.0, unit="step")
         t_last, n_last = time.time(), self.samples_seen
         last = {}
         data_iter = iter(loader)
+        restore = self._catch_ctrl_c()
         while self.step < self.total_steps:
-            batch = next(data_iter)
+            if self._stop_now():
+                break
+            try:
+                batch = next(data_iter)
+            except Exception:
+                if self.stop_requested:  # Ctrl-C also reached the data workers
+                    break
+                raise
             self.data_skipped += int(batch.get("skipped", 0))
             out = self.train_step(batch)
             if not self.acc.sync_gradients:
@@ -343,7 +419,7 @@ class Trainer:
                     if isinstance(v, (int, float)):
                         row[k] = round(float(v), 6)
                 row["samples_per_s"] = round((self.samples_seen - n_last) / max(now - t_last, 1e-9), 2)
-                row["mask_mean_mu"] = round(self.schedule.mean(self.epoch), 4)
+                row["mask_mean_mu"] = round(self.schedule.mean(self.schedule_epoch), 4)
                 row["ema_decay"] = round(self.ema.current_decay(), 6)
                 row["data_skipped"] = self.data_skipped  # this rank's unreadable samples (replaced)
                 t_last, n_last = now, self.samples_seen
@@ -358,25 +434,56 @@ class Trainer:
                     if tb is not None:
                         for k, v in row.items():
                             tb.add_scalar(k, v, self.step)
-                    bar.set_postfix(loss=row.get("loss"), diff=row.get("diffusion"), clip=row.get("clip"))
+                    bar.set_postfix(loss=row.get("loss"), lr=f"{row.get('lr', 0):.3g}",
+                                    samples_s=row.get("samples_per_s"))
             if r.ckpt_every and self.step % r.ckpt_every == 0:
                 self.save()
             if r.sample_every and self.step % r.sample_every == 0 and self.acc.is_main_process:
                 self.sample_check()
+        restore()
         self.save()
         bar.close()
         if log_file is not None:
             log_file.close()
+        if self.stop_requested:
+            self.interrupted = True
+            self.acc.print(f"interrupted: saved a checkpoint at step {self.step} in {self.out / 'checkpoint-last'}; "
+                           "run the same command again to continue from it", flush=True)
         return last
+
+    # ----- Ctrl-C -----
+    def _catch_ctrl_c(self):
+        """The first Ctrl-C asks the loop to stop after the current step (and save); a second one
+        aborts at once. Returns the function that puts the previous handler back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _stop_now(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        self.stop_requested = bool(self.acc.reduce(flag, "sum").item() > 0)
+        return self.stop_requested
 
     @torch.no_grad()
     def sample_check(self) -> None:
         """Decode a few images with the EMA weights: MAR-family models can sample NaN/black early."""
         from dream_core.pipeline import DreamPipeline
 
-        core = self.acc.unwrap_model(self.model)
         model = DreamModel(self.config).to(self.device)
-        model.load_state_dict(self.ema.state_dict(core))
+        model.load_state_dict(self.export_state())
         pipe = DreamPipeline(model, self.tokenizer, self.t5, captions=[])
         prompts = self.recipe_sample_prompts()
         images = []
@@ -398,6 +505,37 @@ class Trainer:
                     "a large green triangle at the bottom right on a gray background",
                     "a yellow cross on the left and a purple diamond on the right"]
         return ["a photo of a dog", "a red car parked on a street"]
+
+
+def schedule_scale(recipe: TrainRecipe, total_steps: int, global_batch: int, samples_per_epoch: int) -> float:
+    """How much faster than the epoch count the schedules run: 1 for a run as long as the recipe
+    (or longer); recipe epochs / run epochs for a run cut short by max_steps, so its LR warm-up and
+    Masking Warmup take the same share of the run as they take of the recipe."""
+    if not recipe.max_steps or recipe.epochs <= 0:
+        return 1.0
+    run_epochs = total_steps * global_batch / samples_per_epoch
+    return max(1.0, recipe.epochs / run_epochs)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the rows of log.csv up to `step` (a resumed run logs the later steps again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    keep = [row for row in body if row and row[0].isdigit() and int(row[0]) <= step]
+    if len(keep) == len(body):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        if step > 0:
+            w.writerow(header)
+            w.writerows(keep)
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +580,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing to save", file=sys.stderr)
+        raise SystemExit(130)
     last = trainer.fit()
+    if trainer.interrupted:
+        raise SystemExit(130)
     if args.export:
         trainer.export(args.export, captions)
     trainer.acc.print(json.dumps(last))
