@@ -708,7 +708,8 @@ def test_finetune_lora_merges_into_a_loadable_model(data, tiny_model_dir, tmp_pa
 
     out = tmp_path / "my-lora"
     args = ["--model", str(tiny_model_dir), "--data", str(data.images), "--out", str(out), "--lora", "--rank", "4",
-            "--steps", "3", "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--lr", "0.01"]
+            "--steps", "3", "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--lr", "0.01",
+            "--preserve", "4"]
     assert _finetune(args) == 0
     pipe = DreamPipeline.from_pretrained(out, device="cpu")  # --out IS the model directory
     assert pipe.path.name == "my-lora"  # what the app shows
@@ -723,13 +724,16 @@ def test_finetune_lora_merges_into_a_loadable_model(data, tiny_model_dir, tmp_pa
     assert changed and changed <= targets  # only the adapted Linear weights moved (merged LoRA)
     card = (out / "README.md").read_text()
     assert card.startswith("# my-lora\n") and "(rank 4, merged)" in card
+    assert "4 preservation samples of the base model" in card
+    preserve = sorted(p.name for p in (out / "training" / "preserve").glob("*.png"))
+    assert preserve == [f"{i:05d}.png" for i in range(4)]
     assert (out / "training" / "checkpoint-last" / "state.json").is_file()
 
 
 def test_finetune_full_resumes_extends_and_validates_inputs(data, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "full"
     base = ["--model", str(tiny_model_dir), "--data", str(data.images), "--out", str(out), "--batch-size", "4",
-            "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1"]
+            "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1", "--preserve", "0"]
     assert _finetune(base + ["--steps", "2"]) == 0
     first = capsys.readouterr().out
     assert f"on 24 images in {data.images} (captions: a .txt beside each image)" in first
@@ -754,7 +758,7 @@ def test_finetune_full_resumes_extends_and_validates_inputs(data, tiny_model_dir
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     before = file_digest(other)
-    assert _finetune(base[:4] + ["--out", str(other), "--steps", "1"]) == 2
+    assert _finetune(base[:4] + ["--out", str(other), "--steps", "1", "--preserve", "0"]) == 2
     assert "already holds a model directory" in capsys.readouterr().err
     assert _finetune(base[:4] + ["--out", str(tiny_model_dir), "--steps", "1"]) == 2
     assert "--out must differ from --model" in capsys.readouterr().err
@@ -784,7 +788,7 @@ def test_unreadable_images_are_named_once_and_left_out(data, tiny_model_dir, tmp
     out = tmp_path / "ft"
     with caplog.at_level("WARNING", logger="dream.data"):
         assert _finetune(["--model", str(tiny_model_dir), "--data", str(folder), "--out", str(out), "--steps", "1",
-                          "--batch-size", "4", "--num-workers", "0"]) == 0
+                          "--batch-size", "4", "--num-workers", "0", "--preserve", "0"]) == 0
     messages = [r.getMessage() for r in caplog.records if r.name == "dream.data"]
     for name in ("000.png", "001.png"):
         named = [m for m in messages if f"{folder / name}" in m]
@@ -803,7 +807,8 @@ def test_ctrl_c_saves_then_the_same_command_resumes_with_one_row_per_step(data, 
     out = tmp_path / "run"
     cmd = lambda steps: [sys.executable, "-m", "training.finetune", "--model", str(tiny_model_dir),  # noqa: E731
                          "--data", str(data.images), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
-                         "--num-workers", "1", "--log-every", "1", "--ckpt-every", "0", "--threads", "1"]
+                         "--num-workers", "1", "--log-every", "1", "--ckpt-every", "0", "--threads", "1",
+                         "--preserve", "0"]
     proc = subprocess.Popen(cmd(100_000), env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "training" / "log.csv"

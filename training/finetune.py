@@ -41,6 +41,7 @@ import torch
 
 from training.init_from import lora_target_names  # noqa: F401  (re-exported: the CLI's LoRA targets)
 
+PRESERVE_DEFAULT = 100  # assets/dream-shapes/README.md, "What fine-tuning does"
 STATE_DIR = "training"  # inside --out: checkpoints, log.csv, preservation samples
 # Files and folders a model directory consists of (what an export writes into --out).
 MODEL_ENTRIES = ("config.json", "model.safetensors", "vae", "text", "captions.txt", "README.md", "preview_vae")
@@ -49,6 +50,11 @@ MODEL_ENTRIES = ("config.json", "model.safetensors", "vae", "text", "captions.tx
 # ---------------------------------------------------------------------------------------------
 # Preservation samples (what the base model makes of its own captions)
 # ---------------------------------------------------------------------------------------------
+
+def has_caption_bank(model_dir: Path) -> bool:
+    path = Path(model_dir) / "captions.txt"
+    return path.is_file() and any(line.strip() for line in path.read_text().splitlines())
+
 
 def write_preservation_set(model_dir: Path, folder: Path, n: int, seed: int) -> Path:
     """Generate n images with the base model from captions of its caption bank (seeded), saved as
@@ -97,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grad-accum", type=int, default=None)
     ap.add_argument("--warmup-steps", type=int, default=None, help=f"linear LR warm-up (default {full.warmup_steps})")
     ap.add_argument("--ema-decay", type=float, default=None, help=f"default {full.ema_decay} (warmed up with the steps)")
-    ap.add_argument("--preserve", type=int, default=0,
-                    help="mix N images the base model generates from its caption bank into the data (0 = off)")
+    ap.add_argument("--preserve", type=int, default=PRESERVE_DEFAULT,
+                    help="mix N images the base model generates from its caption bank into the data (0 = off; "
+                         f"default {PRESERVE_DEFAULT}, measured to halve the damage to what the model did before)")
     ap.add_argument("--flip", action="store_true", help="random horizontal flips (off: captions may name left/right)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--num-workers", type=int, default=None)
@@ -198,7 +205,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         if args.overwrite and (args.out / STATE_DIR).is_dir():
             shutil.rmtree(args.out / STATE_DIR)
         state = args.out / STATE_DIR
-        if args.preserve:
+        if args.preserve and not has_caption_bank(args.model):
+            print(f"no preservation samples: {args.model} has no captions.txt to generate them from", flush=True)
+        elif args.preserve:
             folder = write_preservation_set(args.model, state / "preserve", args.preserve, recipe.seed)
             recipe = build_recipe(args, preserve_path=str(folder))
         trainer = Trainer(recipe, state)
