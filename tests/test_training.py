@@ -848,54 +848,209 @@ def test_finetune_lora_merges_into_a_loadable_model(data, tiny_model_dir, tmp_pa
     from dream_core.pipeline import DreamPipeline
     from training.finetune import lora_target_names
 
-    out = tmp_path / "lora"
+    out = tmp_path / "my-lora"
     args = ["--model", str(tiny_model_dir), "--data", str(data.images), "--out", str(out), "--lora", "--rank", "4",
-            "--steps", "3", "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--lr", "0.01"]
+            "--steps", "3", "--batch-size", "4", "--num-workers", "0", "--log-every", "1", "--lr", "0.01",
+            "--preserve", "4"]
     assert _finetune(args) == 0
-    pipe = DreamPipeline.from_pretrained(out / "model", device="cpu")
+    pipe = DreamPipeline.from_pretrained(out, device="cpu")  # --out IS the model directory
+    assert pipe.path.name == "my-lora"  # what the app shows
     assert pipe("a small red circle", num_inference_steps=4, head_steps=5, seed=0).images[0].size == (32, 32)
     assert set(data.captions) <= set(pipe.captions)
     before = load_file(str(tiny_model_dir / "model.safetensors"))
-    after = load_file(str(out / "model" / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
     assert set(before) == set(after)
     targets = {f"{n}.weight" for n in lora_target_names(pipe.model)}
     assert len(targets) == 26
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= targets  # only the adapted Linear weights moved (merged LoRA)
-    assert "(rank 4, merged)" in (out / "model" / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert card.startswith("# my-lora\n") and "(rank 4, merged)" in card
+    assert "4 preservation samples of the base model" in card
+    preserve = sorted(p.name for p in (out / "training" / "preserve").glob("*.png"))
+    assert preserve == [f"{i:05d}.png" for i in range(4)]
+    assert (out / "training" / "checkpoint-last" / "state.json").is_file()
 
 
-def test_finetune_full_resumes_and_validates_inputs(data, tiny_model_dir, tmp_path, capsys):
+def test_finetune_full_resumes_extends_and_validates_inputs(data, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "full"
     base = ["--model", str(tiny_model_dir), "--data", str(data.images), "--out", str(out), "--batch-size", "4",
-            "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1"]
+            "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1", "--preserve", "0"]
     assert _finetune(base + ["--steps", "2"]) == 0
-    model_digest = file_digest(out / "model")
-    # An existing model is not overwritten without --overwrite.
-    assert _finetune(base + ["--steps", "4"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert file_digest(out / "model") == model_digest
-    # With --overwrite the run resumes from its checkpoint at step 2 and continues to 4.
-    assert _finetune(base + ["--steps", "4", "--overwrite"]) == 0
+    first = capsys.readouterr().out
+    assert f"on 24 images in {data.images} (captions: a .txt beside each image)" in first
+    assert "LR at step 1: 0.0001" in first  # the recipe's 30 warm-up steps are capped at a tenth of the run
+    # The same command with more steps continues the run and rewrites the model.
+    assert _finetune(base + ["--steps", "4"]) == 0
     assert "resumed from" in capsys.readouterr().out
-    with open(out / "log.csv", newline="") as f:
+    with open(out / "training" / "log.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
-    assert json.loads((out / "checkpoint-last" / "state.json").read_text())["step"] == 4
+    assert json.loads((out / "training" / "checkpoint-last" / "state.json").read_text())["step"] == 4
+    assert "4 steps of 4" in (out / "README.md").read_text()
     # A checkpoint of other settings (LoRA into a full run) is refused and left as it was.
-    shutil.rmtree(out / "model")
     before = file_digest(out)
     assert _finetune(base + ["--steps", "5", "--lora"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (lora_rank: 0 -> 8" in capsys.readouterr().err
     assert file_digest(out) == before
+    # --overwrite starts over.
+    assert _finetune(base + ["--steps", "1", "--lora", "--overwrite"]) == 0
+    with open(out / "training" / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1]
+    # A directory that holds a model no fine-tuning wrote (or the base model itself) is never overwritten.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    before = file_digest(other)
+    assert _finetune(base[:4] + ["--out", str(other), "--steps", "1", "--preserve", "0"]) == 2
+    assert "already holds a model directory" in capsys.readouterr().err
+    assert _finetune(base[:4] + ["--out", str(tiny_model_dir), "--steps", "1"]) == 2
+    assert "--out must differ from --model" in capsys.readouterr().err
+    assert file_digest(other) == before
     (tmp_path / "empty").mkdir()
     cases = [
         (["--model", str(tmp_path / "nomodel"), "--data", str(data.images)], "not a model directory"),
         (["--model", str(tiny_model_dir), "--data", str(tmp_path / "nodata")], "does not exist"),
         (["--model", str(tiny_model_dir), "--data", str(tmp_path / "empty")], "no image with a caption"),
         (["--model", str(tiny_model_dir), "--data", str(data.images), "--steps", "0"], "--steps must be >= 1"),
-        (["--model", str(tiny_model_dir), "--data", str(data.images), "--batch-size", "1"], "--batch-size must be >= 2"),
+        (["--model", str(tiny_model_dir), "--data", str(data.images), "--batch-size", "0"], "batch_size must be >= 1"),
+        (["--model", str(tiny_model_dir), "--data", str(data.images), "--rank", "4"], "pass --lora with it"),
     ]
     for argv, message in cases:
         assert _finetune(argv + ["--out", str(tmp_path / "x")]) == 2, message
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_images_are_named_once_and_left_out(data, tiny_model_dir, tmp_path, caplog):
+    folder = tmp_path / "imgs"
+    shutil.copytree(data.images, folder)
+    png = (folder / "000.png").read_bytes()
+    (folder / "000.png").write_bytes(png[: len(png) // 2])  # truncated
+    (folder / "001.png").write_bytes(png[:-12])  # cut before its last chunk: decodes, but is damaged
+    (folder / "nocap.png").write_bytes(png)
+    out = tmp_path / "ft"
+    with caplog.at_level("WARNING", logger="dream.data"):
+        assert _finetune(["--model", str(tiny_model_dir), "--data", str(folder), "--out", str(out), "--steps", "1",
+                          "--batch-size", "4", "--num-workers", "0", "--preserve", "0"]) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "dream.data"]
+    for name in ("000.png", "001.png"):
+        named = [m for m in messages if f"{folder / name}" in m]
+        assert len(named) == 1 and "cannot be read" in named[0], messages
+    assert sum("have no .txt caption" in m for m in messages) == 1
+    assert "22 images" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_then_the_same_command_resumes_with_one_row_per_step(data, tiny_model_dir, tmp_path):
+    """SIGINT to the process group (as a terminal's Ctrl-C, data workers included): the step in
+    flight finishes, a checkpoint is saved, the exit is clean (130, no traceback); the same command
+    resumes at the next step, rows a kill left past the checkpoint are dropped, --out loads."""
+    from dream_core.pipeline import DreamPipeline
+
+    out = tmp_path / "run"
+    cmd = lambda steps: [sys.executable, "-m", "training.finetune", "--model", str(tiny_model_dir),  # noqa: E731
+                         "--data", str(data.images), "--out", str(out), "--steps", str(steps), "--batch-size", "4",
+                         "--num-workers", "1", "--log-every", "1", "--ckpt-every", "0", "--threads", "1",
+                         "--preserve", "0"]
+    proc = subprocess.Popen(cmd(100_000), env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "training" / "log.csv"
+    try:
+        deadline = time.monotonic() + 600
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 4):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    step = json.loads((out / "training" / "checkpoint-last" / "state.json").read_text())["step"]
+    assert f"saved a checkpoint at step {step}" in stdout
+    with open(log, newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, step + 1))
+    with open(log, "a") as f:  # as if a kill had come after logging step + 1 but before its checkpoint
+        f.write(f"{step + 1}" + ",0" * 5 + "\n")
+    resumed = subprocess.run(cmd(step + 2), env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stdout and f"LR at step {step + 1}" in resumed.stdout
+    with open(log, newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, step + 3))
+    assert DreamPipeline.from_pretrained(out, device="cpu").path.name == "run"
+
+
+def test_short_runs_scale_the_schedules_and_print_the_lr(data, tmp_path, capsys):
+    """A 5-step run of a recipe written for 49 epochs (12 of LR warm-up, 36 of Masking Warmup) over
+    the 24-image folder (the epoch taken from the data) follows the schedules scaled to its length."""
+    from training.train import Trainer
+
+    recipe = get_recipe("dream-base").overrides(overrides(data, samples_per_epoch=0, max_steps=5, warmup_epochs=12.0,
+                                                          lr_schedule="constant", model="tiny"))
+    trainer = Trainer(recipe, tmp_path / "run")
+    assert trainer.samples_per_epoch == 24
+    scale = 49 / (5 * 8 / 24)
+    assert trainer.schedule_scale == pytest.approx(scale)
+    trainer.fit()
+    printed = capsys.readouterr().out
+    assert "scaled x" in printed and "5-step run" in printed and "on 24 images in" in printed
+    rows = read_log(tmp_path / "run" / "log.csv")
+    expected = [0.001 * min(1.0, (s * 8 / 24) * scale / 12) for s in range(1, 6)]
+    assert [float(rows[s]["lr"]) for s in range(1, 6)] == pytest.approx(expected, abs=1e-6)  # logged to 6 decimals
+    assert expected[0] > 0.0005 and expected[-1] == 0.001
+    assert f"LR at step 1: {expected[0]:.3g}" in printed
+    assert float(rows[5]["mask_mean_mu"]) == pytest.approx(min(1.0, (5 * 8 / 24) * scale / 36), abs=1e-4)
+
+
+def test_data_workers_are_capped_by_the_usable_cores(caplog):
+    cores = sources.usable_cores()
+    with caplog.at_level("WARNING", logger="dream.data"):
+        assert sources.data_workers(cores + 7) == cores
+    assert f"num_workers={cores + 7} capped to {cores}" in caplog.text
+    assert sources.data_workers(0) == 0
+
+
+def _stride8_vae(root: Path, tiny_vae: Path) -> Path:
+    """The tiny VAE's config with four levels (stride 8): only configs are read before any work."""
+    vae = root / "vae8"
+    shutil.copytree(tiny_vae, vae)
+    cfg = json.loads((vae / "config.json").read_text())
+    cfg["block_out_channels"] = [8, 8, 8, 8]
+    cfg["down_block_types"] = ["DownEncoderBlock2D"] * 4
+    cfg["up_block_types"] = ["UpDecoderBlock2D"] * 4
+    (vae / "config.json").write_text(json.dumps(cfg))
+    return vae
+
+
+def test_geometry_is_read_from_the_weights_and_a_mismatch_is_one_sentence(data, tmp_path, capsys):
+    from training.cache import main as cache_main
+
+    vae8 = _stride8_vae(tmp_path, data.vae)
+    # Derived: no model.* override needed for the VAE's stride, channels, scaling factor or T5 width.
+    derived = get_recipe("shapes").overrides([f"vae_path={vae8}", f"t5_path={data.text}", "model=tiny"]).model_config()
+    assert (derived.vae_stride, derived.vae_channels, derived.vae_scaling_factor, derived.t5_dim) == (8, 4, 0.5, 32)
+    message = (f"model.vae_stride=4 disagrees with the weights: the VAE at {vae8} downsamples by 8 "
+               "(2 ** (len(block_out_channels) - 1), block_out_channels=[8, 8, 8, 8])")
+    out = tmp_path / "run"
+    over = overrides(data, vae_path=str(vae8)) + ["model.vae_stride=4"]
+    assert run_train_main(["--recipe", "shapes", "--out", str(out), *over]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    # The cache refuses it before any work and leaves nothing behind: the corrected command runs.
+    cache = tmp_path / "cache"
+    argv = ["--recipe", "shapes", "--out", str(cache), "--shard-size", "32", "--batch-size", "8", "--num-workers", "0"]
+    with pytest.raises(SystemExit) as err:
+        cache_main(argv + over)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not cache.exists()
+    over = overrides(data, **{"model.t5_dim": 64})
+    with pytest.raises(SystemExit):
+        cache_main(argv + over)
+    assert "model.t5_dim=64 disagrees with the weights: the T5 at" in capsys.readouterr().err
+    # A meta.json left by an older failed run (nothing else written) does not lock --out.
+    cache.mkdir()
+    (cache / "meta.json").write_text(json.dumps({"image_size": 64, "latent_size": 32}))
+    assert cache_main(argv + overrides(data))["index"]
+    assert json.loads((cache / "meta.json").read_text())["latent_size"] == 8

@@ -148,6 +148,11 @@ def write_index(out: Path, meta: dict) -> bool:
     return True
 
 
+def holds_work(out: Path) -> bool:
+    """Whether a cache directory holds anything beyond its meta.json (a shard, the null caption)."""
+    return any(p.name != "meta.json" and not p.name.startswith("meta.json.tmp") for p in out.iterdir())
+
+
 def dist_env() -> tuple[int, int, int]:
     """(rank, world, local_rank) from torchrun / accelerate launch variables (1 process otherwise)."""
     rank = int(os.environ.get("RANK", 0))
@@ -185,7 +190,7 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
         value = getattr(recipe, key)
         if not value or not Path(value).is_dir():
             raise ValueError(f"recipe.{key}={value!r} must be a local directory (nothing is downloaded)")
-    config = recipe.model_config()
+    config = recipe.model_config()  # vae_stride, vae_channels, scaling factor, t5_dim: from the weights' configs
     source = extraction_source(recipe, max_samples)
     n = len(source) if max_samples is None else min(len(source), max_samples)
     num_shards = math.ceil(n / shard_size)
@@ -201,14 +206,16 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
     }
     meta_file = out / "meta.json"
     if meta_file.is_file():
-        old = json.loads(meta_file.read_text())
+        try:
+            old = json.loads(meta_file.read_text())
+        except json.JSONDecodeError:
+            old = {}
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        if diff:
+        if diff and holds_work(out):
             raise ValueError(f"cache {out} was written with other settings ({', '.join(diff)}); "
                              "use a new --out (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    if not meta_file.is_file():
-        _atomic_json(meta_file, meta)
+        if diff:  # only the settings of a run that wrote nothing: not worth keeping
+            meta_file.unlink()
 
     todo = [s for s in range(rank, num_shards, world) if not shard_done(out, s)]
     need_null = rank == 0 and not (out / NULL_CAPTION_FILE).is_file()
@@ -224,6 +231,12 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
         t5 = ConditioningTextEncoder.from_pretrained(recipe.t5_path, config.t5_max_length).to(dev)
         if t5.dim != config.t5_dim:
             raise ValueError(f"T5 at {recipe.t5_path} has d_model={t5.dim} but config.t5_dim={config.t5_dim}")
+    # Written once the weights passed their checks: a failed first run leaves nothing that blocks
+    # the same command (or a corrected one).
+    out.mkdir(parents=True, exist_ok=True)
+    if not meta_file.is_file():
+        _atomic_json(meta_file, meta)
+    if todo or need_null:
         autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                     else torch.autocast(dev.type, enabled=False))
         if need_null:

@@ -1,12 +1,19 @@
 """Training recipes: DREAM at the paper's sizes, the paper's baselines as configurations of the same
-loop, and CPU-sized Shapes World recipes. A recipe is a dataclass; `key=value` overrides on the
-command line are parsed against its field types (and `model.KEY=value` against DreamConfig)."""
+loop, CPU-sized Shapes World recipes and fine-tuning (full or LoRA, from a model directory). A recipe
+is a dataclass; `key=value` overrides on the command line are parsed against its field types (and
+`model.KEY=value` against DreamConfig).
+
+The model's geometry is read from the weights it is trained with: `vae_stride` (the VAE config's
+2 ** (len(block_out_channels) - 1)), `vae_channels` (latent_channels), `vae_scaling_factor`
+(scaling_factor) and `t5_dim` (the T5 config's d_model) come from `vae_path` and `t5_path`; a
+`model.KEY=value` override that disagrees with them is refused with one sentence naming both."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -21,13 +28,16 @@ class TrainRecipe:
     data_path: str = ""
     cache_path: str = ""  # latent/T5 cache written by training.cache (read instead of images when set)
     flip: bool = True  # random horizontal flip (off for the Shapes World: captions name left/right)
-    num_workers: int = 8
-    samples_per_epoch: int = 10_000_000  # CC12M size; defines the fractional epoch for streams
-    vae_path: str = ""
-    t5_path: str = ""
-    # Start from a model directory's weights (its config.json is the architecture, `model.*`
-    # overrides apply on top; its vae/ and text/ are used unless vae_path / t5_path are set).
+    num_workers: int = 8  # capped by the cores this process may use
+    samples_per_epoch: int = 0  # defines the fractional epoch; 0 = the size of the data (file sources)
+    vae_path: str = ""  # a diffusers AutoencoderKL directory (default with init_from: <init_from>/vae)
+    t5_path: str = ""  # a transformers T5 encoder directory (default with init_from: <init_from>/text)
+
+    # fine-tuning: start from a model directory (config.json + model.safetensors + vae/ + text/)
     init_from: str = ""
+    lora_rank: int = 0  # > 0: train LoRA adapters (merged into the weights on export) instead of every weight
+    lora_alpha: float = 0.0  # 0 = 2 x rank
+    preserve_path: str = ""  # a second image folder mixed into the data (e.g. samples of the base model)
     # Shapes World only: per image, this many captions that differ from its own in one stated
     # attribute, as extra contrastive negatives (issue 9's joint-space ablation).
     hard_negatives: int = 0
@@ -39,6 +49,7 @@ class TrainRecipe:
     blr: float = 1e-4  # lr = blr * global batch / 256
     lr: float | None = None
     warmup_epochs: float = 12.0
+    warmup_steps: int = -1  # >= 0: LR warm-up in optimizer steps instead of warmup_epochs (fine-tuning)
     lr_schedule: str = "constant"  # constant | cosine
     min_lr: float = 0.0
     weight_decay: float = 0.04
@@ -100,9 +111,23 @@ class TrainRecipe:
     def validate(self) -> "TrainRecipe":
         if self.data not in ("webdataset", "folder", "shapes", "cache"):
             raise ValueError(f"recipe.data must be webdataset, folder, shapes or cache, got {self.data!r}")
-        for key in ("batch_size", "grad_accum", "samples_per_epoch"):
+        for key in ("batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"recipe.{key} must be >= 1, got {getattr(self, key)}")
+        if self.samples_per_epoch < 0:
+            raise ValueError(f"recipe.samples_per_epoch must be >= 0 (0 = the size of the data), got {self.samples_per_epoch}")
+        if self.data == "shapes" and self.samples_per_epoch == 0:
+            raise ValueError("recipe.samples_per_epoch must be >= 1 for data=shapes (the Shapes World is endless)")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"recipe.lora_rank and recipe.lora_alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.lora_rank and not self.init_from:
+            raise ValueError("recipe.lora_rank > 0 needs recipe.init_from (LoRA adapts a trained model directory)")
+        if self.preserve_path and self.data != "folder":
+            raise ValueError(f"recipe.preserve_path mixes a second image folder into data=folder, not data={self.data}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("recipe.epochs=0 needs recipe.max_steps >= 1 (the run's length in steps)")
+        if self.warmup_steps < -1:
+            raise ValueError(f"recipe.warmup_steps must be >= 0 (or -1 = use warmup_epochs), got {self.warmup_steps}")
         for key in ("epochs", "blr", "warmup_epochs", "weight_decay", "grad_clip", "masking_warmup_epochs", "mask_std"):
             if getattr(self, key) < 0:
                 raise ValueError(f"recipe.{key} must be >= 0, got {getattr(self, key)}")
@@ -114,9 +139,6 @@ class TrainRecipe:
             raise ValueError(f"recipe.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.masking not in ("warmup", "mar", "fx", "uni", "cd", "none"):
             raise ValueError(f"recipe.masking must be warmup, mar, fx, uni, cd or none, got {self.masking!r}")
-        if self.init_from:  # the model directory's own VAE and T5 unless others are named
-            self.vae_path = self.vae_path or f"{self.init_from}/vae"
-            self.t5_path = self.t5_path or f"{self.init_from}/text"
         if self.hard_negatives < 0:
             raise ValueError(f"recipe.hard_negatives must be >= 0, got {self.hard_negatives}")
         if self.hard_negatives and self.data != "shapes":
@@ -135,31 +157,101 @@ class TrainRecipe:
             return build_schedule("fx", std=self.mask_std)
         return build_schedule(self.masking)
 
+    def resolved(self) -> "TrainRecipe":
+        """With init_from, the model directory's own vae/ and text/ unless vae_path/t5_path are given."""
+        if not self.init_from:
+            return self
+        root = Path(self.init_from)
+        if not (root / "config.json").is_file():
+            raise ValueError(f"recipe.init_from={self.init_from!r} is not a model directory (no config.json)")
+        return dataclasses.replace(self, vae_path=self.vae_path or str(root / "vae"),
+                                   t5_path=self.t5_path or str(root / "text"))
+
     def model_config(self):
+        """The preset (or init_from's config.json), the geometry read from the VAE and T5 configs at
+        vae_path / t5_path, then the `model.KEY` overrides (which must agree with that geometry)."""
         from dream_core.config import DreamConfig
 
-        base = DreamConfig.load(f"{self.init_from}/config.json") if self.init_from else DreamConfig.preset(self.model)
-        return base.replace(**self.model_overrides)
+        recipe = self.resolved()
+        if recipe.init_from:
+            base = DreamConfig.load(Path(recipe.init_from) / "config.json")
+        else:
+            base = DreamConfig.preset(self.model)
+        derived = weights_geometry(recipe.vae_path, recipe.t5_path)
+        for key, (value, why) in derived.items():
+            if key in self.model_overrides and not _same(self.model_overrides[key], value):
+                raise ValueError(f"model.{key}={self.model_overrides[key]} disagrees with the weights: {why}; "
+                                 f"drop model.{key} (it is read from the weights) or point at other weights")
+        return base.replace(**{**{k: v for k, (v, _) in derived.items()}, **self.model_overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
+    return a == b
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what} {path} is not readable JSON: {err}") from err
+
+
+def weights_geometry(vae_path: str, t5_path: str) -> dict[str, tuple[Any, str]]:
+    """Model fields fixed by the VAE and T5 weights, read from their config.json files (nothing is
+    loaded): {field: (value, where it comes from)}. Paths that are not set or hold no config give
+    nothing (the trainer and the cache refuse such paths before any work)."""
+    out: dict[str, tuple[Any, str]] = {}
+    vae_cfg = Path(vae_path) / "config.json" if vae_path else None
+    if vae_cfg is not None and vae_cfg.is_file():
+        cfg = _read_json(vae_cfg, "VAE config")
+        blocks = cfg.get("block_out_channels")
+        if not isinstance(blocks, list) or not blocks or "latent_channels" not in cfg:
+            raise ValueError(f"VAE config {vae_cfg} has no block_out_channels / latent_channels "
+                             "(a diffusers AutoencoderKL config is expected)")
+        stride = 2 ** (len(blocks) - 1)
+        out["vae_stride"] = (stride, f"the VAE at {vae_path} downsamples by {stride} "
+                                     f"(2 ** (len(block_out_channels) - 1), block_out_channels={blocks})")
+        out["vae_channels"] = (int(cfg["latent_channels"]),
+                               f"the VAE at {vae_path} has latent_channels={cfg['latent_channels']}")
+        scale = cfg.get("scaling_factor") or 0.18215  # the ImageTokenizer's reading of a missing factor
+        out["vae_scaling_factor"] = (float(scale), f"the VAE at {vae_path} has scaling_factor={scale}")
+    t5_cfg = Path(t5_path) / "config.json" if t5_path else None
+    if t5_cfg is not None and t5_cfg.is_file():
+        cfg = _read_json(t5_cfg, "T5 config")
+        if "d_model" in cfg:
+            out["t5_dim"] = (int(cfg["d_model"]), f"the T5 at {t5_path} has d_model={cfg['d_model']}")
+    return out
+
+
 def _dream(size: str, **kw) -> TrainRecipe:
     base = dict(name=f"dream-{size}", model=size, mask_std=0.55, fsdp=size in ("huge", "giant"),
-                model_overrides={"t5_path": "google/t5-v1_1-xxl", "t5_dim": 4096})
+                model_overrides={"t5_path": "google/t5-v1_1-xxl"})
     base.update(kw)
     return TrainRecipe(**base)
 
 
 # Baselines share the loop; only the objective, masking and conditioning differ.
-_BASELINE_MODEL = {"t5_path": "google/t5-v1_1-xxl", "t5_dim": 4096}
+_BASELINE_MODEL = {"t5_path": "google/t5-v1_1-xxl"}  # t5_dim is read from the T5 at t5_path
 # The bundled model's budget: 3,000 steps of 64 (19.2 epochs of 10k samples), about an hour on
 # 2 CPU cores; Masking Warmup ramps over the first 55 % of training (36 of 49 epochs in the paper).
 _SHAPES_COMMON = dict(
     model="shapes", data="shapes", flip=False, num_workers=0, samples_per_epoch=10_000,
     epochs=19.2, batch_size=64, blr=3.2e-3, warmup_epochs=0.5, masking_warmup_epochs=10.56,
     ema_decay=0.999, log_every=10, ckpt_every=100, sample_every=500, seed=1,
+)
+
+FINETUNE_LR = 1e-4
+FINETUNE_LORA_LR = 5e-4
+FINETUNE_STEPS = 300
+_FINETUNE_COMMON = dict(
+    name="finetune", data="folder", flip=False, epochs=0.0, num_workers=2, samples_per_epoch=0, batch_size=8, lr=FINETUNE_LR,
+    warmup_steps=30, weight_decay=0.04, ema_decay=0.999, masking="fx", mask_std=0.55, max_steps=FINETUNE_STEPS,
+    log_every=10, ckpt_every=100, precision="auto",
 )
 
 RECIPES: dict[str, TrainRecipe] = {
@@ -185,6 +277,13 @@ RECIPES: dict[str, TrainRecipe] = {
     "shapes-fx": TrainRecipe(name="shapes-fx", masking="fx", mask_std=0.45, **_SHAPES_COMMON),
     "shapes-uni": TrainRecipe(name="shapes-uni", masking="uni", **_SHAPES_COMMON),
     "shapes-wm": TrainRecipe(name="shapes-wm", masking="warmup", mask_std=0.45, **_SHAPES_COMMON),
+    # Fine-tuning a model directory (init_from) on an image folder: the pretraining losses with the
+    # mask ratios of the end of Masking Warmup (FX), LR warm-up in steps, no flips (captions may name
+    # left/right), EMA warmed up with the step count. Defaults measured on the Shapes World (see
+    # assets/dream-shapes/README.md, "What fine-tuning does"); `python -m training.finetune` is the CLI.
+    "finetune": TrainRecipe(**_FINETUNE_COMMON),
+    "finetune-lora": TrainRecipe(**{**_FINETUNE_COMMON, "name": "finetune-lora", "lora_rank": 8,
+                                    "lr": FINETUNE_LORA_LR, "weight_decay": 0.0}),
 }
 
 

@@ -12,7 +12,13 @@ global batch / 256 with linear warm-up, clip 3.0, EMA (warmed up with the step c
 run exports trained weights), Masking Warmup driven by the fractional epoch. Resumes from
 `<out>/checkpoint-last` automatically, and refuses to when the world size, accumulation, batch or
 data source changed (they position the data stream and set the LR). A non-finite loss on any rank
-stops every rank.
+stops every rank. Ctrl-C finishes the step, saves a checkpoint and exits.
+
+The epoch is the data's size (recipe.samples_per_epoch=0) or the recipe's. A run cut shorter than
+the recipe's epochs by --max-steps follows the recipe's LR warm-up and Masking Warmup scaled to its
+own length (printed at the start), so a short run trains instead of logging lr 0. Fine-tuning is a
+mode of this loop: `init_from=MODEL_DIR` (weights, config, VAE and T5 from a model directory),
+optionally `lora_rank=R` (see training/finetune.py, its CLI).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import argparse
 import csv
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +47,8 @@ from training.distributed import (EMA, check_resume, clip_grad_norm, configure_c
                                   run_layout, shard_model, shard_optimizer_state, stop_if_not_finite,
                                   sync_replicated_grads)
 from training.data.loaders import build_dataloader
+from training.data.sources import describe_source, open_source
+from training.init_from import check_resume_settings, init_from_model_dir, plain_state, set_train_mode
 from training.recipes import RECIPES, TrainRecipe, get_recipe
 
 
@@ -57,27 +67,22 @@ def build_optimizer(model: DreamModel, recipe: TrainRecipe, lr: float, fused: bo
     return torch.optim.AdamW(groups, lr=lr, betas=(recipe.beta1, recipe.beta2), **kwargs)
 
 
-def lr_at(epoch: float, recipe: TrainRecipe, peak: float) -> float:
-    """Linear warm-up to `peak`, then constant (the recipe) or cosine to min_lr."""
-    if recipe.warmup_epochs > 0 and epoch < recipe.warmup_epochs:
+def lr_at(epoch: float, recipe: TrainRecipe, peak: float, step: int | None = None,
+          warmup_steps: int | None = None) -> float:
+    """Linear warm-up to `peak`, then constant (the recipe) or cosine to min_lr. `epoch` is the
+    (schedule) epoch at the end of the step; with recipe.warmup_steps >= 0 the warm-up counts
+    optimizer steps instead (`step`, 1-based, over `warmup_steps`, default recipe.warmup_steps)."""
+    if recipe.warmup_steps >= 0 and step is not None:
+        warm = recipe.warmup_steps if warmup_steps is None else warmup_steps
+        if step < warm:
+            return peak * step / warm
+    elif recipe.warmup_epochs > 0 and epoch < recipe.warmup_epochs:
         return peak * epoch / recipe.warmup_epochs
     if recipe.lr_schedule == "cosine":
         span = max(recipe.epochs - recipe.warmup_epochs, 1e-8)
         p = min(1.0, (epoch - recipe.warmup_epochs) / span)
         return recipe.min_lr + (peak - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
     return peak
-
-
-def load_model_weights(model: DreamModel, path: Path) -> None:
-    """Initialise from a model directory's (EMA) weights; a checkpoint found at resume overrides them."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ValueError(f"recipe.init_from: {path} does not exist")
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"recipe.init_from: {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +94,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        recipe = recipe.resolved()  # init_from: the model directory's vae/ and text/ by default
         self.recipe, self.out = recipe, Path(out)
-        self.config = recipe.model_config()
+        self.config = recipe.model_config()  # geometry read from the VAE / T5 configs
         cuda = torch.cuda.is_available()
         precision = {"auto": "bf16" if cuda else "no", "bf16": "bf16", "fp32": "no"}[recipe.precision]
         self.precision = precision
@@ -110,8 +116,7 @@ class Trainer:
 
         torch.manual_seed(recipe.seed)  # same initial weights on every rank
         self.model = DreamModel(self.config)
-        if recipe.init_from:
-            load_model_weights(self.model, Path(recipe.init_from) / "model.safetensors")
+        init_from_model_dir(self.model, recipe)  # fine-tuning: base weights, LoRA adapters
         if recipe.grad_checkpointing:
             for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
                 part.grad_checkpointing = True
@@ -142,11 +147,16 @@ class Trainer:
         self.mask_gen = torch.Generator().manual_seed(recipe.seed * 1000 + self.rank)
         self.step = 0
         self.samples_seen = 0
-        self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * recipe.samples_per_epoch / self.global_batch)
+        self.source = None if recipe.data == "shapes" else open_source(recipe)  # opened (and checked) once
+        self.samples_per_epoch = recipe.samples_per_epoch or len(self.source)
+        self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * self.samples_per_epoch / self.global_batch)
+        self.schedule_scale = schedule_scale(recipe, self.total_steps, self.global_batch, self.samples_per_epoch)
         self.data_skipped = 0
+        self.stop_requested = self.interrupted = False
         self._resume()
         # Built here (not in fit) so bad data fails before any training, and resumes at the saved step.
-        self.loader = build_dataloader(recipe, self.config, rank=self.rank, world=self.world, start_step=self.step)
+        self.loader = build_dataloader(recipe, self.config, rank=self.rank, world=self.world, start_step=self.step,
+                                       source=self.source)
         if self.sharded:  # the model is already sharded; accelerate only steps the optimizer on sync
             self.optimizer = self.acc.prepare(self.optimizer, device_placement=[False])
         else:
@@ -201,6 +211,7 @@ class Trainer:
         if ckpt_dir is None:
             return
         meta = read_checkpoint_meta(ckpt_dir)
+        check_resume_settings(meta, self.recipe, ckpt_dir)  # fine-tuning: same base model, adapters, data
         if meta.get("config") != self.config.to_dict():
             raise ValueError(f"checkpoint {ckpt_dir} was written for another model config; use a new --out")
         check_resume(meta, run_layout(self.recipe, self.world), str(ckpt_dir))
@@ -235,7 +246,45 @@ class Trainer:
 
     @property
     def epoch(self) -> float:
-        return self.samples_seen / self.recipe.samples_per_epoch
+        return self.samples_seen / self.samples_per_epoch
+
+    @property
+    def schedule_epoch(self) -> float:
+        """The epoch the LR and masking schedules read (scaled when the run is shorter than the recipe)."""
+        return self.epoch * self.schedule_scale
+
+    @property
+    def warmup_steps(self) -> int:
+        """recipe.warmup_steps, at most a tenth of the run (a 5-step run must train, not warm up)."""
+        return min(self.recipe.warmup_steps, self.total_steps // 10)
+
+    def lr_after(self, samples: int) -> float:
+        """The LR of the optimizer step that ends at `samples` seen (step self.step + 1)."""
+        epoch = samples / self.samples_per_epoch * self.schedule_scale
+        return lr_at(epoch, self.recipe, self.peak_lr, step=self.step + 1, warmup_steps=self.warmup_steps)
+
+    def start_message(self) -> str:
+        """What the run will do, printed once at the start (data, length, schedules, LR)."""
+        r = self.recipe
+        data = describe_source(self.source) if self.source is not None else "the Shapes World (endless)"
+        what = f"fine-tuning {r.init_from}" + (f" with LoRA rank {r.lora_rank}" if r.lora_rank else " (every weight)") \
+            if r.init_from else f"training {self.config.name} from scratch"
+        lines = [f"{what} on {data}",
+                 f"{self.total_steps} steps of {self.global_batch} samples = {self.total_steps * self.global_batch / self.samples_per_epoch:.2f} "
+                 f"epochs of {self.samples_per_epoch}" + (f", resuming at step {self.step}" if self.step else "")]
+        if r.warmup_steps >= 0:
+            warm = f"LR warm-up over {self.warmup_steps} steps"
+            if self.warmup_steps < r.warmup_steps:
+                warm += f" (warmup_steps={r.warmup_steps} is more than a tenth of this {self.total_steps}-step run)"
+        else:
+            warm = f"LR warm-up over {r.warmup_epochs * self.samples_per_epoch / self.schedule_scale / self.global_batch:.0f} steps"
+        if self.schedule_scale != 1.0 and (r.warmup_steps < 0 or r.masking in ("warmup", "cd")):
+            warm += (f" (the recipe's {r.epochs:g}-epoch schedules scaled x{1 / self.schedule_scale:.3g} "
+                     f"to this {self.total_steps}-step run)")
+        lines.append(f"peak LR {self.peak_lr:.3g}, {warm}; LR at step {self.step + 1}: "
+                     f"{self.lr_after(self.samples_seen + self.global_batch):.3g}; masking {r.masking}, "
+                     f"EMA {r.ema_decay}{' warmed up' if r.ema_warmup else ''}")
+        return "\n".join(lines)
 
     # ----- one step -----
     def batch_tensors(self, batch: dict) -> dict:
@@ -255,7 +304,7 @@ class Trainer:
         tokens, t5_hidden = tokens.float(), t5_hidden.float()
         t5_hidden, t5_mask = drop_captions(t5_hidden, t5_mask, self.null_hidden, self.null_mask,
                                            c.caption_dropout, self.mask_gen)
-        ratios = self.schedule.sample(self.epoch, tokens.shape[0], self.mask_gen, per_sample=self.recipe.per_sample_masking)
+        ratios = self.schedule.sample(self.schedule_epoch, tokens.shape[0], self.mask_gen, per_sample=self.recipe.per_sample_masking)
         mask = random_token_mask(ratios, c.seq_len, self.mask_gen).to(self.device)
         out = {"tokens": tokens, "mask": mask, "t5_hidden": t5_hidden, "t5_mask": t5_mask,
                "clip_tokens": self.clip_tok(captions).to(self.device), "ratios": ratios}
@@ -270,7 +319,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         t = self.batch_tensors(batch)
         with self.acc.accumulate(self.model), self.acc.autocast():
-            lr = lr_at(self.epoch, self.recipe, self.peak_lr)
+            lr = self.lr_after(self.samples_seen + t["tokens"].shape[0] * self.world)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             # Through the (DDP/FSDP) wrapper, so gradient synchronisation hooks fire.
@@ -330,12 +379,16 @@ class Trainer:
                             rng=rng, meta=meta)
         self.acc.wait_for_everyone()
 
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The EMA weights as a plain DreamModel state dict (LoRA adapters merged)."""
+        return plain_state(self.ema.state_dict(self.acc.unwrap_model(self.model)), self.recipe, self.config)
+
     def export(self, model_dir: Path, captions: list[str] | None = None, card: str | None = None) -> None:
         """Write a model directory (EMA weights) that `DreamPipeline.from_pretrained` loads. Every
         rank calls it (under FSDP the EMA shards are gathered once); rank 0 writes."""
         from dream_core.pipeline import DreamPipeline
 
-        state = {k: v.cpu() for k, v in self.ema.state_dict(self.acc.unwrap_model(self.model)).items()}
+        state = {k: v.cpu() for k, v in self.export_state().items()}
         if not self.acc.is_main_process:
             return
         export_model = DreamModel(self.config)
@@ -355,6 +408,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.json").write_text(json.dumps(r.to_dict(), indent=1))
+            trim_log(log_path, self.step)  # rows past the resumed step were logged before a kill
             log_file = open(log_path, "a", newline="")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -362,16 +416,25 @@ class Trainer:
                 tb = SummaryWriter(str(self.out / "tb"))
             except Exception:  # tensorboard is optional; CSV is always written
                 tb = None
-        self.model.train()
+        set_train_mode(self.model, r)
         from tqdm import tqdm
 
+        self.acc.print(self.start_message(), flush=True)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.acc.is_main_process,
-                   dynamic_ncols=True, mininterval=2.0)
+                   dynamic_ncols=True, mininterval=2.0, unit="step")
         t_last, n_last = time.time(), self.samples_seen
         last = {}
         data_iter = iter(loader)
+        restore = self._catch_ctrl_c()
         while self.step < self.total_steps:
-            batch = next(data_iter)
+            if self._stop_now():
+                break
+            try:
+                batch = next(data_iter)
+            except Exception:
+                if self.stop_requested:  # Ctrl-C also reached the data workers
+                    break
+                raise
             self.data_skipped += int(batch.get("skipped", 0))
             out = self.train_step(batch)
             if not self.acc.sync_gradients:
@@ -387,7 +450,7 @@ class Trainer:
                     if isinstance(v, (int, float)):
                         row[k] = round(float(v), 6)
                 row["samples_per_s"] = round((self.samples_seen - n_last) / max(now - t_last, 1e-9), 2)
-                row["mask_mean_mu"] = round(self.schedule.mean(self.epoch), 4)
+                row["mask_mean_mu"] = round(self.schedule.mean(self.schedule_epoch), 4)
                 row["ema_decay"] = round(self.ema.current_decay(), 6)
                 row["data_skipped"] = self.data_skipped  # this rank's unreadable samples (replaced)
                 t_last, n_last = now, self.samples_seen
@@ -402,23 +465,55 @@ class Trainer:
                     if tb is not None:
                         for k, v in row.items():
                             tb.add_scalar(k, v, self.step)
-                    bar.set_postfix(loss=row.get("loss"), diff=row.get("diffusion"), clip=row.get("clip"))
+                    bar.set_postfix(loss=row.get("loss"), lr=f"{row.get('lr', 0):.3g}",
+                                    samples_s=row.get("samples_per_s"))
             if r.ckpt_every and self.step % r.ckpt_every == 0:
                 self.save()
             if r.sample_every and self.step % r.sample_every == 0:
                 self.sample_check()  # every rank: the EMA is gathered under FSDP
+        restore()
         self.save()
         bar.close()
         if log_file is not None:
             log_file.close()
+        if self.stop_requested:
+            self.interrupted = True
+            self.acc.print(f"interrupted: saved a checkpoint at step {self.step} in {self.out / 'checkpoint-last'}; "
+                           "run the same command again to continue from it", flush=True)
         return last
+
+    # ----- Ctrl-C -----
+    def _catch_ctrl_c(self):
+        """The first Ctrl-C asks the loop to stop after the current step (and save); a second one
+        aborts at once. Returns the function that puts the previous handler back."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _stop_now(self) -> bool:
+        """Whether any rank was asked to stop (all ranks stop at the same step)."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        self.stop_requested = bool(self.acc.reduce(flag, "sum").item() > 0)
+        return self.stop_requested
 
     @torch.no_grad()
     def sample_check(self) -> None:
         """Decode a few images with the EMA weights: MAR-family models can sample NaN/black early."""
         from dream_core.pipeline import DreamPipeline
 
-        state = self.ema.state_dict(self.acc.unwrap_model(self.model))
+        state = self.export_state()
         if not self.acc.is_main_process:
             return
         model = DreamModel(self.config).to(self.device)
@@ -446,6 +541,37 @@ class Trainer:
                     "a large green triangle at the bottom right on a gray background",
                     "a yellow cross on the left and a purple diamond on the right"]
         return ["a photo of a dog", "a red car parked on a street"]
+
+
+def schedule_scale(recipe: TrainRecipe, total_steps: int, global_batch: int, samples_per_epoch: int) -> float:
+    """How much faster than the epoch count the schedules run: 1 for a run as long as the recipe
+    (or longer); recipe epochs / run epochs for a run cut short by max_steps, so its LR warm-up and
+    Masking Warmup take the same share of the run as they take of the recipe."""
+    if not recipe.max_steps or recipe.epochs <= 0:
+        return 1.0
+    run_epochs = total_steps * global_batch / samples_per_epoch
+    return max(1.0, recipe.epochs / run_epochs)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the rows of log.csv up to `step` (a resumed run logs the later steps again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    keep = [row for row in body if row and row[0].isdigit() and int(row[0]) <= step]
+    if len(keep) == len(body):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        if step > 0:
+            w.writerow(header)
+            w.writerows(keep)
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,11 +616,16 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing to save", file=sys.stderr)
+        raise SystemExit(130)
     try:
         last = trainer.fit()
     except FloatingPointError as err:  # raised on every rank together (training/distributed.py)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(3)
+    if trainer.interrupted:
+        raise SystemExit(130)
     if args.export:
         trainer.export(args.export, captions)
     trainer.acc.print(json.dumps(last))

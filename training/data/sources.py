@@ -45,6 +45,7 @@ log = logging.getLogger("dream.data")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
 WARN_EVERY = 100  # log a warning on the first and every N-th skipped sample
+VERIFY_MAX = 20_000  # image folders up to this size are checked image by image before training
 MAX_REPLACEMENTS = 64  # consecutive unreadable samples before the data is declared broken
 INDEX_VERSION = 1
 
@@ -137,15 +138,17 @@ class FolderSource:
         table = self._caption_table()
         if table is not None:
             self.items = table
+            self.caption_source = "captions.csv" if (root / "captions.csv").is_file() else "captions.jsonl"
         else:
-            no_caption = 0
+            self.caption_source = "a .txt beside each image"
+        no_caption = 0
+        if table is None:
             for path in sorted(self._images()):
                 if path.with_suffix(".txt").is_file():
                     self.items.append((str(path.relative_to(root)), None))
                 else:
                     no_caption += 1
-            if no_caption:
-                log.warning("%d images in %s have no .txt caption beside them and are left out", no_caption, root)
+        self.no_caption = no_caption if table is None else 0  # said once, by open_source
         if not self.items:
             raise ValueError(f"data path {root} holds no image with a caption (images {', '.join(IMAGE_EXTS)} with "
                              f"a .txt beside each, or a captions.csv / captions.jsonl at the root)")
@@ -187,6 +190,42 @@ class FolderSource:
     def describe(self, i: int) -> str:
         return str(self.root / self.items[i][0])
 
+    def verify(self) -> list[tuple[str, str]]:
+        """Decode every image once (PIL's verify, which checks a PNG to its last chunk, then a full
+        load) and leave out the unreadable ones; returns [(file, reason)] of those left out."""
+        good, bad = [], []
+        for rel, text in self.items:
+            path = self.root / rel
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ...)
+                bad.append((str(path), f"{type(err).__name__}: {err}"))
+                continue
+            good.append((rel, text))
+        self.items = good
+        if not good:
+            raise ValueError(f"data path {self.root}: none of its images can be read")
+        return bad
+
+    def captions(self) -> list[str]:
+        """Every caption (the .txt files are read here), for the caption bank of an exported model."""
+        out = []
+        for i in range(len(self.items)):
+            rel, text = self.items[i]
+            if text is None:
+                try:
+                    text = (self.root / rel).with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    continue
+            text = " ".join(text.split())
+            if text:
+                out.append(text)
+        return out
+
+
     def read(self, i: int) -> tuple[Image.Image, str]:
         rel, text = self.items[i]
         path = self.root / rel
@@ -199,6 +238,28 @@ class FolderSource:
             raise CorruptSample("image file is missing")
         return decode_image(path), clean_caption(text)
 
+
+class ConcatSource:
+    """Several map-style sources read as one (fine-tuning data plus a preservation folder)."""
+
+    def __init__(self, sources: list) -> None:
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    def _find(self, i: int) -> tuple[Any, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.sources[k], i - int(self.offsets[k])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def describe(self, i: int) -> str:
+        src, j = self._find(i)
+        return src.describe(j)
+
+    def read(self, i: int):
+        src, j = self._find(i)
+        return src.read(j)
 
 class TarSource:
     """img2dataset webdataset shards, read by seeking to each member (no webdataset dependency).
@@ -548,35 +609,80 @@ def check_data(recipe) -> None:
         raise ValueError(f"recipe.data_path={path!r} is an empty directory")
 
 
-def open_source(recipe):
-    """The map-style source a recipe names (raises ValueError on a missing, empty or bad path)."""
+def open_source(recipe, verify: bool = True):
+    """The map-style source a recipe names (raises ValueError on a missing, empty or bad path).
+    Image folders up to VERIFY_MAX images are checked image by image (`verify`): each unreadable
+    file is named once in a warning and left out. A preservation folder (recipe.preserve_path) is
+    appended to the data."""
     if uses_cache(recipe):
         return CacheSource(recipe.cache_path or recipe.data_path)
     if recipe.data == "webdataset":
         return TarSource(recipe.data_path)
     if recipe.data == "folder":
-        return FolderSource(recipe.data_path)
+        folders = [FolderSource(recipe.data_path)]
+        if getattr(recipe, "preserve_path", ""):
+            folders.append(FolderSource(recipe.preserve_path))
+        for folder in folders:
+            if folder.no_caption:
+                log.warning("%d images in %s have no .txt caption beside them and are left out",
+                            folder.no_caption, folder.root)
+            if verify and len(folder) <= VERIFY_MAX:
+                for path, reason in folder.verify():
+                    log.warning("left out %s: the image cannot be read (%s)", path, reason)
+        return folders[0] if len(folders) == 1 else ConcatSource(folders)
     raise ValueError(f"recipe.data={recipe.data!r} is not a file source (webdataset, folder or cache)")
 
 
-def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: int = 0) -> DataLoader:
-    """The training loader for recipe.data in webdataset | folder | cache (see the module doc)."""
+def describe_source(source) -> str:
+    """One line for the start of a run: how many samples, where from, and where the captions are."""
+    if isinstance(source, ConcatSource):
+        return " + ".join(describe_source(s) for s in source.sources)
+    if isinstance(source, FolderSource):
+        return f"{len(source)} images in {source.root} (captions: {source.caption_source})"
+    if isinstance(source, TarSource):
+        return f"{len(source)} samples in {len(source.shards)} shards under {source.root} (captions: .txt/.json members)"
+    if isinstance(source, CacheSource):
+        return f"{len(source)} cached samples in {source.root} (captions: the cache)"
+    return f"{len(source)} samples"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def data_workers(requested: int) -> int:
+    """recipe.num_workers capped by the usable cores (PyTorch warns above that), said when capped."""
+    cores = usable_cores()
+    workers = max(0, min(int(requested), cores))
+    if workers < requested:
+        log.warning("num_workers=%d capped to %d: this process may use %d CPU cores", requested, workers, cores)
+    return workers
+
+
+def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: int = 0, source=None) -> DataLoader:
+    """The training loader for recipe.data in webdataset | folder | cache (see the module doc);
+    `source` is the already opened source of the recipe (opened here when None)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
-    source = open_source(recipe)
+    if source is None:
+        source = open_source(recipe)
     if isinstance(source, CacheSource):
         source.check_config(config)
         make = _cache_sample
     else:
         make = _image_sample(config.image_size)
-    if rank == 0 and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
+    if rank == 0 and recipe.samples_per_epoch and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
         log.info("the data holds %d samples but recipe.samples_per_epoch=%d (which sets the fractional epoch)",
                  len(source), recipe.samples_per_epoch)
     start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
     stream = SampleStream(source, make, recipe.batch_size, rank, world, start_batch, recipe.seed, recipe.flip)
-    workers = max(0, int(recipe.num_workers))
+    workers = data_workers(recipe.num_workers)
     return DataLoader(
         stream, batch_size=None, num_workers=workers, collate_fn=_identity,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
@@ -587,5 +693,6 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
 
 __all__ = [
     "SKIPPED", "SkipCounter", "CorruptSample", "adm_center_crop", "to_tensor", "decode_image", "FolderSource",
-    "TarSource", "CacheSource", "SampleStream", "scan_tar", "check_data", "open_source", "build_dataloader",
+    "TarSource", "CacheSource", "ConcatSource", "SampleStream", "scan_tar", "check_data", "open_source",
+    "describe_source", "usable_cores", "data_workers", "build_dataloader",
 ]

@@ -1,0 +1,98 @@
+"""The trainer's fine-tuning mode (training/train.py calls these; `python -m training.finetune` is
+its command line): start from a model directory's weights (`recipe.init_from`), optionally train
+LoRA adapters only (`recipe.lora_rank`, peft) and export plain merged weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LORA_SCOPES = ("encoder.blocks.", "decoder.blocks.", "aligner.blocks.")
+
+
+def lora_target_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the attention/MLP Linear layers of the encoder, decoder and aligner blocks."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(LORA_SCOPES)]
+
+
+def _inject_lora(model: torch.nn.Module, recipe) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    alpha = recipe.lora_alpha or 2.0 * recipe.lora_rank
+    cfg = LoraConfig(r=recipe.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
+                     target_modules=lora_target_names(model), bias="none")
+    inject_adapter_in_model(cfg, model)  # in place: the module keeps its class and forward
+
+
+def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
+    """Load recipe.init_from's weights into `model` (built from its config.json) and, with
+    recipe.lora_rank > 0, add LoRA adapters and train only them. No-op without init_from."""
+    if not recipe.init_from:
+        return
+    from safetensors.torch import load_file
+
+    path = Path(recipe.init_from) / "model.safetensors"
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not match the model config (a model.* override changed the architecture?): "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
+    model.load_state_dict(state)
+    if recipe.lora_rank:
+        _inject_lora(model, recipe)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+
+def plain_state(state: dict[str, torch.Tensor], recipe, config) -> dict[str, torch.Tensor]:
+    """A state dict of the trained model as a plain DreamModel state (LoRA merged into the weights)."""
+    if not recipe.lora_rank:
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    from dream_core.model import DreamModel
+
+    model = DreamModel(config)
+    _inject_lora(model, recipe)
+    model.load_state_dict(state)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    merged = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    return merged
+
+
+def set_train_mode(model: torch.nn.Module, recipe) -> None:
+    """Train mode; with LoRA the frozen projector keeps its BatchNorm statistics (eval mode)."""
+    model.train()
+    if recipe.lora_rank:
+        core = model
+        while hasattr(core, "module"):  # DDP / accelerate wrappers
+            core = core.module
+        core = getattr(core, "_orig_mod", core)  # torch.compile
+        core.projector.eval()
+
+
+RESUME_KEYS = ("init_from", "lora_rank", "lora_alpha", "data_path", "preserve_path")
+
+
+def check_resume_settings(meta: dict, recipe, ckpt_dir: Path) -> None:
+    """A fine-tuning checkpoint resumes only a run of the same base model, adapters and data."""
+    old = meta.get("recipe", {})
+    if not (old.get("init_from") or recipe.init_from):
+        return
+
+    def norm(key: str, value):
+        return str(Path(value).resolve()) if key.endswith(("_from", "_path")) and value else value
+
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(recipe, k)!r}" for k in RESUME_KEYS
+            if norm(k, old.get(k)) != norm(k, getattr(recipe, k))]
+    if diff:
+        raise ValueError(f"checkpoint {ckpt_dir} was written by a fine-tuning run with other settings "
+                         f"({'; '.join(diff)}); use another --out, or --overwrite to start over")
