@@ -277,6 +277,9 @@ class EditRequest:
                                  "(strength) to change the whole image")
             regenerate = pixel_mask_to_tokens(pixels, config.image_size, config.tokens_per_side)
             count = int(regenerate.sum())
+            if count == 0:
+                raise ValueError("mask lies outside the image's centre square (the part the model sees): "
+                                 "mark pixels inside it")
         else:
             strength = check_float("strength", self.strength, 0.0, 1.0)
             if strength <= 0.0:
