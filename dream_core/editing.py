@@ -62,10 +62,13 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
 
 def as_pixel_mask(mask: Any, image_size: tuple[int, int]) -> np.ndarray:
     """A mask the size of the image -> bool [H, W], True = regenerate. Accepted: a 2-D array (bool
-    or numbers, nonzero = masked), or a PIL image (its alpha channel when it has one, else its
-    grey level; nonzero = masked). A mask of another size than the image is refused."""
+    or numbers, nonzero = masked), or a PIL image (nonzero grey level = masked, e.g. white on black;
+    with an alpha channel, only where it is also not transparent). A mask of another size than the
+    image is refused."""
     if isinstance(mask, Image.Image):
-        arr = np.asarray(mask.getchannel("A") if mask.mode in ("RGBA", "LA", "PA") else mask.convert("L"))
+        arr = np.asarray(mask.convert("L")) > 0
+        if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+            arr &= np.asarray(mask.convert("RGBA").getchannel("A")) > 0
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
         arr = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
         if arr.ndim != 2:
