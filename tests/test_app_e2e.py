@@ -163,8 +163,8 @@ def test_launch_py_binds_loopback_and_prints_the_address(tiny_model_dir, tmp_pat
         assert any(f"DREAM Studio running at {address}" in line for line in lines), "".join(lines)
         assert any("images are saved in " + str(tmp_path / "data") in line for line in lines)
         c = Client(address, verbose=False, download_files=str(tmp_path / "dl"))
-        assert set(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/generate", "/inpaint", "/variations",
-                                                                                  "/search"}
+        endpoints = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert set(endpoints) == {"/generate", "/inpaint", "/variations", "/search"}
         c.close()
     finally:
         proc.terminate()
