@@ -26,12 +26,12 @@ from platformdirs import user_cache_dir
 
 from dream_core.config import DreamConfig
 from dream_core.masking import fraction_decided
-from dream_core.request import APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, MAX_SEED, default_steps
+from dream_core.request import APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, MAX_SEED, EditRequest, default_steps
 from dream_core.sampling import default_decision_step
 
 from .history import APP_NAME, History
-from .images import (DISPLAY_SIZE, MAX_UPLOAD_BYTES, Tile, candidate_grid, fit, mark_undecided, open_checked,
-                     read_record, save_png, score_chart, tile_size_for, upscale)
+from .images import (DISPLAY_SIZE, MAX_UPLOAD_BYTES, Tile, candidate_grid, explanation_overlay, fit, image_sha256,
+                     mark_undecided, open_checked, read_record, save_png, score_chart, tile_size_for, upscale)
 from .jobs import Job
 from .models import ModelManager
 from .params import GenerationSettings, ImageRecord
@@ -122,6 +122,31 @@ class GenerateView:
     reset: bool = False  # a new job starts: clear the live grid and the score chart
     preview_seconds: float | None = None  # on an image's final view: time its live previews took
     decode_seconds: float | None = None  # ... and its decoding took (T5 + steps + final VAE decode)
+    explanations: list[dict] = field(default_factory=list)  # per finished image, when asked (see explanation_dict)
+
+
+@dataclass
+class EditInput:
+    """What an edit adds to the generation settings: the source image and either a pixel mask
+    (inpainting, True = regenerate, the size of the image) or a strength (variations)."""
+
+    image: Any  # PIL image
+    mask: Any = None
+    strength: Any = None
+    paste_back: bool = True
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if self.mask is not None else "variations"
+
+
+def explanation_dict(ex, image_index: int = 0) -> dict:
+    """A DecisionExplanation as JSON: per scored candidate, its score and every token's
+    leave-one-out contribution (raster order; null where the token was not visible)."""
+    return {"image_index": image_index, "step": ex.step, "candidate_ids": list(ex.candidate_ids),
+            "scores": [round(float(v), 6) for v in ex.scores],
+            "contributions": [[None if math.isnan(v) else round(float(v), 6) for v in row.tolist()]
+                              for row in ex.contributions]}
 
 
 # ----- small helpers -----
@@ -229,14 +254,19 @@ def request_stop(session: SessionState) -> None:
 def generate_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
                     preview_mode: str = PREVIEW_MARKED, previews: bool = True, min_interval: float | None = None,
                     preview_budget: float | None = None, clock: Callable[[], float] = time.monotonic,
-                    job: Job | None = None) -> Iterator[GenerateView]:
+                    job: Job | None = None, edit: EditInput | None = None,
+                    explain: bool = False) -> Iterator[GenerateView]:
     """Decode `settings.num_images` images of K candidates each, yielding live views; save each
     finished image as a PNG with its parameters. Stops between decoding steps when `job` (by
     default the session's oldest queued job, else a new one) is stopped.
 
     Progress updates come at most every `min_interval` s; candidate previews also within the
     `preview_budget` share of decoding time (see PreviewBudget); the last step is never decoded
-    for a preview: the final image, decoded anyway, fills the winner's tile."""
+    for a preview: the final image, decoded anyway, fills the winner's tile.
+
+    `edit`: inpaint or vary a source image instead (the kept tokens show plainly, the regenerated
+    ones hatched until decided); the record carries the source's SHA-256. `explain`: at the
+    decision, every candidate's tile shows why it scored what it did (explanation_overlay)."""
     if job is None:
         job = next_job(session)
     elif job not in session.jobs:
@@ -245,23 +275,33 @@ def generate_stream(ctx: AppContext, session: SessionState, settings: Generation
     try:
         with ctx.job_lock:  # the previous job has really ended (a cancelled one finishes its step first)
             yield from _generate(ctx, session, settings, job, preview_mode, previews, min_interval,
-                                 preview_budget, clock)
+                                 preview_budget, clock, edit, explain)
     finally:
         end_job(session, job)
 
 
 def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettings, job: Job, preview_mode: str,
               previews: bool, min_interval: float | None, preview_budget: float | None,
-              clock: Callable[[], float]) -> Iterator[GenerateView]:
+              clock: Callable[[], float], edit: EditInput | None = None,
+              explain: bool = False) -> Iterator[GenerateView]:
     try:
         pipe = ctx.manager.require()
     except ValueError as err:
         raise fail(str(err)) from None
     cfg = pipe.config
+    edit_req = None
     try:
-        s = settings.validated(cfg)  # the engine's request checks, defaults resolved
+        if edit is None:
+            s = settings.validated(cfg)  # the engine's request checks, defaults resolved
+        else:  # the same checks, with the steps counted over the regenerated tokens
+            edit_req = EditRequest(edit.image, settings.request(), mask=edit.mask, strength=edit.strength,
+                                   paste_back=edit.paste_back).validate(cfg, APP_MAX_CANDIDATES)
+            s = GenerationSettings.from_request(edit_req.generation)
     except ValueError as err:
         raise fail(str(err)) from None
+    if not isinstance(explain, bool):
+        raise fail(f"explain must be true or false, got {explain!r}")
+    num_tokens = cfg.seq_len if edit_req is None else edit_req.num_regenerated(cfg)
     if preview_mode not in PREVIEW_MODES:
         raise fail(f"preview mode must be one of {', '.join(PREVIEW_MODES)}")
     base_seed = s.seed if s.seed is not None else draw_seed()
@@ -272,10 +312,11 @@ def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettin
         raise fail(f"preview budget must be a share >= 0, got {share}")
     k, steps, n = s.num_candidates, s.num_inference_steps, s.num_images
     tile = tile_size_for(s.num_candidates)
-    decided_share = fraction_decided(s.decision_step, steps, cfg.seq_len) if s.decision_step else None
+    decided_share = fraction_decided(s.decision_step, steps, num_tokens) if s.decision_step else None
     model_name = ctx.manager.name
     done_paths: list[str] = []
     done_records: list[dict] = []
+    done_explanations: list[dict] = []
     gallery: list[tuple[str, str]] = []
     started = clock()
     if job.stop_requested:
@@ -291,13 +332,25 @@ def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettin
         last_yield = -math.inf
         budget = PreviewBudget(share)
         t_start = clock()
+        explained: dict[int, Any] = {}  # candidate -> its token contributions at the decision
+        explanation = None
         request = dataclasses.replace(s, seed=seed_i, num_images=1).request()
-        events = pipe.stream(request, should_stop=job.stop_event.is_set)
         try:
+            if edit_req is None:
+                events = pipe.stream(request, should_stop=job.stop_event.is_set, explain=explain)
+            else:
+                edit_i = dataclasses.replace(edit_req, generation=dataclasses.replace(
+                    edit_req.generation, seed=seed_i, num_images=1))
+                start = pipe.edit_start(edit_i, seed_i)
+                events = pipe.stream_edit(edit_i, should_stop=job.stop_event.is_set, explain=explain, start=start)
             for ev in events:
                 last = ev
                 if ev.kind == "decision":
                     decided = True
+                    if ev.explanation is not None:
+                        explanation = ev.explanation
+                        explained.update({cid: ev.explanation.for_candidate(cid).numpy()
+                                          for cid in ev.explanation.candidate_ids})
                 now = clock()
                 first = last_yield == -math.inf
                 if not (first or ev.kind in ("decision", "done")) and now - last_yield < interval:
@@ -306,7 +359,7 @@ def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettin
                 view = GenerateView()
                 if previews and ev.kind != "done" and (first or ev.kind == "decision"
                                                        or budget.allows(now - t_start)):
-                    _update_tiles(pipe, tiles, ev, preview_mode, decided, tile)
+                    _update_tiles(pipe, tiles, ev, preview_mode, decided, tile, explained)
                     view.grid = candidate_grid(list(tiles.values()), tile)
                     if ev.kind == "decision":
                         view.scores = score_chart(ev.scores, candidate_states(ev.pruned, ev.chosen))
@@ -330,11 +383,20 @@ def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettin
                 view.grid = candidate_grid(list(tiles.values()), tile)
             yield view
             return
-        image = pipe.decode_tokens(last.tokens[:1])[0]
+        if edit_req is None:
+            image = pipe.decode_tokens(last.tokens[:1])[0]
+        else:
+            image = pipe.edit_result(edit_i, last.tokens[:1], start.regenerate)
         decode_seconds = clock() - t_start - budget.spent
         chosen = last.candidate_ids[0]
-        record = ImageRecord.build(s, seed_i, chosen, last.scores, model_name, image.size, cfg.seq_len,
+        record = ImageRecord.build(s, seed_i, chosen, last.scores, model_name, image.size, num_tokens,
                                    image_index=i, created=datetime.now().isoformat(timespec="seconds"))
+        if edit_req is not None:
+            record.edit, record.source_sha256 = edit_req.kind, image_sha256(edit_req.image)
+            record.strength, record.paste_back = edit_req.strength, edit_req.paste_back
+            record.regenerated_tokens = start.regenerate.nonzero().flatten().tolist()
+        if explanation is not None:
+            done_explanations.append(explanation_dict(explanation, i))
         path = ctx.history.save(image, record)
         session.paths.insert(0, str(path))
         session.last_seed = base_seed
@@ -344,7 +406,8 @@ def _generate(ctx: AppContext, session: SessionState, settings: GenerationSettin
         gallery.append((str(display), f"{i + 1}: candidate #{chosen}, seed {seed_i}"))
         view = GenerateView(final=str(display), download=str(path), gallery=list(gallery),
                             infotext=record.infotext(), records=list(done_records), paths=list(done_paths),
-                            preview_seconds=budget.spent, decode_seconds=decode_seconds)
+                            preview_seconds=budget.spent, decode_seconds=decode_seconds,
+                            explanations=list(done_explanations))
         if previews:
             prev = tiles.get(chosen)  # absent only if the very first event was the last step
             tiles[chosen] = Tile(fit(image, tile), chosen, "final", *((prev.score, prev.rank, prev.num_ranked)
@@ -378,9 +441,11 @@ def _step_text(ev, i: int, n: int, share: float | None, s: GenerationSettings) -
     return f"{prefix}Step {ev.step}/{ev.num_steps} · {pct} · {who}"
 
 
-def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: bool, size: int) -> None:
+def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: bool, size: int,
+                  explained: dict[int, Any] | None = None) -> None:
     """Decode the active rows (frozen pruned tiles are not decoded again) and set their states.
-    Uses the model's preview decoder when it has one (a fraction of the VAE's cost)."""
+    Uses the model's preview decoder when it has one (a fraction of the VAE's cost). Candidates in
+    `explained` show their decision-time token contributions over the tile."""
     images = pipe.decode_previews(ev.tokens)
     side = pipe.config.tokens_per_side
     mask = ev.mask.numpy()
@@ -389,6 +454,8 @@ def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: 
         img = fit(images[row], size)
         if preview_mode == PREVIEW_MARKED:
             img = mark_undecided(img, mask[row], side)
+        if explained and cid in explained:
+            img = explanation_overlay(img, explained[cid], side)
         if ev.pruned and ev.pruned[cid]:
             state = "pruned"
         elif ev.kind == "done":
@@ -405,23 +472,99 @@ def _update_tiles(pipe, tiles: dict[int, Tile], ev, preview_mode: str, decided: 
 
 
 def generate_api_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,
-                        job: Job | None = None) -> Iterator[tuple[list[str], list[dict]] | None]:
+                        job: Job | None = None, edit: EditInput | None = None,
+                        explain: bool = False) -> Iterator[tuple | None]:
     """The `generate` API: None after every decoding step (each one is a point where the server
-    notices a closed connection or a cancel), then the saved PNG paths and their records."""
+    notices a closed connection or a cancel), then the saved PNG paths and their records (and,
+    for the edit endpoints, the explanations asked for: [] without `explain`)."""
     last = None
-    for view in generate_stream(ctx, session, settings, previews=False, min_interval=0.0, job=job):
+    for view in generate_stream(ctx, session, settings, previews=False, min_interval=0.0, job=job, edit=edit,
+                                explain=explain):
         last = view
         if not view.done:
             yield None
     if last is None or last.stopped or not last.done:
         raise fail("generation was stopped before it finished")
-    yield last.paths, last.records
+    yield (last.paths, last.records) if edit is None else (last.paths, last.records, last.explanations)
 
 
 def generate_images(ctx: AppContext, session: SessionState, settings: GenerationSettings) -> tuple[list[str], list[dict]]:
     """Run a whole generation without previews: saved PNG paths and records."""
     *_, result = generate_api_stream(ctx, session, settings)
     return result
+
+
+# ----- editing -----
+EDIT_INPAINT, EDIT_VARIATIONS = "inpaint", "variations"
+EDIT_MODES = (EDIT_INPAINT, EDIT_VARIATIONS)
+EDIT_MODE_LABELS = {EDIT_INPAINT: "Inpaint the painted region", EDIT_VARIATIONS: "Variations (strength)"}
+
+
+def editor_mask(layers: list | None, size: tuple[int, int]) -> Any:
+    """The painted mask of an image editor: every pixel any brush layer covers (alpha > 0)."""
+    import numpy as np
+
+    mask = np.zeros((size[1], size[0]), dtype=bool)
+    for layer in layers or []:
+        if layer is None:
+            continue
+        rgba = layer.convert("RGBA")
+        if rgba.size != size:
+            raise fail(f"the painted layer is {rgba.width}x{rgba.height} pixels but the image is "
+                       f"{size[0]}x{size[1]}; paint on the image again")
+        mask |= np.asarray(rgba.getchannel("A")) > 0
+    return mask
+
+
+def edit_input(editor: Any, mode: Any, strength: Any, paste_back: Any) -> EditInput:
+    """The Edit tab's image editor value (background + brush layers) as an edit: the painted
+    layers are the mask (inpainting), or `strength` makes variations."""
+    if mode not in EDIT_MODES:
+        raise fail(f"edit mode must be one of {', '.join(EDIT_MODES)}, got {mode!r}")
+    image = editor.get("background") if isinstance(editor, dict) else None
+    if image is None:
+        raise fail("upload, paste or send an image to edit first")
+    image = image.convert("RGB")
+    if mode == EDIT_INPAINT:
+        return EditInput(image, mask=editor_mask(editor.get("layers"), image.size), paste_back=paste_back)
+    return EditInput(image, strength=strength, paste_back=paste_back)
+
+
+def edit_input_from_files(image_path: Any, mask_path: Any, strength: Any, paste_back: Any) -> EditInput:
+    """The `inpaint` / `variations` API's files: the source image, and for inpainting a mask image
+    the size of the source (white, i.e. nonzero, = regenerate; transparent pixels are not masked)."""
+    try:
+        image = open_checked(image_path).convert("RGB")
+        mask = None if mask_path is None else open_checked(mask_path)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if mask is None and strength is None:
+        raise fail("inpaint needs a mask image: the size of the image, white where it is regenerated")
+    return EditInput(image, mask=mask, strength=strength, paste_back=paste_back)
+
+
+def edit_prompt(ctx: AppContext, prompt: Any, edit: EditInput) -> Any:
+    """The prompt of an edit; variations without one use the model's own best caption of the image."""
+    if edit.kind == EDIT_INPAINT or (isinstance(prompt, str) and prompt.strip()):
+        return prompt
+    try:
+        pipe = ctx.manager.require()
+        if not pipe.captions:
+            raise ValueError("this model has no caption bank to describe the image")
+        return pipe.search(edit.image, top_k=1)[0][0]
+    except ValueError as err:
+        raise fail(f"type a prompt for the variations ({err})") from None
+
+
+def edit_source(ctx: AppContext, session: SessionState, which: str) -> dict:
+    """An image editor value holding a picture from History (the selected one) or the last result."""
+    path = session.selected if which == "history" else (session.paths[0] if session.paths else None)
+    if not path:
+        raise fail("pick an image in the history first" if which == "history" else
+                   "generate an image first: there is no result to edit yet")
+    if not Path(path).is_file():
+        raise fail("this image no longer exists; press Refresh in History")
+    return {"background": path, "layers": [], "composite": path}
 
 
 # ----- reverse search -----
@@ -588,7 +731,8 @@ def default_controls(ctx: AppContext) -> dict[str, Any]:
     return dict(seq_len=config.seq_len, steps=steps, decision=decision, head_steps_max=config.num_train_timesteps)
 
 
-__all__ = ["AppContext", "GenerateView", "PREVIEW_MODES", "SEARCH_MODES", "SessionState", "begin_job",
+__all__ = ["AppContext", "EDIT_MODES", "EditInput", "GenerateView", "edit_input", "edit_input_from_files",
+           "edit_prompt", "edit_source", "editor_mask", "explanation_dict", "PREVIEW_MODES", "SEARCH_MODES", "SessionState", "begin_job",
            "controls_from_record", "decision_info", "default_controls", "end_job", "generate_api_stream",
            "generate_images", "generate_stream", "history_items", "model_card", "parse_labels", "read_caption_file", "read_parameters",
            "next_job", "request_stop", "resolve_seed", "reuse_last_seed", "search", "search_table", "select_history",

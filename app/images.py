@@ -213,6 +213,39 @@ def mark_undecided(image: Image.Image, undecided: np.ndarray | list[bool], token
     return Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
 
 
+def explanation_overlay(image: Image.Image, contributions: np.ndarray | list[float], tokens_per_side: int) -> Image.Image:
+    """Why a candidate scored what it did: every visible token tinted by its leave-one-out
+    contribution to the SAD score (green = pulls towards the prompt, red = away; opacity
+    proportional to |contribution| / the largest of the tile); hidden tokens (NaN) untouched."""
+    values = np.asarray(contributions, dtype=np.float64).reshape(-1)
+    if values.size != tokens_per_side**2:
+        raise ValueError(f"explanation has {values.size} tokens, expected {tokens_per_side}^2")
+    finite = np.isfinite(values)
+    top = float(np.abs(values[finite]).max()) if finite.any() else 0.0
+    base = image.convert("RGBA")
+    if top <= 0:
+        return base.convert("RGB")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    pw, ph = base.width / tokens_per_side, base.height / tokens_per_side
+    for idx in np.flatnonzero(finite):
+        r, c = divmod(int(idx), tokens_per_side)
+        v = values[idx] / top
+        color = (22, 163, 74) if v > 0 else (220, 38, 38)
+        box = [round(c * pw), round(r * ph), round((c + 1) * pw) - 1, round((r + 1) * ph) - 1]
+        draw.rectangle(box, fill=(*color, int(30 + 150 * abs(v))), outline=(*color, 220))
+    return Image.alpha_composite(base, overlay).convert("RGB")
+
+
+def image_sha256(image: Image.Image) -> str:
+    """SHA-256 of an image's pixels as RGB bytes (row-major, 8 bit) after its size as "WxH;": the
+    same for the same picture whatever file format or metadata carried it."""
+    import hashlib
+
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height};".encode() + rgb.tobytes()).hexdigest()
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)

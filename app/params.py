@@ -59,7 +59,11 @@ class GenerationSettings:
     def validated(self, config) -> "GenerationSettings":
         """Checked against the model `config` by the engine's request (app limit on K: the
         request's APP_MAX_CANDIDATES), defaults resolved; messages name the field."""
-        r = self.request().validate(config, max_candidates=APP_MAX_CANDIDATES)
+        return GenerationSettings.from_request(self.request().validate(config, max_candidates=APP_MAX_CANDIDATES))
+
+    @classmethod
+    def from_request(cls, r: GenerationRequest) -> "GenerationSettings":
+        """The settings of a validated request (an edit's, whose limits count regenerated tokens)."""
         return GenerationSettings(
             prompt=r.prompt, negative_prompt=r.negative_prompt, num_candidates=r.num_candidates,
             decision_step=r.decision_step, num_inference_steps=r.num_inference_steps, head_steps=r.head_steps,
@@ -93,6 +97,12 @@ class ImageRecord:
     app: str = PARAMS_KEY
     version: int = RECORD_VERSION
     extra: dict = field(default_factory=dict)
+    # Edits (absent from text-to-image records and from records written before editing existed):
+    edit: str | None = None  # "inpaint" | "variations"
+    source_sha256: str | None = None  # of the source image's pixels as uploaded (see app.images.image_sha256)
+    strength: float | None = None  # variations: share of tokens regenerated
+    regenerated_tokens: list[int] | None = None  # raster indices of the tokens decoded anew
+    paste_back: bool | None = None
 
     @classmethod
     def build(cls, settings: GenerationSettings, seed: int, chosen: int, scores: list[float | None],
@@ -164,6 +174,13 @@ class ImageRecord:
         ]
         if any(s is not None for s in self.candidate_scores):
             pairs.append(("Candidate scores", json.dumps(self.candidate_scores)))
+        if self.edit:
+            pairs += [("Edit", self.edit), ("Source SHA256", self.source_sha256)]
+            if self.strength is not None:
+                pairs.append(("Strength", self.strength))
+            if self.regenerated_tokens is not None:
+                pairs.append(("Regenerated tokens", json.dumps(self.regenerated_tokens)))
+            pairs.append(("Paste back", self.paste_back))
         body = ", ".join(f"{k}: {_quote(v)}" for k, v in pairs)
         lines = [self.prompt]
         if self.negative_prompt:
@@ -206,7 +223,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
             "CFG schedule": ("guidance_schedule", str), "Seed": ("seed", int), "Model": ("model", str),
             "Candidates": ("num_candidates", int), "Head steps": ("head_steps", int),
             "Temperature": ("temperature", float), "Chosen candidate": ("chosen_candidate", int),
-            "Chosen seed": ("chosen_seed", int)}
+            "Chosen seed": ("chosen_seed", int), "Edit": ("edit", str), "Source SHA256": ("source_sha256", str),
+            "Strength": ("strength", float)}
     for key, (name, typ) in conv.items():
         v = value(key)
         if v is not None:
@@ -221,14 +239,19 @@ def parse_infotext(text: str) -> dict[str, Any]:
     v = value("Size")
     if v and re.fullmatch(r"\d+x\d+", v):
         out["width"], out["height"] = (int(x) for x in v.split("x"))
-    v = value("Candidate scores")
-    if v:
-        try:
-            out["candidate_scores"] = json.loads(v)
-        except json.JSONDecodeError:
-            pass
+    for key, name in (("Candidate scores", "candidate_scores"), ("Regenerated tokens", "regenerated_tokens")):
+        v = value(key)
+        if v:
+            try:
+                out[name] = json.loads(v)
+            except json.JSONDecodeError:
+                pass
+    v = value("Paste back")
+    if v in ("True", "False"):
+        out["paste_back"] = v == "True"
     known = {"Steps", "Sampler", "CFG scale", "CFG schedule", "Seed", "Size", "Model", "Candidates", "Decision step",
-             "Head steps", "Temperature", "Chosen candidate", "Chosen seed", "Candidate scores"}
+             "Head steps", "Temperature", "Chosen candidate", "Chosen seed", "Candidate scores", "Edit",
+             "Source SHA256", "Strength", "Regenerated tokens", "Paste back"}
     extra = {k: value(k) for k in pairs if k not in known}
     if extra:
         out["extra"] = extra

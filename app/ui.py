@@ -1,6 +1,7 @@
 """Blocks wiring only: components, layout and events. Behaviour lives in app.handlers.
 
-Public API endpoints (gradio_client): `generate` and `search`; every UI-only event is private.
+Public API endpoints (gradio_client): `generate`, `inpaint`, `variations` and `search`; every UI-only
+event is private.
 Generation runs in the queue with concurrency 1 (shared with model switching); Stop and the
 slider helpers run outside the queue so they answer while a job runs. Generation handlers are
 async generators over a worker thread (app.jobs), so a client's cancel or a closed page stops the
@@ -158,13 +159,14 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         ui.banner = gr.HTML(_banner(ctx))
         ui.demo = demo
         with gr.Tabs() as tabs:
-            for part in (_generate_tab(d, r), _history_tab(), _search_tab(), _model_tab(ctx)):
+            for part in (_generate_tab(d, r), _edit_tab(d, r), _history_tab(), _search_tab(), _model_tab(ctx)):
                 vars(ui).update(vars(part))
         ui.tabs = tabs
         vars(ui).update(vars(_api_components(d, r)))
         ui.gen_controls = [ui.prompt, ui.negative, ui.k, ui.decision, ui.steps, ui.head_steps, ui.cfg, ui.schedule,
                            ui.temperature, ui.seed, ui.randomize, ui.n_images]
-        for wire in (_wire_generate, _wire_history, _wire_search, _wire_model, _wire_api, _wire_page_load):
+        for wire in (_wire_generate, _wire_edit, _wire_history, _wire_search, _wire_model, _wire_api,
+                     _wire_page_load):
             wire(ctx, ui, d, r)
 
     demo.queue(default_concurrency_limit=1)
@@ -231,6 +233,7 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                                          elem_classes="pixelated", height=440)
                         download = gr.DownloadButton("Download PNG (with parameters)", visible=False,
                                                      elem_id="ds-download", size="md")
+                        to_edit_btn = gr.Button("Edit this result", size="sm")
                 with gr.Row(equal_height=False):
                     with gr.Column(min_width=300):
                         gr.Markdown("**Scores at the decision step** · the model's own image-text similarity",
@@ -248,7 +251,67 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                            reuse_btn=reuse_btn, n_images=n_images, cfg=cfg, schedule=schedule,
                            temperature=temperature, head_steps=head_steps, preview_mode=preview_mode, status=status,
                            grid=grid, final=final, download=download, scores_plot=scores_plot, infotext=infotext,
-                           run_gallery=run_gallery)
+                           run_gallery=run_gallery, to_edit_btn=to_edit_btn)
+
+
+def _edit_tab(d: dict, r: dict) -> SimpleNamespace:
+    """The Edit tab: a source image with a painted mask (or a strength), the same live candidates."""
+    with gr.Tab("Edit", id="edit"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=340):
+                editor = gr.ImageEditor(label="Image · paint the region to regenerate", type="pil",
+                                        sources=["upload", "clipboard"], image_mode="RGB", height=360,
+                                        brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                                        elem_id="ds-edit-editor")
+                mode = gr.Radio([(h.EDIT_MODE_LABELS[m], m) for m in h.EDIT_MODES], value=h.EDIT_INPAINT,
+                                label="Edit", info="every token the painted pixels touch is regenerated; the "
+                                                   "rest is kept as the VAE encodes it")
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="the whole picture as it should be "
+                                    "(variations: empty = the model's own caption of the image)")
+                with gr.Row():
+                    edit_btn = gr.Button("Edit", variant="primary", scale=3, elem_id="ds-edit")
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1)
+                k = gr.Slider(1, APP_MAX_CANDIDATES, value=APP_DEFAULT_CANDIDATES, step=1, label="Candidates (K)")
+                decision = gr.Slider(0, max(1, d["seq_len"] - 1), value=0, step=1,
+                                     label="Decision step (0 = the model's default)",
+                                     info="one decoding step per regenerated token; the decision must come "
+                                          "before the last")
+                strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength (variations)",
+                                     info="share of the tokens regenerated, chosen by the seed")
+                with gr.Row():
+                    paste = gr.Checkbox(label="Paste the source back outside the regenerated patches", value=True)
+                    explain = gr.Checkbox(label="Explain the decision (token overlay)", value=False)
+                with gr.Row():
+                    seed = WholeNumber(label="Seed", value=0, minimum=0, maximum=MAX_SEED, interactive=False,
+                                       scale=2)
+                    randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
+            with gr.Column(scale=2, min_width=480):
+                status = gr.HTML(h.progress_html(0.0, "Ready."))
+                with gr.Row(equal_height=False):
+                    with gr.Column(min_width=300):
+                        gr.Markdown("**Candidates** (live) · kept tokens plain, regenerated ones hatched until "
+                                    "decided; with Explain, green/red = the token raised/lowered the score",
+                                    elem_classes="ds-heading")
+                        grid = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                        buttons=["fullscreen"], elem_id="ds-edit-grid", elem_classes="pixelated",
+                                        height=440)
+                    with gr.Column(min_width=300):
+                        gr.Markdown("**Result** · saved as PNG with its parameters and the source's SHA-256",
+                                    elem_classes="ds-heading")
+                        final = gr.Image(show_label=False, type="filepath", format="png", interactive=False,
+                                         buttons=["download", "fullscreen"], elem_id="ds-edit-final",
+                                         elem_classes="pixelated", height=440)
+                        download = gr.DownloadButton("Download PNG (with parameters)", visible=False, size="md")
+                with gr.Row(equal_height=False):
+                    scores_plot = gr.Image(show_label=False, type="pil", format="png", interactive=False,
+                                           buttons=[], height=260)
+                    infotext = gr.Textbox(label="Parameters (stored in the PNG)", lines=5, interactive=False,
+                                          buttons=["copy"], elem_id="ds-edit-infotext")
+    return SimpleNamespace(editor=editor, edit_mode=mode, edit_prompt=prompt, edit_btn=edit_btn,
+                           edit_stop_btn=stop_btn, edit_k=k, edit_decision=decision, edit_strength=strength,
+                           edit_paste=paste, edit_explain=explain, edit_seed=seed, edit_randomize=randomize,
+                           edit_status=status, edit_grid=grid, edit_final=final, edit_download=download,
+                           edit_scores=scores_plot, edit_infotext=infotext)
 
 
 def _history_tab() -> SimpleNamespace:
@@ -264,6 +327,7 @@ def _history_tab() -> SimpleNamespace:
                 with gr.Row():
                     refresh_btn = gr.Button("Refresh", size="sm")
                     send_btn = gr.Button("Send to Generate", variant="primary", size="sm")
+                    to_edit_btn = gr.Button("Send to Edit", size="sm")
                     to_search_btn = gr.Button("Search captions for this image", size="sm")
             with gr.Column(scale=2):
                 picked_json = gr.JSON(label="Parameters of the selected (or dropped) image",
@@ -274,6 +338,7 @@ def _history_tab() -> SimpleNamespace:
                                       height=200, elem_id="ds-png-in", elem_classes="pixelated")
                 send_png_btn = gr.Button("Send these parameters to Generate", size="sm")
     return SimpleNamespace(history=history, refresh_btn=refresh_btn, send_btn=send_btn, to_search_btn=to_search_btn,
+                           history_to_edit_btn=to_edit_btn,
                            picked_json=picked_json, png_in=png_in, send_png_btn=send_png_btn)
 
 
@@ -346,6 +411,16 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
         a_files = gr.File(label="images", file_count="multiple")
         a_records = gr.JSON(label="parameters")
         a_gen = gr.Button("api-generate")
+        e_image = CheckedImage(label="image", type="filepath")
+        e_mask = CheckedImage(label="mask", type="filepath")
+        e_strength = gr.Number(label="strength", value=0.5)
+        e_prompt = gr.Textbox(label="prompt", value="")
+        e_paste = as_sent(gr.Checkbox(label="paste_back", value=True))
+        e_paste_var = as_sent(gr.Checkbox(label="paste_back", value=False))
+        e_explain = as_sent(gr.Checkbox(label="explain", value=False))
+        e_explanations = gr.JSON(label="explanations")
+        a_inpaint = gr.Button("api-inpaint")
+        a_variations = gr.Button("api-variations")
         s_image = CheckedImage(label="image", type="filepath")
         s_top = WholeNumber(label="top_k", value=5)
         s_mode = as_sent(gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode"))
@@ -356,6 +431,10 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
     return SimpleNamespace(a_prompt=a_prompt, a_negative=a_negative, a_k=a_k, a_decision=a_decision,
                            a_steps=a_steps, a_head=a_head, a_cfg=a_cfg, a_sched=a_sched, a_temp=a_temp,
                            a_seed=a_seed, a_n=a_n, a_files=a_files, a_records=a_records, a_gen=a_gen,
+                           e_image=e_image, e_mask=e_mask, e_strength=e_strength, e_paste=e_paste,
+                           e_prompt=e_prompt, e_paste_var=e_paste_var,
+                           e_explain=e_explain, e_explanations=e_explanations, a_inpaint=a_inpaint,
+                           a_variations=a_variations,
                            s_image=s_image, s_top=s_top, s_mode=s_mode, s_file=s_file, s_labels=s_labels,
                            s_out=s_out, a_search=a_search)
 
@@ -406,6 +485,41 @@ def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> 
                         api_visibility="private")
     ui.reuse_btn.click(lambda s: (h.reuse_last_seed(s), False), [ui.session], [ui.seed, ui.randomize], queue=False,
                        api_visibility="private")
+
+
+def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+    """Edit (inpaint / variations) with live candidates, Stop, and sending images to the editor."""
+    async def ui_edit(sess, editor, mode, p, kk, dec, strength, paste, explain, sd, rnd):
+        job = h.next_job(sess)
+        try:
+            edit = h.edit_input(editor, mode, strength, paste)
+            settings = h.settings_from_inputs(h.edit_prompt(ctx, p, edit), "", kk, None if not dec else dec, None, r["head_steps"],
+                                              r["guidance_scale"], r["guidance_schedule"], r["temperature"],
+                                              h.resolve_seed(sd, rnd), 1)
+            views = h.generate_stream(ctx, sess, settings, job=job, edit=edit, explain=bool(explain))
+            async for v in iterate_in_thread(views, job):
+                yield (_skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
+                       _skip(v.final), gr.DownloadButton(value=v.download, visible=True) if v.download
+                       else gr.skip(), _skip(v.infotext))
+        finally:
+            h.end_job(sess, job)
+
+    event = gr.on([ui.edit_btn.click], fn=h.begin_job, inputs=[ui.session], outputs=None, queue=False,
+                  api_visibility="private").then(
+        ui_edit, inputs=[ui.session, ui.editor, ui.edit_mode, ui.edit_prompt, ui.edit_k, ui.edit_decision,
+                         ui.edit_strength, ui.edit_paste, ui.edit_explain, ui.edit_seed, ui.edit_randomize],
+        outputs=[ui.edit_status, ui.edit_grid, ui.edit_scores, ui.edit_final, ui.edit_download, ui.edit_infotext],
+        concurrency_id="model", api_visibility="private", show_progress="hidden")
+    event.then(lambda s: gr.Gallery(value=h.history_items(ctx, s)), inputs=[ui.session], outputs=[ui.history],
+               api_visibility="private", queue=False)
+    ui.edit_stop_btn.click(h.request_stop, inputs=[ui.session], outputs=None, queue=False, api_visibility="private")
+    ui.edit_randomize.change(lambda rr: gr.Number(interactive=not rr), [ui.edit_randomize], [ui.edit_seed],
+                             queue=False, api_visibility="private")
+    ui.edit_mode.change(lambda m: gr.Checkbox(value=m == h.EDIT_INPAINT), [ui.edit_mode], [ui.edit_paste],
+                        queue=False, api_visibility="private")
+    for btn, which in ((ui.to_edit_btn, "result"), (ui.history_to_edit_btn, "history")):
+        btn.click(lambda s, w=which: (h.edit_source(ctx, s, w), gr.Tabs(selected="edit")), [ui.session],
+                  [ui.editor, ui.tabs], queue=False, api_visibility="private")
 
 
 def _wire_history(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
@@ -523,6 +637,56 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
                labels: str = ""):
         """Reverse search: the best captions for an image, [{rank, caption, score}]."""
         return h.search(ctx, image, top_k, mode, captions_file, labels)
+
+    async def run_edit(sess: h.SessionState, edit_args: tuple, prompt, negative_prompt, num_candidates, decision_step,
+                       head_steps, guidance_scale, guidance_schedule, temperature, seed, explain):
+        job = h.next_job(sess)
+        try:
+            edit = h.edit_input_from_files(*edit_args)
+            settings = h.settings_from_inputs(h.edit_prompt(ctx, prompt, edit), negative_prompt, num_candidates,
+                                              None if not decision_step else decision_step, None, head_steps,
+                                              guidance_scale, guidance_schedule, temperature,
+                                              h.resolve_seed(seed, False), 1)
+            stream = h.generate_api_stream(ctx, sess, settings, job=job, edit=edit, explain=explain)
+            async for out in iterate_in_thread(stream, job):
+                yield (gr.skip(), gr.skip(), gr.skip()) if out is None else out
+        finally:
+            h.end_job(sess, job)
+
+    async def inpaint(sess: h.SessionState, image: str, mask: str, prompt: str, negative_prompt: str = "",
+                      num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
+                      head_steps: int = r["head_steps"], guidance_scale: float = r["guidance_scale"],
+                      guidance_schedule: str = r["guidance_schedule"], temperature: float = r["temperature"],
+                      seed: int = -1, paste_back: bool = True, explain: bool = False):
+        """Inpaint: regenerate the region a mask image marks (white = regenerate; the size of the image) for
+        the prompt (the whole picture as it should be); returns the PNG, its parameters (with the source's
+        SHA-256) and, with explain, why the candidate won (per-token leave-one-out contributions)."""
+        async for out in run_edit(sess, (image, mask, None, paste_back), prompt, negative_prompt, num_candidates,
+                                  decision_step, head_steps, guidance_scale, guidance_schedule, temperature, seed,
+                                  explain):
+            yield out
+
+    async def variations(sess: h.SessionState, image: str, prompt: str = "", strength: float = 0.5,
+                         negative_prompt: str = "", num_candidates: int = APP_DEFAULT_CANDIDATES,
+                         decision_step: int = 0, head_steps: int = r["head_steps"],
+                         guidance_scale: float = r["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
+                         temperature: float = r["temperature"], seed: int = -1, paste_back: bool = False,
+                         explain: bool = False):
+        """Variations: regenerate a `strength` share of the image's tokens (chosen by the seed) for the prompt
+        (empty: the model's own best caption of the image); returns the PNG, its parameters and, with
+        explain, why the candidate won."""
+        async for out in run_edit(sess, (image, None, strength, paste_back), prompt, negative_prompt,
+                                  num_candidates, decision_step, head_steps, guidance_scale, guidance_schedule,
+                                  temperature, seed, explain):
+            yield out
+
+    settings = [ui.a_negative, ui.a_k, ui.a_decision, ui.a_head, ui.a_cfg, ui.a_sched, ui.a_temp, ui.a_seed]
+    outputs = [ui.a_files, ui.a_records, ui.e_explanations]
+    ui.a_inpaint.click(inpaint, [ui.session, ui.e_image, ui.e_mask, ui.a_prompt, *settings, ui.e_paste, ui.e_explain],
+                       outputs, api_name="inpaint", concurrency_id="model")
+    ui.a_variations.click(variations, [ui.session, ui.e_image, ui.e_prompt, ui.e_strength, *settings,
+                                       ui.e_paste_var, ui.e_explain], outputs, api_name="variations",
+                          concurrency_id="model")
 
     ui.a_search.click(search, [ui.s_image, ui.s_top, ui.s_mode, ui.s_file, ui.s_labels], [ui.s_out],
                       api_name="search", concurrency_id="search")

@@ -21,7 +21,12 @@ with seed 20261123 + 64 i (its K candidates: + 0 .. K-1).
 5. with `--compare NAME=DIR ...`: the toy Table 4, linear probe + faithfulness for each model;
 6, 7. the critic's gap (one / two objects, `--critic-n` prompts): all K = 9 candidates decoded to
    the end and judged; SAD's choice vs best-of-K by the judge, and the within-prompt correlation
-   between SAD's score at the decision and the final verdict.
+   between SAD's score at the decision and the final verdict;
+8. editing (`--edit-n` scenes, sub-stream 10): a jittered two-object render, one object's 3 x 3 grid
+   cell masked (pixels -> every token the cell touches), the full caption with that object's colour,
+   shape or size changed as the prompt (`DreamPipeline.inpaint`, one decoding step per regenerated
+   token); judged: the whole new caption, the new object alone, and whether the untouched object
+   reads differently from the source (with the hard paste-back and without). K = 1 and SAD K = 9.
 
 Generation dominates; every setting of a prompt shares one decoding trunk
 (`DreamPipeline.generate_batch`): the 9 candidates run together up to the last decision step, then
@@ -30,11 +35,14 @@ only the rows some setting keeps (candidate 0 for K = 1, each SAD winner) run to
     python bench/shapes_eval.py                                   # bundled model, 500 prompts per set
     python bench/shapes_eval.py --quick                           # smoke run
     python bench/shapes_eval.py --compare warmup=runs/t4/warmup fx=runs/t4/fx uni=runs/t4/uni --sections 5
+    python bench/shapes_eval.py --sections 8 --edit-n 100                 # editing only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,13 +53,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.sampling import decision_step_for_share, default_decision_step  # noqa: E402
-from training.data.shapes_world import parse_caption, render  # noqa: E402
+from dream_core.editing import paste_back  # noqa: E402
+from training.data.shapes_world import (COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Scene, caption,  # noqa: E402
+                                        judge, parse_caption, read_image, render)
 from dream_core.request import SamplerSettings  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
 from training.evaluate.cli import load_pipeline, write_json  # noqa: E402
 from training.evaluate.scoring import vae_round_trip  # noqa: E402
-from training.evaluate.sets import (EVAL_SEED, STREAM_SEARCH, prompt_seeds, rendered_scenes,  # noqa: E402
-                                    scene_from_caption)
+from training.evaluate.sets import (EVAL_SEED, STREAM_EDITS, STREAM_SEARCH, prompt_seeds,  # noqa: E402
+                                    rendered_scenes, scene_from_caption)
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.linear_probe import probe_shapes  # noqa: E402
 
@@ -164,6 +174,81 @@ def probe_section(pipe, n_train: int, n_val: int, eval_seed: int) -> dict:
             **{a: {"val_acc": r.val_acc, "train_acc": r.train_acc} for a, r in probes.items()}}
 
 
+EDIT_ATTRIBUTES = ("color", "shape", "size")
+
+
+def cell_mask(position: str) -> np.ndarray:
+    """bool [64, 64]: every pixel that overlaps the position's 3 x 3 grid cell."""
+    col, row = POSITIONS[position]
+    cell = IMAGE_SIZE / 3
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    mask[math.floor(row * cell):math.ceil((row + 1) * cell), math.floor(col * cell):math.ceil((col + 1) * cell)] = True
+    return mask
+
+
+def edit_cases(n: int, eval_seed: int) -> list[dict]:
+    """n two-object renders, each with one object (chosen at random) changed in one attribute
+    (colour, shape, size in turn; a new colour never the other object's): the source image, the
+    mask of the changed object's cell, the new caption and both objects."""
+    images, scenes = rendered_scenes(n, eval_seed, STREAM_EDITS, num_objects=2)
+    rng = np.random.default_rng(np.random.SeedSequence([eval_seed, STREAM_EDITS, 1]))
+    cases = []
+    for i, (image, scene) in enumerate(zip(images, scenes)):
+        which, attribute = int(rng.integers(2)), EDIT_ATTRIBUTES[i % len(EDIT_ATTRIBUTES)]
+        obj, other = scene.objects[which], scene.objects[1 - which]
+        choices = {"color": [c for c in COLORS if c not in (obj.color, other.color)],
+                   "shape": [x for x in SHAPES if x != obj.shape],
+                   "size": [x for x in SIZES if x != obj.size]}[attribute]
+        new = dataclasses.replace(obj, **{attribute: choices[int(rng.integers(len(choices)))]})
+        objects = list(scene.objects)
+        objects[which] = new
+        cases.append(dict(image=image, mask=cell_mask(obj.position), attribute=attribute, new=new, other=other,
+                          caption=caption(Scene(scene.background, tuple(objects))), source_caption=caption(scene)))
+    return cases
+
+
+def _read_as(reading, color: str):
+    found = [o for o in reading.objects if o.color == color]
+    return (found[0].shape, found[0].size, found[0].position) if len(found) == 1 else None
+
+
+def edit_section(pipe, n: int, sampler: SamplerSettings, eval_seed: int, k: int = SAD_K) -> dict:
+    """Section 8: inpaint one object of a two-object scene (see `edit_cases`) with K = 1 and SAD K = k
+    (the model's default decision step over the regenerated tokens); prompt i seeded eval_seed + 64 i."""
+    cases = edit_cases(n, eval_seed)
+    seeds = prompt_seeds(n, eval_seed)
+    settings = dict(guidance_scale=sampler.guidance_scale, temperature=sampler.temperature,
+                    head_steps=sampler.head_steps)
+    out: dict = {"n": n, "regenerated_tokens": [], "source_faithful": 0, "attributes": {}}
+    named = {"K=1": 1, "sad": k}
+    counts = {name: dict(faithful=0, new_object=0, untouched_changed=0, untouched_changed_no_paste=0,
+                         by_attribute={a: 0 for a in EDIT_ATTRIBUTES}) for name in named}
+    for i, case in enumerate(cases):
+        source_reading = read_image(case["image"])
+        out["source_faithful"] += judge(source_reading, case["source_caption"])
+        out["attributes"][case["attribute"]] = out["attributes"].get(case["attribute"], 0) + 1
+        before = _read_as(source_reading, case["other"].color)
+        new = case["new"]
+        for name, kk in named.items():
+            res = pipe.inpaint(case["image"], case["mask"], case["caption"], paste_back=False, num_candidates=kk,
+                               seed=seeds[i], **settings)
+            raw, regen = res.images[0], res.regenerated[0]
+            if name == "K=1":
+                out["regenerated_tokens"].append(int(regen.sum()))
+            pasted = paste_back(raw, case["image"], regen)
+            reading = read_image(pasted)
+            c = counts[name]
+            ok = judge(reading, case["caption"])
+            c["faithful"] += ok
+            c["by_attribute"][case["attribute"]] += ok
+            c["new_object"] += _read_as(reading, new.color) == (new.shape, new.size, new.position)
+            c["untouched_changed"] += _read_as(reading, case["other"].color) != before
+            c["untouched_changed_no_paste"] += _read_as(read_image(raw), case["other"].color) != before
+    out.update(counts)
+    out["decision_step_share"] = pipe.config.sad_decision_share
+    return out
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -235,6 +320,25 @@ def main_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def edit_table(res: dict, k: int = SAD_K) -> str:
+    n = res["n"]
+    tokens = res["regenerated_tokens"]
+    attrs = ", ".join(f"{a} {res['attributes'].get(a, 0)}" for a in EDIT_ATTRIBUTES)
+    lines = [f"{n} two-object scenes (changed: {attrs}); regenerated tokens per scene: mean "
+             f"{sum(tokens) / len(tokens):.2f} of 16 (min {min(tokens)}, max {max(tokens)}); source renders judged "
+             f"faithful to their own caption: {_pct(res['source_faithful'] / n)}",
+             "",
+             "| setting | edit faithful (whole new caption) | new object read | by attribute (colour / shape / size) "
+             "| untouched object reads differently, paste-back | same, without paste-back |",
+             "|---|---|---|---|---|---|"]
+    for name, label in (("K=1", "K = 1"), ("sad", f"SAD K = {k}")):
+        c = res[name]
+        by = " / ".join(f"{c['by_attribute'][a]}/{res['attributes'].get(a, 0)}" for a in EDIT_ATTRIBUTES)
+        lines.append(f"| {label} | {_pct(c['faithful'] / n)} ({c['faithful']}/{n}) | {_pct(c['new_object'] / n)} "
+                     f"| {by} | {c['untouched_changed']}/{n} | {c['untouched_changed_no_paste']}/{n} |")
+    return "\n".join(lines)
+
+
 def compare_table(rows: dict[str, dict]) -> str:
     head = ("| model | probe shape | probe colour | 1-object K = 1 | 1-object SAD K = 9 | 2-object K = 1 | "
             "2-object SAD K = 9 |")
@@ -263,8 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe-train", type=int, default=2000)
     ap.add_argument("--probe-val", type=int, default=1000)
     ap.add_argument("--critic-n", type=int, default=200, help="prompts per set for the critic's gap (sections 6, 7)")
+    ap.add_argument("--edit-n", type=int, default=100, help="two-object scenes for the editing section (8)")
     ap.add_argument("--eval-seed", type=int, default=EVAL_SEED, help="seed of the fixed evaluation set")
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="which of the table's sections to run")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="which of the table's sections to run")
     ap.add_argument("--compare", nargs="*", default=[], metavar="NAME=DIR", help="models for the Table-4 comparison")
     ap.add_argument("--compare-n-prompts", type=int, default=None, help="prompts per set for --compare (default --n-prompts)")
     ap.add_argument("--batch-size", type=int, default=0, help="prompts decoded together (0 = automatic)")
@@ -309,13 +414,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         sections = {int(s) for s in args.sections.split(",") if s.strip()}
     except ValueError as err:
-        raise ValueError(f"--sections must list numbers 1-7, got {args.sections!r}") from err
-    if not sections or not sections <= {1, 2, 3, 4, 5, 6, 7}:
-        raise ValueError(f"--sections must list numbers 1-7, got {args.sections!r}")
+        raise ValueError(f"--sections must list numbers 1-8, got {args.sections!r}") from err
+    if not sections or not sections <= {1, 2, 3, 4, 5, 6, 7, 8}:
+        raise ValueError(f"--sections must list numbers 1-8, got {args.sections!r}")
     if args.quick:
         args.n_prompts, args.search_n = min(args.n_prompts, 16), min(args.search_n, 64)
         args.probe_train, args.probe_val = min(args.probe_train, 200), min(args.probe_val, 100)
-        args.critic_n = min(args.critic_n, 8)
+        args.critic_n, args.edit_n = min(args.critic_n, 8), min(args.edit_n, 6)
     if args.n_prompts < 1 or args.search_n < 1 or args.probe_train < 2 or args.probe_val < 1:
         raise ValueError("--n-prompts, --search-n, --probe-train and --probe-val must be positive")
     compare = {}
@@ -341,6 +446,18 @@ def main(argv: list[str] | None = None) -> dict:
               f"{s['temperature']}; fixed evaluation set, seed {s['eval_seed']}, {s['n_prompts']} prompts per set; "
               f"device {pipe.device}\n")
         print(main_table(out["main"]))
+    if 8 in sections:
+        if args.edit_n < 1:
+            raise ValueError("--edit-n must be positive")
+        t = time.perf_counter()
+        sampler = SamplerSettings(None, args.cfg, "constant", args.temperature, args.head_steps)
+        out["edit"] = edit_section(pipe, args.edit_n, sampler, args.eval_seed)
+        out["edit"]["seconds"] = time.perf_counter() - t
+        print(f"\n## Editing: inpaint one object of a two-object scene (section 8)\n")
+        print(f"head steps {args.head_steps}, CFG {args.cfg}, temperature {args.temperature}, one decoding step per "
+              f"regenerated token, fixed scenes (seed {args.eval_seed}, stream {STREAM_EDITS}); device {pipe.device}; "
+              f"{out['edit']['seconds']:.0f} s\n")
+        print(edit_table(out["edit"]))
     if 5 in sections and compare:
         cn = args.compare_n_prompts or args.n_prompts
         out["compare"] = {}

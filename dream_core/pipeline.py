@@ -29,12 +29,14 @@ import torch
 from PIL import Image
 
 from .config import DreamConfig
+from .editing import as_rgb_image, paste_back, resize_square
 from .image_tokenizer import ImageTokenizer, save_preview_decoder
 from .model import DreamModel
 from .retrieval import CaptionBank
 from .masking import decoding_schedule
-from .request import MAX_SEED, GenerationRequest, SamplerSettings, check_int
-from .sampling import StepEvent, TextCondition, candidate_generators, decode_step, init_state
+from .request import MAX_CANDIDATES, MAX_SEED, EditRequest, GenerationRequest, SamplerSettings, check_int
+from .sampling import (DecisionExplanation, EditStart, StepEvent, TextCondition, candidate_generators, decode_step,
+                       init_state)
 from .semantic_decoding import (GenerationRun, Generated, Setting, alignment_scores, rank_candidates, rows_needed,
                                 semantic_decode)
 from .text import ClipTokenizer, ConditioningTextEncoder, validate_prompts
@@ -50,6 +52,9 @@ class DreamOutput:
     scores: list[list[float | None]] = field(default_factory=list)  # per image, per candidate
     chosen: list[int] = field(default_factory=list)  # per image, the surviving candidate
     seeds: list[int] = field(default_factory=list)  # per image, the seed of candidate 0
+    # per image, when asked for (explain=True): why the candidate won, at the (last) decision
+    explanations: list[DecisionExplanation | None] = field(default_factory=list)
+    regenerated: list[torch.Tensor] = field(default_factory=list)  # edits: per image, bool [L] tokens regenerated
 
 
 def default_model_dir() -> Path:
@@ -77,19 +82,9 @@ def check_image_tokenizer(config: DreamConfig, tokenizer: ImageTokenizer) -> Non
 
 
 def image_to_tensor(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """PIL/array -> [1, 3, size, size] in [-1, 1]: centre crop to a square, area resize."""
-    if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3):
-            raise ValueError(f"image array must be HxW or HxWxC, got shape {image.shape}")
-        image = Image.fromarray(image.astype(np.uint8) if image.dtype != np.uint8 else image)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image or a numpy array, got {type(image).__name__}")
-    image = image.convert("RGB")
-    w, h = image.size
-    s = min(w, h)
-    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if s != size:
-        image = image.resize((size, size), Image.BOX if s > size else Image.BICUBIC)
+    """PIL/array -> [1, 3, size, size] in [-1, 1]: centre crop to a square, area resize
+    (`editing.resize_square`, the same for an edit's source image and its mask)."""
+    image = resize_square(as_rgb_image(image), size)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     return x[None]
 
@@ -218,41 +213,118 @@ class DreamPipeline:
         return torch.autocast("cpu", enabled=False)
 
     def stream(self, prompt: str | GenerationRequest, generator: torch.Generator | None = None,
-               should_stop: Callable[[], bool] | None = None, **settings: Any) -> Iterator[StepEvent]:
+               should_stop: Callable[[], bool] | None = None, explain: bool = False,
+               **settings: Any) -> Iterator[StepEvent]:
         """Yield a StepEvent after every decoding step and at every SAD decision, for one image.
         `prompt` is a GenerationRequest or a prompt with its settings as keywords (see
-        GenerationRequest: num_candidates, decision_step, seed, ...); num_images is ignored."""
+        GenerationRequest: num_candidates, decision_step, seed, ...); num_images is ignored.
+        `explain`: decision events carry a DecisionExplanation (see `explain_scores`)."""
         req = self.request(prompt, **settings)
         base_seed = self._seed(req.seed, generator)
-        yield from self._stream(req, base_seed, should_stop)
+        yield from self._stream(req, base_seed, should_stop, explain=explain)
 
-    def _stream(self, req: GenerationRequest, base_seed: int,
-                should_stop: Callable[[], bool] | None = None) -> Iterator[StepEvent]:
+    def _stream(self, req: GenerationRequest, base_seed: int, should_stop: Callable[[], bool] | None = None,
+                start: EditStart | None = None, explain: bool = False) -> Iterator[StepEvent]:
         text, text_emb = self._condition(req.prompt, req.negative_prompt, req.guidance_scale != 1.0)
         gens = candidate_generators(base_seed, req.num_candidates)
         with self.autocast():
             yield from semantic_decode(self.model, text, text_emb, gens, req.num_inference_steps, req.decision_steps,
                                        req.guidance_scale, req.guidance_schedule, req.temperature, req.head_steps,
-                                       should_stop=should_stop, device=self.device, shared_order=req.shared_order)
+                                       should_stop=should_stop, device=self.device, shared_order=req.shared_order,
+                                       start=start, explain=explain)
 
     def __call__(self, prompt: str | GenerationRequest, generator: torch.Generator | None = None,
-                 **settings: Any) -> DreamOutput:
+                 explain: bool = False, **settings: Any) -> DreamOutput:
         """Generate `num_images` images; image i uses seeds seed + i*K ... seed + i*K + K-1 for its
         K candidates. `prompt` is a GenerationRequest or a prompt with settings as keywords."""
         req = self.request(prompt, **settings)
-        base_seed = self._seed(req.seed, generator)
+        return self._run(req, self._seed(req.seed, generator), explain)
+
+    def _run(self, req: GenerationRequest, base_seed: int, explain: bool, edit: EditRequest | None = None) -> DreamOutput:
         k = req.num_candidates
         out = DreamOutput(images=[])
+        source = self.encode_image_tokens(edit.source)[0] if edit is not None else None
         for i in range(req.num_images):
             s = base_seed + i * k
-            last = None
-            for event in self._stream(req, s):
+            start = None if edit is None else EditStart(source, edit.tokens_to_regenerate(s, self.config))
+            last, explanation = None, None
+            for event in self._stream(req, s, start=start, explain=explain):
                 last = event
-            out.images += self.decode_tokens(last.tokens[:1])
+                explanation = event.explanation or explanation
+            out.images.append(self.decode_tokens(last.tokens[:1])[0] if edit is None
+                              else self.edit_result(edit, last.tokens[:1], start.regenerate))
             out.scores.append(list(last.scores))
             out.chosen.append(last.candidate_ids[0])
             out.seeds.append(s)
+            out.explanations.append(explanation)
+            if start is not None:
+                out.regenerated.append(start.regenerate.clone())
         return out
+
+    # ----- editing (masked decoding from kept tokens) -----
+    def edit_request(self, image: Image.Image | np.ndarray, prompt: str | GenerationRequest, mask: Any = None,
+                     strength: float | None = None, paste_back: bool = True,
+                     max_candidates: int = MAX_CANDIDATES, **settings: Any) -> EditRequest:
+        """The validated edit for this model (see EditRequest); ValueError names a bad field."""
+        generation = GenerationRequest.from_settings(prompt, **settings)
+        return EditRequest(image, generation, mask=mask, strength=strength, paste_back=paste_back).validate(
+            self.config, max_candidates)
+
+    @torch.inference_mode()
+    def encode_image_tokens(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """An image (centre-cropped and resized to the model's size) -> its VAE tokens [1, L, C],
+        float32: the posterior mean, computed outside autocast (the kept tokens of an edit)."""
+        x = image_to_tensor(image, self.config.image_size).to(self.device)
+        return self.image_tokenizer.encode(x, sample=False).float()
+
+    def edit_start(self, edit: EditRequest, seed: int) -> EditStart:
+        """Where decoding of a validated edit starts for candidate seed `seed` (image i: seed + i*K)."""
+        return EditStart(self.encode_image_tokens(edit.source)[0], edit.tokens_to_regenerate(seed, self.config))
+
+    def edit_result(self, edit: EditRequest, tokens: torch.Tensor, regenerate: torch.Tensor) -> Image.Image:
+        """The finished edit: tokens [1, L, C] decoded, the source pasted back outside the
+        regenerated patches when `edit.paste_back`."""
+        image = self.decode_tokens(tokens[:1])[0]
+        return paste_back(image, edit.source, regenerate) if edit.paste_back else image
+
+    def stream_edit(self, edit: EditRequest, generator: torch.Generator | None = None,
+                    should_stop: Callable[[], bool] | None = None, explain: bool = False,
+                    start: EditStart | None = None) -> Iterator[StepEvent]:
+        """`stream` for a validated edit (one image): events of the regenerated tokens' decoding,
+        the kept ones decided from the start. `start`: reuse one from `edit_start` (its seed must be
+        the request's)."""
+        base_seed = self._seed(edit.generation.seed, generator)
+        if start is None:
+            start = self.edit_start(edit, base_seed)
+        yield from self._stream(edit.generation, base_seed, should_stop, start=start, explain=explain)
+
+    def inpaint(self, image: Image.Image | np.ndarray, mask: Any, prompt: str | GenerationRequest,
+                paste_back: bool = True, generator: torch.Generator | None = None, explain: bool = False,
+                **settings: Any) -> DreamOutput:
+        """Regenerate the masked part of `image` for `prompt`, keeping every other token as the VAE
+        encodes it (posterior mean), with the same sampler, CFG, K candidates and SAD (scored on the
+        whole image) as text-to-image. `mask`: the size of `image`, nonzero = regenerate; any token
+        whose patch it touches is regenerated. A mask covering everything is text-to-image (same
+        seed, same tokens). An image of another size or shape is centre-cropped and resized to the
+        model's (the mask likewise). `paste_back`: pixels outside the regenerated patches are the
+        source's (hard paste). Settings as for `__call__`; num_inference_steps <= tokens regenerated."""
+        edit = self.edit_request(image, prompt, mask=mask, paste_back=paste_back, **settings)
+        return self._run(edit.generation, self._seed(edit.generation.seed, generator), explain, edit)
+
+    def variations(self, image: Image.Image | np.ndarray, prompt: str | GenerationRequest | None = None,
+                   strength: float = 0.5, paste_back: bool = False, generator: torch.Generator | None = None,
+                   explain: bool = False, **settings: Any) -> DreamOutput:
+        """Variations of `image`: ceil(strength * L) tokens, chosen at random by the seed, are
+        regenerated, the others kept. `prompt=None`: the best caption of the model's caption bank
+        for the image (reverse search). `paste_back` (off by default): keep the source's pixels
+        outside the regenerated patches. Otherwise as `inpaint`."""
+        if prompt is None:
+            if not self.captions:
+                raise ValueError("prompt is needed for variations with this model: it has no caption bank to "
+                                 "describe the image")
+            prompt = self.search(as_rgb_image(image), top_k=1)[0][0]
+        edit = self.edit_request(image, prompt, strength=strength, paste_back=paste_back, **settings)
+        return self._run(edit.generation, self._seed(edit.generation.seed, generator), explain, edit)
 
     # ----- batched generation (evaluation) -----
     def generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], settings: Sequence[Setting],

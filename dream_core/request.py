@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .editing import (as_pixel_mask, as_rgb_image, num_regenerated, pixel_mask_to_tokens, resize_square,
+                      variation_tokens)
 from .masking import fraction_decided as _fraction_decided
 from .sampling import GUIDANCE_SCHEDULES, default_decision_step
 from .text import MAX_PROMPT_CHARS, validate_prompts
@@ -89,9 +91,13 @@ class GenerationRequest:
     num_images: int = 1  # 1 .. MAX_IMAGES
     shared_order: bool = True  # the K candidates share one generation order (the official SAD)
 
-    def validate(self, config, max_candidates: int = MAX_CANDIDATES) -> "GenerationRequest":
+    def validate(self, config, max_candidates: int = MAX_CANDIDATES,
+                 num_tokens: int | None = None) -> "GenerationRequest":
         """A checked copy with the defaults resolved for the model `config` (a DreamConfig).
-        Raises ValueError naming the first bad field and its allowed values; never clamps."""
+        Raises ValueError naming the first bad field and its allowed values; never clamps.
+        `num_tokens`: the tokens this generation decodes (an edit's regenerated ones; default all
+        of the model's): the steps' limit and default, and the default decision step, follow it."""
+        seq_len = config.seq_len if num_tokens is None else num_tokens
         prompt = validate_prompts(self.prompt, "prompt")
         if len(prompt) != 1:
             raise ValueError("prompt must be a single string (one request per prompt)")
@@ -101,8 +107,14 @@ class GenerationRequest:
         neg = validate_prompts(neg, "negative_prompt")[0] if neg and neg.strip() else ""
         k = check_int("num_candidates", self.num_candidates, 1, max_candidates)
         steps = self.num_inference_steps
-        steps = default_steps(config.seq_len) if steps is None else check_int(
-            "num_inference_steps", steps, 1, config.seq_len)
+        if steps is None:
+            steps = default_steps(seq_len)
+        else:
+            check_int("num_inference_steps", steps, 1, config.seq_len if seq_len < config.seq_len else seq_len)
+            if steps > seq_len:
+                raise ValueError(f"num_inference_steps must be between 1 and {seq_len} (the number of tokens this "
+                                 f"edit regenerates), got {steps}")
+            steps = int(steps)
         if k > 1 and steps < 2:
             raise ValueError("with more than one candidate, num_inference_steps must be at least 2 "
                              "(the decision happens before the last step)")
@@ -110,7 +122,7 @@ class GenerationRequest:
         if k == 1:
             decision = None  # nothing to decide (an impossible value was still refused above)
         elif decision is None:
-            decision = default_decision_step(config, steps)
+            decision = default_decision_step(config, steps, seq_len)
         schedule = self.guidance_schedule
         if schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
@@ -149,12 +161,13 @@ class GenerationRequest:
         d = self.decision_step
         return [] if d is None else list(d) if isinstance(d, tuple) else [d]
 
-    def fraction_decided(self, config) -> float | None:
-        """Share of the tokens decided when the winner is picked (at the last decision step)."""
+    def fraction_decided(self, config, num_tokens: int | None = None) -> float | None:
+        """Share of the tokens decoded (`num_tokens`, default all) that are decided when the
+        winner is picked (at the last decision step)."""
         steps = self.decision_steps
         if not steps or self.num_inference_steps is None:
             return None
-        return _fraction_decided(steps[-1], self.num_inference_steps, config.seq_len)
+        return _fraction_decided(steps[-1], self.num_inference_steps, config.seq_len if num_tokens is None else num_tokens)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -223,3 +236,80 @@ class SamplerSettings:
 
 
 __all__ += ["SamplerSettings"]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """An edit of a source image by masked decoding: inpainting (`mask`, the pixels to regenerate,
+    nonzero = regenerate, the size of `image`) or variations (`strength`, the share of the tokens
+    regenerated, chosen at random by the seed), with every generation setting of `generation`
+    (prompt, K, decision step, CFG, seed, ...), checked by the same `GenerationRequest.validate`
+    with its steps counted over the regenerated tokens.
+
+    The image is centre-cropped to a square and resized to the model's size (as every image the
+    engine reads; the mask with the same box). A token is regenerated when any pixel of its patch
+    is masked. `paste_back`: the pixels outside the regenerated patches are the source's own
+    (hard paste, see `editing.paste_back`); otherwise the whole image is the VAE's decode."""
+
+    image: Any  # PIL image or HxW(xC) uint8 array, any size
+    generation: GenerationRequest
+    mask: Any = None  # inpainting: 2-D array or PIL image the size of `image`
+    strength: float | None = None  # variations: (0, 1]
+    paste_back: bool = True
+    # Resolved by validate():
+    regenerate: Any = field(default=None, compare=False)  # inpainting: bool [L] token mask
+    source: Any = field(default=None, compare=False)  # the image as the model sees it (cropped, resized)
+
+    def validate(self, config, max_candidates: int = MAX_CANDIDATES) -> "EditRequest":
+        """A checked copy: image and mask read, the token mask computed, `generation` validated for
+        the number of tokens regenerated. ValueError names the bad field and what is allowed."""
+        image = as_rgb_image(self.image)
+        if self.mask is None and self.strength is None:
+            raise ValueError("an edit needs a mask (inpainting: the pixels to regenerate) or a strength "
+                             "(variations: the share of tokens regenerated)")
+        if self.mask is not None and self.strength is not None:
+            raise ValueError("an edit takes either a mask (inpainting) or a strength (variations), not both")
+        regenerate, strength = None, None
+        if self.mask is not None:
+            pixels = as_pixel_mask(self.mask, image.size)
+            if not pixels.any():
+                raise ValueError("mask is empty: mark the pixels to regenerate (nonzero), or make variations "
+                                 "(strength) to change the whole image")
+            regenerate = pixel_mask_to_tokens(pixels, config.image_size, config.tokens_per_side)
+            count = int(regenerate.sum())
+            if count == 0:
+                raise ValueError("mask lies outside the image's centre square (the part the model sees): "
+                                 "mark pixels inside it")
+        else:
+            strength = check_float("strength", self.strength, 0.0, 1.0)
+            if strength <= 0.0:
+                raise ValueError(f"strength must be greater than 0 and at most 1 (the share of tokens regenerated), "
+                                 f"got {strength}")
+            count = num_regenerated(strength, config.seq_len)
+        if not isinstance(self.paste_back, bool):
+            raise ValueError(f"paste_back must be true or false, got {self.paste_back!r}")
+        if not isinstance(self.generation, GenerationRequest):
+            raise ValueError(f"generation must be a GenerationRequest, got {type(self.generation).__name__}")
+        generation = self.generation.validate(config, max_candidates, num_tokens=count)
+        return dataclasses.replace(self, image=image, generation=generation, strength=strength,
+                                   mask=None if self.mask is None else pixels, regenerate=regenerate,
+                                   source=resize_square(image, config.image_size))
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if self.mask is not None else "variations"
+
+    def num_regenerated(self, config) -> int:
+        """Tokens regenerated (on a validated request)."""
+        if self.regenerate is not None:
+            return int(self.regenerate.sum())
+        return num_regenerated(self.strength, config.seq_len)
+
+    def tokens_to_regenerate(self, seed: int, config) -> "torch.Tensor":
+        """bool [L]: the mask's tokens (inpainting) or the `strength` share drawn by `seed` (variations)."""
+        if self.regenerate is not None:
+            return self.regenerate
+        return variation_tokens(seed, self.strength, config.seq_len)
+
+
+__all__ += ["EditRequest"]

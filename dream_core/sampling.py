@@ -96,6 +96,36 @@ class DecodeState:
         self.candidate_ids = [self.candidate_ids[r] for r in rows]
 
 
+@dataclass(frozen=True)
+class EditStart:
+    """Where masked decoding (inpainting, variations) starts: the source image's tokens, decided,
+    except the `regenerate` ones. The rows' generation orders put the regenerated positions first
+    (in each row's own random order) and the cosine schedule runs over their number only, so the
+    sampler, CFG and SAD decode exactly those; every other token stays the source's, bit for bit.
+    With every token regenerated this is text-to-image: same orders, same noise, same tokens."""
+
+    tokens: torch.Tensor  # [L, C] the source's VAE tokens (posterior mean)
+    regenerate: torch.Tensor  # bool [L], True = decoded anew
+
+    @property
+    def num_regenerated(self) -> int:
+        return int(self.regenerate.sum())
+
+
+@dataclass
+class DecisionExplanation:
+    """Why a candidate won: per candidate, each visible token's leave-one-out contribution to its
+    SAD score (see `semantic_decoding.explain_scores`). Tensors live on the CPU."""
+
+    step: int
+    candidate_ids: list[int]  # the rows scored, by original candidate index
+    scores: torch.Tensor  # [R] the SAD scores
+    contributions: torch.Tensor  # [R, L]; score - score without that token; NaN where not visible
+
+    def for_candidate(self, cid: int) -> torch.Tensor:
+        return self.contributions[self.candidate_ids.index(cid)]
+
+
 @dataclass
 class StepEvent:
     """Emitted after every decoding step (and by SAD at each decision). Tensors live on the CPU."""
@@ -112,13 +142,17 @@ class StepEvent:
     ranks: list[int | None] = field(default_factory=list)  # 1 = best, per original candidate
     pruned: list[bool] = field(default_factory=list)  # per original candidate
     chosen: int | None = None
+    explanation: DecisionExplanation | None = None  # on "decision" events, when asked for
 
 
 def init_state(seq_len: int, token_dim: int, generators: list[torch.Generator], device: torch.device,
-               dtype: torch.dtype = torch.float32, order_groups: int = 1, shared_order: bool = True) -> DecodeState:
+               dtype: torch.dtype = torch.float32, order_groups: int = 1, shared_order: bool = True,
+               start: EditStart | None = None) -> DecodeState:
     """Every row draws a generation order first from its own generator (so its noise stream is the
     same either way). With `shared_order` the rows, taken as `order_groups` consecutive groups of
-    equal size (one group per image), all use the first row's order of their group."""
+    equal size (one group per image), all use the first row's order of their group. With `start`
+    (an edit), every row starts from its tokens, the kept ones decided, and each order lists the
+    regenerated positions first, in the order's own sequence."""
     r = len(generators)
     if r % order_groups:
         raise ValueError(f"{r} rows cannot be split into {order_groups} equal order groups")
@@ -126,13 +160,21 @@ def init_state(seq_len: int, token_dim: int, generators: list[torch.Generator], 
     if shared_order:
         per = r // order_groups
         orders = orders[::per].repeat_interleave(per, dim=0)
-    orders = orders.to(device)
-    r = len(generators)
-    return DecodeState(
-        tokens=torch.zeros(r, seq_len, token_dim, device=device, dtype=dtype),
-        mask=torch.ones(r, seq_len, dtype=torch.bool, device=device),
-        orders=orders, generators=list(generators), candidate_ids=list(range(r)),
-    )
+    tokens = torch.zeros(r, seq_len, token_dim, dtype=dtype)
+    mask = torch.ones(r, seq_len, dtype=torch.bool)
+    if start is not None:
+        regen = start.regenerate.cpu().bool()
+        if start.tokens.shape != (seq_len, token_dim) or regen.shape != (seq_len,):
+            raise ValueError(f"an edit's start must hold [{seq_len}, {token_dim}] tokens and a [{seq_len}] mask, "
+                             f"got {tuple(start.tokens.shape)} and {tuple(regen.shape)}")
+        if not regen.any():
+            raise ValueError("an edit must regenerate at least one token")
+        kept_last = (~regen)[orders].to(torch.int8)  # per row: 0 = regenerated, 1 = kept
+        orders = torch.gather(orders, 1, torch.argsort(kept_last, dim=1, stable=True))
+        tokens[:] = torch.where(regen[:, None], 0.0, start.tokens.detach().cpu().to(dtype))
+        mask[:] = regen
+    return DecodeState(tokens=tokens.to(device), mask=mask.to(device), orders=orders.to(device),
+                       generators=list(generators), candidate_ids=list(range(r)))
 
 
 @torch.inference_mode()
@@ -184,12 +226,15 @@ def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Ge
                guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
                head_steps: int = 100, before_step: Callable[[DecodeState], list[StepEvent]] | None = None,
                should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu",
-               shared_order: bool = True) -> Iterator[StepEvent]:
+               shared_order: bool = True, start: EditStart | None = None) -> Iterator[StepEvent]:
     """Plain MAR decoding of len(generators) rows; `before_step` may prune rows (SAD) and return
-    events to emit. Stops between steps when `should_stop()` is true (no "done" event then)."""
+    events to emit. Stops between steps when `should_stop()` is true (no "done" event then).
+    With `start` (an edit) only its regenerated tokens are decoded: the cosine schedule runs over
+    their number (num_steps <= that number)."""
     c = model.config
-    schedule = decoding_schedule(num_steps, c.seq_len)
-    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device), shared_order=shared_order)
+    schedule = decoding_schedule(num_steps, c.seq_len if start is None else start.num_regenerated)
+    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device), shared_order=shared_order,
+                       start=start)
     k_total = len(generators)
     while state.step < num_steps:
         if should_stop is not None and should_stop():
@@ -205,11 +250,13 @@ def candidate_generators(seed: int, num_candidates: int, device: str = "cpu") ->
     return [torch.Generator(device).manual_seed((seed + k) % (2**63)) for k in range(num_candidates)]
 
 
-def default_decision_step(config, num_steps: int) -> int:
+def default_decision_step(config, num_steps: int, num_tokens: int | None = None) -> int:
     """The model's default SAD decision step for `num_steps` steps: the first step at which its
-    `sad_decision_share` (at least `min_visible_for_clip`) of the tokens are decided."""
+    `sad_decision_share` (at least `min_visible_for_clip`) of the tokens decoded are decided.
+    `num_tokens`: the tokens decoded (an edit's regenerated ones; default all of them); an edit's
+    kept tokens are visible too, so its candidates are scored with at least that share visible."""
     share = max(config.sad_decision_share, config.min_visible_for_clip)
-    return decision_step_for_share(share, num_steps, config.seq_len)
+    return decision_step_for_share(share, num_steps, config.seq_len if num_tokens is None else num_tokens)
 
 
 def decision_step_for_share(share: float, num_steps: int, seq_len: int) -> int:
@@ -223,5 +270,5 @@ def decision_step_for_share(share: float, num_steps: int, seq_len: int) -> int:
     return num_steps - 1
 
 
-__all__ = ["GUIDANCE_SCHEDULES", "DecodeState", "StepEvent", "TextCondition", "candidate_generators",
+__all__ = ["GUIDANCE_SCHEDULES", "DecisionExplanation", "DecodeState", "EditStart", "StepEvent", "TextCondition", "candidate_generators",
            "decode_step", "decision_step_for_share", "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .model import DreamModel
-from .sampling import DecodeState, StepEvent, TextCondition, make_event, mar_decode
+from .sampling import DecisionExplanation, DecodeState, EditStart, StepEvent, TextCondition, make_event, mar_decode
 
 
 def halving_plan(num_candidates: int, decision_steps: Sequence[int]) -> list[int]:
@@ -36,6 +36,33 @@ def alignment_scores(model: DreamModel, tokens: torch.Tensor, mask: torch.Tensor
     tokens) and its prompt's embedding; `text_emb` is [1, E] (one prompt) or [R, E] (one per row)."""
     img = model.encode_image(tokens, mask).float()
     return (img * text_emb.float().to(img.device)).sum(-1)
+
+
+@torch.inference_mode()
+def explain_scores(model: DreamModel, tokens: torch.Tensor, mask: torch.Tensor, text_emb: torch.Tensor,
+                   batch_rows: int = 256) -> torch.Tensor:
+    """Why a candidate scores what it scores: for each row and each visible token j, the score
+    minus the score with token j hidden as well (leave-one-token-out, exact: one extra encoder
+    pass per visible token, R x V rows, batched). Positive = the token pulls the image towards the
+    prompt. Hidden positions are NaN. Leave-one-out rather than a linear share because the
+    projector after mean pooling is nonlinear (Linear-BN-ReLU), so shares of the pooled cosine
+    would be approximations; these deltas are not additive (they need not sum to the score).
+    Returns float32 [R, L] on the CPU."""
+    rows, seq_len = mask.shape
+    out = torch.full((rows, seq_len), float("nan"))
+    base = alignment_scores(model, tokens, mask, text_emb).float().cpu()
+    text_emb = text_emb.float()
+    for r in range(rows):
+        visible = (~mask[r]).nonzero().squeeze(1)
+        if visible.numel() <= 1:
+            continue
+        emb = text_emb[r:r + 1] if text_emb.shape[0] > 1 else text_emb[:1]
+        loo_mask = mask[r].expand(visible.numel(), -1).clone()
+        loo_mask[torch.arange(visible.numel()), visible] = True
+        loo = torch.cat([alignment_scores(model, tokens[r:r + 1].expand(len(chunk), -1, -1), chunk, emb).float().cpu()
+                         for chunk in loo_mask.split(batch_rows)])
+        out[r, visible.cpu()] = base[r] - loo
+    return out
 
 
 def rank_candidates(scores: torch.Tensor | Sequence[float]) -> list[int]:
@@ -96,9 +123,12 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
                     generators: list[torch.Generator], num_steps: int, decision_steps: Sequence[int],
                     guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
                     head_steps: int = 100, should_stop: Callable[[], bool] | None = None,
-                    device: torch.device | str = "cpu", shared_order: bool = True) -> Iterator[StepEvent]:
+                    device: torch.device | str = "cpu", shared_order: bool = True, start: EditStart | None = None,
+                    explain: bool = False) -> Iterator[StepEvent]:
     """Decode len(generators) candidates, pruning at each decision step. Yields every step's event
-    and a "decision" event carrying every candidate's score, rank and pruned flag."""
+    and a "decision" event carrying every candidate's score, rank and pruned flag (and, with
+    `explain`, a DecisionExplanation of the scores). `start`: an edit's kept tokens (see
+    `sampling.EditStart`); the score reads the whole image, kept and decided tokens."""
     k_total = len(generators)
     plan = dict(zip(decision_steps, halving_plan(k_total, decision_steps))) if k_total > 1 else {}
     scores: list[float | None] = [None] * k_total
@@ -118,12 +148,15 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
                 pruned[cid] = True
         event = make_event("decision", state, num_steps, k_total, scores=list(scores), ranks=list(ranks),
                            pruned=list(pruned), chosen=state.candidate_ids[order[0]] if keep == 1 else None)
+        if explain:
+            event.explanation = DecisionExplanation(state.step, list(state.candidate_ids), s.float().clone(),
+                                                    explain_scores(model, state.tokens, state.mask, text_emb))
         state.select(sorted(order[:keep]))
         return [event]
 
     for event in mar_decode(model, text, generators, num_steps, guidance_scale, guidance_schedule, temperature,
                             head_steps, before_step=before_step, should_stop=should_stop, device=device,
-                            shared_order=shared_order):
+                            shared_order=shared_order, start=start):
         event.scores, event.ranks, event.pruned = list(scores), list(ranks), list(pruned)
         if event.kind == "done" and len(event.candidate_ids) == 1:
             event.chosen = event.candidate_ids[0]

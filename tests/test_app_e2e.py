@@ -49,7 +49,7 @@ def client(served, app_dirs):
 
 def test_api_lists_the_typed_endpoints(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(api) == {"/generate", "/search"}
+    assert set(api) == {"/generate", "/inpaint", "/variations", "/search"}
     params = {p["parameter_name"]: p for p in api["/generate"]["parameters"]}
     assert list(params) == ["prompt", "negative_prompt", "num_candidates", "decision_step", "num_inference_steps",
                             "head_steps", "guidance_scale", "guidance_schedule", "temperature", "seed", "num_images"]
@@ -163,7 +163,8 @@ def test_launch_py_binds_loopback_and_prints_the_address(tiny_model_dir, tmp_pat
         assert any(f"DREAM Studio running at {address}" in line for line in lines), "".join(lines)
         assert any("images are saved in " + str(tmp_path / "data") in line for line in lines)
         c = Client(address, verbose=False, download_files=str(tmp_path / "dl"))
-        assert set(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {"/generate", "/search"}
+        endpoints = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert set(endpoints) == {"/generate", "/inpaint", "/variations", "/search"}
         c.close()
     finally:
         proc.terminate()
@@ -171,3 +172,74 @@ def test_launch_py_binds_loopback_and_prints_the_address(tiny_model_dir, tmp_pat
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _edit_files(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    img, mask = tmp_path / "src.png", tmp_path / "mask.png"
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(img)
+    m = np.zeros((32, 32), np.uint8)
+    m[0:5, 0:12] = 255  # tokens 0 and 1
+    Image.fromarray(m).save(mask)
+    return img, mask
+
+
+def test_edit_endpoints_are_typed(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    inpaint = {p["parameter_name"]: p for p in api["/inpaint"]["parameters"]}
+    assert list(inpaint) == ["image", "mask", "prompt", "negative_prompt", "num_candidates", "decision_step",
+                             "head_steps", "guidance_scale", "guidance_schedule", "temperature", "seed", "paste_back",
+                             "explain"]
+    variations = {p["parameter_name"]: p for p in api["/variations"]["parameters"]}
+    assert list(variations)[:4] == ["image", "prompt", "strength", "negative_prompt"]
+    assert inpaint["num_candidates"]["python_type"]["type"] == "int"
+    assert inpaint["paste_back"]["parameter_default"] is True and variations["paste_back"]["parameter_default"] is False
+
+
+def test_inpaint_round_trips_with_the_source_hash_and_explanation(client, tiny_pipe, tmp_path):
+    import hashlib
+
+    import numpy as np
+
+    img, mask = _edit_files(tmp_path)
+    files, records, explanations = client.predict(
+        image=handle_file(str(img)), mask=handle_file(str(mask)), prompt="a red circle", num_candidates=3,
+        head_steps=2, seed=5, explain=True, api_name="/inpaint")
+    png = Image.open(files[0])
+    stored = json.loads(png.text[PARAMS_KEY])
+    assert stored == records[0]
+    source = Image.open(img).convert("RGB")
+    assert stored["source_sha256"] == hashlib.sha256(b"32x32;" + source.tobytes()).hexdigest()
+    assert stored["edit"] == "inpaint" and stored["regenerated_tokens"] == [0, 1] and stored["paste_back"] is True
+    assert "Source SHA256: " in png.text["parameters"]
+    out = tiny_pipe.inpaint(source, np.asarray(Image.open(mask)), "a red circle", num_candidates=3, head_steps=2,
+                            seed=5, explain=True)
+    assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(out.images[0]))
+    assert stored["chosen_candidate"] == out.chosen[0]
+    ex = explanations[0]
+    assert ex["candidate_ids"] == [0, 1, 2] and len(ex["contributions"][0]) == 16
+    for row in ex["contributions"]:  # one of the two regenerated tokens was still undecided at the decision
+        assert sum(v is None for v in row[:2]) == 1 and all(v is not None for v in row[2:])
+    assert ex["contributions"][1][5] == pytest.approx(float(out.explanations[0].contributions[1, 5]), abs=1e-5)
+
+
+def test_variations_and_refusals_over_http(client, tmp_path):
+    img, mask = _edit_files(tmp_path)
+    files, records, explanations = client.predict(image=handle_file(str(img)), prompt="", strength=0.25,
+                                                  num_candidates=1, head_steps=2, seed=1, api_name="/variations")
+    assert records[0]["edit"] == "variations" and records[0]["strength"] == 0.25 and explanations == []
+    assert len(records[0]["regenerated_tokens"]) == 4 and records[0]["prompt"]  # the model's own caption
+    with pytest.raises(AppError, match="strength must be greater than 0 and at most 1"):
+        client.predict(image=handle_file(str(img)), prompt="a red circle", strength=0, api_name="/variations")
+    empty = tmp_path / "empty.png"
+    Image.new("L", (32, 32), 0).save(empty)
+    with pytest.raises(AppError, match="mask is empty"):
+        client.predict(image=handle_file(str(img)), mask=handle_file(str(empty)), prompt="a red circle",
+                       api_name="/inpaint")
+    small = tmp_path / "small.png"
+    Image.new("L", (16, 16), 255).save(small)
+    with pytest.raises(AppError, match=r"mask must be the size of the image \(32x32 pixels\), got 16x16"):
+        client.predict(image=handle_file(str(img)), mask=handle_file(str(small)), prompt="a red circle",
+                       api_name="/inpaint")

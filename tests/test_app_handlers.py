@@ -437,3 +437,55 @@ def test_cli_defaults_bind_loopback(tmp_path):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
     assert (address("127.0.0.1", 7860), address("0.0.0.0", 80), address("::1", 7860)) == \
         ("http://127.0.0.1:7860/", "http://127.0.0.1:80/", "http://[::1]:7860/")
+
+
+# ----- editing -----
+def _source() -> Image.Image:
+    return Image.fromarray((np.random.default_rng(7).random((32, 32, 3)) * 255).astype(np.uint8))
+
+
+def test_edit_stream_hatches_only_regenerated_tokens_and_records_the_source(ctx, tiny_pipe):
+    brush = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    brush.paste((255, 0, 255, 255), (0, 0, 12, 5))  # tokens 0 and 1 (8 px patches)
+    edit = h.edit_input({"background": _source(), "layers": [brush], "composite": None}, h.EDIT_INPAINT, 0.5, True)
+    assert edit.mask.sum() == 60 and edit.kind == "inpaint"
+    settings = GenerationSettings("a red circle", num_candidates=3, head_steps=2, seed=9)
+    views = run(ctx, settings, edit=edit, explain=True)
+    assert sum(v.grid is not None for v in views) >= 2 and any(v.scores is not None for v in views)
+    done = views[-1]
+    assert done.done and len(done.records) == 1 and len(done.explanations) == 1
+    rec = done.records[0]
+    assert rec["edit"] == "inpaint" and rec["regenerated_tokens"] == [0, 1] and rec["paste_back"] is True
+    assert rec["source_sha256"] == h.image_sha256(_source()) and len(rec["source_sha256"]) == 64
+    assert rec["num_inference_steps"] == 2 and rec["decision_step"] == 1 and rec["fraction_decided"] == 0.5
+    out = tiny_pipe.inpaint(_source(), edit.mask, "a red circle", num_candidates=3, head_steps=2, seed=9)
+    assert np.array_equal(np.asarray(Image.open(done.paths[0]).convert("RGB")), np.asarray(out.images[0]))
+    assert read_record(done.paths[0]).to_dict() == rec
+
+
+def test_edit_refusals_are_messages(ctx):
+    settings = GenerationSettings("a red circle", num_candidates=2, head_steps=2, seed=1)
+    with pytest.raises(gr.Error, match="upload, paste or send an image to edit first"):
+        h.edit_input(None, h.EDIT_INPAINT, 0.5, True)
+    empty = h.edit_input({"background": _source(), "layers": [], "composite": None}, h.EDIT_INPAINT, 0.5, True)
+    with pytest.raises(gr.Error, match="mask is empty: mark the pixels to regenerate"):
+        run(ctx, settings, edit=empty)
+    with pytest.raises(gr.Error, match=r"strength must be between 0.0 and 1.0, got 2.0"):
+        run(ctx, settings, edit=h.EditInput(_source(), strength=2.0))
+    with pytest.raises(gr.Error, match="edit mode must be one of inpaint, variations"):
+        h.edit_input({"background": _source()}, "outpaint", 0.5, True)
+
+
+def test_edit_records_round_trip_and_old_records_still_load():
+    rec = record_example()
+    rec.edit, rec.source_sha256, rec.strength, rec.regenerated_tokens, rec.paste_back = \
+        "variations", "ab" * 32, 0.25, [1, 5, 9, 13], False
+    back = ImageRecord.from_dict(parse_infotext(rec.infotext()))
+    assert (back.edit, back.source_sha256, back.strength, back.regenerated_tokens, back.paste_back) == \
+        ("variations", "ab" * 32, 0.25, [1, 5, 9, 13], False)
+    old = record_example().to_dict()
+    for key in ("edit", "source_sha256", "strength", "regenerated_tokens", "paste_back"):
+        old.pop(key)
+    loaded = ImageRecord.from_dict(old)
+    assert loaded.edit is None and loaded.source_sha256 is None and loaded.extra == {}
+    assert "Edit:" not in loaded.infotext()

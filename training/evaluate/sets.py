@@ -4,7 +4,8 @@ image folders.
 `EVAL_SEED` is the dedicated seed of the fixed Shapes World evaluation sets. Nothing that tunes
 anything (tests, training, hyper-parameter choices) may draw from it; sub-streams are numpy
 SeedSequence([EVAL_SEED, k]) with k = 1 one-object prompts, 2 two-object prompts, 3 reverse-search
-renders, 4 / 5 probe train / val renders, 6 zero-shot renders, 7 masks.
+renders, 4 / 5 probe train / val renders, 6 zero-shot renders, 7 masks, 10 editing scenes
+(bench/shapes_eval.py section 8; 8 is fid_clip's scenes, 9 the bench's VAE-ceiling jitter).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dream_core.text import validate_prompts
 EVAL_SEED = 20261123
 STREAM_ONE_OBJECT, STREAM_TWO_OBJECT, STREAM_SEARCH, STREAM_PROBE_TRAIN, STREAM_PROBE_VAL = 1, 2, 3, 4, 5
 STREAM_ZERO_SHOT, STREAM_MASKS = 6, 7
+STREAM_EDITS = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
