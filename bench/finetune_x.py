@@ -117,7 +117,10 @@ def has_x(image: Image.Image) -> tuple[bool, float, float]:
 
 def measure(model: str, out: Path, n_x: int = 16, n_faith: int = 100, seed: int = 12345) -> dict:
     from dream_core.pipeline import DreamPipeline
-    from training.evaluate.common import SamplerSettings, Setting, generate, image_grid, prompt_seeds
+    from dream_core.request import SamplerSettings
+    from dream_core.semantic_decoding import Setting
+    from training.evaluate.plotting import image_grid
+    from training.evaluate.sets import prompt_seeds
     from training.evaluate.faithfulness import judge_images, prompt_set
 
     out.mkdir(parents=True, exist_ok=True)
@@ -125,12 +128,12 @@ def measure(model: str, out: Path, n_x: int = 16, n_faith: int = 100, seed: int 
     sampler = SamplerSettings(num_inference_steps=pipe.config.seq_len)
     rng = np.random.default_rng(seed)  # held-out x prompts (not the training captions' seed)
     x_prompts = [x_caption(*random_spec(rng)) for _ in range(n_x)]
-    run = generate(pipe, x_prompts, [seed + 64 * i for i in range(n_x)], [Setting(1)], sampler)
+    run = pipe.generate_batch(x_prompts, [seed + 64 * i for i in range(n_x)], [Setting(1)], sampler)
     x_images = run.results[Setting(1)].images
     verdicts = [has_x(im) for im in x_images]
     image_grid(x_images, cols=8, marks=[v[0] for v in verdicts]).save(out / "x_samples.png")
     prompts = prompt_set(1, n_faith)
-    run = generate(pipe, prompts, prompt_seeds(n_faith), [Setting(1)], sampler)
+    run = pipe.generate_batch(prompts, prompt_seeds(n_faith), [Setting(1)], sampler)
     report = judge_images(run.results[Setting(1)].images, prompts)
     image_grid(run.results[Setting(1)].images[:32], cols=8, marks=report.verdicts[:32]).save(out / "faithfulness.png")
     result = {"model": str(model), "x_present": sum(v[0] for v in verdicts), "x_n": n_x,

@@ -21,7 +21,6 @@ from dream_core.semantic_decoding import Setting
 from training.evaluate import (cli, distributed, faithfulness, fid_clip, linear_probe, sad_sweep, scoring, sets,
                                zero_shot_masking)
 from training.evaluate.distributed import dist_info, shard_indices
-from training.evaluate.scoring import decision_step_for_fraction
 from training.evaluate.sets import one_object_prompts, prompt_seeds, two_object_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,14 +71,6 @@ def test_vae_round_trip_gives_one_image_per_input(tiny_pipe):
     images = [render(scene_of(p)) for p in one_object_prompts(3)]
     out = scoring.vae_round_trip(tiny_pipe, images)
     assert len(out) == 3 and all(im.size == (32, 32) and im.mode == "RGB" for im in out)
-
-
-def test_decision_step_for_fraction():
-    assert decision_step_for_fraction(16, 16, 0.25) == 4
-    assert decision_step_for_fraction(16, 16, 0.125) == 2
-    assert decision_step_for_fraction(8, 16, 0.5) == 5
-    with pytest.raises(ValueError, match="num_inference_steps >= 2"):
-        decision_step_for_fraction(1, 16, 0.25)
 
 
 def test_batched_generation_equals_the_pipeline(tiny_pipe):

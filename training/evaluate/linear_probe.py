@@ -34,8 +34,10 @@ from torch import nn
 
 from dream_core.pipeline import DreamPipeline
 
-from .common import (EVAL_SEED, STREAM_PROBE_TRAIN, STREAM_PROBE_VAL, add_model_args, image_folder, image_tokens,
-                     load_images, load_pipeline, plot_lines, rendered_scenes, run_cli, run_metadata, write_json)
+from .cli import add_model_args, load_pipeline, run_cli, run_metadata, write_json
+from .plotting import plot_lines
+from .scoring import image_tokens
+from .sets import EVAL_SEED, STREAM_PROBE_TRAIN, STREAM_PROBE_VAL, image_folder, load_images, rendered_scenes
 
 SHAPES_ATTRIBUTES = ("shape", "color", "size", "position", "background")
 PROTOCOLS = {

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from dream_core.masking import fraction_decided
 from dream_core.pipeline import DreamPipeline, image_to_tensor
 
 
@@ -32,14 +31,6 @@ def vae_round_trip(pipe: DreamPipeline, images: Sequence[Image.Image], batch_siz
     for i in range(0, len(images), batch_size):
         out += pipe.decode_tokens(image_tokens(pipe, images[i:i + batch_size], batch_size))
     return out
-
-
-def decision_step_for_fraction(num_steps: int, seq_len: int, fraction: float) -> int:
-    """The decision step (1 .. num_steps - 1) whose share of decided tokens is closest to `fraction`
-    (ties to the earlier, cheaper step)."""
-    if num_steps < 2:
-        raise ValueError("SAD needs num_inference_steps >= 2")
-    return min(range(1, num_steps), key=lambda d: (abs(fraction_decided(d, num_steps, seq_len) - fraction), d))
 
 
 def load_open_clip(arch: str, weights: str | Path, device: str | torch.device = "cpu"):
