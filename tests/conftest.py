@@ -100,3 +100,13 @@ def app_dirs(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def client(served, app_dirs):
+    """A gradio_client on the module's `served` app (each app test module defines `served`)."""
+    from gradio_client import Client
+
+    c = Client(served[0], verbose=False, download_files=str(app_dirs / "downloads"))
+    yield c
+    c.close()

@@ -40,13 +40,6 @@ def served(app_dirs, tiny_pipe, tiny_model_dir):
     demo.close()
 
 
-@pytest.fixture
-def client(served, app_dirs):
-    c = Client(served[0], verbose=False, download_files=str(app_dirs / "downloads"))
-    yield c
-    c.close()
-
-
 def test_api_lists_the_typed_endpoints(client):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(api) == {"/generate", "/inpaint", "/variations", "/search"}

@@ -98,13 +98,6 @@ def served(app_dirs, tiny_pipe, tiny_model_dir):
     demo.close()
 
 
-@pytest.fixture
-def client(served, app_dirs):
-    c = Client(served[0], verbose=False, download_files=str(app_dirs / "downloads"))
-    yield c
-    c.close()
-
-
 def wait_until(condition, timeout: float = WAIT) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

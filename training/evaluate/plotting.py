@@ -38,14 +38,7 @@ def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, Sequence[
         if xticklabels is not None:
             ax.set_xticklabels(list(xticklabels))
     ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, legend=len(series) > 1)
 
 
 def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
@@ -64,14 +57,7 @@ def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Seq
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3, axis="y")
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, legend=len(series) > 1)
 
 
 def image_grid(images: Sequence[Image.Image], cols: int = 8, marks: Sequence[bool] | None = None,
@@ -92,3 +78,15 @@ def image_grid(images: Sequence[Image.Image], cols: int = 8, marks: Sequence[boo
             draw.rectangle([x - 2, y - 2, x + w + 1, y + h + 1], outline=color, width=2)
         sheet.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
     return sheet
+
+
+def _save(plt, fig, ax, path: str | Path, legend: bool) -> Path:
+    """Legend (when several series), tight layout, write the PNG (parents made), close."""
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
