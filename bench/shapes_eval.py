@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.sampling import decision_step_for_share, default_decision_step  # noqa: E402
-from dream_core.editing import paste_back  # noqa: E402
+from dream_core.editing import paste_back, resize_square  # noqa: E402
 from training.data.shapes_world import (COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Scene, caption,  # noqa: E402
                                         judge, parse_caption, read_image, render)
 from dream_core.request import SamplerSettings  # noqa: E402
@@ -235,7 +235,7 @@ def edit_section(pipe, n: int, sampler: SamplerSettings, eval_seed: int, k: int 
             raw, regen = res.images[0], res.regenerated[0]
             if name == "K=1":
                 out["regenerated_tokens"].append(int(regen.sum()))
-            pasted = paste_back(raw, case["image"], regen)
+            pasted = paste_back(raw, resize_square(case["image"], pipe.config.image_size), regen)
             reading = read_image(pasted)
             c = counts[name]
             ok = judge(reading, case["caption"])
