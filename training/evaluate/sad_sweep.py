@@ -50,8 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(ap)
     add_sampler_args(ap)
     ap.add_argument("--k", default="1,3,9", help="numbers of candidates, comma-separated")
-    ap.add_argument("--decision-steps", default="", help="decision steps, comma-separated (default: the steps "
-                    "closest to 1/8 of the steps and to 12.5 %%, 25 %% and 50 %% of tokens decided)")
+    ap.add_argument("--decision-steps", default="", help="decision steps, comma-separated (default: the first "
+                    "steps with " + ", ".join(f"{100 * f:g}" for f in SWEEP_SHARES) + " %% of the tokens "
+                    "decided; never below the contrastive floor)")
     ap.add_argument("--prompts", type=Path, default=None, help="prompt file (CLIP score only)")
     ap.add_argument("--objects", default="1,2", help="Shapes World prompt sets: 1, 2 or 1,2")
     ap.add_argument("--n-prompts", type=int, default=200)
