@@ -545,6 +545,20 @@ def test_cache_round_trip_resume_and_sharding(data, tmp_path):
 # Several processes, kill and resume (subprocesses)
 # ---------------------------------------------------------------------------------------------
 
+def _resume_repeats_the_run(data, run_a: Path, run_b: Path, tmp_path: Path, reps: list[dict], **train_kw):
+    """Resume run_b (run_a's step-3 checkpoint) to step 5 on two processes: steps 4-5 repeat the
+    uninterrupted run exactly (weights on both ranks, logged losses). Returns (outputs, reports)."""
+    outputs = _launch_two(data, run_b, tmp_path / "rep_b", 5, **train_kw)
+    assert "at step 3" in outputs[0]
+    reps_b = [json.loads((tmp_path / "rep_b" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reps_b[0]["param_digest"] == reps_b[1]["param_digest"] == reps[0]["param_digest"]
+    rows_a, rows_b = read_log(run_a / "log.csv"), read_log(run_b / "log.csv")
+    assert sorted(rows_b) == [4, 5]
+    for step in (4, 5):
+        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+    return outputs, reps_b
+
+
 def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = (),
                 expect: int = 0, **train_kw) -> list[str]:
     port = free_port()
@@ -591,15 +605,9 @@ def test_two_processes_over_gloo(data, tmp_path):
     assert state["world_size"] == 2 and state["step"] == 5
 
     # Resume both processes from the step-3 checkpoint: steps 4-5 repeat the uninterrupted run exactly.
-    outputs = _launch_two(data, run_b, tmp_path / "rep_b", 5)
-    assert "resumed from" in outputs[0] and "at step 3" in outputs[0]
-    reps_b = [json.loads((tmp_path / "rep_b" / f"rank{r}.json").read_text()) for r in range(2)]
+    outputs, reps_b = _resume_repeats_the_run(data, run_a, run_b, tmp_path, reps)
+    assert "resumed from" in outputs[0]
     assert reps_b[1]["writes"] == []
-    assert reps_b[0]["param_digest"] == reps_b[1]["param_digest"] == reps[0]["param_digest"]
-    rows_a, rows_b = read_log(run_a / "log.csv"), read_log(run_b / "log.csv")
-    assert sorted(rows_b) == [4, 5]
-    for step in (4, 5):
-        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
 
 
 @pytest.mark.slow
@@ -631,14 +639,7 @@ def test_fsdp_two_processes_shard_checkpoint_and_resume(data, tmp_path):
         assert shards[0][n].shape[0] + shards[1][n].shape[0] == p.shape[0], n
         assert shards[0][n].shape[1:] == p.shape[1:], n
 
-    outputs = _launch_two(data, run_b, tmp_path / "rep_b", 5, fsdp=True)
-    assert "at step 3" in outputs[0]
-    reps_b = [json.loads((tmp_path / "rep_b" / f"rank{r}.json").read_text()) for r in range(2)]
-    assert reps_b[0]["param_digest"] == reps_b[1]["param_digest"] == reps[0]["param_digest"]
-    rows_a, rows_b = read_log(run_a / "log.csv"), read_log(run_b / "log.csv")
-    assert sorted(rows_b) == [4, 5]
-    for step in (4, 5):
-        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}
+    _resume_repeats_the_run(data, run_a, run_b, tmp_path, reps, fsdp=True)
 
 
 @pytest.mark.slow
