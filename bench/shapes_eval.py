@@ -63,10 +63,9 @@ from training.evaluate.scoring import vae_round_trip  # noqa: E402
 from training.evaluate.sets import (EVAL_SEED, STREAM_EDITS, STREAM_SEARCH, prompt_seeds,  # noqa: E402
                                     rendered_scenes, scene_from_caption)
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
-from training.evaluate.linear_probe import probe_shapes  # noqa: E402
+from training.evaluate.linear_probe import SHAPES_ATTRIBUTES, probe_shapes  # noqa: E402
 
 SAD_K = 9
-SEARCH_ATTRIBUTES = ("shape", "color", "size", "position", "background")
 STREAM_CEILING = 9  # sub-stream of the jitter of the VAE-ceiling renders
 BARS = {  # issue 9's bars for the shipped model
     ("1-object", "K=1"): 0.85, ("1-object", "sad"): 0.95,
@@ -119,7 +118,7 @@ def reverse_search_section(pipe, n: int, eval_seed: int) -> dict:
     # Per attribute: how often the top-1 caption states the image's true value (what is missed).
     top1 = [parse_caption(bank[i]) for i in scores.argmax(dim=1).tolist()]
     per_attribute = {}
-    for attr in SEARCH_ATTRIBUTES:
+    for attr in SHAPES_ATTRIBUTES:
         hits = [(t.background if attr == "background" else getattr(t.objects[0], attr))
                 == (sc.background if attr == "background" else getattr(sc.objects[0], attr))
                 for t, sc in zip(top1, scenes)]
@@ -169,7 +168,7 @@ def critic_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_se
 
 def probe_section(pipe, n_train: int, n_val: int, eval_seed: int) -> dict:
     """Logistic-regression probes solved to convergence (train accuracy reported beside val)."""
-    probes = probe_shapes(pipe, SEARCH_ATTRIBUTES, n_train, n_val, eval_seed, protocol="converged")
+    probes = probe_shapes(pipe, SHAPES_ATTRIBUTES, n_train, n_val, eval_seed, protocol="converged")
     return {"n_train": n_train, "n_val": n_val, "protocol": "converged (L-BFGS logistic regression)",
             **{a: {"val_acc": r.val_acc, "train_acc": r.train_acc} for a, r in probes.items()}}
 
@@ -301,7 +300,7 @@ def main_table(res: dict) -> str:
     if res.get("probe"):
         p = res["probe"]
         where = f"{p['n_train']} train / {p['n_val']} val renders, logistic regression to convergence"
-        for attr in SEARCH_ATTRIBUTES:
+        for attr in SHAPES_ATTRIBUTES:
             if attr in p:
                 lines.append(f"| 4 | linear probe, {attr} (val; train) | {where} | {_pct(p[attr]['val_acc'])} "
                              f"({_pct(p[attr]['train_acc'])}) | {_bar(('probe', attr), p[attr]['val_acc'])} |")
