@@ -31,6 +31,14 @@ from dream_core.config import DreamConfig  # noqa: E402
 from dream_core.model import DreamModel  # noqa: E402
 
 CLOCKS = ("wall", "process")
+RESULTS = ROOT / "bench" / "results"  # where the paper tables write by default (--out)
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The exact command that produced a result (stored in its JSON so it can be rerun)."""
+    import shlex
+
+    return shlex.join(["python", f"bench/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 # --------------------------------------------------------------------------- setup

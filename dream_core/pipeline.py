@@ -37,8 +37,8 @@ from .masking import decoding_schedule
 from .request import MAX_CANDIDATES, MAX_SEED, EditRequest, GenerationRequest, SamplerSettings, check_int
 from .sampling import (DecisionExplanation, EditStart, StepEvent, TextCondition, candidate_generators, decode_step,
                        init_state)
-from .semantic_decoding import (GenerationRun, Generated, Setting, alignment_scores, rank_candidates, rows_needed,
-                                semantic_decode)
+from .semantic_decoding import (GenerationRun, Generated, Setting, alignment_scores, is_reranker, rank_candidates,
+                                rows_needed, semantic_decode)
 from .text import ClipTokenizer, ConditioningTextEncoder, validate_prompts
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "dream-shapes"
@@ -343,7 +343,8 @@ class DreamPipeline:
             seeds: per-prompt seeds.
             sampler: what every prompt shares (steps, CFG, ...); validated as a request would be.
             batch_size: prompts per batch (0 = as many as fit `default_batch_rows`).
-            reranker: a `semantic_decoding.ExternalReranker`, for `Setting(rerank=True)`.
+            reranker: a `semantic_decoding.Reranker` (`ExternalReranker`: open_clip; `DreamReranker`:
+                another DREAM model directory), for `Setting(rerank=True)`.
         """
         sampler = sampler or SamplerSettings()
         prompts, req = self._validate_batch(prompts, seeds, settings, sampler, reranker)
@@ -385,6 +386,9 @@ class DreamPipeline:
         for s in settings:
             if s.rerank and reranker is None:
                 raise ValueError(f"setting {s.name} needs an external reranker")
+            if s.rerank and not is_reranker(reranker):
+                raise ValueError(f"reranker must have a scores(images, prompt) method (a semantic_decoding.Reranker), "
+                                 f"got {type(reranker).__name__}")
             if s.num_candidates > 1 and not s.rerank and s.decision_step is None:
                 raise ValueError(f"setting {s.name} needs a decision_step")
             # The request's own checks, so a sweep rejects exactly what a single call would.

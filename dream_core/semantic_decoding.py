@@ -5,7 +5,8 @@ step; there the model's own encoder embeds each candidate's partially decoded la
 decided tokens) and the contrastive text tower embeds the prompt; the candidates are ranked by
 cosine similarity and only the best continues. Beyond the paper: several decision steps
 (successive halving: keep half at each, one after the last), and an external-reranker mode that
-scores finished candidates with an open_clip model from local weights (the paper's comparison).
+scores finished candidates with another model (the paper's comparison): an open_clip model from local
+weights (`ExternalReranker`) or another DREAM model directory's joint space (`DreamReranker`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -161,6 +162,34 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
         if event.kind == "done" and len(event.candidate_ids) == 1:
             event.chosen = event.candidate_ids[0]
         yield event
+
+
+class Reranker(Protocol):
+    """What `Setting(k, rerank=True)` needs: a score per finished candidate image for the prompt,
+    higher = better (`DreamPipeline.generate_batch` keeps the best)."""
+
+    def scores(self, images: list, prompt: str) -> torch.Tensor: ...
+
+
+def is_reranker(obj: object) -> bool:
+    return callable(getattr(obj, "scores", None))
+
+
+class DreamReranker:
+    """Scores finished images with another DREAM model directory's joint space (e.g. one trained
+    with the contrastive-only `shapes-clip` recipe): its own VAE encodes each image, its encoder
+    embeds the latent with nothing masked, its text tower embeds the prompt; score = cosine."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu") -> None:
+        from .pipeline import DreamPipeline  # the pipeline module imports this one
+
+        self.pipe = DreamPipeline.from_pretrained(model_dir, device=device)
+
+    @torch.inference_mode()
+    def scores(self, images: list, prompt: str) -> torch.Tensor:
+        img = self.pipe.embed_images(list(images))
+        txt = self.pipe.embed_texts([prompt])
+        return (img @ txt.t()).squeeze(-1).float().cpu()
 
 
 class ExternalReranker:

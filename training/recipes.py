@@ -277,6 +277,15 @@ RECIPES: dict[str, TrainRecipe] = {
     "shapes-fx": TrainRecipe(name="shapes-fx", masking="fx", mask_std=0.45, **_SHAPES_COMMON),
     "shapes-uni": TrainRecipe(name="shapes-uni", masking="uni", **_SHAPES_COMMON),
     "shapes-wm": TrainRecipe(name="shapes-wm", masking="warmup", mask_std=0.45, **_SHAPES_COMMON),
+    "shapes-cd": TrainRecipe(name="shapes-cd", masking="cd", mask_std=0.55, **_SHAPES_COMMON),
+    # The MAR / FLUID baselines' mask-ratio schedule with DREAM's objective (Table 4's last row).
+    "shapes-mar": TrainRecipe(name="shapes-mar", masking="mar", **_SHAPES_COMMON),
+    # The `clip` baseline on the Shapes World (contrastive loss only, nothing masked): the small
+    # external reranker of Table 17's reranker column (`semantic_decoding.DreamReranker`).
+    "shapes-clip": TrainRecipe(name="shapes-clip", masking="none",
+                               **{**_SHAPES_COMMON, "sample_every": 0,  # it does not generate
+                                  "model_overrides": {"diffusion_weight": 0.0, "clip_weight": 1.0,
+                                                      "min_visible_for_clip": 0.0}}),
     # Fine-tuning a model directory (init_from) on an image folder: the pretraining losses with the
     # mask ratios of the end of Masking Warmup (FX), LR warm-up in steps, no flips (captions may name
     # left/right), EMA warmed up with the step count. Defaults measured on the Shapes World (see

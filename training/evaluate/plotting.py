@@ -21,13 +21,20 @@ def _pyplot():
 
 def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, Sequence[float | None]], xlabel: str,
                ylabel: str, title: str, ylim: tuple[float, float] | None = (0.0, 1.0),
-               xticks: Sequence[float] | None = None, xticklabels: Sequence[str] | None = None) -> Path:
+               xticks: Sequence[float] | None = None, xticklabels: Sequence[str] | None = None,
+               intervals: dict[str, Sequence[Sequence[float] | None]] | None = None) -> Path:
+    """One line per series; `intervals` (same names, a (low, high) per point) are drawn as bands."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for name, ys in series.items():
-        pts = [(xi, yi) for xi, yi in zip(x, ys) if yi is not None]
+        band = (intervals or {}).get(name) or [None] * len(ys)
+        pts = [(xi, yi, ci) for xi, yi, ci in zip(x, ys, band) if yi is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ci_pts = [p for p in pts if p[2] is not None]
+            if ci_pts:
+                ax.fill_between([p[0] for p in ci_pts], [p[2][0] for p in ci_pts], [p[2][1] for p in ci_pts],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

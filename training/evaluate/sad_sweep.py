@@ -3,8 +3,9 @@
 For a seeded prompt set, every (K, decision step) is generated and scored: Shapes World
 faithfulness with the exact judge (`--shapes`, the default without `--prompts`) and/or CLIP score
 (`--clip-arch` + `--clip-weights`, local open_clip). With `--reranker-arch` +
-`--reranker-weights`, the paper's external-reranker comparison is added: all K candidates decoded
-to the end, the best kept by that model (`dream_core.semantic_decoding.ExternalReranker`).
+`--reranker-weights` (open_clip) or `--reranker-model DIR` (another DREAM model directory, e.g. the
+contrastive-only `shapes-clip` recipe), the paper's external-reranker comparison is added: all K
+candidates decoded to the end, the best kept by that model (`dream_core.semantic_decoding`).
 
 Quality comes from one shared decoding trunk per prompt (see `DreamPipeline.generate_batch`:
 candidate k of a prompt is the same trajectory in every setting, so this equals separate runs). Speed is measured
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from dream_core.masking import fraction_decided
 
-from dream_core.semantic_decoding import Setting
+from dream_core.semantic_decoding import DreamReranker, GenerationRun, Reranker, Setting
 
 from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,
                   sampler_from_args, write_json)
@@ -59,8 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-seed", type=int, default=EVAL_SEED)
     ap.add_argument("--clip-arch", default="")
     ap.add_argument("--clip-weights", type=Path, default=None)
-    ap.add_argument("--reranker-arch", default="")
-    ap.add_argument("--reranker-weights", type=Path, default=None)
+    add_reranker_args(ap)
     ap.add_argument("--timing-prompts", type=int, default=16, help="prompts decoded per setting for timing (0 = skip)")
     ap.add_argument("--quick", action="store_true", help="8 prompts, 4 timing prompts (smoke runs)")
     return ap.parse_args(argv)
@@ -78,6 +78,56 @@ def default_decision_steps(num_steps: int, seq_len: int) -> list[int]:
     return sorted(s for s in steps if 1 <= s < num_steps)
 
 
+def add_reranker_args(ap: argparse.ArgumentParser) -> None:
+    """The external reranker of `Setting(k, rerank=True)`: an open_clip model or a DREAM model directory."""
+    ap.add_argument("--reranker-arch", default="", help="open_clip architecture of --reranker-weights")
+    ap.add_argument("--reranker-weights", type=Path, default=None, help="local open_clip weights file")
+    ap.add_argument("--reranker-model", type=Path, default=None,
+                    help="a DREAM model directory whose joint space scores the finished candidates (e.g. trained "
+                         "with the contrastive-only shapes-clip recipe)")
+
+
+def reranker_from_args(args: argparse.Namespace, device) -> Reranker | None:
+    """The reranker the flags name (loaded, so a bad path fails before any generation), or None."""
+    open_clip_flags = args.reranker_weights is not None or bool(args.reranker_arch)
+    if open_clip_flags and args.reranker_model is not None:
+        raise ValueError("--reranker-model and --reranker-arch/--reranker-weights name two rerankers; give one")
+    if args.reranker_model is not None:
+        if not Path(args.reranker_model).is_dir():
+            raise ValueError(f"--reranker-model {args.reranker_model} is not a model directory")
+        return DreamReranker(args.reranker_model, device)
+    if open_clip_flags:
+        if args.reranker_weights is None:
+            raise ValueError("--reranker-arch needs --reranker-weights (a local open_clip weights file)")
+        return load_open_clip(args.reranker_arch, args.reranker_weights, device)
+    return None
+
+
+def reranker_description(args: argparse.Namespace) -> dict | None:
+    if args.reranker_model is not None:
+        return {"kind": "dream", "model": str(args.reranker_model)}
+    if args.reranker_weights is not None:
+        return {"kind": "open_clip", "arch": args.reranker_arch, "weights": str(args.reranker_weights)}
+    return None
+
+
+def run_settings(pipe, prompts: list[str], settings: list[Setting], sampler, seed: int, batch_size: int,
+                 reranker: Reranker | None, n_timing: int) -> tuple[GenerationRun, dict[Setting, dict]]:
+    """Quality from one shared decoding trunk for all settings; speed from decoding the first
+    `n_timing` prompts once per setting on its own, as a user would: seconds and images per second,
+    and `row_steps_per_image` (decoder forwards x candidate rows actually run)."""
+    seeds = prompt_seeds(len(prompts), seed)
+    run = pipe.generate_batch(prompts, seeds, settings, sampler, batch_size, reranker, progress=True)
+    timing = {}
+    m = min(n_timing, len(prompts))
+    for s in settings if m else []:
+        t = pipe.generate_batch(prompts[:m], seeds[:m], [s], sampler, batch_size, reranker)
+        per = t.seconds / m
+        timing[s] = {"seconds_per_image": per, "images_per_second": 1.0 / per if per else None,
+                     "row_steps_per_image": t.row_steps / m}
+    return run, timing
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     ks = parse_int_list(args.k, "--k")
@@ -92,11 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Local weights are checked (and loaded) before anything is generated.
     pipe = load_pipeline(args.model, args.device, args.threads)
     scorer = load_open_clip(args.clip_arch, args.clip_weights, pipe.device) if args.clip_weights else None
-    reranker = None
-    if args.reranker_weights is not None or args.reranker_arch:
-        if args.reranker_weights is None:
-            raise ValueError("--reranker-arch needs --reranker-weights (a local open_clip weights file)")
-        reranker = load_open_clip(args.reranker_arch, args.reranker_weights, pipe.device)
+    reranker = reranker_from_args(args, pipe.device)
     sampler = sampler_from_args(args, pipe)
     steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
     decision_steps = (parse_int_list(args.decision_steps, "--decision-steps") if args.decision_steps
@@ -109,17 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
         objects = parse_int_list(args.objects, "--objects")
         sets = {f"{o}-object": prompt_set(o, n, args.prompt_seed) for o in objects}
 
-    results: dict = {"meta": run_metadata(pipe, args), "decision_steps": decision_steps, "ks": ks,
+    results: dict = {"meta": run_metadata(pipe, args), "reranker": reranker_description(args),
+                     "decision_steps": decision_steps, "ks": ks,
                      "num_inference_steps": steps, "rows": []}
     for set_name, prompts in sets.items():
-        seeds = prompt_seeds(len(prompts), args.seed)
-        run = pipe.generate_batch(prompts, seeds, settings, sampler, args.batch_size, reranker, progress=True)
-        timing = {}
-        if n_timing:
-            for s in settings:
-                t = pipe.generate_batch(prompts[:n_timing], seeds[:n_timing], [s], sampler, args.batch_size,
-                                        reranker)
-                timing[s] = (t.seconds / len(prompts[:n_timing]), t.row_steps / len(prompts[:n_timing]))
+        run, timing = run_settings(pipe, prompts, settings, sampler, args.seed, args.batch_size, reranker, n_timing)
         for s in settings:
             images = run.results[s].images
             row = {"set": set_name, "setting": s.name, "k": s.num_candidates,
@@ -132,9 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(faithfulness=report.rate, failures=report.failures)
             if scorer is not None:
                 row["clip_score"] = float(clip_scores(scorer, images, prompts).mean())
-            if s in timing:
-                row.update(seconds_per_image=timing[s][0], images_per_second=1.0 / timing[s][0] if timing[s][0] else None,
-                           row_steps_per_image=timing[s][1])
+            row.update(timing.get(s, {}))
             results["rows"].append(row)
 
     print(markdown_table(results["rows"]))

@@ -1,0 +1,151 @@
+"""The paper-table commands (bench/paper_*.py) on tiny random models: the settings they build, the
+network evaluations they count (against what `generate_batch` actually runs), the DREAM-directory
+reranker, zero-shot position labels, the Table 4 driver's resume, and their error messages."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dream_core.request import SamplerSettings
+from dream_core.semantic_decoding import DreamReranker, Setting, rank_candidates
+from training.evaluate.sets import one_object_prompts, prompt_seeds
+from training.evaluate.stats import format_rate, rate_with_interval, wilson_interval
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+TINY_SAMPLER = ["--steps", "4", "--head-steps", "2", "--cfg", "2.0"]
+
+
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_out(out: Path) -> dict:
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / "results.json").read_text())
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def test_wilson_interval_known_values_and_errors():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(50, 100)
+    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    assert rate_with_interval(3, 4)["rate"] == 0.75
+    assert format_rate(rate_with_interval(50, 100)) == "50.0 % [40.4, 59.6]"
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 4)
+
+
+# --------------------------------------------------------------------------- Table 17
+
+
+def test_budget_settings_decide_at_budget_over_k():
+    t17 = bench_module("paper_table17")
+    settings = t17.budget_settings([1, 2, 4, 9, 16], 64, 64)
+    assert [(s.num_candidates, s.decision_step) for s in settings] == [(1, None), (2, 32), (4, 16), (9, 7), (16, 4)]
+    assert t17.nfe_per_image(Setting(9, 7), 64) == 9 * 7 + 57
+    assert t17.nfe_per_image(Setting(9, rerank=True), 64) == 9 * 64
+    assert t17.nfe_per_image(Setting(1), 64) == 64
+    with pytest.raises(ValueError, match=r"--budget 8 gives K=16 the decision step 0 .*use a budget in 16\.\.1008"):
+        t17.budget_settings([1, 16], 8, 64)
+    with pytest.raises(ValueError, match="decision step 4 .* must be in 1..3"):
+        t17.budget_settings([2], 8, 4)
+
+
+def test_nfe_formula_equals_the_row_steps_generate_batch_runs(tiny_pipe):
+    t17 = bench_module("paper_table17")
+    prompts = one_object_prompts(3, seed=5)
+    seeds = prompt_seeds(3, 7)
+    sampler = SamplerSettings(num_inference_steps=4, guidance_scale=2.0, head_steps=2)
+    reranker = DreamReranker(tiny_pipe.path, "cpu")
+    for s in t17.budget_settings([1, 2, 3], 4, 4) + [Setting(2, rerank=True)]:
+        run = tiny_pipe.generate_batch(prompts, seeds, [s], sampler, reranker=reranker)
+        assert run.row_steps == 3 * t17.nfe_per_image(s, 4), s.name
+
+
+def test_dream_reranker_scores_with_the_directory_joint_space(tiny_pipe, tiny_model_dir):
+    """The score is the cosine of the directory's own image embedding (VAE -> encoder, nothing
+    masked) and text embedding; given a caption that matches image A better than B (by that joint
+    space), the reranker keeps A, in either order, and generate_batch keeps its argmax."""
+    from dream_core.pipeline import image_to_tensor
+
+    reranker = DreamReranker(tiny_model_dir, "cpu")
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(np.full((32, 32, 3), (220, 30, 30), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    pipe = reranker.pipe
+    with torch.inference_mode():
+        x = torch.cat([image_to_tensor(im, pipe.config.image_size) for im in (a, b)])
+        tokens = pipe.image_tokenizer.encode(x, sample=False)
+        img = pipe.model.encode_image(tokens, torch.zeros(2, pipe.config.seq_len, dtype=torch.bool))
+    captions = one_object_prompts(60, seed=3)
+    txt = pipe.embed_texts(captions)
+    margin = (txt @ img[0]) - (txt @ img[1])  # how much more each caption matches A than B
+    for caption, want in ((captions[int(margin.argmax())], 0), (captions[int(margin.argmin())], 1)):
+        scores = reranker.scores([a, b], caption)
+        assert torch.allclose(scores, img @ pipe.embed_texts([caption])[0], atol=1e-5)
+        assert rank_candidates(scores)[0] == want
+        assert rank_candidates(reranker.scores([b, a], caption))[0] == 1 - want
+    # Through generate_batch: the kept candidate is the reranker's best of the finished K.
+    sampler = SamplerSettings(num_inference_steps=3, guidance_scale=1.0, head_steps=2)
+    s = Setting(3, rerank=True)
+    run = tiny_pipe.generate_batch(captions[:2], prompt_seeds(2, 11), [s, Setting(1)], sampler, reranker=reranker)
+    for p in range(2):
+        sc = run.results[s].scores[p]
+        assert run.results[s].chosen[p] == int(np.argmax(sc)) and len(sc) == 3
+
+
+def test_pipeline_rejects_a_reranker_without_scores(tiny_pipe):
+    sampler = SamplerSettings(num_inference_steps=3, head_steps=2)
+    with pytest.raises(ValueError, match=r"reranker must have a scores\(images, prompt\) method"):
+        tiny_pipe.generate_batch(["a red circle"], [0], [Setting(2, rerank=True)], sampler, reranker=object())
+
+
+def test_table17_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
+    t17 = bench_module("paper_table17")
+    out = tmp_path / "t17"
+    argv = ["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--k", "1,2,4", "--budget", "4",
+            "--objects", "1", "--n-prompts", "2", "--timing-prompts", "1", "--reranker-model", str(tiny_model_dir),
+            *TINY_SAMPLER]
+    t17.main(argv)
+    data = read_out(out)
+    assert data["command"].startswith("python bench/paper_table17.py --model ")
+    assert data["reranker"] == {"kind": "dream", "model": str(tiny_model_dir)} and data["model"] == str(tiny_model_dir)
+    got = [(r["setting"], r["decision_step"], r["nfe_per_image"], r["row_steps_per_image"]) for r in data["rows"]]
+    assert got == [("K=1", None, 4, 4), ("SAD K=2 step=2", 2, 6, 6), ("SAD K=4 step=1", 1, 7, 7),
+                   ("K=2 external reranker", None, 8, 8), ("K=4 external reranker", None, 16, 16)]
+    for r in data["rows"]:
+        f = r["faithfulness"]
+        assert f["n"] == 2 and f["ci95"][0] <= f["rate"] <= f["ci95"][1] and r["images_per_second"] > 0
+    printed = capsys.readouterr().out
+    assert "| 1-object | 4 | SAD | 1 (" in printed and "| 1-object | 4 | external reranker | - | 16 (16) |" in printed
+
+
+def test_table17_errors_before_generation(tiny_model_dir, tmp_path):
+    t17 = bench_module("paper_table17")
+    base = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--device", "cpu", "--k", "1,2",
+            *TINY_SAMPLER]
+    with pytest.raises(ValueError, match="--reranker-model .* is not a model directory"):
+        t17.main(base + ["--reranker-model", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="name two rerankers"):
+        t17.main(base + ["--reranker-model", str(tiny_model_dir), "--reranker-arch", "ViT-B-32"])
+    with pytest.raises(ValueError, match="--budget 2 gives K=4"):
+        t17.main(base + ["--k", "1,4", "--budget", "2"])
+    with pytest.raises(ValueError, match="--k must be a comma-separated list of integers"):
+        t17.main(base + ["--k", "one"])
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,35 @@
+"""95 % intervals for the rates the evaluation commands report (one source for every table)."""
+
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054  # the two-sided 95 % normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate successes / n (Wilson, 1927): unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 % or 100 %, where toy models live."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1 for an interval, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n={n}], got {successes}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_with_interval(successes: int, n: int) -> dict:
+    """{"rate", "successes", "n", "ci95": [lo, hi]}: how every table stores a rate."""
+    lo, hi = wilson_interval(successes, n)
+    return {"rate": successes / n, "successes": int(successes), "n": int(n), "ci95": [lo, hi]}
+
+
+def format_rate(entry: dict | None) -> str:
+    """'72.4 % [68.3, 76.1]' for a `rate_with_interval` entry ('-' for none)."""
+    if entry is None:
+        return "-"
+    lo, hi = entry["ci95"]
+    return f"{100 * entry['rate']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
