@@ -62,6 +62,7 @@ from training.evaluate.cli import load_pipeline, write_json  # noqa: E402
 from training.evaluate.scoring import vae_round_trip  # noqa: E402
 from training.evaluate.sets import (EVAL_SEED, STREAM_EDITS, STREAM_SEARCH, prompt_seeds,  # noqa: E402
                                     rendered_scenes, scene_from_caption)
+from training.evaluate.critic import JudgeReranker, critic_stats  # noqa: E402
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.linear_probe import SHAPES_ATTRIBUTES, probe_shapes  # noqa: E402
 
@@ -128,42 +129,19 @@ def reverse_search_section(pipe, n: int, eval_seed: int) -> dict:
             "mean_rank": float(ranks.float().mean()), "per_attribute": per_attribute}
 
 
-class JudgeReranker:
-    """The exact judge as an 'external reranker' (1 = faithful, 0 = not): decoding every
-    candidate to the end and keeping a faithful one gives best-of-K by the judge, the ceiling a
-    perfect critic could reach, and the judge's verdict on every candidate."""
-
-    def scores(self, images, prompt: str) -> torch.Tensor:
-        from training.data.shapes_world import judge
-
-        return torch.tensor([float(judge(im, prompt)) for im in images])
-
-
 def critic_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_seed: int, batch_size: int,
                    k: int = SAD_K) -> dict:
     """The critic's gap: SAD's choice at the model's default decision step against best-of-K by
     the judge on the same K candidates (all decoded to the end), and how SAD's score at the
-    decision relates to whether a candidate ends faithful."""
+    decision relates to whether a candidate ends faithful (`training.evaluate.critic`)."""
     d = default_decision_step(pipe.config, sampler.num_inference_steps)
     sad, oracle = Setting(k, d), Setting(k, rerank=True)
     prompts = prompt_set(objects, n, eval_seed)
     run = pipe.generate_batch(prompts, prompt_seeds(n, eval_seed), [sad, oracle], sampler, batch_size,
                               reranker=JudgeReranker(), progress=True)
-    verdicts = torch.tensor(run.results[oracle].scores)  # [n, K] judge verdict of every candidate
-    sad_scores = torch.tensor(run.results[sad].scores)  # [n, K] SAD's score at the decision
-    chosen = torch.tensor(run.results[sad].chosen)
-    picked_ok = verdicts.gather(1, chosen[:, None]).squeeze(1)
-    # Within a prompt: does a higher SAD score go with a faithful final image? (prompts with a mix)
-    mixed = (verdicts.sum(1) > 0) & (verdicts.sum(1) < k)
-    z = (sad_scores - sad_scores.mean(1, keepdim=True)) / sad_scores.std(1, keepdim=True).clamp(min=1e-8)
-    v = verdicts - verdicts.mean(1, keepdim=True)
-    corr = float(((z * v).sum(1) / (v.norm(dim=1) * z.norm(dim=1)).clamp(min=1e-8))[mixed].mean()) if mixed.any() else None
-    return {"n": n, "k": k, "decision_step": d,
-            "fraction_decided": fraction_decided(d, sampler.num_inference_steps, pipe.config.seq_len),
-            "candidate_rate": float(verdicts.mean()), "sad_rate": float(picked_ok.mean()),
-            "best_of_k_rate": float((verdicts.sum(1) > 0).float().mean()),
-            "gap": float((verdicts.sum(1) > 0).float().mean() - picked_ok.mean()),
-            "prompts_with_mixed_candidates": int(mixed.sum()), "score_verdict_correlation": corr}
+    stats = critic_stats(run.results[oracle].scores, run.results[sad].scores, run.results[sad].chosen)
+    return {"decision_step": d, "fraction_decided": fraction_decided(d, sampler.num_inference_steps, pipe.config.seq_len),
+            **stats}
 
 
 def probe_section(pipe, n_train: int, n_val: int, eval_seed: int) -> dict:

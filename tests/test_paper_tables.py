@@ -149,3 +149,41 @@ def test_table17_errors_before_generation(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="--k must be a comma-separated list of integers"):
         t17.main(base + ["--k", "one"])
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- the decision-step curve
+
+
+def test_critic_stats_on_a_constructed_case():
+    from training.evaluate.critic import critic_stats
+
+    verdicts = [[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]]
+    scores = [[0.9, 0.1, 0.2], [0.5, 0.4, 0.3], [0.1, 0.2, 0.9], [0.3, 0.5, 0.1]]
+    chosen = [0, 0, 2, 0]
+    s = critic_stats(verdicts, scores, chosen)
+    assert (s["sad_faithful"], s["best_of_k_faithful"], s["prompts_with_mixed_candidates"]) == (1, 3, 3)
+    assert s["sad_rate"] == 0.25 and s["best_of_k_rate"] == 0.75 and s["gap"] == 0.5
+    assert s["candidate_rate"] == pytest.approx(4 / 12)
+    # The mean Pearson correlation over the prompts with mixed candidates (0, 2, 3).
+    want = np.mean([np.corrcoef(scores[i], verdicts[i])[0, 1] for i in (0, 2, 3)])
+    assert s["score_verdict_correlation"] == pytest.approx(want, abs=1e-5) and want > 0.2
+
+
+def test_sad_curve_cli(tiny_model_dir, tmp_path, capsys):
+    curve = bench_module("paper_sad_curve")
+    out = tmp_path / "curve"
+    curve.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--k", "3",
+                "--shares", "0.125,0.25,0.5,0.75", "--objects", "1,2", "--n-prompts", "3", *TINY_SAMPLER])
+    data = read_out(out)
+    assert (out / "plot_critic.png").exists()
+    assert data["decision_steps"] == curve.curve_steps([0.125, 0.25, 0.5, 0.75], 4, 16) == [1, 2, 3]
+    for sec in data["sets"].values():
+        for p in sec["points"]:
+            # SAD's image is its chosen candidate finished: the judge agrees with the critic's record.
+            assert p["faithfulness"]["successes"] == p["sad_faithful"] and p["k"] == 3 and p["n"] == 3
+            assert p["sad_rate"] <= p["best_of_k_rate"] == sec["best_of_k"]["rate"]
+    assert "| 2-object | 3 (" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--shares must be comma-separated numbers in"):
+        curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--shares", "0,0.5"])
+    with pytest.raises(ValueError, match="--k must be >= 2"):
+        curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--k", "1"])
