@@ -252,9 +252,9 @@ def test_zero_shot_masking_cli_shapes(tiny_model_dir, tmp_path):
                             "--n-images", "12", "--ratios", "0,0.5,0.9"])
     data = read_results(out)
     assert data["ratios"] == [0.0, 0.5, 0.9]
-    assert set(data["accuracy"]) == {"shape", "color"}
+    assert set(data["accuracy"]) == {"shape", "color", "position"}
     assert all(len(v) == 3 and all(0 <= a <= 1 for a in v) for v in data["accuracy"].values())
-    assert data["chance"] == {"shape": 0.2, "color": 0.125}
+    assert data["chance"] == {"shape": 0.2, "color": 0.125, "position": 1 / 9}
 
 
 def test_zero_shot_masking_rejects_full_mask(tiny_pipe):

@@ -43,7 +43,7 @@ def test_wilson_interval_known_values_and_errors():
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
     lo, hi = wilson_interval(50, 100)
     assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
-    assert rate_with_interval(3, 4)["rate"] == 0.75
+    assert rate_with_interval(3, 4)["rate"] == 0.75 and wilson_interval(7, 7)[1] == 1.0
     assert format_rate(rate_with_interval(50, 100)) == "50.0 % [40.4, 59.6]"
     with pytest.raises(ValueError, match="n must be >= 1"):
         wilson_interval(0, 0)
@@ -187,3 +187,44 @@ def test_sad_curve_cli(tiny_model_dir, tmp_path, capsys):
         curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--shares", "0,0.5"])
     with pytest.raises(ValueError, match="--k must be >= 2"):
         curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--k", "1"])
+
+
+# --------------------------------------------------------------------------- Fig. 7
+
+
+def test_zero_shot_position_classes_follow_the_grammar(tiny_pipe):
+    from training.data.shapes_world import COLORS, POSITIONS, SHAPES, Scene, ShapeObject, parse_caption
+    from training.evaluate.zero_shot_masking import shapes_class_prompts, shapes_labels
+
+    names, prompts = shapes_class_prompts("position")
+    assert names == list(POSITIONS) and len(prompts) == 9
+    assert prompts[names.index("top left")][0] == "a red circle at the top left"
+    for name, group in zip(names, prompts):
+        assert len(group) == len(COLORS) * len(SHAPES)
+        assert {parse_caption(p).objects[0].position for p in group} == {name}
+    scenes = [Scene("white", (ShapeObject("red", "circle", "small", p),)) for p in ("center", "bottom right", "top")]
+    labels, class_emb, classes = shapes_labels(tiny_pipe, scenes)
+    assert labels["position"].tolist() == [4, 8, 1] and labels["shape"].tolist() == [0, 0, 0]
+    assert class_emb["position"].shape == (9, tiny_pipe.config.embed_dim)
+    assert torch.allclose(class_emb["position"].norm(dim=1), torch.ones(9), atol=1e-5)
+    with pytest.raises(ValueError, match="zero-shot attributes are shape, color, position"):
+        shapes_class_prompts("size")
+
+
+def test_fig7_cli_compares_models_on_the_same_renders_and_masks(tiny_model_dir, tmp_path, capsys):
+    fig7 = bench_module("paper_fig7")
+    out = tmp_path / "fig7"
+    fig7.main(["--models", f"a={tiny_model_dir}", f"b={tiny_model_dir}", "--out", str(out), "--device", "cpu",
+               "--ratios", "0,0.5,0.95", "--n-images", "12"])
+    data = read_out(out)
+    assert data["models"] == {"a": str(tiny_model_dir), "b": str(tiny_model_dir)}
+    assert data["accuracy"]["a"] == data["accuracy"]["b"]  # one model twice: identical renders and masks
+    for attr, chance in (("shape", 0.2), ("color", 0.125), ("position", 1 / 9)):
+        assert data["chance"][attr] == pytest.approx(chance)
+        entries = data["accuracy"]["a"][attr]
+        assert len(entries) == 3 and all(e["n"] == 12 and e["ci95"][0] <= e["rate"] <= e["ci95"][1] for e in entries)
+    assert "| a | position |" in capsys.readouterr().out
+    for bad, msg in ((["--models", "oops"], "NAME=DIR"), (["--models", f"a={tmp_path / 'none'}"], "does not exist"),
+                     (["--models", f"a={tiny_model_dir}", "--ratios", "0,1"], r"in \[0, 1\)")):
+        with pytest.raises(ValueError, match=msg):
+            fig7.main(bad + ["--out", str(tmp_path / "x")])

@@ -26,15 +26,7 @@ def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, Sequence[
     """One line per series; `intervals` (same names, a (low, high) per point) are drawn as bands."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for name, ys in series.items():
-        band = (intervals or {}).get(name) or [None] * len(ys)
-        pts = [(xi, yi, ci) for xi, yi, ci in zip(x, ys, band) if yi is not None]
-        if pts:
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            ci_pts = [p for p in pts if p[2] is not None]
-            if ci_pts:
-                ax.fill_between([p[0] for p in ci_pts], [p[2][0] for p in ci_pts], [p[2][1] for p in ci_pts],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
+    _draw_lines(ax, x, series, intervals)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -46,6 +38,47 @@ def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, Sequence[
             ax.set_xticklabels(list(xticklabels))
     ax.grid(alpha=0.3)
     return _save(plt, fig, ax, path, legend=len(series) > 1)
+
+
+def _draw_lines(ax, x: Sequence[float], series: dict[str, Sequence[float | None]],
+                intervals: dict[str, Sequence[Sequence[float] | None]] | None) -> None:
+    for name, ys in series.items():
+        band = (intervals or {}).get(name) or [None] * len(ys)
+        pts = [(xi, yi, ci) for xi, yi, ci in zip(x, ys, band) if yi is not None]
+        if pts:
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ci_pts = [p for p in pts if p[2] is not None]
+            if ci_pts:
+                ax.fill_between([p[0] for p in ci_pts], [p[2][0] for p in ci_pts], [p[2][1] for p in ci_pts],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def plot_panels(path: str | Path, x: Sequence[float], panels: dict[str, dict[str, Sequence[float | None]]],
+                xlabel: str, ylabel: str, title: str, ylim: tuple[float, float] | None = (0.0, 1.0),
+                intervals: dict[str, dict[str, Sequence[Sequence[float] | None]]] | None = None,
+                chance: dict[str, float] | None = None) -> Path:
+    """Side-by-side line plots sharing x and y (one panel per key, e.g. per attribute), the same
+    series names in each; `chance` draws a dashed level per panel."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), dpi=110, sharey=True, squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        _draw_lines(ax, x, series, (intervals or {}).get(name))
+        if chance and name in chance:
+            ax.axhline(chance[name], color="gray", linestyle="--", linewidth=1, label="chance")
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,

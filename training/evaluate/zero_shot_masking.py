@@ -6,9 +6,10 @@ the contrastive text tower. A model trained with Masking Warmup should degrade g
 grows, because SAD scores exactly such partial latents.
 
 Labels: for an image folder (root/<class>/*), the class names through `--template`. In
-`--shapes` mode, shape and colour of rendered one-object scenes. The Shapes World grammar always
-names a colour with a shape ("a red circle"), so each class embedding is the normalised mean over
-the grammatical prompts "a {color} {shape}" holding that class (CLIP-style prompt ensembling).
+`--shapes` mode, shape, colour and position of rendered one-object scenes. The Shapes World grammar
+always names a colour with a shape ("a red circle"), so each class embedding is the normalised mean
+over the grammatical prompts "a {color} {shape}" holding that class (CLIP-style prompt ensembling);
+for position, over "a {color} {shape} at the {position}" (the grammar's canonical phrase and names).
 
     python -m training.evaluate.zero_shot_masking --model DIR --shapes --out OUT
     python -m training.evaluate.zero_shot_masking --model DIR --data ROOT/val --template "a photo of a {}" --out OUT
@@ -45,14 +46,37 @@ def class_embeddings(pipe: DreamPipeline, prompts_per_class: Sequence[Sequence[s
     return torch.stack(out)
 
 
+SHAPES_ZERO_SHOT = ("shape", "color", "position")
+
+
 def shapes_class_prompts(attribute: str) -> tuple[list[str], list[list[str]]]:
+    """(class names, prompts per class): every grammatical one-object prompt naming the class, a
+    colour with a shape always, and for position the grammar's canonical "at the P" phrase."""
     from training.data import shapes_world as sw
 
     if attribute == "shape":
         return list(sw.SHAPES), [[f"a {c} {s}" for c in sw.COLORS] for s in sw.SHAPES]
     if attribute == "color":
         return list(sw.COLORS), [[f"a {c} {s}" for s in sw.SHAPES] for c in sw.COLORS]
-    raise ValueError(f"zero-shot attributes are shape and color, got {attribute!r}")
+    if attribute == "position":
+        def phrase(c: str, s: str, p: str) -> str:
+            return sw.spec_to_caption(sw.CaptionSpec(None, [sw.ObjectSpec(c, s, None, p)]))
+
+        return list(sw.POSITIONS), [[phrase(c, s, p) for c in sw.COLORS for s in sw.SHAPES] for p in sw.POSITIONS]
+    raise ValueError(f"zero-shot attributes are {', '.join(SHAPES_ZERO_SHOT)}, got {attribute!r}")
+
+
+def shapes_labels(pipe: DreamPipeline, scenes: Sequence, attributes: Sequence[str] = SHAPES_ZERO_SHOT
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, list[str]]]:
+    """For one-object scenes: the true class index per attribute, the class embeddings (prompt
+    ensembles, see `shapes_class_prompts`) and the class names."""
+    labels, class_emb, classes = {}, {}, {}
+    for attr in attributes:
+        names, prompts = shapes_class_prompts(attr)
+        labels[attr] = torch.tensor([names.index(getattr(s.objects[0], attr)) for s in scenes])
+        class_emb[attr] = class_embeddings(pipe, prompts)
+        classes[attr] = names
+    return labels, class_emb, classes
 
 
 @torch.inference_mode()
@@ -88,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(ap)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="labelled image folder root/<class>/* (e.g. a val split)")
-    src.add_argument("--shapes", action="store_true", help="rendered Shapes World objects: shape and colour")
+    src.add_argument("--shapes", action="store_true", help="rendered Shapes World objects: shape, colour and position")
     ap.add_argument("--template", default="{}", help="label prompt template for --data, with {} for the class name")
     ap.add_argument("--n-images", type=int, default=1000, help="rendered images in --shapes mode")
     ap.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS), help="mask ratios, comma-separated")
@@ -117,14 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         if n < 1:
             raise ValueError(f"--n-images must be >= 1, got {n}")
         images, scenes = rendered_scenes(n, args.seed, STREAM_ZERO_SHOT, num_objects=1)
-        labels, class_emb, classes = {}, {}, {}
-        for attr in ("shape", "color"):
-            names, prompts = shapes_class_prompts(attr)
-            labels[attr] = torch.tensor([names.index(getattr(s.objects[0], attr)) for s in scenes])
-            class_emb[attr] = class_embeddings(pipe, prompts)
-            classes[attr] = names
+        labels, class_emb, classes = shapes_labels(pipe, scenes)
         results["data"] = {"source": "shapes", "n_images": n, "seed": args.seed,
-                           "prompts": "ensemble of 'a {color} {shape}' per class"}
+                           "prompts": "ensemble of 'a {color} {shape}' per class ('a {color} {shape} at the "
+                                      "{position}' for position)"}
     else:
         paths, y, names = image_folder(args.data)
         loaded, bad = load_images(paths)
