@@ -228,3 +228,98 @@ def test_fig7_cli_compares_models_on_the_same_renders_and_masks(tiny_model_dir, 
                      (["--models", f"a={tiny_model_dir}", "--ratios", "0,1"], r"in \[0, 1\)")):
         with pytest.raises(ValueError, match=msg):
             fig7.main(bad + ["--out", str(tmp_path / "x")])
+
+
+# --------------------------------------------------------------------------- Table 4
+
+
+def tiny_run_overrides(tiny_model_dir: Path, images: Path) -> list[str]:
+    """key=value overrides that put every schedule's recipe on the tiny model and an image folder."""
+    base = {"model": "tiny", "data": "folder", "data_path": str(images), "vae_path": str(tiny_model_dir / "vae"),
+            "t5_path": str(tiny_model_dir / "text"), "model.vae_scaling_factor": 0.5, "model.t5_path": "text",
+            "batch_size": 8, "num_workers": 0, "samples_per_epoch": 16, "log_every": 1, "ckpt_every": 0,
+            "sample_every": 0, "lr": 0.001, "warmup_epochs": 0.0, "precision": "fp32"}
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def write_scenes(folder: Path, n: int) -> None:
+    from training.data.shapes_world import caption, random_scene, render
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        scene = random_scene(rng)
+        render(scene, rng).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(caption(scene, rng))
+
+
+def test_table4_recipes_and_paper_order():
+    from training.recipes import get_recipe
+
+    t4 = bench_module("paper_table4")
+    assert {s: get_recipe(r).masking for s, r in t4.SCHEDULES.items()} == {
+        "warmup": "warmup", "fx": "fx", "uni": "uni", "cd": "cd", "mar": "mar"}
+    common = {k: v for k, v in vars(get_recipe("shapes")).items() if k not in ("name", "masking", "mask_std")}
+    for r in t4.SCHEDULES.values():  # one budget and data feed; only the masking differs
+        assert {k: vars(get_recipe(r))[k] for k in common} == common
+    clip = get_recipe("shapes-clip")
+    assert clip.masking == "none" and clip.data == "shapes" and clip.model_overrides == {
+        "diffusion_weight": 0.0, "clip_weight": 1.0, "min_visible_for_clip": 0.0}
+    paper = t4.PAPER_ORDER["understanding"]
+    assert t4.compare_order({"cd": 0.9, "uni": 0.8, "warmup": 0.7, "fx": 0.1}, paper)["matches"]  # a tie: any order
+    got = t4.compare_order({"warmup": 0.9, "uni": 0.8, "fx": 0.1}, t4.PAPER_ORDER["generation"])
+    assert got == {"measured": ["warmup", "uni", "fx"], "paper": ["warmup", "uni", "fx"], "matches": True}
+    assert not t4.compare_order({"fx": 0.9, "uni": 0.8, "warmup": 0.7}, t4.PAPER_ORDER["generation"])["matches"]
+
+
+def test_table4_rejects_bad_arguments(tmp_path):
+    t4 = bench_module("paper_table4")
+    out = ["--out", str(tmp_path / "t4")]
+    for bad, msg in ((["--steps", "5", "--schedules", "warmup,wm"], "--schedules must list some of warmup, fx"),
+                     (["--steps", "0"], "--steps must be >= 1"),
+                     (["--steps", "5", "--seeds", "1,1"], "--seeds must be distinct"),
+                     (["--steps", "5", "--chunk-minutes", "-1"], "--chunk-minutes must be >= 0"),
+                     (["--steps", "5", "seed=3"], "override seed is set by this command")):
+        with pytest.raises(ValueError, match=msg):
+            t4.main(bad + out)
+    assert not (tmp_path / "t4").exists()
+
+
+@pytest.mark.slow
+def test_table4_driver_trains_resumes_skips_and_aggregates(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    t4 = bench_module("paper_table4")
+    write_scenes(tmp_path / "images", 16)
+    out = tmp_path / "t4"
+    argv = ["--steps", "6", "--schedules", "warmup,fx", "--seeds", "1,2", "--out", str(out), "--threads", "1",
+            "--device", "cpu", "--n-prompts", "2", "--search-n", "4", "--probe-train", "10", "--probe-val", "5",
+            "--eval-steps", "4", "--head-steps", "2", *tiny_run_overrides(tiny_model_dir, tmp_path / "images")]
+    # 1. A chunk far shorter than one run: the first run stops at its first step check and saves.
+    first = t4.main(argv + ["--chunk-minutes", "0.001"])
+    assert not first["complete"] and "metrics" not in first
+    assert first["status"]["warmup-s1"] == "not finished (chunk time is up; checkpoint saved)"
+    assert first["status"]["fx-s2"] == "not finished (chunk time is up)"
+    state = json.loads((out / "runs" / "warmup-s1" / "checkpoint-last" / "state.json").read_text())
+    assert state["step"] < 6 and not (out / "runs" / "warmup-s1" / "model").exists()
+    capsys.readouterr()
+    # 2. The same command without a chunk limit continues that run from its checkpoint and finishes all.
+    second = t4.main(argv)
+    assert f"resumed from {out / 'runs' / 'warmup-s1' / 'checkpoint-last'} at step {state['step']}" in capsys.readouterr().out
+    assert second["complete"] and set(second["status"].values()) == {"done"}
+    for name in ("warmup-s1", "warmup-s2", "fx-s1", "fx-s2"):
+        ev = json.loads((out / "runs" / name / "eval.json").read_text())
+        assert ev["steps"] == 6 and ev["1-object"]["settings"]["sad"]["k"] == 9
+    m = second["metrics"]["warmup"]["1-object K=1"]
+    assert m["n"] == 4 and m["rate"] == pytest.approx(sum(m["per_seed"].values()) / 2)  # pooled = mean of seeds
+    assert set(second["ordering"]["probe shape"]) == {"warmup", "fx"}
+    assert read_out(out)["command"].startswith("python bench/paper_table4.py --steps 6")
+
+    # 3. Once more: nothing is trained or evaluated again, and the table is the same.
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run must be skipped")
+
+    monkeypatch.setattr(t4, "train_run", forbidden)
+    monkeypatch.setattr(t4, "evaluate_model", forbidden)
+    third = t4.main(argv)
+    assert set(third["status"].values()) == {"done (skipped)"} and third["metrics"] == second["metrics"]
+    with pytest.raises(ValueError, match="was trained for 6 steps, not --steps 7"):
+        t4.main([a if a != "6" else "7" for a in argv])

@@ -82,14 +82,21 @@ def plot_panels(path: str | Path, x: Sequence[float], panels: dict[str, dict[str
 
 
 def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
-              title: str, ylim: tuple[float, float] | None = None) -> Path:
+              title: str, ylim: tuple[float, float] | None = None,
+              intervals: dict[str, Sequence[Sequence[float]]] | None = None) -> Path:
+    """Grouped bars; `intervals` (same names, a (low, high) per category) are drawn as error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(categories) * max(1, len(series))), 4.2), dpi=110)
     n = max(1, len(series))
     width = 0.8 / n
     xs = np.arange(len(categories))
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(xs + (i - (n - 1) / 2) * width, list(values), width, label=name)
+        values = list(values)
+        yerr = None
+        if intervals and name in intervals:
+            yerr = np.array([[v - lo for v, (lo, _) in zip(values, intervals[name])],
+                             [hi - v for v, (_, hi) in zip(values, intervals[name])]]).clip(min=0)
+        ax.bar(xs + (i - (n - 1) / 2) * width, values, width, label=name, yerr=yerr, capsize=2)
     ax.set_xticks(xs)
     ax.set_xticklabels(list(categories), rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
