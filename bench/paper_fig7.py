@@ -24,7 +24,7 @@ from training.evaluate.cli import load_pipeline, run_cli, write_json  # noqa: E4
 from training.evaluate.plotting import plot_panels  # noqa: E402
 from training.evaluate.scoring import image_tokens  # noqa: E402
 from training.evaluate.sets import EVAL_SEED, STREAM_ZERO_SHOT, rendered_scenes  # noqa: E402
-from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
 from training.evaluate.zero_shot_masking import SHAPES_ZERO_SHOT, accuracy_vs_mask_ratio, shapes_labels  # noqa: E402
 
 DEFAULT_RATIOS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\n## Fig. 7 at toy scale: zero-shot accuracy against the mask ratio ({args.n_images} renders)\n")
     print(table(results))
+    results["findings"] = findings(results)
+    print("\n" + "\n".join(f"- {f}" for f in results["findings"]))
     panels = {a: {m: [e["rate"] for e in results["accuracy"][m][a]] for m in models} for a in SHAPES_ZERO_SHOT}
     bands = {a: {m: [e["ci95"] for e in results["accuracy"][m][a]] for m in models} for a in SHAPES_ZERO_SHOT}
     plot_panels(args.out / "plot.png", ratios, panels, "mask ratio (share of tokens hidden)", "zero-shot top-1",
@@ -94,6 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
                 chance=results["chance"])
     write_json(args.out / "results.json", results)
     return results
+
+
+def findings(results: dict) -> list[str]:
+    """Per attribute: where accuracy stays above chance (the interval's low end), and for the first
+    two models, the mask ratios where they differ beyond noise."""
+    out, ratios = [], results["ratios"]
+    models = list(results["accuracy"])
+    for attr, chance in results["chance"].items():
+        for m in models:
+            above = [r for r, e in zip(ratios, results["accuracy"][m][attr]) if e["ci95"][0] > chance]
+            out.append(f"{attr}, {m}: above chance ({chance:.1%}) up to mask ratio {max(above):g}" if above
+                       else f"{attr}, {m}: never above chance ({chance:.1%}) beyond noise")
+        if len(models) >= 2:
+            a, b = models[:2]
+            differ = [(r, compare(a, ea, b, eb)) for r, ea, eb in
+                      zip(ratios, results["accuracy"][a][attr], results["accuracy"][b][attr])]
+            beyond = [f"r = {r:g}: {c}" for r, c in differ if "beats" in c]
+            out.append(f"{attr}, {a} vs {b}: " + ("; ".join(beyond) if beyond
+                                                   else "no difference within noise at any mask ratio"))
+    return out
 
 
 def table(results: dict) -> str:

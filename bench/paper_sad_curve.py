@@ -31,7 +31,7 @@ from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E40
 from training.evaluate.plotting import plot_lines  # noqa: E402
 from training.evaluate.sad_sweep import SWEEP_SHARES  # noqa: E402
 from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
-from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
 
 CURVE_SHARES = (0.125, *SWEEP_SHARES, 0.875)
 
@@ -112,9 +112,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n## SAD K = {args.k} against the share of tokens decided ({steps} steps, {args.n_prompts} prompts per "
           f"set; the model's default share {pipe.config.sad_decision_share:g})\n")
     print(table(results))
+    results["findings"] = findings(results)
+    print("\n" + "\n".join(f"- {f}" for f in results["findings"]))
     write_plots(args.out, results)
     write_json(args.out / "results.json", results)
     return results
+
+
+def findings(results: dict) -> list[str]:
+    """Per set: the best decision share against K = 1, and SAD there against best-of-K by the judge."""
+    out = []
+    for name, sec in results["sets"].items():
+        best = max(sec["points"], key=lambda p: p["faithfulness"]["rate"])
+        label = f"SAD at {best['fraction_decided']:.1%} decided"
+        out.append(f"{name}: " + compare(label, best["faithfulness"], "K=1", sec["k1"]) + "; "
+                   + compare("best of K by the judge", sec["best_of_k"], label, best["faithfulness"]))
+    return out
 
 
 def table(results: dict) -> str:

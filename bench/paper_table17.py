@@ -37,7 +37,7 @@ from training.evaluate.plotting import plot_lines  # noqa: E402
 from training.evaluate.sad_sweep import (add_reranker_args, reranker_description, reranker_from_args,  # noqa: E402
                                          run_settings)
 from training.evaluate.sets import EVAL_SEED  # noqa: E402
-from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
 
 DEFAULT_KS = "1,2,4,9,16"
 
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n## Table 17 at toy scale: SAD under a budget of {budget} evaluations (decision step = budget // K), "
           f"{steps} steps, {args.n_prompts} prompts per set\n")
     print(table(results["rows"]))
+    results["findings"] = findings(results["rows"])
+    print("\n" + "\n".join(f"- {f}" for f in results["findings"]))
     series, bands = {}, {}
     for o in objects:
         for sel in ("SAD", "external reranker"):
@@ -145,6 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
                intervals=bands)
     write_json(args.out / "results.json", results)
     return results
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Per set: the best SAD and the best reranker setting against K = 1, in one sentence each."""
+    out = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        base = next(r for r in rows if r["set"] == name and r["k"] == 1)
+        for sel in ("SAD", "external reranker"):
+            cands = [r for r in rows if r["set"] == name and r["selection"] == sel]
+            if cands:
+                best = max(cands, key=lambda r: r["faithfulness"]["rate"])
+                out.append(f"{name}: " + compare(f"{sel} K={best['k']}", best["faithfulness"], "K=1",
+                                                 base["faithfulness"]))
+    return out
 
 
 def table(rows: list[dict]) -> str:

@@ -38,7 +38,7 @@ from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, write_
 from training.evaluate.linear_probe import SHAPES_ATTRIBUTES  # noqa: E402
 from training.evaluate.plotting import plot_bars  # noqa: E402
 from training.evaluate.sets import EVAL_SEED  # noqa: E402
-from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
 
 # schedule -> recipe (training/recipes.py): the same _SHAPES_COMMON, only the masking differs.
 SCHEDULES = {"warmup": "shapes", "fx": "shapes-fx", "uni": "shapes-uni", "cd": "shapes-cd", "mar": "shapes-mar"}
@@ -255,7 +255,9 @@ def table(results: dict) -> str:
                    for s in metrics] for m in METRICS]
     lines = [markdown_table(["metric"] + list(metrics), rows), ""]
     for m in METRICS:
-        lines.append(f"- {m}: " + " > ".join(results["ordering"][m]))
+        order = results["ordering"][m]
+        said = "" if len(order) < 2 else "; " + compare(order[0], metrics[order[0]][m], order[1], metrics[order[1]][m])
+        lines.append(f"- {m}: " + " > ".join(order) + said)
     for what, c in results["paper_comparison"].items():
         lines.append(f"- paper's order for {what}: measured {' > '.join(c['measured'])}; paper {c['paper']}; "
                      f"{'matches' if c['matches'] else 'does not match'}")

@@ -132,6 +132,7 @@ def test_table17_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     for r in data["rows"]:
         f = r["faithfulness"]
         assert f["n"] == 2 and f["ci95"][0] <= f["rate"] <= f["ci95"][1] and r["images_per_second"] > 0
+    assert [f.split(" K=")[0] for f in data["findings"]] == ["1-object: SAD", "1-object: external reranker"]
     printed = capsys.readouterr().out
     assert "| 1-object | 4 | SAD | 1 (" in printed and "| 1-object | 4 | external reranker | - | 16 (16) |" in printed
 
@@ -223,6 +224,7 @@ def test_fig7_cli_compares_models_on_the_same_renders_and_masks(tiny_model_dir, 
         assert data["chance"][attr] == pytest.approx(chance)
         entries = data["accuracy"]["a"][attr]
         assert len(entries) == 3 and all(e["n"] == 12 and e["ci95"][0] <= e["rate"] <= e["ci95"][1] for e in entries)
+    assert "position, a vs b: no difference within noise at any mask ratio" in data["findings"]
     assert "| a | position |" in capsys.readouterr().out
     for bad, msg in ((["--models", "oops"], "NAME=DIR"), (["--models", f"a={tmp_path / 'none'}"], "does not exist"),
                      (["--models", f"a={tiny_model_dir}", "--ratios", "0,1"], r"in \[0, 1\)")):
@@ -323,3 +325,12 @@ def test_table4_driver_trains_resumes_skips_and_aggregates(tiny_model_dir, tmp_p
     assert set(third["status"].values()) == {"done (skipped)"} and third["metrics"] == second["metrics"]
     with pytest.raises(ValueError, match="was trained for 6 steps, not --steps 7"):
         t4.main([a if a != "6" else "7" for a in argv])
+
+
+def test_compare_claims_a_difference_only_beyond_noise():
+    from training.evaluate.stats import compare
+
+    assert compare("SAD", rate_with_interval(90, 100), "K=1", rate_with_interval(60, 100)) == \
+        "SAD beats K=1 by 30.0 points (95 % intervals do not overlap)"
+    assert compare("SAD", rate_with_interval(6, 10), "K=1", rate_with_interval(5, 10)) == \
+        "SAD vs K=1: +10.0 points, no difference within noise (95 % intervals overlap)"
