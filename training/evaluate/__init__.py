@@ -8,6 +8,7 @@ writing a JSON of results and a PNG plot:
 - `faithfulness`: Shapes World prompt faithfulness with the exact judge.
 
 What they share, one idea per module: `sets` (the seeded prompt sets, renders, image folders),
-`scoring` (VAE tokens, CLIPScore), `plotting`, `distributed` (the data-parallel split) and `cli`
-(flags, model loading, JSON output). Batched generation is `DreamPipeline.generate_batch`.
+`scoring` (VAE tokens, CLIPScore), `critic` (the critic's gap: SAD's choice vs best-of-K by the
+judge), `stats` (95 % Wilson intervals), `plotting`, `distributed` (the data-parallel split) and
+`cli` (flags, model loading, JSON output). The paper's tables at toy scale are `bench/paper_*.py`. Batched generation is `DreamPipeline.generate_batch`.
 """
