@@ -1,7 +1,8 @@
 """The paper's Table 17 / Table 6 at toy scale: SAD with K = 1, 2, 4, 9, 16 candidates under a fixed
 budget of network evaluations, beside an external reranker, on the Shapes World.
 
-Decision step = budget // K (as the paper: the K candidates share the budget up to the decision).
+Decision step = budget // K (the K candidates share the budget up to the decision; `--decision-rule
+total-nfe` instead keeps the image's whole cost within the budget, see `DECISION_RULES`).
 NFE, counted exactly as `GenerationRun.row_steps` counts the work (decoder forwards x candidate
 rows; a CFG step's conditional and unconditional halves count once, the diffusion head's inner
 steps are inside each forward):
@@ -42,8 +43,28 @@ from training.evaluate.stats import compare, format_rate, rate_with_interval  # 
 DEFAULT_KS = "1,2,4,9,16"
 
 
-def budget_settings(ks: list[int], budget: int, steps: int) -> list[Setting]:
-    """K = 1 plain decoding; every other K is SAD at decision step budget // K, which must leave a
+# How the budget sets the decision step d for K candidates and S steps:
+# - "budget-over-k" (default, issue 12): d = budget // K, the K rows share `budget` evaluations up to the decision;
+# - "total-nfe": d = (budget - S) // (K - 1), so that the image's whole cost K x d + (S - d) stays within
+#   `budget` (the reading of the paper's Tables 6 and 17 that fits their numbers: 128 NFE with 64 steps
+#   gives K = 9 the decision at step 8, and K = 2 with the external reranker exactly 2 x 64).
+DECISION_RULES = ("budget-over-k", "total-nfe")
+
+
+def decision_step(k: int, budget: int, steps: int, rule: str = DECISION_RULES[0]) -> int:
+    if rule == "budget-over-k":
+        return budget // k
+    if rule == "total-nfe":
+        return (budget - steps) // (k - 1)
+    raise ValueError(f"--decision-rule must be one of {', '.join(DECISION_RULES)}, got {rule!r}")
+
+
+def default_budget(steps: int, rule: str) -> int:
+    return steps if rule == "budget-over-k" else 2 * steps
+
+
+def budget_settings(ks: list[int], budget: int, steps: int, rule: str = DECISION_RULES[0]) -> list[Setting]:
+    """K = 1 plain decoding; every other K is SAD at the rule's decision step, which must leave a
     decision before the last step (1 .. steps - 1)."""
     settings = []
     for k in ks:
@@ -52,10 +73,13 @@ def budget_settings(ks: list[int], budget: int, steps: int) -> list[Setting]:
         if k == 1:
             settings.append(Setting(1))
             continue
-        d = budget // k
+        d = decision_step(k, budget, steps, rule)
         if not 1 <= d <= steps - 1:
-            raise ValueError(f"--budget {budget} gives K={k} the decision step {d} (budget // K), but it must be in "
-                             f"1..{steps - 1} for {steps} decoding steps; use a budget in {k}..{k * (steps - 1)}")
+            lo, hi = ((k, k * (steps - 1)) if rule == "budget-over-k"
+                      else (steps + (k - 1), steps + (k - 1) * (steps - 1)))
+            formula = "budget // K" if rule == "budget-over-k" else "(budget - S) // (K - 1)"
+            raise ValueError(f"--budget {budget} gives K={k} the decision step {d} ({formula}), but it must be in "
+                             f"1..{steps - 1} for {steps} decoding steps; use a budget in {lo}..{hi}")
         settings.append(Setting(k, d))
     return list(dict.fromkeys(settings))
 
@@ -79,8 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampler_args(ap)
     ap.add_argument("--k", default=DEFAULT_KS, help="numbers of candidates, comma-separated")
     ap.add_argument("--budget", type=int, default=0,
-                    help="network evaluations shared by the K candidates before the decision: decision step = "
-                         "budget // K (default: the number of decoding steps)")
+                    help="network evaluations: with budget-over-k, shared by the K candidates before the decision "
+                         "(decision step = budget // K; default S); with total-nfe, the image's whole cost "
+                         "(decision step = (budget - S) // (K - 1); default 2 S)")
+    ap.add_argument("--decision-rule", default=DECISION_RULES[0], choices=DECISION_RULES)
     ap.add_argument("--objects", default="1,2", help="Shapes World prompt sets: 1, 2 or 1,2")
     ap.add_argument("--n-prompts", type=int, default=200)
     ap.add_argument("--prompt-seed", type=int, default=EVAL_SEED)
@@ -102,15 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_pipeline(args.model, args.device, args.threads)
     sampler = sampler_from_args(args, pipe)
     steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
-    budget = args.budget or steps
-    settings = budget_settings(ks, budget, steps)  # checked before the reranker loads
+    budget = args.budget or default_budget(steps, args.decision_rule)
+    settings = budget_settings(ks, budget, steps, args.decision_rule)  # checked before the reranker loads
     reranker = reranker_from_args(args, pipe.device)
     if reranker is not None:
         settings += [Setting(k, rerank=True) for k in ks if k > 1]
 
     results: dict = {"command": command_line(__file__, argv), "model": str(pipe.path),
                      "reranker": reranker_description(args), "meta": run_metadata(pipe, args),
-                     "num_inference_steps": steps, "budget": budget, "ks": ks,
+                     "num_inference_steps": steps, "budget": budget, "decision_rule": args.decision_rule, "ks": ks,
                      "nfe": "decoder forwards x candidate rows per image: K = 1: S; SAD: K x d + (S - d); "
                             "reranker: K x S", "rows": []}
     for o in objects:
@@ -128,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "nfe_per_image": nfe_per_image(s, steps), "faithfulness": rate_with_interval(report.faithful, report.n),
                 **timing.get(s, {})})
 
-    print(f"\n## Table 17 at toy scale: SAD under a budget of {budget} evaluations (decision step = budget // K), "
+    rule = "budget // K" if args.decision_rule == "budget-over-k" else "(budget - S) // (K - 1)"
+    print(f"\n## Table 17 at toy scale: SAD under a budget of {budget} evaluations (decision step = {rule}), "
           f"{steps} steps, {args.n_prompts} prompts per set\n")
     print(table(results["rows"]))
     results["findings"] = findings(results["rows"])
@@ -143,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             series[name] = [rows[k]["faithfulness"]["rate"] if k in rows else None for k in ks]
             bands[name] = [rows[k]["faithfulness"]["ci95"] if k in rows else None for k in ks]
     plot_lines(args.out / "plot.png", ks, series, "K (candidates)", "faithfulness (95 % interval)",
-               f"SAD under a fixed budget ({budget} evaluations, decision step = budget // K)", xticks=ks,
+               f"SAD under a fixed budget ({budget} evaluations, decision step = {rule})", xticks=ks,
                intervals=bands)
     write_json(args.out / "results.json", results)
     return results

@@ -65,6 +65,13 @@ def test_budget_settings_decide_at_budget_over_k():
         t17.budget_settings([1, 16], 8, 64)
     with pytest.raises(ValueError, match="decision step 4 .* must be in 1..3"):
         t17.budget_settings([2], 8, 4)
+    # The paper's numbers: 128 NFE in all with 64 steps gives K = 9 the decision at step 8, K = 17 at 4.
+    total = t17.budget_settings([1, 5, 9, 17], 128, 64, "total-nfe")
+    assert [s.decision_step for s in total] == [None, 16, 8, 4]
+    assert all(t17.nfe_per_image(s, 64) == 128 for s in total[1:])
+    assert t17.nfe_per_image(Setting(2, rerank=True), 64) == 128
+    with pytest.raises(ValueError, match=r"\(budget - S\) // \(K - 1\).*use a budget in 72..568"):
+        t17.budget_settings([9], 64, 64, "total-nfe")
 
 
 def test_nfe_formula_equals_the_row_steps_generate_batch_runs(tiny_pipe):
