@@ -152,8 +152,7 @@ def write_plots(out: Path, results: dict) -> None:
         series[f"{name} SAD"] = [by_x[f]["faithfulness"]["rate"] if f in by_x else None for f in x]
         bands[f"{name} SAD"] = [by_x[f]["faithfulness"]["ci95"] if f in by_x else None for f in x]
         for key, label in (("k1", "K = 1"), ("best_of_k", "best of K by the judge")):
-            series[f"{name} {label}"] = [sec[key]["rate"]] * len(x)
-            bands[f"{name} {label}"] = [sec[key]["ci95"]] * len(x)
+            series[f"{name} {label}"] = [sec[key]["rate"]] * len(x)  # references: their intervals are in the table
         critic[f"{name} critic gap"] = [by_x[f]["gap"] if f in by_x else None for f in x]
         critic[f"{name} score/verdict correlation"] = [by_x[f]["score_verdict_correlation"] if f in by_x else None
                                                        for f in x]
