@@ -460,6 +460,13 @@ class CacheSource:
             detail = ", ".join(f"{k}: cache {a} vs model {b}" for k, (a, b) in bad.items())
             raise ValueError(f"cache {self.root} was written for another model geometry ({detail})")
 
+    def check_hard_negatives(self, n: int) -> None:
+        """Hard negatives are made from the Shapes World grammar: only a cache of the Shapes World has it."""
+        data = self.index.get("meta", {}).get("data")
+        if n and data != "shapes":
+            raise ValueError(f"recipe.hard_negatives={n} needs Shapes World captions, but cache {self.root} was "
+                             f"extracted from data={data}; set hard_negatives=0 or train from a Shapes World cache")
+
     def __len__(self) -> int:
         return len(self.shard_of)
 
@@ -510,11 +517,12 @@ class SampleStream(IterableDataset):
     back in order."""
 
     def __init__(self, source, make: Callable[[Any, int, bool], dict], batch_size: int, rank: int, world: int,
-                 start_batch: int, seed: int, flip: bool) -> None:
+                 start_batch: int, seed: int, flip: bool, hard_negatives: int = 0) -> None:
         super().__init__()
         self.source, self.make = source, make
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.start_batch, self.seed, self.flip = start_batch, seed, flip
+        self.hard_negatives = hard_negatives
         self.skipped = 0  # in this process (see SKIPPED for the module-wide count)
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -554,6 +562,11 @@ class SampleStream(IterableDataset):
         for key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])
         out["skipped"] = skipped
+        if self.hard_negatives:  # made at load time from the captions, seeded by the batch's position
+            from training.data.shapes_world import hard_negative_captions
+
+            rng = np.random.default_rng([self.seed, 0x4E6, g])
+            out["hard_negatives"] = [hard_negative_captions(c, rng, self.hard_negatives) for c in out["caption"]]
         return out
 
     def __iter__(self) -> Iterator[dict]:
@@ -674,6 +687,7 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
         source = open_source(recipe)
     if isinstance(source, CacheSource):
         source.check_config(config)
+        source.check_hard_negatives(recipe.hard_negatives)
         make = _cache_sample
     else:
         make = _image_sample(config.image_size)
@@ -681,7 +695,8 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
         log.info("the data holds %d samples but recipe.samples_per_epoch=%d (which sets the fractional epoch)",
                  len(source), recipe.samples_per_epoch)
     start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
-    stream = SampleStream(source, make, recipe.batch_size, rank, world, start_batch, recipe.seed, recipe.flip)
+    stream = SampleStream(source, make, recipe.batch_size, rank, world, start_batch, recipe.seed, recipe.flip,
+                          hard_negatives=recipe.hard_negatives)
     workers = data_workers(recipe.num_workers)
     return DataLoader(
         stream, batch_size=None, num_workers=workers, collate_fn=_identity,
