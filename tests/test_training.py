@@ -602,6 +602,30 @@ def test_cache_feed_resumes_to_the_same_weights_as_one_run(data, shapes_cache, t
     _resume_equals_one_go(recipe, tmp_path, steps=8, stop_at=3)
 
 
+def test_live_shapes_feed_is_position_addressed_and_a_cache_holds_its_first_scenes(data, shapes_cache):
+    from training.data.loaders import build_dataloader
+
+    def batches(n: int, start_step: int = 0, **kw) -> list[dict]:
+        recipe = tiny_recipe(data, data="shapes", batch_size=4, **kw)
+        it = iter(build_dataloader(recipe, recipe.model_config().replace(image_size=64), start_step=start_step))
+        return [next(it) for _ in range(n)]
+
+    fresh = batches(4)
+    assert fresh[0]["image"].shape == (4, 3, 64, 64) and fresh[0]["skipped"] == 0
+    for a, b in zip(fresh[2:], batches(2, start_step=2)):  # a resume continues at the same scene
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+    two = batches(3, start_step=1, num_workers=2)
+    assert [b["caption"] for b in two] == [b["caption"] for b in fresh[1:]]
+    src = CacheSource(shapes_cache)  # extracted with the same seed: scene i of the cache is position i
+    assert [src.read(i)["caption"] for i in range(16)] == [c for b in fresh for c in b["caption"]]
+
+
+def test_live_shapes_feed_resumes_to_the_same_weights_as_one_run(data, tmp_path):
+    recipe = tiny_recipe(data, data="shapes", batch_size=4, max_steps=5, hard_negatives=1,
+                         **{"model.image_size": 64, "model.caption_dropout": 0.25})
+    _resume_equals_one_go(recipe, tmp_path, steps=5, stop_at=2)
+
+
 def test_hard_negatives_from_a_shapes_cache(data, shapes_cache, tmp_path):
     from training.data.shapes_world import parse_caption
 

@@ -15,6 +15,8 @@ RNG. An unreadable sample is replaced by the next readable one in the pass's ord
                 captions.jsonl ({"file": ..., "caption": ...}) at the root
     cache       the directory written by `python -m training.cache` (VAE moments of the crop and of
                 its flip, T5 states in fp16, captions)
+    shapes      the Shapes World rendered on the fly (ShapesSource: scene q from its own seed, read in
+                order, endless); a Shapes cache of N scenes holds its first N
 
 Batches: {"caption": list[str], "image": [B, 3, H, W] in [-1, 1]} or {"caption", "moments":
 [B, 2C, h, w] float32, "t5_hidden": [B, T, d] float16, "t5_mask": [B, T] bool}, plus "skipped"
@@ -419,6 +421,35 @@ def scan_tar(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+class ShapesSource:
+    """The Shapes World as a map-style source: sample i is the scene rendered from its own generator
+    seeded by (seed, i). Endless (`n=None`: the live feed, read in order) or the first `n` scenes
+    (what `training.cache` extracts), so a cache of N scenes holds the live feed's first N."""
+
+    ENDLESS = 2 ** 62
+
+    def __init__(self, seed: int, n: int | None = None) -> None:
+        self.seed, self.n = seed, n
+
+    @property
+    def endless(self) -> bool:
+        return self.n is None
+
+    def __len__(self) -> int:
+        return self.ENDLESS if self.n is None else self.n
+
+    def describe(self, i: int) -> str:
+        return f"shapes:{self.seed}:{i}"
+
+    def read(self, i: int) -> tuple[Image.Image, str]:
+        from training.data.shapes_world import caption, random_scene, render
+
+        rng = np.random.default_rng([self.seed, i])
+        scene = random_scene(rng)
+        image = render(scene, rng)
+        return image, caption(scene, rng)
+
+
 class CacheSource:
     """The directory written by `training.cache`: shards of moments, flipped moments, T5 states
     (fp16) and masks, with a JSON of captions beside each. Files are opened lazily per worker."""
@@ -531,14 +562,21 @@ class SampleStream(IterableDataset):
             self._perm = (p, np.random.default_rng([self.seed, p]).permutation(len(self.source)))
         return self._perm[1]
 
+    def index_at(self, q: int) -> int:
+        """The sample at stream position q: an endless source is read in order (each of its
+        samples is already a fresh random draw), a finite one in its pass's permutation."""
+        if getattr(self.source, "endless", False):
+            return q
+        n = len(self.source)
+        return int(self.permutation(q // n)[q % n])
+
     def sample_at(self, q: int, flip: bool) -> tuple[dict, int]:
         """The sample at stream position q (or the next readable one of its pass), and the skips."""
         n = len(self.source)
-        p, i = divmod(q, n)
-        perm = self.permutation(p)
         skipped = 0
         for k in range(min(n, MAX_REPLACEMENTS)):
-            idx = int(perm[(i + k) % n])
+            # the next readable sample of the pass (replacements stay inside pass q // n)
+            idx = self.index_at((q // n) * n + (q + k) % n)
             try:
                 return self.make(self.source, idx, flip), skipped
             except CorruptSample as err:
@@ -591,6 +629,13 @@ def _image_sample(size: int) -> Callable[[Any, int, bool], dict]:
 
 def _cache_sample(source, idx: int, flip: bool) -> dict:
     return source.read(idx, flip=flip)
+
+
+def _shapes_sample(source, idx: int, flip: bool) -> dict:
+    image, text = source.read(idx)  # already 64 x 64: no crop
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return {"image": to_tensor(image), "caption": text}
 
 
 def _identity(batch):
@@ -677,8 +722,9 @@ def data_workers(requested: int) -> int:
 
 
 def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: int = 0, source=None) -> DataLoader:
-    """The training loader for recipe.data in webdataset | folder | cache (see the module doc);
-    `source` is the already opened source of the recipe (opened here when None)."""
+    """The training loader for recipe.data in webdataset | folder | cache (see the module doc), or
+    the Shapes World's endless ShapesSource; `source` is the already opened source of the recipe
+    (opened here when None)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
     if start_step < 0:
@@ -689,9 +735,11 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
         source.check_config(config)
         source.check_hard_negatives(recipe.hard_negatives)
         make = _cache_sample
+    elif isinstance(source, ShapesSource):
+        make = _shapes_sample
     else:
         make = _image_sample(config.image_size)
-    if rank == 0 and recipe.samples_per_epoch and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
+    if rank == 0 and not getattr(source, "endless", False) and recipe.samples_per_epoch and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
         log.info("the data holds %d samples but recipe.samples_per_epoch=%d (which sets the fractional epoch)",
                  len(source), recipe.samples_per_epoch)
     start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
@@ -708,6 +756,6 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
 
 __all__ = [
     "SKIPPED", "SkipCounter", "CorruptSample", "adm_center_crop", "to_tensor", "decode_image", "FolderSource",
-    "TarSource", "CacheSource", "ConcatSource", "SampleStream", "scan_tar", "check_data", "open_source",
+    "TarSource", "CacheSource", "ConcatSource", "ShapesSource", "SampleStream", "scan_tar", "check_data", "open_source",
     "describe_source", "usable_cores", "data_workers", "build_dataloader",
 ]
