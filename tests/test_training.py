@@ -618,6 +618,11 @@ def test_live_shapes_feed_is_position_addressed_and_a_cache_holds_its_first_scen
     assert [b["caption"] for b in two] == [b["caption"] for b in fresh[1:]]
     src = CacheSource(shapes_cache)  # extracted with the same seed: scene i of the cache is position i
     assert [src.read(i)["caption"] for i in range(16)] == [c for b in fresh for c in b["caption"]]
+    # Hard negatives draw from their own generator: turning them on leaves the scenes as they were.
+    negs = batches(2, hard_negatives=3)
+    for a, b in zip(fresh, negs):
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"]) and "hard_negatives" not in a
+        assert [len(n) for n in b["hard_negatives"]] == [3] * 4
 
 
 def test_live_shapes_feed_resumes_to_the_same_weights_as_one_run(data, tmp_path):

@@ -543,9 +543,11 @@ class SampleStream(IterableDataset):
     """Endless batches from a map-style source, a pure function of (seed, rank, micro-batch index).
 
     Global micro-batch g = j * world + rank holds stream positions g*B ... g*B + B - 1; position q
-    is sample perm_p[q mod N] of pass p = q // N (perm_p seeded by (seed, p)). Worker w of K yields
-    the rank's micro-batches start + w, start + w + K, ..., which the DataLoader's round-robin puts
-    back in order."""
+    is sample perm_p[q mod N] of pass p = q // N (perm_p seeded by (seed, p)), or sample q of an
+    endless source (the Shapes World, whose every sample is already a fresh random scene). Worker w
+    of K yields the rank's micro-batches start + w, start + w + K, ..., which the DataLoader's
+    round-robin puts back in order. Hard negatives (Shapes World captions only) are drawn per
+    global micro-batch from (seed, g), like the flips."""
 
     def __init__(self, source, make: Callable[[Any, int, bool], dict], batch_size: int, rank: int, world: int,
                  start_batch: int, seed: int, flip: bool, hard_negatives: int = 0) -> None:
@@ -739,7 +741,8 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
         make = _shapes_sample
     else:
         make = _image_sample(config.image_size)
-    if rank == 0 and not getattr(source, "endless", False) and recipe.samples_per_epoch and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
+    finite = not getattr(source, "endless", False)
+    if rank == 0 and finite and recipe.samples_per_epoch and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
         log.info("the data holds %d samples but recipe.samples_per_epoch=%d (which sets the fractional epoch)",
                  len(source), recipe.samples_per_epoch)
     start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
