@@ -9,9 +9,13 @@ with the text aligner, the diffusion head's loss (4 noise draws per masked token
 contrastive side (text tower, projector, loss). FLOPs of a step come from torch's FlopCounterMode
 (matmuls and attention, forward and backward).
 
-With --trainer, also times `training.train.Trainer.train_step` of the Shapes recipe end to end
-(Shapes World rendering, VAE encoding, T5, the step), which needs the VAE and T5 directories
-(default: those of the bundled model).
+With --trainer, also times `training.train.Trainer.train_step` of the Shapes recipe end to end on
+the live feed (Shapes World rendering, VAE encoding, T5, the step); with --cache DIR, on a Shapes
+cache (moments and T5 states read from DIR, a fresh posterior sample, the step), extracting
+--cache-samples scenes into DIR first when it holds no cache. Both need the VAE and T5 directories
+(default: those of the bundled model). The feeds and the pure step run in interleaved rounds (one
+step of each per round), so the load of a shared machine hits all of them alike, and one table
+gives each feed's samples/s as a share of the pure step's (issue 9: the cache feed >= 90 %).
 
 GPU paths, each switchable (they run on CPU too where torch supports them, except flash SDPA):
   --bf16 (autocast), --fused-adamw, --sdpa {default,math,flash,efficient,cudnn}, --compile,
@@ -22,6 +26,7 @@ GPU paths, each switchable (they run on CPU too where torch supports them, excep
     python bench/train.py --sizes base --batch-base 4 --repeats 1
     python bench/train.py --device cuda --bf16 --fused-adamw --sdpa flash --compile
     python bench/train.py --sizes shapes --trainer
+    python bench/train.py --sizes shapes --no-flops --no-split --trainer --cache /tmp/shapes-cache-2000
 """
 
 from __future__ import annotations
@@ -243,8 +248,9 @@ def ensure_cache(path: Path, samples: int, vae: Path, t5: Path) -> str:
     recipe = get_recipe("shapes").overrides([f"vae_path={vae}", f"t5_path={t5}"])
     t0 = time.perf_counter()
     extract(recipe, path, max_samples=samples, num_workers=0, progress=False)
+    threads = torch.get_num_threads()
     return (f"cache {path}: {samples} samples extracted in {time.perf_counter() - t0:.0f} s "
-            f"({torch.get_num_threads()} threads)")
+            f"({threads} thread{'s' if threads > 1 else ''})")
 
 
 def trainer_throughput(args, device: torch.device) -> str:
