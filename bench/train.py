@@ -295,7 +295,8 @@ def trainer_throughput(args, device: torch.device) -> str:
             return run
 
         if not args.no_live:
-            feeds["live Shapes feed (render + VAE + T5 + step)"] = feed(shapes_trainer(args, Path(tmp) / "live", vae, t5))
+            live = shapes_trainer(args, Path(tmp) / "live", vae, t5)
+            feeds["live Shapes feed (render + VAE + T5 + step)"] = feed(live)
         if args.cache is not None:
             feeds[f"cache feed ({Path(args.cache).name}: read + posterior sample + step)"] = feed(
                 shapes_trainer(args, Path(tmp) / "cache", vae, t5, Path(args.cache)))

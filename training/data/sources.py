@@ -741,8 +741,8 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
         make = _shapes_sample
     else:
         make = _image_sample(config.image_size)
-    finite = not getattr(source, "endless", False)
-    if rank == 0 and finite and recipe.samples_per_epoch and abs(len(source) - recipe.samples_per_epoch) > 0.1 * len(source):
+    n = None if getattr(source, "endless", False) else len(source)
+    if rank == 0 and n and recipe.samples_per_epoch and abs(n - recipe.samples_per_epoch) > 0.1 * n:
         log.info("the data holds %d samples but recipe.samples_per_epoch=%d (which sets the fractional epoch)",
                  len(source), recipe.samples_per_epoch)
     start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
