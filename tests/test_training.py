@@ -552,6 +552,18 @@ def shapes_cache(data, tmp_path_factory) -> Path:
     return out
 
 
+def test_a_small_cache_is_held_in_memory_and_reads_the_same(shapes_cache):
+    resident, lazy = CacheSource(shapes_cache), CacheSource(shapes_cache, resident_max_bytes=0)
+    assert resident.resident and not lazy.resident
+    for i in range(len(lazy)):
+        for flip in (False, True):
+            a, b = resident.read(i, flip), lazy.read(i, flip)
+            assert a["caption"] == b["caption"] and all(torch.equal(a[k], b[k]) for k in ("moments", "t5_hidden", "t5_mask"))
+            assert a["moments"].dtype == torch.float32 and a["t5_mask"].dtype == torch.bool
+    resident.read(3)["moments"].add_(1.0)  # the caller owns what it reads: the held shard is unchanged
+    assert torch.equal(resident.read(3)["moments"], lazy.read(3)["moments"])
+
+
 def _fit_until(trainer, stop_at: int) -> None:
     """fit(), stopped after step `stop_at` as Ctrl-C stops it (the step finishes, a checkpoint is saved)."""
     train_step = trainer.train_step

@@ -50,6 +50,7 @@ WARN_EVERY = 100  # log a warning on the first and every N-th skipped sample
 VERIFY_MAX = 20_000  # image folders up to this size are checked image by image before training
 MAX_REPLACEMENTS = 64  # consecutive unreadable samples before the data is declared broken
 INDEX_VERSION = 1
+RESIDENT_MAX_BYTES = 2 << 30  # caches up to this size on disk are held in memory once read (CacheSource)
 
 
 class SkipCounter:
@@ -452,9 +453,14 @@ class ShapesSource:
 
 class CacheSource:
     """The directory written by `training.cache`: shards of moments, flipped moments, T5 states
-    (fp16) and masks, with a JSON of captions beside each. Files are opened lazily per worker."""
+    (fp16) and masks, with a JSON of captions beside each. Files are opened lazily per worker.
 
-    def __init__(self, root: str | Path) -> None:
+    A cache of at most `resident_max_bytes` on disk (a Shapes cache of ~90,000 scenes at the default)
+    is held in memory shard by shard once read: a sample is then one index into each tensor instead
+    of three reads through safetensors' slices (~0.15 ms a sample, ~10 ms a batch of 64 here). Each
+    DataLoader worker holds its own copy; a larger cache is read slice by slice."""
+
+    def __init__(self, root: str | Path, resident_max_bytes: int = RESIDENT_MAX_BYTES) -> None:
         root = Path(root)
         if not str(root) or not root.is_dir():
             raise ValueError(f"cache path {str(root)!r} does not exist (write one with python -m training.cache)")
@@ -478,8 +484,10 @@ class CacheSource:
         self.caption_files = [s["captions"] for s in shards]
         self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), counts)
         self.local = np.concatenate([np.arange(c, dtype=np.int64) for c in counts if c > 0])
+        self.resident = sum((root / n).stat().st_size for n in self.names) <= resident_max_bytes
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._captions: OrderedDict[int, list[str]] = OrderedDict()
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}  # resident shards
 
     def check_config(self, config) -> None:
         """The cache must have been written for this model's geometry and T5."""
@@ -519,19 +527,34 @@ class CacheSource:
             self._handles.move_to_end(s)
         return h
 
+    def _shard(self, s: int) -> dict[str, torch.Tensor]:
+        """Shard s's tensors, read once and kept (resident caches only)."""
+        from safetensors.torch import load_file
+
+        t = self._tensors.get(s)
+        if t is None:
+            t = load_file(str(self.root / self.names[s]))
+            self._captions[s] = json.loads((self.root / self.caption_files[s]).read_text())["captions"]
+            self._tensors[s] = t
+        return t
+
     def read(self, i: int, flip: bool = False) -> dict[str, Any]:
         s, j = int(self.shard_of[i]), int(self.local[i])
         try:
-            h = self._handle(s)
-            moments = h.get_slice("moments_flip" if flip else "moments")[j:j + 1][0]
-            return {"moments": moments.float(), "t5_hidden": h.get_slice("t5_hidden")[j:j + 1][0],
-                    "t5_mask": h.get_slice("t5_mask")[j:j + 1][0].bool(), "caption": self._captions[s][j]}
+            if self.resident:
+                t = self._shard(s)
+                get = lambda key: t[key][j].clone()  # noqa: E731 - a copy: the caller owns it
+            else:
+                h = self._handle(s)
+                get = lambda key: h.get_slice(key)[j:j + 1][0]  # noqa: E731
+            return {"moments": get("moments_flip" if flip else "moments").float(), "t5_hidden": get("t5_hidden"),
+                    "t5_mask": get("t5_mask").bool(), "caption": self._captions[s][j]}
         except Exception as err:  # a damaged shard file: counted like any unreadable sample
             raise CorruptSample(f"unreadable cache shard: {type(err).__name__}: {err}") from err
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"], state["_captions"] = OrderedDict(), OrderedDict()
+        state["_handles"], state["_captions"], state["_tensors"] = OrderedDict(), OrderedDict(), {}
         return state
 
 
