@@ -558,7 +558,8 @@ def test_a_small_cache_is_held_in_memory_and_reads_the_same(shapes_cache):
     for i in range(len(lazy)):
         for flip in (False, True):
             a, b = resident.read(i, flip), lazy.read(i, flip)
-            assert a["caption"] == b["caption"] and all(torch.equal(a[k], b[k]) for k in ("moments", "t5_hidden", "t5_mask"))
+            assert a["caption"] == b["caption"]
+            assert all(torch.equal(a[k], b[k]) for k in ("moments", "t5_hidden", "t5_mask"))
             assert a["moments"].dtype == torch.float32 and a["t5_mask"].dtype == torch.bool
     resident.read(3)["moments"].add_(1.0)  # the caller owns what it reads: the held shard is unchanged
     assert torch.equal(resident.read(3)["moments"], lazy.read(3)["moments"])
