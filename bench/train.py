@@ -276,8 +276,12 @@ def trainer_throughput(args, device: torch.device) -> str:
     model = DreamModel(config).to(device).train()
     set_grad_checkpointing(model, args.grad_checkpointing)
     optimizer = build_optimizer(model, recipe, recipe.blr * args.batch_shapes / 256, fused=args.fused_adamw)
-    pure = make_step(model, optimizer, random_batch(config, recipe, args.batch_shapes, epoch, device, args.seed),
-                     device, args, recipe, [])
+    # A fresh batch every round, as the trainers draw fresh masks: a step's work depends on its
+    # masks (which rows enter the diffusion and contrastive losses), so one fixed draw would bias
+    # the pure step's time by as much as the difference being measured.
+    pure_steps = [make_step(model, optimizer, random_batch(config, recipe, args.batch_shapes, epoch, device,
+                                                           args.seed + r), device, args, recipe, [])
+                  for r in range(args.rounds + 1)]
     feeds: dict[str, Callable[[], tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         now = clock_fn(args.clock)
@@ -303,9 +307,9 @@ def trainer_throughput(args, device: torch.device) -> str:
         pure_t: list[float] = []
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in feeds}
         loads = []
-        for r in range(args.repeats + 1):  # round 0 warms every path up
+        for r in range(args.rounds + 1):  # round 0 warms every path up
             t0 = now()
-            pure()
+            pure_steps[r]()
             synchronize(device)
             dt = now() - t0
             results = {k: fn() for k, fn in feeds.items()}
@@ -321,7 +325,7 @@ def trainer_throughput(args, device: torch.device) -> str:
         total = median([d + s for d, s in v])
         rows.append([k, fmt_s(median([d for d, _ in v])), fmt_s(median([s for _, s in v])), f"{b / total:.1f}",
                      f"{100 * b / total / ref:.0f} %"])
-    notes.append(f"{args.repeats} interleaved rounds after a warm-up round, medians; masks drawn at epoch {epoch:g}; "
+    notes.append(f"{args.rounds} interleaved rounds after a warm-up round, medians; masks drawn at epoch {epoch:g}; "
                  f"1-min load average during the rounds {min(loads):.2f} to {max(loads):.2f}")
     return (title + "".join(f"- {n}\n" for n in notes) + "\n"
             + markdown_table(["path", "data", "step", "samples/s", "of the pure step"], rows))
@@ -356,18 +360,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also time Trainer.train_step on this Shapes cache (extracted first when it has no index.json)")
     ap.add_argument("--cache-samples", type=int, default=2000, help="scenes to extract when --cache does not exist yet")
     ap.add_argument("--no-live", action="store_true", help="with --trainer/--cache: skip the live feed")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="with --trainer/--cache: timed rounds of one step of each path (median), after a warm-up round")
     ap.add_argument("--vae", default=None, help="VAE directory for --trainer (default: the bundled model's)")
     ap.add_argument("--t5", default=None, help="T5 directory for --trainer (default: the bundled model's)")
     ap.add_argument("--quick", action="store_true", help="shapes only, 1 timed step, batch 16")
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats, args.batch_shapes = "shapes", 1, min(args.batch_shapes, 16)
+        args.sizes, args.repeats, args.rounds, args.batch_shapes = "shapes", 1, 1, min(args.batch_shapes, 16)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
     if bad or not sizes:
         ap.error(f"--sizes must name some of {', '.join(SIZES)}, got {args.sizes!r}")
     args.size_list = sizes
-    for key in ("batch_shapes", "batch_base", "repeats", "repeats_base"):
+    for key in ("batch_shapes", "batch_base", "repeats", "repeats_base", "rounds", "cache_samples"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
     return args
