@@ -455,7 +455,7 @@ class CacheSource:
     """The directory written by `training.cache`: shards of moments, flipped moments, T5 states
     (fp16) and masks, with a JSON of captions beside each. Files are opened lazily per worker.
 
-    A cache of at most `resident_max_bytes` on disk (a Shapes cache of ~90,000 scenes at the default)
+    A cache of at most `resident_max_bytes` on disk (a Shapes cache of ~95,000 scenes at the default)
     is held in memory shard by shard once read: a sample is then one index into each tensor instead
     of three reads through safetensors' slices (~0.15 ms a sample, ~10 ms a batch of 64 here). Each
     DataLoader worker holds its own copy; a larger cache is read slice by slice."""
