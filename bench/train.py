@@ -9,9 +9,13 @@ with the text aligner, the diffusion head's loss (4 noise draws per masked token
 contrastive side (text tower, projector, loss). FLOPs of a step come from torch's FlopCounterMode
 (matmuls and attention, forward and backward).
 
-With --trainer, also times `training.train.Trainer.train_step` of the Shapes recipe end to end
-(Shapes World rendering, VAE encoding, T5, the step), which needs the VAE and T5 directories
-(default: those of the bundled model).
+With --trainer, also times `training.train.Trainer.train_step` of the Shapes recipe end to end on
+the live feed (Shapes World rendering, VAE encoding, T5, the step); with --cache DIR, on a Shapes
+cache (moments and T5 states read from DIR, a fresh posterior sample, the step), extracting
+--cache-samples scenes into DIR first when it holds no cache. Both need the VAE and T5 directories
+(default: those of the bundled model). The feeds and the pure step run in interleaved rounds (one
+step of each per round), so the load of a shared machine hits all of them alike, and one table
+gives each feed's samples/s as a share of the pure step's (issue 9: the cache feed >= 90 %).
 
 GPU paths, each switchable (they run on CPU too where torch supports them, except flash SDPA):
   --bf16 (autocast), --fused-adamw, --sdpa {default,math,flash,efficient,cudnn}, --compile,
@@ -22,12 +26,15 @@ GPU paths, each switchable (they run on CPU too where torch supports them, excep
     python bench/train.py --sizes base --batch-base 4 --repeats 1
     python bench/train.py --device cuda --bf16 --fused-adamw --sdpa flash --compile
     python bench/train.py --sizes shapes --trainer
+    python bench/train.py --sizes shapes --no-flops --no-split --trainer --cache /tmp/shapes-cache-2000
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import sys
 import tempfile
 import time
@@ -215,37 +222,113 @@ def measure_size(size: str, args, device: torch.device) -> SizeResult:
                       float(b.mask.float().mean()))
 
 
-def trainer_throughput(args, device: torch.device) -> str:
-    """Trainer.train_step of the Shapes recipe end to end (data rendering, VAE, T5, the step)."""
+def shapes_trainer(args, out: Path, vae: Path, t5: Path, cache: Path | None = None):
+    """A Trainer of the Shapes recipe as the bench's flags ask (live feed, or the cache at `cache`),
+    placed at the pure step's epoch so both draw their masks from the same point of Masking Warmup."""
     from training.train import Trainer
 
+    over = [f"vae_path={vae}", f"t5_path={t5}", f"batch_size={args.batch_shapes}", "sample_every=0", "ckpt_every=0",
+            f"grad_checkpointing={str(args.grad_checkpointing).lower()}", f"compile={str(args.compile).lower()}"]
+    if cache is not None:
+        over += ["data=cache", f"cache_path={cache}"]
+    trainer = Trainer(get_recipe("shapes").overrides(over), out)
+    epoch = args.epoch if args.epoch is not None else trainer.recipe.epochs / 2
+    trainer.samples_seen = round(epoch * trainer.samples_per_epoch)
+    trainer.model.train()
+    return trainer
+
+
+def ensure_cache(path: Path, samples: int, vae: Path, t5: Path) -> str:
+    """The Shapes cache at `path`, extracted (`samples` scenes) when it has no index.json yet."""
+    if (path / "index.json").is_file():
+        n = json.loads((path / "index.json").read_text())["num_samples"]
+        return f"cache {path}: {n} samples (existing)"
+    from training.cache import extract
+
+    recipe = get_recipe("shapes").overrides([f"vae_path={vae}", f"t5_path={t5}"])
+    t0 = time.perf_counter()
+    extract(recipe, path, max_samples=samples, num_workers=0, progress=False)
+    threads = torch.get_num_threads()
+    return (f"cache {path}: {samples} samples extracted in {time.perf_counter() - t0:.0f} s "
+            f"({threads} thread{'s' if threads > 1 else ''})")
+
+
+def trainer_throughput(args, device: torch.device) -> str:
+    """Trainer.train_step of the Shapes recipe end to end, on the live feed (rendering, VAE, T5,
+    the step) and/or on a cache (moments and T5 states read from disk, the step), interleaved
+    round by round with the pure step on random inputs, so a shared machine's load hits all alike."""
     model_dir = ROOT / "assets" / "dream-shapes"
     vae = Path(args.vae) if args.vae else model_dir / "vae"
     t5 = Path(args.t5) if args.t5 else model_dir / "text"
+    title = "## The trainer's feeds against the pure step (Shapes recipe, batch %d)\n\n" % args.batch_shapes
     if not vae.is_dir() or not t5.is_dir():
-        return (f"## Trainer.train_step (Shapes recipe)\n\n(skipped: needs --vae and --t5 directories; "
-                f"{vae} / {t5} not found)")
-    recipe = get_recipe("shapes").overrides([f"vae_path={vae}", f"t5_path={t5}", f"batch_size={args.batch_shapes}",
-                                             "sample_every=0", "ckpt_every=0", f"grad_checkpointing={str(args.grad_checkpointing).lower()}",
-                                             f"compile={str(args.compile).lower()}"])
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(recipe, Path(out))
-        trainer.model.train()
-        it = iter(trainer.loader)
-        data_t, step_t = [], []
-        for i in range(args.repeats + 1):
-            t0 = time.perf_counter()
-            batch = next(it)
-            t1 = time.perf_counter()
-            trainer.train_step(batch)
-            t2 = time.perf_counter()
-            if i:
-                data_t.append(t1 - t0)
-                step_t.append(t2 - t1)
-    d, s = median(data_t), median(step_t)
-    rows = [[str(args.batch_shapes), fmt_s(d), fmt_s(s), f"{args.batch_shapes / (d + s):.1f}"]]
-    return ("## Trainer.train_step, Shapes recipe end to end (rendering + VAE + T5 + step)\n\n"
-            + markdown_table(["batch", "data (render)", "train_step (VAE, T5, step)", "samples/s"], rows))
+        return title + f"(skipped: needs --vae and --t5 directories; {vae} / {t5} not found)"
+    notes = []
+    if args.cache is not None:
+        notes.append(ensure_cache(Path(args.cache), args.cache_samples, vae, t5))
+    # The pure step, as measure_size times it, on its own model.
+    recipe = get_recipe("shapes").overrides([f"vae_path={vae}", f"t5_path={t5}"])
+    config = recipe.model_config()  # the geometry the trainers read from the same VAE and T5
+    if args.no_dropout:
+        config = config.replace(attn_dropout=0.0, proj_dropout=0.0)
+    epoch = args.epoch if args.epoch is not None else recipe.epochs / 2
+    torch.manual_seed(0)
+    model = DreamModel(config).to(device).train()
+    set_grad_checkpointing(model, args.grad_checkpointing)
+    optimizer = build_optimizer(model, recipe, recipe.blr * args.batch_shapes / 256, fused=args.fused_adamw)
+    # A fresh batch every round, as the trainers draw fresh masks: a step's work depends on its
+    # masks (which rows enter the diffusion and contrastive losses), so one fixed draw would bias
+    # the pure step's time by as much as the difference being measured.
+    pure_steps = [make_step(model, optimizer, random_batch(config, recipe, args.batch_shapes, epoch, device,
+                                                           args.seed + r), device, args, recipe, [])
+                  for r in range(args.rounds + 1)]
+    feeds: dict[str, Callable[[], tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        now = clock_fn(args.clock)
+
+        def feed(trainer) -> Callable[[], tuple[float, float]]:
+            it = iter(trainer.loader)
+
+            def run() -> tuple[float, float]:
+                t0 = now()
+                batch = next(it)
+                t1 = now()
+                trainer.train_step(batch)
+                synchronize(device)
+                return t1 - t0, now() - t1
+            return run
+
+        if not args.no_live:
+            live = shapes_trainer(args, Path(tmp) / "live", vae, t5)
+            feeds["live Shapes feed (render + VAE + T5 + step)"] = feed(live)
+        if args.cache is not None:
+            feeds[f"cache feed ({Path(args.cache).name}: read + posterior sample + step)"] = feed(
+                shapes_trainer(args, Path(tmp) / "cache", vae, t5, Path(args.cache)))
+        pure_t: list[float] = []
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in feeds}
+        loads = []
+        for r in range(args.rounds + 1):  # round 0 warms every path up
+            t0 = now()
+            pure_steps[r]()
+            synchronize(device)
+            dt = now() - t0
+            results = {k: fn() for k, fn in feeds.items()}
+            if r:
+                pure_t.append(dt)
+                for k, v in results.items():
+                    times[k].append(v)
+                loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+    b = args.batch_shapes
+    ref = b / median(pure_t)
+    rows = [["pure step (random inputs)", "-", fmt_s(median(pure_t)), f"{ref:.1f}", "100 %"]]
+    for k, v in times.items():
+        total = median([d + s for d, s in v])
+        rows.append([k, fmt_s(median([d for d, _ in v])), fmt_s(median([s for _, s in v])), f"{b / total:.1f}",
+                     f"{100 * b / total / ref:.0f} %"])
+    notes.append(f"{args.rounds} interleaved rounds after a warm-up round, medians; masks drawn at epoch {epoch:g}; "
+                 f"1-min load average during the rounds {min(loads):.2f} to {max(loads):.2f}")
+    return (title + "".join(f"- {n}\n" for n in notes) + "\n"
+            + markdown_table(["path", "data", "step", "samples/s", "of the pure step"], rows))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -271,19 +354,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-dropout", action="store_true", help="attention/projection dropout off (the shapes preset has none)")
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--no-split", action="store_true", help="skip the per-tower split")
-    ap.add_argument("--trainer", action="store_true", help="also time Trainer.train_step of the Shapes recipe end to end")
+    ap.add_argument("--trainer", action="store_true",
+                    help="also time Trainer.train_step of the Shapes recipe end to end on the live feed")
+    ap.add_argument("--cache", default=None,
+                    help="also time Trainer.train_step on this Shapes cache (extracted first when it has no index.json)")
+    ap.add_argument("--cache-samples", type=int, default=2000, help="scenes to extract when --cache does not exist yet")
+    ap.add_argument("--no-live", action="store_true", help="with --trainer/--cache: skip the live feed")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="with --trainer/--cache: timed rounds of one step of each path (median), after a warm-up round")
     ap.add_argument("--vae", default=None, help="VAE directory for --trainer (default: the bundled model's)")
     ap.add_argument("--t5", default=None, help="T5 directory for --trainer (default: the bundled model's)")
     ap.add_argument("--quick", action="store_true", help="shapes only, 1 timed step, batch 16")
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats, args.batch_shapes = "shapes", 1, min(args.batch_shapes, 16)
+        args.sizes, args.repeats, args.rounds, args.batch_shapes = "shapes", 1, 1, min(args.batch_shapes, 16)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in SIZES]
     if bad or not sizes:
         ap.error(f"--sizes must name some of {', '.join(SIZES)}, got {args.sizes!r}")
     args.size_list = sizes
-    for key in ("batch_shapes", "batch_base", "repeats", "repeats_base"):
+    for key in ("batch_shapes", "batch_base", "repeats", "repeats_base", "rounds", "cache_samples"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
     return args
@@ -325,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{100 * max(0.0, r.step - total) / r.step:.0f} %"])
         print(f"## Where a {r.name} step goes (forward + backward of each part alone)\n")
         print(markdown_table(["part", "time", "share of the step"], rows) + "\n")
-    if args.trainer:
+    if args.trainer or args.cache is not None:
         print(trainer_throughput(args, device) + "\n", flush=True)
 
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -51,15 +53,35 @@ def validate_prompts(prompts: str | Sequence[str], name: str = "prompt") -> list
 
 class ClipTokenizer:
     """open_clip's BPE tokenizer (its vocabulary ships inside the package: no download). Over-long
-    captions keep their EOT token, so argmax pooling stays correct."""
+    captions keep their EOT token, so argmax pooling stays correct.
 
-    def __init__(self, context_length: int) -> None:
-        self.context_length = context_length
+    The last `memo_size` texts' token rows are kept (`memo`, most recent last): open_clip cleans
+    every text with ftfy and a regex before BPE (~0.2 ms a caption), which a trainer reading a cache
+    would otherwise pay again for the same captions at every pass (bench/train.py --cache)."""
+
+    def __init__(self, context_length: int, memo_size: int = 65_536) -> None:
+        self.context_length, self.memo_size = context_length, memo_size
         self._tok = SimpleTokenizer(context_length=context_length)
+        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self._tok(texts, context_length=self.context_length)  # always [B, context]
+        with self._lock:
+            rows = {t: self.memo.get(t) for t in texts}
+        new = [t for t, row in rows.items() if row is None]
+        if new:
+            for t, row in zip(new, self._tok(new, context_length=self.context_length)):
+                rows[t] = row.clone()  # not a view that keeps the whole batch alive
+        with self._lock:
+            for t in texts:
+                self.memo[t] = rows[t]
+                self.memo.move_to_end(t)
+            while len(self.memo) > self.memo_size:
+                self.memo.popitem(last=False)
+        if not texts:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        return torch.stack([rows[t] for t in texts])  # always [B, context]
 
 
 class ContrastiveTextTower(nn.Module):

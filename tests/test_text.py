@@ -82,6 +82,18 @@ def test_clip_tokenizer_keeps_eot_for_over_long_captions():
     assert bool((ids[0] != 0).all())
 
 
+def test_clip_tokenizer_memo_gives_open_clips_rows_and_stays_bounded():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    texts = ["a red circle", "a purple cross on a white background", "a red circle", "a very long caption " * 10]
+    ref = SimpleTokenizer(context_length=16)(texts, context_length=16)
+    tok = ClipTokenizer(16, memo_size=2)
+    assert torch.equal(tok(texts), ref)  # a repeated text within one call too
+    assert list(tok.memo) == [texts[0], texts[3]]  # the 2 most recently used
+    assert torch.equal(tok(texts[::-1]), ref.flip(0))  # memo hits and misses mixed, order kept
+    assert len(tok.memo) == 2
+
+
 def test_text_tower_pools_at_eot():
     torch.manual_seed(0)
     cfg = DreamConfig.preset("tiny")

@@ -541,6 +541,143 @@ def test_cache_round_trip_resume_and_sharding(data, tmp_path):
     assert file_digest(split)["shard-000001.safetensors"] == after["shard-000001.safetensors"]
 
 
+@pytest.fixture(scope="module")
+def shapes_cache(data, tmp_path_factory) -> Path:
+    """24 Shapes World scenes (rendered at 64, cropped to the tiny model's 32) cached with the tiny VAE and T5."""
+    from training.cache import extract
+
+    out = tmp_path_factory.mktemp("shapes-cache") / "cache"
+    extract(tiny_recipe(data, data="shapes"), out, max_samples=24, shard_size=8, batch_size=8, num_workers=0,
+            progress=False)
+    return out
+
+
+def test_a_small_cache_is_held_in_memory_and_reads_the_same(shapes_cache):
+    resident, lazy = CacheSource(shapes_cache), CacheSource(shapes_cache, resident_max_bytes=0)
+    assert resident.resident and not lazy.resident
+    for i in range(len(lazy)):
+        for flip in (False, True):
+            a, b = resident.read(i, flip), lazy.read(i, flip)
+            assert a["caption"] == b["caption"]
+            assert all(torch.equal(a[k], b[k]) for k in ("moments", "t5_hidden", "t5_mask"))
+            assert a["moments"].dtype == torch.float32 and a["t5_mask"].dtype == torch.bool
+    resident.read(3)["moments"].add_(1.0)  # the caller owns what it reads: the held shard is unchanged
+    assert torch.equal(resident.read(3)["moments"], lazy.read(3)["moments"])
+
+
+def _fit_until(trainer, stop_at: int) -> None:
+    """fit(), stopped after step `stop_at` as Ctrl-C stops it (the step finishes, a checkpoint is saved)."""
+    train_step = trainer.train_step
+
+    def step(batch):
+        out = train_step(batch)
+        if trainer.step + 1 == stop_at:  # the loop counts this step after train_step returns
+            trainer.stop_requested = True
+        return out
+
+    trainer.train_step = step
+    trainer.fit()
+
+
+def _final_weights(trainer) -> dict[str, torch.Tensor]:
+    core = trainer.acc.unwrap_model(trainer.model)
+    return {**{f"model.{k}": v for k, v in core.state_dict().items()},
+            **{f"ema.{k}": v for k, v in trainer.ema.state_dict(core).items()}}
+
+
+def _resume_equals_one_go(recipe, tmp_path: Path, steps: int, stop_at: int) -> None:
+    """`steps` steps in one go, and `stop_at` + the rest resumed from checkpoint-last, end on equal
+    weights and EMA, bit for bit (data position, posterior noise, masks, caption dropout restored)."""
+    from training.train import Trainer
+
+    whole = Trainer(recipe, tmp_path / "whole")
+    whole.fit()
+    first = Trainer(recipe, tmp_path / "split")
+    _fit_until(first, stop_at)
+    assert first.interrupted and first.step == stop_at
+    second = Trainer(recipe, tmp_path / "split")
+    assert second.step == stop_at  # resumed from checkpoint-last
+    second.fit()
+    assert whole.step == second.step == steps
+    a, b = _final_weights(whole), _final_weights(second)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    rows_a, rows_b = read_log(tmp_path / "whole" / "log.csv"), read_log(tmp_path / "split" / "log.csv")
+    assert sorted(rows_b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert {k: rows_b[step][k] for k in COMPARED} == {k: rows_a[step][k] for k in COMPARED}, step
+
+
+def test_cache_feed_resumes_to_the_same_weights_as_one_run(data, shapes_cache, tmp_path):
+    """8 steps of 4 on a 24-sample cache (into its second pass), hard negatives and caption dropout on."""
+    recipe = tiny_recipe(data, data="cache", cache_path=str(shapes_cache), batch_size=4, max_steps=8,
+                         hard_negatives=2, **{"model.caption_dropout": 0.25})
+    _resume_equals_one_go(recipe, tmp_path, steps=8, stop_at=3)
+
+
+def test_live_shapes_feed_is_position_addressed_and_a_cache_holds_its_first_scenes(data, shapes_cache):
+    from training.data.loaders import build_dataloader
+
+    def batches(n: int, start_step: int = 0, **kw) -> list[dict]:
+        recipe = tiny_recipe(data, data="shapes", batch_size=4, **kw)
+        it = iter(build_dataloader(recipe, recipe.model_config().replace(image_size=64), start_step=start_step))
+        return [next(it) for _ in range(n)]
+
+    fresh = batches(4)
+    assert fresh[0]["image"].shape == (4, 3, 64, 64) and fresh[0]["skipped"] == 0
+    for a, b in zip(fresh[2:], batches(2, start_step=2)):  # a resume continues at the same scene
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+    two = batches(3, start_step=1, num_workers=2)
+    assert [b["caption"] for b in two] == [b["caption"] for b in fresh[1:]]
+    src = CacheSource(shapes_cache)  # extracted with the same seed: scene i of the cache is position i
+    assert [src.read(i)["caption"] for i in range(16)] == [c for b in fresh for c in b["caption"]]
+    # Hard negatives draw from their own generator: turning them on leaves the scenes as they were.
+    negs = batches(2, hard_negatives=3)
+    for a, b in zip(fresh, negs):
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"]) and "hard_negatives" not in a
+        assert [len(n) for n in b["hard_negatives"]] == [3] * 4
+
+
+def test_live_shapes_feed_resumes_to_the_same_weights_as_one_run(data, tmp_path):
+    recipe = tiny_recipe(data, data="shapes", batch_size=4, max_steps=5, hard_negatives=1,
+                         **{"model.image_size": 64, "model.caption_dropout": 0.25})
+    _resume_equals_one_go(recipe, tmp_path, steps=5, stop_at=2)
+
+
+def test_hard_negatives_from_a_shapes_cache(data, shapes_cache, tmp_path):
+    from training.data.shapes_world import parse_caption
+
+    recipe = tiny_recipe(data, data="cache", cache_path=str(shapes_cache), batch_size=6, hard_negatives=3)
+    batches = _batches(recipe, 4)
+    plain = _batches(tiny_recipe(data, data="cache", cache_path=str(shapes_cache), batch_size=6), 4)
+    for b, p in zip(batches, plain):
+        # The scenes are those of the plain feed; each caption gets 3 one-attribute swaps.
+        assert b["caption"] == p["caption"] and torch.equal(b["moments"], p["moments"]) and "hard_negatives" not in p
+        assert len(b["hard_negatives"]) == 6
+        for text, negs in zip(b["caption"], b["hard_negatives"]):
+            truth = parse_caption(text)
+            assert len(negs) == 3
+            for neg in negs:
+                got = parse_caption(neg)
+                diffs = (got.background != truth.background) + sum(
+                    getattr(x, k) != getattr(y, k) for x, y in zip(got.objects, truth.objects)
+                    for k in ("color", "shape", "size", "position"))
+                assert diffs == 1, (text, neg)
+    # Seeded by the batch's position: a resumed stream makes the same negatives.
+    assert [b["hard_negatives"] for b in _batches(recipe, 2, start_step=2)] == [b["hard_negatives"]
+                                                                                for b in batches[2:]]
+    # A cache of other data is refused in one sentence, before any training.
+    folder_cache = tmp_path / "folder-cache"
+    from training.cache import extract
+
+    extract(tiny_recipe(data), folder_cache, shard_size=24, batch_size=8, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"hard_negatives=2 needs Shapes World captions, but cache .* was "
+                                         r"extracted from data=folder; set hard_negatives=0"):
+        _batches(tiny_recipe(data, data="cache", cache_path=str(folder_cache), hard_negatives=2), 1)
+    with pytest.raises(ValueError, match="hard_negatives needs data=shapes or a Shapes World cache"):
+        tiny_recipe(data, hard_negatives=2)  # an image folder
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes, kill and resume (subprocesses)
 # ---------------------------------------------------------------------------------------------

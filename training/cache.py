@@ -29,12 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from training.data.sources import CorruptSample, FolderSource, TarSource, adm_center_crop, to_tensor
+from training.data.sources import CorruptSample, FolderSource, ShapesSource, TarSource, adm_center_crop, to_tensor
 from training.recipes import TrainRecipe, get_recipe
 
 CACHE_VERSION = 1
@@ -45,27 +44,6 @@ NULL_CAPTION_FILE = "null_caption.safetensors"
 # Sources to extract from
 # ---------------------------------------------------------------------------------------------
 
-class ShapesSource:
-    """The Shapes World as a map-style source: sample i is rendered from its own seeded generator."""
-
-    def __init__(self, seed: int, n: int) -> None:
-        self.seed, self.n = seed, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def describe(self, i: int) -> str:
-        return f"shapes:{self.seed}:{i}"
-
-    def read(self, i: int) -> tuple[Image.Image, str]:
-        from training.data.shapes_world import caption, random_scene, render
-
-        rng = np.random.default_rng([self.seed, i])
-        scene = random_scene(rng)
-        image = render(scene, rng)
-        return image, caption(scene, rng)
-
-
 def extraction_source(recipe: TrainRecipe, max_samples: int | None):
     if recipe.data == "folder":
         return FolderSource(recipe.data_path)
@@ -74,7 +52,7 @@ def extraction_source(recipe: TrainRecipe, max_samples: int | None):
     if recipe.data == "shapes":
         if not max_samples:
             raise ValueError("the Shapes World is endless: pass --max-samples N to cache N samples of it")
-        return ShapesSource(recipe.seed, max_samples)
+        return ShapesSource(recipe.seed, max_samples)  # the first N scenes of the live feed
     raise ValueError(f"cannot cache recipe.data={recipe.data!r} (use webdataset, folder or shapes)")
 
 

@@ -2,7 +2,9 @@
 
 1. train the Shapes World VAE (training.vae);
 2. build the frozen T5 with a Shapes World vocabulary (training.shapes_text);
-3. train DREAM with the `shapes` recipe (Masking Warmup, both losses) through training.train;
+3. train DREAM with the `shapes` recipe (Masking Warmup, both losses) through training.train, on
+   the live feed (scenes rendered, VAE-encoded and T5-encoded at every step: the default) or, with
+   --cache-scenes N, on a cache of the feed's first N scenes extracted first (training.cache);
 4. export the EMA weights with the 2,160-caption bank to the model directory;
 5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
@@ -38,8 +40,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8000,
                     help="DREAM optimizer steps (the shipped model: 8,000, trained as 3,000 then resumed to 8,000)")
     ap.add_argument("--recipe", default="shapes")
+    ap.add_argument("--cache-scenes", type=int, default=0,
+                    help="train on a cache of the Shapes feed's first N scenes (extracted first into "
+                         "WORK/cache-N) instead of the live feed (0, the default; see README, Training)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
+    if args.cache_scenes < 0:
+        ap.error(f"--cache-scenes must be >= 0 (0 = the live feed), got {args.cache_scenes}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -65,11 +72,21 @@ def main() -> None:
         run([py, "-m", "training.shapes_text", "--out", str(text_dir)])
     bank = work / "captions.txt"
     bank.write_text("\n".join(full_caption_bank()) + "\n")
+    feed = []
+    if args.cache_scenes:
+        cache = work / f"cache-{args.cache_scenes}"
+        t = time.time()
+        if not (cache / "index.json").exists():  # resumes a killed extraction shard by shard
+            run([py, "-m", "training.cache", "--recipe", args.recipe, "--out", str(cache), "--max-samples",
+                 str(args.cache_scenes), "--num-workers", "0", f"vae_path={vae_dir}", f"t5_path={text_dir}",
+                 *args.overrides])
+            timings["cache_seconds"] = time.time() - t
+        feed = ["data=cache", f"cache_path={cache}"]
     t = time.time()
     steps = ["--max-steps", str(args.steps)] if args.steps else []
     run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), *steps,
          "--export", str(args.out), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
-         *args.overrides])
+         *feed, *args.overrides])
     timings["dream_seconds"] = time.time() - t
     # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
     preview = work / "preview_vae"

@@ -38,8 +38,8 @@ class TrainRecipe:
     lora_rank: int = 0  # > 0: train LoRA adapters (merged into the weights on export) instead of every weight
     lora_alpha: float = 0.0  # 0 = 2 x rank
     preserve_path: str = ""  # a second image folder mixed into the data (e.g. samples of the base model)
-    # Shapes World only: per image, this many captions that differ from its own in one stated
-    # attribute, as extra contrastive negatives (issue 9's joint-space ablation).
+    # Shapes World only (live, or a cache extracted from it): per image, this many captions that differ
+    # from its own in one stated attribute, as extra contrastive negatives (issue 9's joint-space ablation).
     hard_negatives: int = 0
 
     # optimisation
@@ -141,8 +141,9 @@ class TrainRecipe:
             raise ValueError(f"recipe.masking must be warmup, mar, fx, uni, cd or none, got {self.masking!r}")
         if self.hard_negatives < 0:
             raise ValueError(f"recipe.hard_negatives must be >= 0, got {self.hard_negatives}")
-        if self.hard_negatives and self.data != "shapes":
-            raise ValueError("recipe.hard_negatives needs data=shapes (negatives are made from the Shapes World grammar)")
+        if self.hard_negatives and self.data not in ("shapes", "cache"):
+            raise ValueError("recipe.hard_negatives needs data=shapes or a Shapes World cache (data=cache): "
+                             "negatives are made from the Shapes World grammar")
         if self.max_steps < 0:
             raise ValueError(f"recipe.max_steps must be >= 0, got {self.max_steps}")
         return self

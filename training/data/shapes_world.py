@@ -479,7 +479,6 @@ class ShapesWorldDataset(_IterableDataset):  # type: ignore[misc,valid-type]
         transform: Callable[[Image.Image], Any] | None = None,
         rank: int = 0,
         full_prob: float = 0.0,
-        hard_negatives: int = 0,
     ) -> None:
         if torch is None:  # pragma: no cover - depends on the environment
             raise ImportError("ShapesWorldDataset needs torch")
@@ -488,7 +487,6 @@ class ShapesWorldDataset(_IterableDataset):  # type: ignore[misc,valid-type]
         self.transform = transform
         self.rank = int(rank)
         self.full_prob = float(full_prob)
-        self.hard_negatives = int(hard_negatives)
 
     def _rng(self) -> np.random.Generator:
         info = torch.utils.data.get_worker_info()
@@ -499,16 +497,9 @@ class ShapesWorldDataset(_IterableDataset):  # type: ignore[misc,valid-type]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rng = self._rng()
-        # Hard negatives draw from their own sub-stream, so turning them on leaves the scenes as they were.
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        neg_rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, worker, 7919]))
         for image, text, _scene in _stream_from(rng, self.full_prob):
             out = self.transform(image) if self.transform is not None else _to_tensor(image)
-            sample = {"image": out, "caption": text}
-            if self.hard_negatives:
-                sample["hard_negatives"] = hard_negative_captions(text, neg_rng, self.hard_negatives)
-            yield sample
+            yield {"image": out, "caption": text}
 
 
 # --------------------------------------------------------------------------- the judge
