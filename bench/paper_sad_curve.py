@@ -24,8 +24,8 @@ from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.sampling import decision_step_for_share  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import (add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,  # noqa: E402
-                                   sampler_from_args, write_json)
+from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list,  # noqa: E402
+                                   run_cli, run_metadata, sampler_from_args, write_json)
 from training.evaluate.critic import JudgeReranker, critic_stats  # noqa: E402
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.plotting import plot_lines  # noqa: E402
@@ -54,10 +54,7 @@ def curve_steps(shares: list[float], num_steps: int, seq_len: int) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "sad_curve", help="output folder (results.json, plots)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
+    add_model_args(ap, out_default=RESULTS / "sad_curve")
     add_sampler_args(ap)
     ap.add_argument("--k", type=int, default=9, help="SAD candidates")
     ap.add_argument("--shares", default=",".join(f"{f:g}" for f in CURVE_SHARES),

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import (add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,  # noqa: E402
-                                   sampler_from_args, write_json)
+from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list,  # noqa: E402
+                                   run_cli, run_metadata, sampler_from_args, write_json)
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.plotting import plot_lines  # noqa: E402
 from training.evaluate.sad_sweep import (add_reranker_args, reranker_description, reranker_from_args,  # noqa: E402
@@ -96,10 +96,7 @@ def nfe_per_image(setting: Setting, steps: int) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "table17", help="output folder (results.json, plot.png)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
+    add_model_args(ap, out_default=RESULTS / "table17")
     add_sampler_args(ap)
     ap.add_argument("--k", default=DEFAULT_KS, help="numbers of candidates, comma-separated")
     ap.add_argument("--budget", type=int, default=0,

@@ -20,9 +20,11 @@ from dream_core.request import GUIDANCE_SCHEDULES, MAX_GUIDANCE_SCALE, MAX_TEMPE
 from .sets import EVAL_SEED
 
 
-def add_model_args(ap: argparse.ArgumentParser) -> None:
+def add_model_args(ap: argparse.ArgumentParser, out_default: Path | None = None) -> None:
+    """--model, --out (required unless `out_default`), --device, --threads."""
     ap.add_argument("--model", default=None, help="model directory (default: $DREAM_MODEL or assets/dream-shapes)")
-    ap.add_argument("--out", type=Path, required=True, help="output directory (results.json + plot.png)")
+    ap.add_argument("--out", type=Path, required=out_default is None, default=out_default,
+                    help="output directory (results.json + plots)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
 

@@ -73,12 +73,7 @@ def plot_panels(path: str | Path, x: Sequence[float], panels: dict[str, dict[str
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _write(plt, fig, path)
 
 
 def plot_bars(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
@@ -131,6 +126,11 @@ def _save(plt, fig, ax, path: str | Path, legend: bool) -> Path:
     """Legend (when several series), tight layout, write the PNG (parents made), close."""
     if legend:
         ax.legend(fontsize=8)
+    return _write(plt, fig, path)
+
+
+def _write(plt, fig, path: str | Path) -> Path:
+    """Tight layout, write the PNG (parents made), close."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
