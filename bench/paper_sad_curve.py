@@ -22,14 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
 from dream_core.masking import fraction_decided  # noqa: E402
-from dream_core.sampling import decision_step_for_share  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list,  # noqa: E402
-                                   run_cli, run_metadata, sampler_from_args, write_json)
+from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, run_cli,  # noqa: E402
+                                   run_metadata, sampler_from_args, write_json)
 from training.evaluate.critic import JudgeReranker, critic_stats  # noqa: E402
-from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
+from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set  # noqa: E402
 from training.evaluate.plotting import plot_lines  # noqa: E402
-from training.evaluate.sad_sweep import SWEEP_SHARES  # noqa: E402
+from training.evaluate.sad_sweep import SWEEP_SHARES, decision_steps_for_shares  # noqa: E402
 from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
 from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
 
@@ -44,12 +43,6 @@ def parse_shares(text: str) -> list[float]:
     if not shares or any(not 0.0 < f < 1.0 for f in shares):
         raise ValueError(f"--shares must be comma-separated numbers in (0, 1), got {text!r}")
     return shares
-
-
-def curve_steps(shares: list[float], num_steps: int, seq_len: int) -> list[int]:
-    """The distinct decision steps of the shares (the first step with that share decided), increasing."""
-    steps = sorted({decision_step_for_share(f, num_steps, seq_len) for f in shares})
-    return [d for d in steps if 1 <= d < num_steps]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     shares = parse_shares(args.shares)
-    objects = parse_int_list(args.objects, "--objects")
-    if any(o not in (1, 2) for o in objects):
-        raise ValueError(f"--objects entries must be 1 or 2, got {objects}")
+    objects = parse_objects(args.objects)
     if args.k < 2:
         raise ValueError(f"--k must be >= 2 (SAD chooses among candidates), got {args.k}")
     if args.n_prompts < 1:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_pipeline(args.model, args.device, args.threads)
     sampler = sampler_from_args(args, pipe)
     steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
-    decision_steps = curve_steps(shares, steps, seq_len)
+    decision_steps = decision_steps_for_shares(steps, seq_len, shares)
     if not decision_steps:
         raise ValueError(f"no decision step in 1..{steps - 1} for --shares {args.shares} with {steps} steps")
     sad = {d: Setting(args.k, d) for d in decision_steps}

@@ -33,7 +33,7 @@ from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
 from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list,  # noqa: E402
                                    run_cli, run_metadata, sampler_from_args, write_json)
-from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
+from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set  # noqa: E402
 from training.evaluate.plotting import plot_lines  # noqa: E402
 from training.evaluate.sad_sweep import (add_reranker_args, reranker_description, reranker_from_args,  # noqa: E402
                                          run_settings)
@@ -115,9 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     ks = parse_int_list(args.k, "--k")
-    objects = parse_int_list(args.objects, "--objects")
-    if any(o not in (1, 2) for o in objects):
-        raise ValueError(f"--objects entries must be 1 or 2, got {objects}")
+    objects = parse_objects(args.objects)
     if args.n_prompts < 1 or args.timing_prompts < 0:
         raise ValueError("--n-prompts must be >= 1 and --timing-prompts >= 0")
     if args.budget < 0:

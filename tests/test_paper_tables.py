@@ -16,6 +16,7 @@ from PIL import Image
 from dream_core.request import SamplerSettings
 from dream_core.semantic_decoding import DreamReranker, Setting, rank_candidates
 from training.evaluate.sets import one_object_prompts, prompt_seeds
+from training.evaluate.sad_sweep import decision_steps_for_shares
 from training.evaluate.stats import format_rate, rate_with_interval, wilson_interval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,7 +185,7 @@ def test_sad_curve_cli(tiny_model_dir, tmp_path, capsys):
                 "--shares", "0.125,0.25,0.5,0.75", "--objects", "1,2", "--n-prompts", "3", *TINY_SAMPLER])
     data = read_out(out)
     assert (out / "plot_critic.png").exists()
-    assert data["decision_steps"] == curve.curve_steps([0.125, 0.25, 0.5, 0.75], 4, 16) == [1, 2, 3]
+    assert data["decision_steps"] == decision_steps_for_shares(4, 16, [0.125, 0.25, 0.5, 0.75]) == [1, 2, 3]
     for sec in data["sets"].values():
         for p in sec["points"]:
             # SAD's image is its chosen candidate finished: the judge agrees with the critic's record.

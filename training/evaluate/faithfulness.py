@@ -97,6 +97,14 @@ def prompt_set(objects: int, n: int, seed: int = EVAL_SEED) -> list[str]:
     raise ValueError(f"objects must be 1 or 2, got {objects}")
 
 
+def parse_objects(text: str) -> list[int]:
+    """An --objects flag ("1", "2" or "1,2"): the Shapes World prompt sets to evaluate."""
+    objects = parse_int_list(text, "--objects")
+    if any(o not in (1, 2) for o in objects):
+        raise ValueError(f"--objects entries must be 1 or 2, got {objects}")
+    return objects
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
@@ -112,10 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    objects = parse_int_list(args.objects, "--objects")
-    for o in objects:
-        if o not in (1, 2):
-            raise ValueError(f"--objects entries must be 1 or 2, got {o}")
+    objects = parse_objects(args.objects)
     n = 8 if args.quick else args.n_prompts
     if n < 1:
         raise ValueError(f"--n-prompts must be >= 1, got {n}")

@@ -31,7 +31,7 @@ from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_lis
 from .plotting import plot_lines
 from .scoring import clip_scores, load_open_clip
 from .sets import EVAL_SEED, prompt_seeds, read_prompts
-from .faithfulness import judge_images, prompt_set
+from .faithfulness import judge_images, parse_objects, prompt_set
 
 
 def sweep_settings(ks: list[int], decision_steps: list[int], rerank: bool) -> list[Setting]:
@@ -71,10 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 SWEEP_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)
 
 
-def default_decision_steps(num_steps: int, seq_len: int) -> list[int]:
+def decision_steps_for_shares(num_steps: int, seq_len: int, shares=SWEEP_SHARES) -> list[int]:
+    """The distinct decision steps of the shares (the first step with that share decided) that leave
+    a decision before the last step, increasing."""
     from dream_core.sampling import decision_step_for_share
 
-    steps = {decision_step_for_share(f, num_steps, seq_len) for f in SWEEP_SHARES}
+    steps = {decision_step_for_share(f, num_steps, seq_len) for f in shares}
     return sorted(s for s in steps if 1 <= s < num_steps)
 
 
@@ -146,13 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = sampler_from_args(args, pipe)
     steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
     decision_steps = (parse_int_list(args.decision_steps, "--decision-steps") if args.decision_steps
-                      else default_decision_steps(steps, seq_len))
+                      else decision_steps_for_shares(steps, seq_len))
     settings = sweep_settings(ks, decision_steps, reranker is not None)
 
     if args.prompts is not None:
         sets = {"prompts": read_prompts(args.prompts)[:n]}
     else:
-        objects = parse_int_list(args.objects, "--objects")
+        objects = parse_objects(args.objects)
         sets = {f"{o}-object": prompt_set(o, n, args.prompt_seed) for o in objects}
 
     results: dict = {"meta": run_metadata(pipe, args), "reranker": reranker_description(args),
