@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
-from training.evaluate.cli import load_pipeline, run_cli, write_json  # noqa: E402
+from training.evaluate.cli import load_pipeline, parse_fractions, run_cli, write_json  # noqa: E402
 from training.evaluate.plotting import plot_panels  # noqa: E402
 from training.evaluate.scoring import image_tokens  # noqa: E402
 from training.evaluate.sets import EVAL_SEED, STREAM_ZERO_SHOT, rendered_scenes  # noqa: E402
-from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.stats import compare, differ, format_rate, rate_with_interval  # noqa: E402
 from training.evaluate.zero_shot_masking import SHAPES_ZERO_SHOT, accuracy_vs_mask_ratio, shapes_labels  # noqa: E402
 
 DEFAULT_RATIOS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
@@ -46,16 +46,6 @@ def parse_models(items: list[str]) -> dict[str, Path]:
     return models
 
 
-def parse_ratios(text: str) -> list[float]:
-    try:
-        ratios = [float(r) for r in text.split(",") if r.strip()]
-    except ValueError as err:
-        raise ValueError(f"--ratios must be comma-separated numbers in [0, 1), got {text!r}") from err
-    if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
-        raise ValueError(f"--ratios must be comma-separated numbers in [0, 1), got {text!r}")
-    return ratios
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR", help="the models to compare")
@@ -71,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     models = parse_models(args.models)
-    ratios = parse_ratios(args.ratios)
+    ratios = parse_fractions(args.ratios, "--ratios", allow_zero=True)
     if args.n_images < 1:
         raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
     images, scenes = rendered_scenes(args.n_images, args.seed, STREAM_ZERO_SHOT, num_objects=1)
@@ -110,9 +100,8 @@ def findings(results: dict) -> list[str]:
                        else f"{attr}, {m}: never above chance ({chance:.1%}) beyond noise")
         if len(models) >= 2:
             a, b = models[:2]
-            differ = [(r, compare(a, ea, b, eb)) for r, ea, eb in
-                      zip(ratios, results["accuracy"][a][attr], results["accuracy"][b][attr])]
-            beyond = [f"r = {r:g}: {c}" for r, c in differ if "beats" in c]
+            beyond = [f"r = {r:g}: {compare(a, ea, b, eb)}" for r, ea, eb in
+                      zip(ratios, results["accuracy"][a][attr], results["accuracy"][b][attr]) if differ(ea, eb)]
             out.append(f"{attr}, {a} vs {b}: " + ("; ".join(beyond) if beyond
                                                    else "no difference within noise at any mask ratio"))
     return out

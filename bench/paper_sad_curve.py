@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
 from dream_core.masking import fraction_decided  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, run_cli,  # noqa: E402
-                                   run_metadata, sampler_from_args, write_json)
+from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_fractions,  # noqa: E402
+                                   run_cli, run_metadata, sampler_from_args, write_json)
 from training.evaluate.critic import JudgeReranker, critic_stats  # noqa: E402
 from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set  # noqa: E402
 from training.evaluate.plotting import plot_lines  # noqa: E402
@@ -33,16 +33,6 @@ from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
 from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
 
 CURVE_SHARES = (0.125, *SWEEP_SHARES, 0.875)
-
-
-def parse_shares(text: str) -> list[float]:
-    try:
-        shares = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise ValueError(f"--shares must be comma-separated numbers in (0, 1), got {text!r}") from err
-    if not shares or any(not 0.0 < f < 1.0 for f in shares):
-        raise ValueError(f"--shares must be comma-separated numbers in (0, 1), got {text!r}")
-    return shares
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    shares = parse_shares(args.shares)
+    shares = parse_fractions(args.shares, "--shares", allow_zero=False)
     objects = parse_objects(args.objects)
     if args.k < 2:
         raise ValueError(f"--k must be >= 2 (SAD chooses among candidates), got {args.k}")

@@ -61,6 +61,19 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return values
 
 
+def parse_fractions(text: str, name: str, allow_zero: bool) -> list[float]:
+    """A comma-separated list of shares below 1 (mask ratios: [0, 1); shares decided: (0, 1))."""
+    where = "[0, 1)" if allow_zero else "(0, 1)"
+    message = f"{name} must be comma-separated numbers in {where}, got {text!r}"
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(message) from err
+    if not values or any(not (0.0 <= v < 1.0 if allow_zero else 0.0 < v < 1.0) for v in values):
+        raise ValueError(message)
+    return values
+
+
 def sampler_from_args(args: argparse.Namespace, pipe: DreamPipeline) -> SamplerSettings:
     """The sampler of `add_sampler_args` flags (steps default: one token per step)."""
     steps = args.steps if args.steps is not None else pipe.config.seq_len

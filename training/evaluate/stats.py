@@ -38,11 +38,17 @@ def format_rate(entry: dict | None) -> str:
     return f"{100 * entry['rate']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def differ(a: dict, b: dict) -> bool:
+    """Whether two `rate_with_interval` entries differ beyond noise: their 95 % intervals do not
+    overlap (conservative)."""
+    return a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1]
+
+
 def compare(name_a: str, a: dict, name_b: str, b: dict) -> str:
     """One sentence comparing two `rate_with_interval` entries: a difference is claimed only when
-    the 95 % intervals do not overlap (conservative); otherwise 'no difference within noise'."""
+    they `differ`; otherwise 'no difference within noise'."""
     diff = 100 * (a["rate"] - b["rate"])
-    if a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1]:
+    if differ(a, b):
         better, worse = (name_a, name_b) if diff > 0 else (name_b, name_a)
         return f"{better} beats {worse} by {abs(diff):.1f} points (95 % intervals do not overlap)"
     return f"{name_a} vs {name_b}: {diff:+.1f} points, no difference within noise (95 % intervals overlap)"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from dream_core.masking import random_token_mask
 from dream_core.pipeline import DreamPipeline
 
-from .cli import add_model_args, load_pipeline, run_cli, run_metadata, write_json
+from .cli import add_model_args, load_pipeline, parse_fractions, run_cli, run_metadata, write_json
 from .plotting import plot_lines
 from .scoring import image_tokens
 from .sets import EVAL_SEED, STREAM_MASKS, STREAM_ZERO_SHOT, image_folder, load_images, rendered_scenes
@@ -124,12 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError as err:
-        raise ValueError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from err
-    if not ratios:
-        raise ValueError("--ratios must not be empty")
+    ratios = parse_fractions(args.ratios, "--ratios", allow_zero=True)
     if args.draws < 1:
         raise ValueError(f"--draws must be >= 1, got {args.draws}")
     if "{}" not in args.template:
