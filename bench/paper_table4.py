@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
 from bench.shapes_eval import (SAD_K, faithfulness_section, probe_section, reverse_search_section)  # noqa: E402
-from dream_core.request import SamplerSettings  # noqa: E402
+from dream_core.request import GenerationRequest, SamplerSettings  # noqa: E402
 from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, write_json  # noqa: E402
 from training.evaluate.linear_probe import SHAPES_ATTRIBUTES  # noqa: E402
 from training.evaluate.plotting import plot_bars  # noqa: E402
@@ -64,9 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--probe-train", type=int, default=2000)
     ap.add_argument("--probe-val", type=int, default=1000)
     ap.add_argument("--eval-steps", type=int, default=None, help="decoding steps (default: one per token)")
-    ap.add_argument("--head-steps", type=int, default=100)
-    ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    # The sampler's defaults are the request's (--steps here is the training budget, so these are
+    # declared beside add_sampler_args's rather than through it).
+    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps, help="diffusion-head sampling steps")
+    ap.add_argument("--cfg", type=float, default=GenerationRequest.guidance_scale, help="classifier-free guidance scale")
+    ap.add_argument("--temperature", type=float, default=GenerationRequest.temperature)
     ap.add_argument("--batch-size", type=int, default=0, help="prompts decoded together (0 = automatic)")
     ap.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value for every run (default vae_path and "
