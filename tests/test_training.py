@@ -947,6 +947,7 @@ def test_bad_input_fails_early_with_exit_code_2(data, trained, tmp_path, capsys)
         (overrides(data) + ["model.width=-8"], "config.width must be a positive integer"),
         (overrides(data) + ["model.no_such_field=1"], "unknown DreamConfig keys"),
         (overrides(data, masking="sideways"), "recipe.masking must be"),
+        (overrides(data, trainable="projector"), "recipe.trainable needs recipe.init_from"),
         (overrides(data, vae_path=str(tmp_path / "novae")), "vae_path"),
     ]
     for over, message in cases:
@@ -1008,6 +1009,36 @@ def test_finetune_lora_merges_into_a_loadable_model(data, tiny_model_dir, tmp_pa
     preserve = sorted(p.name for p in (out / "training" / "preserve").glob("*.png"))
     assert preserve == [f"{i:05d}.png" for i in range(4)]
     assert (out / "training" / "checkpoint-last" / "state.json").is_file()
+
+
+def test_finetune_trainable_parts_leave_every_other_weight_bit_identical(data, tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    base = ["--model", str(tiny_model_dir), "--data", str(data.images), "--batch-size", "4", "--num-workers", "0",
+            "--steps", "3", "--lr", "0.01", "--preserve", "0"]
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+
+    def changed_parts(out: Path) -> set[str]:
+        after = load_file(str(out / "model.safetensors"))
+        return {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+
+    # The joint space's heads only: generation's weights (encoder, decoder, aligner, head) stay exact.
+    heads = tmp_path / "heads"
+    assert _finetune(base + ["--out", str(heads), "masking=none", "trainable=projector,text_tower,logit_scale"]) == 0
+    assert "(training projector,text_tower,logit_scale only)" in capsys.readouterr().out
+    assert changed_parts(heads) == {"projector", "text_tower", "logit_scale"}
+    # A frozen projector also keeps its BatchNorm statistics (eval mode).
+    text = tmp_path / "text"
+    assert _finetune(base + ["--out", str(text), "masking=none", "trainable=text_tower"]) == 0
+    assert changed_parts(text) == {"text_tower"}
+    # A part the model does not have is refused, naming the parts it has; nothing is written.
+    bad = tmp_path / "bad"
+    assert _finetune(base + ["--out", str(bad), "trainable=projector,no_such_part"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.trainable names ['no_such_part']" in err and "encoder, decoder" in err
+    assert not (bad / "model.safetensors").exists()
+    assert _finetune(base + ["--out", str(bad), "--lora", "--", "trainable=projector"]) == 2
+    assert "recipe.trainable and recipe.lora_rank exclude each other" in capsys.readouterr().err
 
 
 def test_finetune_full_resumes_extends_and_validates_inputs(data, tiny_model_dir, tmp_path, capsys):

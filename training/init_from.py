@@ -27,7 +27,8 @@ def _inject_lora(model: torch.nn.Module, recipe) -> None:
 
 def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
     """Load recipe.init_from's weights into `model` (built from its config.json) and, with
-    recipe.lora_rank > 0, add LoRA adapters and train only them. No-op without init_from."""
+    recipe.lora_rank > 0, add LoRA adapters and train only them; with recipe.trainable, train only
+    the named top-level parts. No-op without init_from."""
     if not recipe.init_from:
         return
     from safetensors.torch import load_file
@@ -48,6 +49,22 @@ def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
         _inject_lora(model, recipe)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
+    if recipe.trainable:
+        parts = trainable_parts(model, recipe.trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in parts)
+
+
+def trainable_parts(model: torch.nn.Module, spec: str) -> list[str]:
+    """The top-level parts named by recipe.trainable ("projector,text_tower"), checked against the
+    model's own children and parameters."""
+    known = [n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)]
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in known]
+    if unknown or not parts:
+        raise ValueError(f"recipe.trainable names {unknown or spec!r}: expected a comma-separated list of "
+                         f"{', '.join(known)}")
+    return parts
 
 
 def plain_state(state: dict[str, torch.Tensor], recipe, config) -> dict[str, torch.Tensor]:
@@ -69,17 +86,18 @@ def plain_state(state: dict[str, torch.Tensor], recipe, config) -> dict[str, tor
 
 
 def set_train_mode(model: torch.nn.Module, recipe) -> None:
-    """Train mode; with LoRA the frozen projector keeps its BatchNorm statistics (eval mode)."""
+    """Train mode; a frozen projector (LoRA, or not in recipe.trainable) keeps its BatchNorm
+    statistics (eval mode)."""
     model.train()
-    if recipe.lora_rank:
-        core = model
-        while hasattr(core, "module"):  # DDP / accelerate wrappers
-            core = core.module
-        core = getattr(core, "_orig_mod", core)  # torch.compile
+    core = model
+    while hasattr(core, "module"):  # DDP / accelerate wrappers
+        core = core.module
+    core = getattr(core, "_orig_mod", core)  # torch.compile
+    if recipe.lora_rank or (recipe.trainable and "projector" not in trainable_parts(core, recipe.trainable)):
         core.projector.eval()
 
 
-RESUME_KEYS = ("init_from", "lora_rank", "lora_alpha", "data_path", "preserve_path")
+RESUME_KEYS = ("init_from", "lora_rank", "lora_alpha", "trainable", "data_path", "preserve_path")
 
 
 def check_resume_settings(meta: dict, recipe, ckpt_dir: Path) -> None:

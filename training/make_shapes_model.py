@@ -1,11 +1,15 @@
 """Build the bundled default model from nothing, on CPU: `make model`.
 
-1. train the Shapes World VAE (training.vae);
+1. train the Shapes World VAE (training.vae): three stages of the whole VAE, then its decoder alone
+   (the encoder, hence the latent space, kept) to draw small shapes sharply;
 2. build the frozen T5 with a Shapes World vocabulary (training.shapes_text);
 3. train DREAM with the `shapes` recipe (Masking Warmup, both losses) through training.train, on
    the live feed (scenes rendered, VAE-encoded and T5-encoded at every step: the default) or, with
-   --cache-scenes N, on a cache of the feed's first N scenes extracted first (training.cache);
-4. export the EMA weights with the 2,160-caption bank to the model directory;
+   --cache-scenes N, on a cache of the feed's first N scenes extracted first (training.cache), and
+   export the EMA weights with the 2,160-caption bank;
+4. retrain the joint space's heads (projector, text tower, temperature) on whole images with
+   hard-negative captions, generation's weights frozen (recipe `shapes-heads`), into the model
+   directory;
 5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
@@ -65,8 +69,14 @@ def main() -> None:
         if not (stage2 / "config.json").exists():
             run([py, "-m", "training.vae", "--out", str(stage2), "--steps", "1500", "--batch-size", "24",
                  "--lr", "1e-3", "--init", str(stage1), "--seed", "1"])
-        run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "1200", "--batch-size", "24",
-             "--lr", "6e-4", "--init", str(stage2), "--seed", "2"])
+        stage3 = work / "vae-stage3"
+        if not (stage3 / "config.json").exists():
+            run([py, "-m", "training.vae", "--out", str(stage3), "--steps", "1200", "--batch-size", "24",
+                 "--lr", "6e-4", "--init", str(stage2), "--seed", "2"])
+        # The decoder alone, on stage 3's latents: small squares and diamonds keep their corners
+        # (round trip read back by the judge 79.6 % -> 88.8 %: model card, "Third session").
+        run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "2000", "--batch-size", "32",
+             "--lr", "5e-4", "--init", str(stage3), "--decoder-only", "--seed", "5"])
         timings["vae_seconds"] = time.time() - t
     if not (text_dir / "config.json").exists():
         run([py, "-m", "training.shapes_text", "--out", str(text_dir)])
@@ -84,10 +94,20 @@ def main() -> None:
         feed = ["data=cache", f"cache_path={cache}"]
     t = time.time()
     steps = ["--max-steps", str(args.steps)] if args.steps else []
+    dream_export = work / "dream-export"
     run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), *steps,
-         "--export", str(args.out), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
+         "--export", str(dream_export), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
          *feed, *args.overrides])
     timings["dream_seconds"] = time.time() - t
+    # The joint space's heads on whole images, generation frozen. Only the weights are taken: the
+    # config keeps the pretraining's loss weights (the stage trains the contrastive loss alone).
+    t = time.time()
+    heads = work / "heads"
+    run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads), "--export",
+         str(heads / "export"), "--captions", str(bank), f"init_from={dream_export}"])
+    shutil.copytree(dream_export, args.out, dirs_exist_ok=True)
+    shutil.copy2(heads / "export" / "model.safetensors", args.out / "model.safetensors")
+    timings["heads_seconds"] = time.time() - t
     # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
     preview = work / "preview_vae"
     t = time.time()

@@ -267,8 +267,9 @@ class Trainer:
         """What the run will do, printed once at the start (data, length, schedules, LR)."""
         r = self.recipe
         data = describe_source(self.source) if self.source is not None else "the Shapes World (endless)"
-        what = f"fine-tuning {r.init_from}" + (f" with LoRA rank {r.lora_rank}" if r.lora_rank else " (every weight)") \
-            if r.init_from else f"training {self.config.name} from scratch"
+        scope = (f" with LoRA rank {r.lora_rank}" if r.lora_rank else f" (training {r.trainable} only)" if r.trainable
+                 else " (every weight)")
+        what = f"fine-tuning {r.init_from}{scope}" if r.init_from else f"training {self.config.name} from scratch"
         lines = [f"{what} on {data}",
                  f"{self.total_steps} steps of {self.global_batch} samples = {self.total_steps * self.global_batch / self.samples_per_epoch:.2f} "
                  f"epochs of {self.samples_per_epoch}" + (f", resuming at step {self.step}" if self.step else "")]

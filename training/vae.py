@@ -51,12 +51,22 @@ def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
 
 
 def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
-              seed: int = 0, log_every: int = 50, init: Path | None = None, object_boost: float = 9.0) -> dict:
+              seed: int = 0, log_every: int = 50, init: Path | None = None, object_boost: float = 9.0,
+              decoder_only: bool = False) -> dict:
+    """Train (or continue, from `init`) a Shapes World VAE. With `decoder_only` the encoder of `init`
+    is frozen and its scaling factor kept, so the latent space, and any DREAM model trained on it,
+    stays valid while the decoder learns to draw sharper images from the same latents."""
     from diffusers import AutoencoderKL
 
+    if decoder_only and init is None:
+        raise ValueError("--decoder-only needs --init: the VAE whose encoder and latent space are kept")
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(str(init)) if init is not None else build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    if decoder_only:
+        for m in (vae.encoder, vae.quant_conv):
+            m.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     data = batches(seed, batch_size)
@@ -65,7 +75,8 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
     vae.train()
     for step in range(steps):
         x = next(data)
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         w = object_weights(x, object_boost)
         l1 = ((rec - x).abs() * w).mean() / w.mean()
@@ -74,7 +85,7 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
         loss = l1 + mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
@@ -86,13 +97,13 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
     with torch.no_grad():
         held = next(batches(seed + 1, 512))
         means = vae.encode(held).latent_dist.mean
-        scale = float(1.0 / means.flatten().std())
+        scale = vae.config.scaling_factor if decoder_only else float(1.0 / means.flatten().std())
         rec = vae.decode(means).sample.clamp(-1, 1)
         held_l1 = float((rec - held).abs().mean())
     vae.register_to_config(scaling_factor=scale)
     out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out, safe_serialization=True)
-    summary = {"steps": steps, "batch_size": batch_size, "wall_seconds": time.time() - t0,
+    summary = {"steps": steps, "decoder_only": decoder_only, "batch_size": batch_size, "wall_seconds": time.time() - t0,
                "scaling_factor": scale, "heldout_l1": held_l1}
     (out / "training_log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
     return summary
@@ -109,14 +120,21 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None, help="continue from a saved VAE directory")
     ap.add_argument("--object-boost", type=float, default=9.0,
                     help="extra loss weight on object pixels (0 = plain L1 + MSE)")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="with --init: freeze its encoder and scaling factor, train the decoder only "
+                         "(models trained on that VAE's latents stay valid)")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     np.seterr(all="ignore")
-    print(json.dumps(train_vae(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, init=args.init,
-                                object_boost=args.object_boost)))
+    try:
+        summary = train_vae(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, init=args.init,
+                            object_boost=args.object_boost, decoder_only=args.decoder_only)
+    except ValueError as err:  # bad settings are refused before any training
+        ap.error(str(err))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
