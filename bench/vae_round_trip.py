@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, markdown_table, setup_threads  # noqa: E402
 
-from dream_core.pipeline import image_to_tensor  # noqa: E402
+from dream_core.image_tokenizer import ImageTokenizer  # noqa: E402
+from dream_core.pipeline import image_to_tensor, tensor_to_images  # noqa: E402
 from training.data.shapes_world import IMAGE_SIZE, SHAPES, SIZES, caption, judge, random_scene, render  # noqa: E402
 from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
 
@@ -26,16 +27,14 @@ SEED = 20261202  # the renders' own seed (not the fixed evaluation set's)
 
 
 @torch.inference_mode()
-def round_trip(vae_dir: Path, images: list, batch_size: int = 100) -> list[np.ndarray]:
-    """uint8 HWC reconstructions of `images` through the VAE at `vae_dir` (posterior mean)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+def round_trip(vae_dir: Path, images: list, batch_size: int = 100) -> list:
+    """Reconstructions of `images` through the VAE at `vae_dir` (posterior mean), by the engine's
+    own tokenizer path (`ImageTokenizer.encode` / `decode`, as a model's pipeline does)."""
+    tokenizer = ImageTokenizer.from_pretrained(vae_dir, patch_size=1).eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.cat([image_to_tensor(im, IMAGE_SIZE) for im in images[i:i + batch_size]])
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        out += list(((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
+        out += tensor_to_images(tokenizer.decode(tokenizer.encode(x, sample=False)))
     return out
 
 
