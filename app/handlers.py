@@ -723,12 +723,13 @@ def switch_model(ctx: AppContext, name: Any) -> None:
 
 def default_controls(ctx: AppContext) -> dict[str, Any]:
     """Slider ranges and defaults for the loaded model, from the engine's request: steps <= its
-    number of tokens, the default steps and the model's default decision step."""
+    number of tokens, the default steps, the model's default decision step, guidance and temperature."""
     pipe = ctx.manager.pipe
     config = pipe.config if pipe is not None else DreamConfig.preset("shapes")
     steps = default_steps(config.seq_len)
     decision = default_decision_step(config, steps) if steps > 1 else 1
-    return dict(seq_len=config.seq_len, steps=steps, decision=decision, head_steps_max=config.num_train_timesteps)
+    return dict(seq_len=config.seq_len, steps=steps, decision=decision, head_steps_max=config.num_train_timesteps,
+                guidance_scale=config.default_guidance_scale, temperature=config.default_temperature)
 
 
 __all__ = ["AppContext", "EDIT_MODES", "EditInput", "GenerateView", "edit_input", "edit_input_from_files",

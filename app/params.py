@@ -40,9 +40,9 @@ class GenerationSettings:
     decision_step: int | None = None
     num_inference_steps: int | None = None
     head_steps: int = GenerationRequest.head_steps
-    guidance_scale: float = GenerationRequest.guidance_scale
+    guidance_scale: float | None = GenerationRequest.guidance_scale  # None: the model's default
     guidance_schedule: str = GenerationRequest.guidance_schedule
-    temperature: float = GenerationRequest.temperature
+    temperature: float | None = GenerationRequest.temperature  # None: the model's default
     seed: int | None = None
     num_images: int = GenerationRequest.num_images
 

@@ -204,12 +204,12 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                 n_images = gr.Slider(1, MAX_IMAGES, value=r["num_images"], step=1, label="Images",
                                      info="image i uses seeds seed + i·K …")
                 with gr.Accordion("Sampling", open=False):
-                    cfg = gr.Slider(0.0, MAX_GUIDANCE_SCALE, value=r["guidance_scale"], step=0.1,
+                    cfg = gr.Slider(0.0, MAX_GUIDANCE_SCALE, value=d["guidance_scale"], step=0.1,
                                     label="CFG scale")
                     schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
                                         label="CFG schedule",
                                         info="linear ramps guidance up as tokens get decided")
-                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=r["temperature"], step=0.05,
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=d["temperature"], step=0.05,
                                             label="Temperature")
                     head_steps = gr.Slider(1, d["head_steps_max"], value=r["head_steps"], step=1,
                                            label="Diffusion-head steps",
@@ -401,11 +401,11 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
         a_decision = WholeNumber(label="decision_step", value=0)
         a_steps = WholeNumber(label="num_inference_steps", value=d["steps"])
         a_head = WholeNumber(label="head_steps", value=r["head_steps"])
-        a_cfg = gr.Number(label="guidance_scale", value=r["guidance_scale"])
+        a_cfg = gr.Number(label="guidance_scale", value=d["guidance_scale"])
         # Dropdowns as sent: a value that is not a choice is refused by the handlers, by name.
         a_sched = as_sent(gr.Dropdown(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
                                       label="guidance_schedule"))
-        a_temp = gr.Number(label="temperature", value=r["temperature"])
+        a_temp = gr.Number(label="temperature", value=d["temperature"])
         a_seed = WholeNumber(label="seed", value=-1)
         a_n = WholeNumber(label="num_images", value=r["num_images"])
         a_files = gr.File(label="images", file_count="multiple")
@@ -494,7 +494,7 @@ def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None
         try:
             edit = h.edit_input(editor, mode, strength, paste)
             settings = h.settings_from_inputs(h.edit_prompt(ctx, p, edit), "", kk, None if not dec else dec, None, r["head_steps"],
-                                              r["guidance_scale"], r["guidance_schedule"], r["temperature"],
+                                              None, r["guidance_schedule"], None,
                                               h.resolve_seed(sd, rnd), 1)
             views = h.generate_stream(ctx, sess, settings, job=job, edit=edit, explain=bool(explain))
             async for v in iterate_in_thread(views, job):
@@ -595,16 +595,18 @@ def _wire_search(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> No
 
 
 def _wire_model(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
-    """Loading another model (sliders follow its token count) and rescanning folders."""
+    """Loading another model (sliders follow its token count and sampler defaults) and rescanning folders."""
     def ui_switch(name):
         h.switch_model(ctx, name)
         dd = h.default_controls(ctx)
         return (ctx.manager.info_markdown(), h.model_card(ctx), _banner(ctx),
                 gr.Slider(maximum=dd["seq_len"], value=dd["steps"],
                           info=f"at most one step per token ({dd['seq_len']} tokens)"),
-                gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]))
+                gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]), dd["guidance_scale"],
+                dd["temperature"])
 
-    ui.load_btn.click(ui_switch, [ui.model_dd], [ui.model_info, ui.card, ui.banner, ui.steps, ui.decision],
+    ui.load_btn.click(ui_switch, [ui.model_dd], [ui.model_info, ui.card, ui.banner, ui.steps, ui.decision,
+                                                 ui.cfg, ui.temperature],
                       concurrency_id="model", api_visibility="private")
     ui.rescan_btn.click(lambda: gr.Dropdown(choices=list(ctx.manager.choices())), None, [ui.model_dd],
                         queue=False, api_visibility="private")
@@ -615,8 +617,8 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
     async def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
                  num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
                  num_inference_steps: int = d["steps"], head_steps: int = r["head_steps"],
-                 guidance_scale: float = r["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
-                 temperature: float = r["temperature"], seed: int = -1, num_images: int = r["num_images"]):
+                 guidance_scale: float = d["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
+                 temperature: float = d["temperature"], seed: int = -1, num_images: int = r["num_images"]):
         """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
         job = h.next_job(sess)
         try:
@@ -655,8 +657,8 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
 
     async def inpaint(sess: h.SessionState, image: str, mask: str, prompt: str, negative_prompt: str = "",
                       num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
-                      head_steps: int = r["head_steps"], guidance_scale: float = r["guidance_scale"],
-                      guidance_schedule: str = r["guidance_schedule"], temperature: float = r["temperature"],
+                      head_steps: int = r["head_steps"], guidance_scale: float = d["guidance_scale"],
+                      guidance_schedule: str = r["guidance_schedule"], temperature: float = d["temperature"],
                       seed: int = -1, paste_back: bool = True, explain: bool = False):
         """Inpaint: regenerate the region a mask image marks (white = regenerate; the size of the image) for
         the prompt (the whole picture as it should be); returns the PNG, its parameters (with the source's
@@ -669,8 +671,8 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
     async def variations(sess: h.SessionState, image: str, prompt: str = "", strength: float = 0.5,
                          negative_prompt: str = "", num_candidates: int = APP_DEFAULT_CANDIDATES,
                          decision_step: int = 0, head_steps: int = r["head_steps"],
-                         guidance_scale: float = r["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
-                         temperature: float = r["temperature"], seed: int = -1, paste_back: bool = False,
+                         guidance_scale: float = d["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
+                         temperature: float = d["temperature"], seed: int = -1, paste_back: bool = False,
                          explain: bool = False):
         """Variations: regenerate a `strength` share of the image's tokens (chosen by the seed) for the prompt
         (empty: the model's own best caption of the image); returns the PNG, its parameters and, with

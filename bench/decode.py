@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     print("# DREAM decoding benchmark\n")
     print(f"- model: {target.name}, {sum(p.numel() for p in target.model.parameters()) / 1e6:.2f} M parameters")
     print(f"- machine: {machine_info(device)}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3)")
-    print(f"- CFG {args.cfg} constant, temperature 1, median of {args.repeats} after 1 warm-up, clock {args.clock}; "
+    print(f"- CFG {args.cfg} constant, the model's default temperature, median of {args.repeats} after 1 warm-up, clock {args.clock}; "
           f"{c.seq_len} tokens")
     print(f"- command: python bench/decode.py {' '.join(argv if argv is not None else sys.argv[1:])}\n", flush=True)
     for name in sections:

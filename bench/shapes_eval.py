@@ -56,7 +56,7 @@ from dream_core.sampling import decision_step_for_share, default_decision_step  
 from dream_core.editing import paste_back, resize_square  # noqa: E402
 from training.data.shapes_world import (COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Scene, caption,  # noqa: E402
                                         judge, parse_caption, read_image, render)
-from dream_core.request import SamplerSettings  # noqa: E402
+from dream_core.request import GenerationRequest, SamplerSettings  # noqa: E402
 from dream_core.semantic_decoding import Setting  # noqa: E402
 from training.evaluate.cli import load_pipeline, write_json  # noqa: E402
 from training.evaluate.scoring import vae_round_trip  # noqa: E402
@@ -145,10 +145,17 @@ def critic_section(pipe, objects: int, n: int, sampler: SamplerSettings, eval_se
 
 
 def probe_section(pipe, n_train: int, n_val: int, eval_seed: int) -> dict:
-    """Logistic-regression probes solved to convergence (train accuracy reported beside val)."""
-    probes = probe_shapes(pipe, SHAPES_ATTRIBUTES, n_train, n_val, eval_seed, protocol="converged")
-    return {"n_train": n_train, "n_val": n_val, "protocol": "converged (L-BFGS logistic regression)",
-            **{a: {"val_acc": r.val_acc, "train_acc": r.train_acc} for a, r in probes.items()}}
+    """Logistic-regression probes solved to convergence (train accuracy reported beside val), on the
+    encoder's mean-pooled tokens and, for a model whose joint space pools otherwise (an attention
+    pooler), also on that pooled feature ("joint_pooling")."""
+    def fit(pool: str) -> dict:
+        probes = probe_shapes(pipe, SHAPES_ATTRIBUTES, n_train, n_val, eval_seed, protocol="converged", pool=pool)
+        return {a: {"val_acc": r.val_acc, "train_acc": r.train_acc} for a, r in probes.items()}
+
+    out = {"n_train": n_train, "n_val": n_val, "protocol": "converged (L-BFGS logistic regression)", **fit("all")}
+    if pipe.model.pooler is not None:
+        out["joint_pooling"] = fit("model")
+    return out
 
 
 EDIT_ATTRIBUTES = ("color", "shape", "size")
@@ -278,10 +285,13 @@ def main_table(res: dict) -> str:
     if res.get("probe"):
         p = res["probe"]
         where = f"{p['n_train']} train / {p['n_val']} val renders, logistic regression to convergence"
-        for attr in SHAPES_ATTRIBUTES:
-            if attr in p:
-                lines.append(f"| 4 | linear probe, {attr} (val; train) | {where} | {_pct(p[attr]['val_acc'])} "
-                             f"({_pct(p[attr]['train_acc'])}) | {_bar(('probe', attr), p[attr]['val_acc'])} |")
+        for feature, probes in (("mean of the encoder's tokens", p), ("the joint space's attention pooling",
+                                                                        p.get("joint_pooling", {}))):
+            for attr in SHAPES_ATTRIBUTES:
+                if attr in probes:
+                    lines.append(f"| 4 | linear probe, {attr} (val; train), {feature} | {where} | "
+                                 f"{_pct(probes[attr]['val_acc'])} ({_pct(probes[attr]['train_acc'])}) | "
+                                 f"{_bar(('probe', attr), probes[attr]['val_acc'])} |")
     for num, key in ((6, "critic-1"), (7, "critic-2")):
         c = res.get(key)
         if not c:
@@ -337,9 +347,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
     ap.add_argument("--n-prompts", type=int, default=500, help="prompts per faithfulness set (>= 500 for the card)")
     ap.add_argument("--steps", type=int, default=None, help="decoding steps (default: one per token; <= tokens)")
-    ap.add_argument("--head-steps", type=int, default=100)
-    ap.add_argument("--cfg", type=float, default=3.0)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps)
+    ap.add_argument("--cfg", type=float, default=GenerationRequest.guidance_scale, help="default: the model's")
+    ap.add_argument("--temperature", type=float, default=GenerationRequest.temperature,
+                    help="default: the model's default_temperature")
     ap.add_argument("--search-n", type=int, default=1000, help="fresh renders for reverse search")
     ap.add_argument("--probe-train", type=int, default=2000)
     ap.add_argument("--probe-val", type=int, default=1000)
@@ -360,8 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(pipe, args: argparse.Namespace, sections: set[int], n: int) -> dict:
     steps = args.steps if args.steps is not None else pipe.config.seq_len
     sampler = SamplerSettings(steps, args.cfg, "constant", args.temperature, args.head_steps)
-    res: dict = {"settings": {"num_inference_steps": steps, "head_steps": args.head_steps, "cfg": args.cfg,
-                              "temperature": args.temperature, "eval_seed": args.eval_seed, "n_prompts": n,
+    used = sampler.request("x").validate(pipe.config)  # the model's defaults where no flag was given
+    res: dict = {"settings": {"num_inference_steps": steps, "head_steps": args.head_steps, "cfg": used.guidance_scale,
+                              "temperature": used.temperature, "eval_seed": args.eval_seed, "n_prompts": n,
                               "sad_k": SAD_K, "sad_steps": sad_steps(pipe.config, steps)},
                  "seconds": {}}
     for num, objects in ((1, 1), (2, 2)):
@@ -430,8 +442,9 @@ def main(argv: list[str] | None = None) -> dict:
         sampler = SamplerSettings(None, args.cfg, "constant", args.temperature, args.head_steps)
         out["edit"] = edit_section(pipe, args.edit_n, sampler, args.eval_seed)
         out["edit"]["seconds"] = time.perf_counter() - t
+        used = sampler.request("x").validate(pipe.config)
         print(f"\n## Editing: inpaint one object of a two-object scene (section 8)\n")
-        print(f"head steps {args.head_steps}, CFG {args.cfg}, temperature {args.temperature}, one decoding step per "
+        print(f"head steps {args.head_steps}, CFG {used.guidance_scale}, temperature {used.temperature}, one decoding step per "
               f"regenerated token, fixed scenes (seed {args.eval_seed}, stream {STREAM_EDITS}); device {pipe.device}; "
               f"{out['edit']['seconds']:.0f} s\n")
         print(edit_table(out["edit"]))

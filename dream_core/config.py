@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-CLIP_POOLINGS = ("all", "image", "buffer")
+CLIP_POOLINGS = ("all", "image", "buffer", "attention")
 CLIP_PROJECTIONS = ("post", "pre")
 
 
@@ -60,8 +60,10 @@ class DreamConfig:
     embed_dim: int = 256
     # Which encoder tokens form the image's contrastive feature (official `--clip_loss_on`):
     # "all" = buffer + visible image tokens (official default), "image" = visible image tokens,
-    # "buffer" = buffer tokens only. `clip_projection`: "post" = mean, then the projector (the DREAM
-    # script's post_mlp_stablerep), "pre" = the projector on every token, then the mean.
+    # "buffer" = buffer tokens only; "attention" (not in the official code, a toy-scale choice) = a
+    # learned query attends over buffer + visible tokens (the model's `pooler`, post projection
+    # only). `clip_projection`: "post" = mean, then the projector (the DREAM script's
+    # post_mlp_stablerep), "pre" = the projector on every token, then the mean.
     clip_pooling: str = "all"
     clip_projection: str = "post"
     logit_scale_init: float = math.log(1 / 0.07)
@@ -83,6 +85,11 @@ class DreamConfig:
     # by default. Never below `min_visible_for_clip` (the encoder was not trained on fewer visible
     # tokens, so a score there is noise); measured per model by training.evaluate.sad_sweep.
     sad_decision_share: float = 0.25
+    # The sampler's guidance scale and temperature when a request names none (a request may set
+    # its own): 3.0 and 1.0 for the paper's sizes; a model measured more faithful elsewhere (the
+    # bundled toy model: model card) carries its own.
+    default_guidance_scale: float = 3.0
+    default_temperature: float = 1.0
 
     # ----- training losses (read by dream_core.losses / model.forward_train and training/) -----
     # Loss weights and filters (per sample).
@@ -152,10 +159,19 @@ class DreamConfig:
             raise ValueError(f"config.clip_pooling must be one of {CLIP_POOLINGS}, got {self.clip_pooling!r}")
         if self.clip_projection not in CLIP_PROJECTIONS:
             raise ValueError(f"config.clip_projection must be one of {CLIP_PROJECTIONS}, got {self.clip_projection!r}")
+        if self.clip_pooling == "attention" and self.clip_projection != "post":
+            raise ValueError("config.clip_pooling='attention' pools the encoder's tokens before the projector: "
+                             "it needs clip_projection='post'")
         if not (isinstance(self.sad_decision_share, (int, float))
                 and self.min_visible_for_clip <= self.sad_decision_share < 1.0):
             raise ValueError(f"config.sad_decision_share must be in [min_visible_for_clip={self.min_visible_for_clip}, 1), "
                              f"got {self.sad_decision_share!r}")
+        from .request import MAX_GUIDANCE_SCALE, MAX_TEMPERATURE  # the limits a request checks too
+
+        for key, high in (("default_guidance_scale", MAX_GUIDANCE_SCALE), ("default_temperature", MAX_TEMPERATURE)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+                raise ValueError(f"config.{key} must be in [0, {high}], got {value!r}")
         for key in ("diffusion_weight", "clip_weight", "repa_weight", "vae_scaling_factor", "clip_denoised"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

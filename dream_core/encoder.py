@@ -24,6 +24,14 @@ class EncoderOutput:
     visible_index: torch.Tensor  # long [B, V], the image position of each kept token
     uniform: bool  # True when no padding was needed
 
+    def positions(self) -> torch.Tensor:
+        """long [B, buffer + V]: each row's index in the encoder's sequence (buffer slots first,
+        then buffer_size + the image position of each kept token)."""
+        b, v = self.visible_index.shape
+        nb = self.hidden.shape[1] - v
+        buffer = torch.arange(nb, device=self.visible_index.device).expand(b, -1)
+        return torch.cat([buffer, nb + self.visible_index], dim=1)
+
     def pooled(self, which: str = "all", buffer_size: int = 0, features: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of `features` (default: the hidden states) over the tokens the image's contrastive
         feature reads: "all" = buffer + visible (the official default), "image" = visible image

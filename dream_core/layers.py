@@ -110,6 +110,28 @@ class CrossAttentionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class AttentionPooler(nn.Module):
+    """One learned query cross-attends to the tokens (padding excluded) and returns one vector.
+
+    A mean weighs every token alike, so which tokens hold the object (its position) averages out.
+    Here the object's tokens are weighed by their content and, through the pooler's own position
+    embedding added to keys and values, still say where they sit. The query starts at zero:
+    uniform weights, a mean of the values."""
+
+    def __init__(self, dim: int, num_heads: int, num_positions: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_positions, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, cross=True)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, N, D]; valid bool [B, N] (True = a real token); positions long [B, N], each
+        token's index into the position embedding -> [B, D]."""
+        context = self.norm(x) + self.pos_embed[0][positions]
+        return self.attn(self.query.expand(x.shape[0], -1, -1), context=context, key_mask=valid)[:, 0]
+
+
 def init_weights(module: nn.Module) -> None:
     """Xavier-uniform linears with zero bias, unit LayerNorms (the official initialisation)."""
     for m in module.modules():

@@ -16,7 +16,7 @@ from .config import DreamConfig
 from .decoder import TextConditionedDecoder
 from .diffusion import DiffusionHead
 from .encoder import EncoderOutput, MaskedEncoder
-from .layers import init_weights
+from .layers import AttentionPooler, init_weights
 from .losses import masked_contrastive_loss, repa_alignment_loss
 from .text import ContrastiveTextTower, ImageProjector, TextAligner
 
@@ -29,6 +29,8 @@ class DreamModel(nn.Module):
         self.encoder = MaskedEncoder(c)
         self.decoder = TextConditionedDecoder(c)
         self.aligner = TextAligner(c)
+        self.pooler = (AttentionPooler(c.width, c.num_heads, c.buffer_size + c.seq_len)
+                       if c.clip_pooling == "attention" else None)
         self.projector = ImageProjector(c)
         self.repa_projector = (
             nn.Sequential(nn.Linear(c.width, 2048), nn.SiLU(), nn.Linear(2048, 2048), nn.SiLU(),
@@ -56,7 +58,14 @@ class DreamModel(nn.Module):
             b, n, d = enc.hidden.shape
             per_token = self.projector(enc.hidden.reshape(b * n, d)).view(b, n, -1)
             return F.normalize(enc.pooled(c.clip_pooling, c.buffer_size, per_token), dim=-1)
-        return F.normalize(self.projector(enc.pooled(c.clip_pooling, c.buffer_size)), dim=-1)
+        return F.normalize(self.projector(self.pool_tokens(enc)), dim=-1)
+
+    def pool_tokens(self, enc: EncoderOutput) -> torch.Tensor:
+        """[B, width]: the encoder output pooled over the tokens `clip_pooling` names, by the
+        attention pooler or a mean; what the projector reads (with clip_projection="post")."""
+        if self.pooler is not None:
+            return self.pooler(enc.hidden, enc.valid, enc.positions())
+        return enc.pooled(self.config.clip_pooling, self.config.buffer_size)
 
     def encode_image(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, L, C] (+ mask, True = not yet decoded / hidden) -> normalised embedding [B, E]."""

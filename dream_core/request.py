@@ -76,16 +76,17 @@ def check_float(name: str, value: Any, low: float, high: float) -> float:
 class GenerationRequest:
     """Everything one generation asks for. `None` defaults are resolved by `validate` from the
     model: `num_inference_steps` (min(64, tokens)), `decision_step` (the model's
-    `sad_decision_share`, for K > 1); `seed=None` means "draw one"."""
+    `sad_decision_share`, for K > 1), `guidance_scale` and `temperature` (the model's
+    `default_guidance_scale`, `default_temperature`); `seed=None` means "draw one"."""
 
     prompt: str
     negative_prompt: str = ""  # replaces the empty prompt in classifier-free guidance
     num_candidates: int = 1  # K; 1 = plain MAR decoding
     decision_step: int | tuple[int, ...] | None = None  # a step, or increasing steps (successive halving)
     num_inference_steps: int | None = None  # 1 .. the model's number of tokens
-    guidance_scale: float = 3.0  # 0 .. MAX_GUIDANCE_SCALE
+    guidance_scale: float | None = None  # 0 .. MAX_GUIDANCE_SCALE
     guidance_schedule: str = "constant"  # one of sampling.GUIDANCE_SCHEDULES
-    temperature: float = 1.0  # 0 .. MAX_TEMPERATURE
+    temperature: float | None = None  # 0 .. MAX_TEMPERATURE
     head_steps: int = 100  # diffusion-head steps, 1 .. the model's num_train_timesteps
     seed: int | None = None  # 0 .. MAX_SEED
     num_images: int = 1  # 1 .. MAX_IMAGES
@@ -131,8 +132,10 @@ class GenerationRequest:
         return dataclasses.replace(
             self, prompt=prompt[0], negative_prompt=neg, num_candidates=k, decision_step=decision,
             num_inference_steps=steps,
-            guidance_scale=check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE),
-            temperature=check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
+            guidance_scale=(config.default_guidance_scale if self.guidance_scale is None
+                            else check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE)),
+            temperature=(config.default_temperature if self.temperature is None
+                         else check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)),
             head_steps=check_int("head_steps", self.head_steps, 1, config.num_train_timesteps),
             seed=None if self.seed is None else check_int("seed", self.seed, 0, MAX_SEED),
             num_images=check_int("num_images", self.num_images, 1, MAX_IMAGES),
@@ -219,9 +222,9 @@ class SamplerSettings:
     decision step and seed, which come per prompt and per selection. Defaults are the request's."""
 
     num_inference_steps: int | None = None
-    guidance_scale: float = GenerationRequest.guidance_scale
+    guidance_scale: float | None = GenerationRequest.guidance_scale
     guidance_schedule: str = GenerationRequest.guidance_schedule
-    temperature: float = GenerationRequest.temperature
+    temperature: float | None = GenerationRequest.temperature
     head_steps: int = GenerationRequest.head_steps
     negative_prompt: str = GenerationRequest.negative_prompt
     shared_order: bool = GenerationRequest.shared_order

@@ -203,6 +203,14 @@ def test_generate_stream_shows_candidates_decision_and_saves_png(ctx, tiny_pipe)
     assert final.infotext == record.infotext()
 
 
+def test_controls_and_records_take_the_models_default_temperature(ctx, tiny_pipe, monkeypatch):
+    assert h.default_controls(ctx)["temperature"] == tiny_pipe.config.default_temperature == 1.0
+    monkeypatch.setattr(tiny_pipe, "config", tiny_pipe.config.replace(default_temperature=0.5))
+    assert h.default_controls(ctx)["temperature"] == 0.5
+    views = run(ctx, GenerationSettings("a red circle", seed=7, **{**FAST, "temperature": None}))
+    assert read_record(Path(views[-1].download)).temperature == 0.5  # the value used, not "default"
+
+
 def test_previews_are_throttled_but_key_events_always_shown(ctx):
     views = run(ctx, GenerationSettings("a red circle", seed=1, **FAST))
     throttled = list(h.generate_stream(ctx, h.SessionState(), GenerationSettings("a red circle", seed=1, **FAST),

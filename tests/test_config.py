@@ -119,6 +119,10 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
     (dict(aligner_depth=-1), "config.aligner_depth"),
     (dict(t5_dim=0), "config.t5_dim"),
     (dict(t5_max_length=0), "config.t5_max_length"),
+    (dict(clip_pooling="max"), "config.clip_pooling must be one of"),
+    (dict(clip_pooling="attention", clip_projection="pre"), "it needs clip_projection='post'"),
+    (dict(default_temperature=2.5), r"config.default_temperature must be in [0, 2.0], got 2.5"),
+    (dict(default_temperature=True), "config.default_temperature"),
 ])
 def test_impossible_values_raise_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from dream_core.semantic_decoding import Setting
 from training.evaluate import (cli, distributed, faithfulness, fid_clip, linear_probe, sad_sweep, scoring, sets,
                                zero_shot_masking)
 from training.evaluate.distributed import dist_info, shard_indices
+from training.evaluate.linear_probe import SHAPES_ATTRIBUTES
 from training.evaluate.sets import one_object_prompts, prompt_seeds, two_object_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -425,6 +427,29 @@ def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 3 | reverse search top-1 |" in printed and "| tiny |" in printed and "ceiling" in printed
     assert res["main"]["probe"]["shape"]["val_acc"] == main["probe"]["shape"]["val_acc"]
+
+
+def test_shapes_eval_bench_reads_the_models_sampler_defaults_and_probes_its_own_pooling(tiny_model_dir, tmp_path,
+                                                                                        capsys):
+    from safetensors.torch import load_file, save_file
+
+    from dream_core import DreamConfig, DreamModel
+
+    model_dir = tmp_path / "attention"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = DreamConfig.load(model_dir / "config.json").replace(
+        clip_pooling="attention", default_guidance_scale=1.0, default_temperature=0.5)
+    config.save(model_dir / "config.json")
+    model = DreamModel(config)
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)  # + a fresh pooler
+    save_file(model.state_dict(), str(model_dir / "model.safetensors"))
+    res = _bench_module().main(["--model", str(model_dir), "--device", "cpu", "--quick", "--n-prompts", "2",
+                                "--probe-train", "20", "--probe-val", "10", "--steps", "4", "--head-steps", "2",
+                                "--sections", "1,4"])["main"]
+    assert (res["settings"]["cfg"], res["settings"]["temperature"]) == (1.0, 0.5)
+    probe = res["probe"]
+    assert set(probe["joint_pooling"]) == set(SHAPES_ATTRIBUTES) and set(SHAPES_ATTRIBUTES) <= set(probe)
+    assert "shape (val; train), the joint space's attention pooling" in capsys.readouterr().out
 
 
 def test_shapes_eval_bench_rejects_bad_compare(tiny_model_dir, tmp_path):

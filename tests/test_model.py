@@ -305,6 +305,47 @@ def test_ragged_batch_gives_each_sample_its_own_result(tiny):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_attention_pooling_reads_where_tokens_sit_and_ignores_padding():
+    """clip_pooling='attention': a function of the (token, position) pairs; the same tokens at
+    other positions pool differently (a mean could not tell); padding changes nothing."""
+    from dream_core.layers import AttentionPooler
+
+    torch.manual_seed(0)
+    pool = AttentionPooler(8, 2, num_positions=6).eval()
+    with torch.no_grad():
+        pool.query.normal_()
+    x = torch.randn(1, 4, 8)
+    pos = torch.tensor([[0, 1, 2, 3]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    out = pool(x, valid, pos)
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(pool(x[:, perm], valid, pos[:, perm]), out)  # pairs reordered: same
+    assert not torch.allclose(pool(x[:, perm], valid, pos), out, atol=1e-3)  # tokens moved: differs
+    padded = torch.cat([x, 100 * torch.randn(1, 2, 8)], dim=1)
+    out_padded = pool(padded, torch.tensor([[True] * 4 + [False] * 2]), torch.tensor([[0, 1, 2, 3, 4, 5]]))
+    torch.testing.assert_close(out_padded, out)
+
+
+def test_attention_pooled_embedding_of_a_ragged_batch_equals_each_sample_alone():
+    torch.manual_seed(0)
+    model = DreamModel(DreamConfig.preset("tiny").replace(clip_pooling="attention")).eval()
+    c = model.config
+    assert model.pooler is not None and DreamModel(DreamConfig.preset("tiny")).pooler is None
+    tokens = _inputs(c, 3)[0]
+    mask = _mask_with_counts([0, 5, 12], c.seq_len)
+    with torch.no_grad():
+        emb = model.encode_image(tokens, mask)
+        assert emb.shape == (3, c.embed_dim)
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+        for i in range(3):
+            torch.testing.assert_close(emb[i], model.encode_image(tokens[i:i + 1], mask[i:i + 1])[0],
+                                       rtol=1e-5, atol=1e-5)
+        enc = model.encoder(tokens, mask)
+        positions = enc.positions()
+        assert positions[1, :c.buffer_size].tolist() == list(range(c.buffer_size))
+        assert positions[1, c.buffer_size:].tolist()[:11] == (c.buffer_size + enc.visible_index[1, :11]).tolist()
+
+
 def test_decoder_depends_on_the_caption_only_through_cross_attention(tiny):
     import copy
 

@@ -100,6 +100,12 @@ def test_defaults_are_resolved_from_the_model():
     assert halving.fraction_decided(TINY) == fraction_decided(4, 8, 16)  # where the winner is picked
     assert GenerationRequest("x", negative_prompt="   ").validate(TINY).negative_prompt == ""
     assert GenerationRequest("x").validate(TINY).seed is None  # drawn later, by whoever runs it
+    # The temperature is the model's unless the request names one (0 included).
+    assert GenerationRequest("x").validate(TINY).temperature == TINY.default_temperature == 1.0
+    cooler = TINY.replace(default_temperature=0.5)
+    assert GenerationRequest("x").validate(cooler).temperature == 0.5
+    assert GenerationRequest("x", temperature=0.0).validate(cooler).temperature == 0.0
+    assert GenerationRequest("x", temperature=1.2).validate(cooler).temperature == 1.2
 
 
 def test_a_caller_may_lower_the_candidate_limit_but_not_raise_past_it():

@@ -1031,8 +1031,21 @@ def test_finetune_trainable_parts_leave_every_other_weight_bit_identical(data, t
     text = tmp_path / "text"
     assert _finetune(base + ["--out", str(text), "masking=none", "trainable=text_tower"]) == 0
     assert changed_parts(text) == {"text_tower"}
-    # A part the model does not have is refused, naming the parts it has; nothing is written.
+    # A part the source lacks (model.clip_pooling=attention adds the pooler) starts from its
+    # initialisation when it is trained; everything it does not train is kept bit for bit.
+    pooled = tmp_path / "pooled"
+    assert _finetune(base + ["--out", str(pooled), "masking=none", "model.clip_pooling=attention",
+                             "trainable=pooler,projector"]) == 0
+    assert f"init_from: pooler not in {tiny_model_dir / 'model.safetensors'}: trained from initialisation" in \
+        capsys.readouterr().out
+    assert changed_parts(pooled) == {"projector"}
+    assert "pooler.query" in load_file(str(pooled / "model.safetensors"))
+    assert json.loads((pooled / "config.json").read_text())["clip_pooling"] == "attention"
+    # ... and is refused when it would stay at its initialisation.
     bad = tmp_path / "bad"
+    assert _finetune(base + ["--out", str(bad), "model.clip_pooling=attention", "trainable=projector"]) == 2
+    assert "missing ['pooler.attn" in capsys.readouterr().err
+    # A part the model does not have is refused, naming the parts it has; nothing is written.
     assert _finetune(base + ["--out", str(bad), "trainable=projector,no_such_part"]) == 2
     err = capsys.readouterr().err
     assert "recipe.trainable names ['no_such_part']" in err and "encoder, decoder" in err
@@ -1223,3 +1236,24 @@ def test_geometry_is_read_from_the_weights_and_a_mismatch_is_one_sentence(data, 
     (cache / "meta.json").write_text(json.dumps({"image_size": 64, "latent_size": 32}))
     assert cache_main(argv + overrides(data))["index"]
     assert json.loads((cache / "meta.json").read_text())["latent_size"] == 8
+
+
+def test_the_bundled_models_config_takes_the_heads_architecture_and_the_pretraining_losses(tmp_path):
+    """make model's config: the heads stage's architecture (here with the attention pooler a
+    model.* override adds), the pretraining's loss weights, the sampler defaults measured on the
+    shipped model (which its config.json holds)."""
+    from dream_core import DreamConfig
+    from training.make_shapes_model import SAMPLER_DEFAULTS, bundled_config
+
+    heads_recipe = get_recipe("shapes-heads")
+    pre = DreamConfig.preset("shapes")
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "heads").mkdir()
+    pre.save(tmp_path / "pre" / "config.json")
+    pre.replace(**heads_recipe.model_overrides, clip_pooling="attention").save(tmp_path / "heads" / "config.json")
+    config = bundled_config(tmp_path / "pre", tmp_path / "heads")
+    assert config.clip_pooling == "attention"
+    assert (config.diffusion_weight, config.clip_weight) == (pre.diffusion_weight, pre.clip_weight) == (1.0, 0.005)
+    shipped = DreamConfig.load(ROOT / "assets" / "dream-shapes" / "config.json")
+    for key, value in SAMPLER_DEFAULTS.items():
+        assert getattr(config, key) == getattr(shipped, key) == value, key

@@ -38,19 +38,25 @@ def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
         state = load_file(str(path))
     except Exception as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    parts = trainable_parts(model, recipe.trainable) if recipe.trainable else []
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    # A part the source lacks (a model.* override added it, e.g. clip_pooling=attention's pooler)
+    # may start from its initialisation, but only if it is trained.
+    new_parts = sorted({k.split(".")[0] for k in missing if k.split(".")[0] in parts})
+    missing = [k for k in missing if k.split(".")[0] not in parts]
     shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not match the model config (a model.* override changed the architecture?): "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not new_parts)
+    if new_parts:
+        print(f"init_from: {', '.join(new_parts)} not in {path}: trained from initialisation")
     if recipe.lora_rank:
         _inject_lora(model, recipe)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
-    if recipe.trainable:
-        parts = trainable_parts(model, recipe.trainable)
+    if parts:
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in parts)
 

@@ -9,7 +9,7 @@
    export the EMA weights with the 2,160-caption bank;
 4. retrain the joint space's heads (projector, text tower, temperature) on whole images with
    hard-negative captions, generation's weights frozen (recipe `shapes-heads`), into the model
-   directory;
+   directory, whose config carries the sampler defaults measured on the shipped model;
 5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
@@ -28,8 +28,23 @@ import sys
 import time
 from pathlib import Path
 
+from dream_core.config import DreamConfig
 from dream_core.pipeline import PREVIEW_DIR
 from training.data.shapes_world import full_caption_bank
+
+
+# The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
+# the guidance x temperature sweep); a request may still set its own.
+SAMPLER_DEFAULTS = dict(sad_decision_share=0.375, default_guidance_scale=1.0, default_temperature=0.5)
+
+
+def bundled_config(pretrained: Path, heads: Path) -> DreamConfig:
+    """The model directory's config: the heads stage's architecture (a model.* override there, such
+    as clip_pooling=attention, carries over), the pretraining's loss weights (the heads stage trains
+    the contrastive loss alone), the measured sampler defaults."""
+    pre = DreamConfig.load(pretrained / "config.json")
+    return DreamConfig.load(heads / "config.json").replace(
+        diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight, **SAMPLER_DEFAULTS)
 
 
 def run(cmd: list[str]) -> None:
@@ -99,14 +114,16 @@ def main() -> None:
          "--export", str(dream_export), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
          *feed, *args.overrides])
     timings["dream_seconds"] = time.time() - t
-    # The joint space's heads on whole images, generation frozen. Only the weights are taken: the
-    # config keeps the pretraining's loss weights (the stage trains the contrastive loss alone).
+    # The joint space's heads on whole images, generation frozen. The weights and the architecture
+    # are the stage's; the config keeps the pretraining's loss weights (the stage trains the
+    # contrastive loss alone).
     t = time.time()
     heads = work / "heads"
     run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads), "--export",
          str(heads / "export"), "--captions", str(bank), f"init_from={dream_export}"])
     shutil.copytree(dream_export, args.out, dirs_exist_ok=True)
     shutil.copy2(heads / "export" / "model.safetensors", args.out / "model.safetensors")
+    bundled_config(dream_export, heads / "export").save(args.out / "config.json")
     timings["heads_seconds"] = time.time() - t
     # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
     preview = work / "preview_vae"

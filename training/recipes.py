@@ -298,6 +298,8 @@ RECIPES: dict[str, TrainRecipe] = {
     # captions, every weight generation uses frozen (so generation is unchanged): `make model`'s last
     # training stage (issue 9: the masked contrastive samples of Masking Warmup's end state leave
     # shape out of the joint space; 300 steps of this raise reverse search's shape from 52 % to 72 %).
+    # (An attention pooler, `model.clip_pooling=attention trainable=pooler,...`, was measured in its
+    # place and changes nothing: the text tower embeds captions that differ only in position alike.)
     "shapes-heads": TrainRecipe(**{**_SHAPES_COMMON, "name": "shapes-heads", "init_from": "assets/dream-shapes",
                                    "trainable": "projector,text_tower,logit_scale", "masking": "none",
                                    "batch_size": 128, "lr": 8e-4, "hard_negatives": 4, "max_steps": 300,

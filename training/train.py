@@ -525,7 +525,7 @@ class Trainer:
         prompts = self.recipe_sample_prompts()
         images = []
         for i, p in enumerate(prompts):
-            images += pipe(p, num_inference_steps=16, head_steps=25, guidance_scale=3.0, seed=i).images
+            images += pipe(p, num_inference_steps=16, head_steps=25, seed=i).images
         out = self.out / "samples"
         out.mkdir(exist_ok=True)
         from PIL import Image

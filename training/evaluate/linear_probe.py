@@ -49,7 +49,7 @@ PROTOCOLS = {
 }
 
 
-POOLING = ("all", "buffer", "image", "concat")
+POOLING = ("all", "buffer", "image", "concat", "model")
 
 
 @torch.inference_mode()
@@ -57,7 +57,8 @@ def encoder_features(pipe: DreamPipeline, images: Sequence, batch_size: int = 25
     """Frozen features from the normed encoder output: `all` (default) the mean over buffer + image
     tokens, the feature the contrastive loss and SAD use; `buffer` / `image` the mean over those
     tokens only (the official probe's options); `concat` every image token side by side
-    [N, L * width], a diagnostic that keeps where things are."""
+    [N, L * width], a diagnostic that keeps where things are; `model` the pooling the model's joint
+    space uses (its `clip_pooling`: the attention pooler's output, or the mean), before the projector."""
     if pool not in POOLING:
         raise ValueError(f"pool must be one of {POOLING}, got {pool!r}")
     feats = []
@@ -74,6 +75,9 @@ def encoder_features(pipe: DreamPipeline, images: Sequence, batch_size: int = 25
             f = hidden[:, :nb].mean(1)
         elif pool == "image":
             f = hidden[:, nb:].mean(1)
+        elif pool == "model":
+            with pipe.autocast():
+                f = pipe.model.pool_tokens(enc).float()
         else:
             f = hidden[:, nb:].flatten(1)
         feats.append(f.cpu())
@@ -425,7 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--blr", type=float, default=None, help="paper protocol: lr = blr x batch / 256 (default 0.1)")
     ap.add_argument("--chunk-size", type=int, default=16384, help="feature rows per file on disk (--data)")
     ap.add_argument("--pool", default="all", choices=POOLING,
-                    help="token pooling: all (buffer + image, default), buffer, image, concat (diagnostic)")
+                    help="token pooling: all (buffer + image, default), buffer, image, concat (diagnostic), "
+                         "model (the joint space's own pooling)")
     ap.add_argument("--quick", action="store_true", help="200 / 100 images, 20 epochs (smoke runs)")
     return ap.parse_args(argv)
 
