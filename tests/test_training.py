@@ -1045,6 +1045,19 @@ def test_finetune_trainable_parts_leave_every_other_weight_bit_identical(data, t
     bad = tmp_path / "bad"
     assert _finetune(base + ["--out", str(bad), "model.clip_pooling=attention", "trainable=projector"]) == 2
     assert "missing ['pooler.attn" in capsys.readouterr().err
+    # recipe.reinit: a trained part restarts from its initialisation (at lr 0 it stays there, so
+    # every one of its tensors differs from the source's trained ones and nothing else moves) ...
+    fresh = tmp_path / "fresh"
+    assert _finetune(base + ["--out", str(fresh), "--lr", "0", "masking=none", "trainable=text_tower",
+                             "reinit=text_tower"]) == 0
+    assert "init_from: text_tower trained from initialisation (recipe.reinit)" in capsys.readouterr().out
+    assert changed_parts(fresh) == {"text_tower"}
+    after = load_file(str(fresh / "model.safetensors"))
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_tower.")
+               and "ln_" not in k and not k.endswith("bias"))
+    # ... and only a trained one.
+    assert _finetune(base + ["--out", str(bad), "trainable=projector", "reinit=text_tower"]) == 2
+    assert "recipe.reinit names ['text_tower'], which recipe.trainable does not train" in capsys.readouterr().err
     # A part the model does not have is refused, naming the parts it has; nothing is written.
     assert _finetune(base + ["--out", str(bad), "trainable=projector,no_such_part"]) == 2
     err = capsys.readouterr().err
@@ -1239,9 +1252,9 @@ def test_geometry_is_read_from_the_weights_and_a_mismatch_is_one_sentence(data, 
 
 
 def test_the_bundled_models_config_takes_the_heads_architecture_and_the_pretraining_losses(tmp_path):
-    """make model's config: the heads stage's architecture (here with the attention pooler a
-    model.* override adds), the pretraining's loss weights, the sampler defaults measured on the
-    shipped model (which its config.json holds)."""
+    """make model's config: the heads stage's architecture (the attention pooler the shapes-heads
+    recipe adds), the pretraining's loss weights, the sampler defaults measured on the shipped model
+    (which its config.json holds)."""
     from dream_core import DreamConfig
     from training.make_shapes_model import SAMPLER_DEFAULTS, bundled_config
 
@@ -1250,10 +1263,24 @@ def test_the_bundled_models_config_takes_the_heads_architecture_and_the_pretrain
     (tmp_path / "pre").mkdir()
     (tmp_path / "heads").mkdir()
     pre.save(tmp_path / "pre" / "config.json")
-    pre.replace(**heads_recipe.model_overrides, clip_pooling="attention").save(tmp_path / "heads" / "config.json")
+    pre.replace(**heads_recipe.model_overrides).save(tmp_path / "heads" / "config.json")
     config = bundled_config(tmp_path / "pre", tmp_path / "heads")
     assert config.clip_pooling == "attention"
     assert (config.diffusion_weight, config.clip_weight) == (pre.diffusion_weight, pre.clip_weight) == (1.0, 0.005)
     shipped = DreamConfig.load(ROOT / "assets" / "dream-shapes" / "config.json")
     for key, value in SAMPLER_DEFAULTS.items():
         assert getattr(config, key) == getattr(shipped, key) == value, key
+
+
+def test_a_cache_for_a_fine_tuning_recipe_reads_the_model_directorys_vae_and_t5(tiny_model_dir, tmp_path):
+    """`training.cache --recipe shapes-heads` (init_from, no vae_path / t5_path) caches with the
+    model directory's own VAE and T5, as the trainer would read them, instead of refusing."""
+    from training.cache import extract
+
+    recipe = get_recipe("shapes-heads").overrides([f"init_from={tiny_model_dir}", "num_workers=0"])
+    assert recipe.vae_path == "" and recipe.t5_path == ""
+    out = tmp_path / "cache"
+    extract(recipe, out, max_samples=8, shard_size=8, batch_size=8, num_workers=0, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vae_path"] == str(tiny_model_dir / "vae") and meta["t5_path"] == str(tiny_model_dir / "text")
+    assert CacheSource(out).read(0, False)["caption"]

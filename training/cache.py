@@ -150,6 +150,7 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
     from dream_core.image_tokenizer import ImageTokenizer
     from dream_core.text import ConditioningTextEncoder
 
+    recipe = recipe.resolved()  # init_from: the model directory's vae/ and text/ by default, as the trainer
     env_rank, env_world, local_rank = dist_env()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world

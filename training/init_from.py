@@ -28,7 +28,7 @@ def _inject_lora(model: torch.nn.Module, recipe) -> None:
 def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
     """Load recipe.init_from's weights into `model` (built from its config.json) and, with
     recipe.lora_rank > 0, add LoRA adapters and train only them; with recipe.trainable, train only
-    the named top-level parts. No-op without init_from."""
+    the named top-level parts, those in recipe.reinit from their initialisation. No-op without init_from."""
     if not recipe.init_from:
         return
     from safetensors.torch import load_file
@@ -39,6 +39,8 @@ def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
     except Exception as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     parts = trainable_parts(model, recipe.trainable) if recipe.trainable else []
+    fresh = trainable_parts(model, recipe.reinit) if recipe.reinit else []  # validate(): a subset of parts
+    state = {k: v for k, v in state.items() if k.split(".")[0] not in fresh}
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     # A part the source lacks (a model.* override added it, e.g. clip_pooling=attention's pooler)
@@ -50,8 +52,10 @@ def init_from_model_dir(model: torch.nn.Module, recipe) -> None:
         raise ValueError(f"{path} does not match the model config (a model.* override changed the architecture?): "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
     model.load_state_dict(state, strict=not new_parts)
-    if new_parts:
-        print(f"init_from: {', '.join(new_parts)} not in {path}: trained from initialisation")
+    if fresh:
+        print(f"init_from: {', '.join(fresh)} trained from initialisation (recipe.reinit)")
+    if set(new_parts) - set(fresh):
+        print(f"init_from: {', '.join(p for p in new_parts if p not in fresh)} not in {path}: trained from initialisation")
     if recipe.lora_rank:
         _inject_lora(model, recipe)
         for name, p in model.named_parameters():

@@ -7,9 +7,10 @@
    the live feed (scenes rendered, VAE-encoded and T5-encoded at every step: the default) or, with
    --cache-scenes N, on a cache of the feed's first N scenes extracted first (training.cache), and
    export the EMA weights with the 2,160-caption bank;
-4. retrain the joint space's heads (projector, text tower, temperature) on whole images with
-   hard-negative captions, generation's weights frozen (recipe `shapes-heads`), into the model
-   directory, whose config carries the sampler defaults measured on the shipped model;
+4. rebuild the joint space's heads (an attention pooler, the projector and the text tower from
+   their initialisation, the temperature) on whole images with hard-negative captions, generation's
+   weights frozen (recipe `shapes-heads`, on a cache of 16,384 scenes extracted first), into the
+   model directory, whose config carries the sampler defaults measured on the shipped model;
 5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
@@ -35,6 +36,9 @@ from training.data.shapes_world import full_caption_bank
 
 # The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
 # the guidance x temperature sweep); a request may still set its own.
+# The heads stage trains on a cache of the feed's first scenes (VAE moments extracted once), as the
+# shipped heads were (model card, "Fifth session").
+HEADS_CACHE_SCENES = 16_384
 SAMPLER_DEFAULTS = dict(sad_decision_share=0.375, default_guidance_scale=1.0, default_temperature=0.5)
 
 
@@ -118,9 +122,13 @@ def main() -> None:
     # are the stage's; the config keeps the pretraining's loss weights (the stage trains the
     # contrastive loss alone).
     t = time.time()
-    heads = work / "heads"
+    heads, heads_cache = work / "heads", work / f"heads-cache-{HEADS_CACHE_SCENES}"
+    if not (heads_cache / "index.json").exists():  # the frozen VAE's moments: the stage is then text-tower bound
+        run([py, "-m", "training.cache", "--recipe", "shapes-heads", "--out", str(heads_cache), "--max-samples",
+             str(HEADS_CACHE_SCENES), "--num-workers", "0", f"init_from={dream_export}"])
     run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads), "--export",
-         str(heads / "export"), "--captions", str(bank), f"init_from={dream_export}"])
+         str(heads / "export"), "--captions", str(bank), f"init_from={dream_export}", "data=cache",
+         f"cache_path={heads_cache}"])
     shutil.copytree(dream_export, args.out, dirs_exist_ok=True)
     shutil.copy2(heads / "export" / "model.safetensors", args.out / "model.safetensors")
     bundled_config(dream_export, heads / "export").save(args.out / "config.json")

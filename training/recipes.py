@@ -40,6 +40,9 @@ class TrainRecipe:
     # fine-tuning: comma-separated top-level parts of the model trained, the rest frozen (e.g.
     # "projector,text_tower,logit_scale": the joint space's heads only, generation unchanged); "" = all
     trainable: str = ""
+    # with trainable: the parts among them that start from their initialisation instead of init_from's
+    # weights (e.g. "text_tower,projector": a joint space rebuilt on a frozen encoder, issue 9)
+    reinit: str = ""
     preserve_path: str = ""  # a second image folder mixed into the data (e.g. samples of the base model)
     # Shapes World only (live, or a cache extracted from it): per image, this many captions that differ
     # from its own in one stated attribute, as extra contrastive negatives (issue 9's joint-space ablation).
@@ -127,6 +130,11 @@ class TrainRecipe:
             raise ValueError("recipe.lora_rank > 0 needs recipe.init_from (LoRA adapts a trained model directory)")
         if self.trainable and not self.init_from:
             raise ValueError("recipe.trainable needs recipe.init_from (it freezes parts of a trained model directory)")
+        reinit = {p.strip() for p in self.reinit.split(",") if p.strip()}
+        trained = {p.strip() for p in self.trainable.split(",") if p.strip()}
+        if reinit - trained:
+            raise ValueError(f"recipe.reinit names {sorted(reinit - trained)}, which recipe.trainable does not train "
+                             f"(a part restarted from its initialisation must be trained)")
         if self.trainable and self.lora_rank:
             raise ValueError("recipe.trainable and recipe.lora_rank exclude each other (LoRA already chooses what trains)")
         if self.preserve_path and self.data != "folder":
@@ -294,17 +302,20 @@ RECIPES: dict[str, TrainRecipe] = {
                                **{**_SHAPES_COMMON, "sample_every": 0,  # it does not generate
                                   "model_overrides": {"diffusion_weight": 0.0, "clip_weight": 1.0,
                                                       "min_visible_for_clip": 0.0}}),
-    # The joint space's heads of a trained Shapes model retrained on whole images with hard-negative
+    # The joint space's heads of a trained Shapes model rebuilt on whole images with hard-negative
     # captions, every weight generation uses frozen (so generation is unchanged): `make model`'s last
-    # training stage (issue 9: the masked contrastive samples of Masking Warmup's end state leave
-    # shape out of the joint space; 300 steps of this raise reverse search's shape from 52 % to 72 %).
-    # (An attention pooler, `model.clip_pooling=attention trainable=pooler,...`, was measured in its
-    # place and changes nothing: the text tower embeds captions that differ only in position alike.)
+    # training stage. An attention pooler reads the frozen encoder's tokens; the projector and the
+    # text tower restart from their initialisation (`reinit`): continued from the joint training they
+    # embed captions that differ only in position alike (cosine 0.9997), a saddle no contrastive step
+    # leaves, since neither tower is pushed to use position while the other ignores it (issue 9: reverse
+    # search's position 11.5 % -> see the model card, "Fifth session").
     "shapes-heads": TrainRecipe(**{**_SHAPES_COMMON, "name": "shapes-heads", "init_from": "assets/dream-shapes",
-                                   "trainable": "projector,text_tower,logit_scale", "masking": "none",
-                                   "batch_size": 128, "lr": 8e-4, "hard_negatives": 4, "max_steps": 300,
-                                   "sample_every": 0,
-                                   "model_overrides": {"diffusion_weight": 0.0, "clip_weight": 1.0}}),
+                                   "trainable": "pooler,projector,text_tower,logit_scale",
+                                   "reinit": "projector,text_tower", "masking": "none", "batch_size": 128,
+                                   "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 50, "hard_negatives": 4,
+                                   "max_steps": 1200, "sample_every": 0,
+                                   "model_overrides": {"diffusion_weight": 0.0, "clip_weight": 1.0,
+                                                       "clip_pooling": "attention"}}),
     # Fine-tuning a model directory (init_from) on an image folder: the pretraining losses with the
     # mask ratios of the end of Masking Warmup (FX), LR warm-up in steps, no flips (captions may name
     # left/right), EMA warmed up with the step count. Defaults measured on the Shapes World (see
