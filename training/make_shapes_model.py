@@ -34,11 +34,11 @@ from dream_core.pipeline import PREVIEW_DIR
 from training.data.shapes_world import full_caption_bank
 
 
-# The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
-# the guidance x temperature sweep); a request may still set its own.
 # The heads stage trains on a cache of the feed's first scenes (VAE moments extracted once), as the
 # shipped heads were (model card, "Fifth session").
 HEADS_CACHE_SCENES = 16_384
+# The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
+# the guidance x temperature sweep); a request may still set its own.
 SAMPLER_DEFAULTS = dict(sad_decision_share=0.375, default_guidance_scale=1.0, default_temperature=0.5)
 
 
