@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from training.recipes import part_names
+
 LORA_SCOPES = ("encoder.blocks.", "decoder.blocks.", "aligner.blocks.")
 
 
@@ -69,7 +71,7 @@ def trainable_parts(model: torch.nn.Module, spec: str) -> list[str]:
     """The top-level parts named by recipe.trainable ("projector,text_tower"), checked against the
     model's own children and parameters."""
     known = [n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)]
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    parts = part_names(spec)
     unknown = [p for p in parts if p not in known]
     if unknown or not parts:
         raise ValueError(f"recipe.trainable names {unknown or spec!r}: expected a comma-separated list of "

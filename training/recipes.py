@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
+def part_names(spec: str) -> list[str]:
+    """The model parts a comma-separated recipe field names (`trainable`, `reinit`): "a, b" -> [a, b]."""
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
 @dataclass
 class TrainRecipe:
     name: str = "dream-huge"
@@ -130,10 +135,9 @@ class TrainRecipe:
             raise ValueError("recipe.lora_rank > 0 needs recipe.init_from (LoRA adapts a trained model directory)")
         if self.trainable and not self.init_from:
             raise ValueError("recipe.trainable needs recipe.init_from (it freezes parts of a trained model directory)")
-        reinit = {p.strip() for p in self.reinit.split(",") if p.strip()}
-        trained = {p.strip() for p in self.trainable.split(",") if p.strip()}
-        if reinit - trained:
-            raise ValueError(f"recipe.reinit names {sorted(reinit - trained)}, which recipe.trainable does not train "
+        untrained = sorted(set(part_names(self.reinit)) - set(part_names(self.trainable)))
+        if untrained:
+            raise ValueError(f"recipe.reinit names {untrained}, which recipe.trainable does not train "
                              f"(a part restarted from its initialisation must be trained)")
         if self.trainable and self.lora_rank:
             raise ValueError("recipe.trainable and recipe.lora_rank exclude each other (LoRA already chooses what trains)")
