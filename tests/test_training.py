@@ -1199,6 +1199,25 @@ def test_short_runs_scale_the_schedules_and_print_the_lr(data, tmp_path, capsys)
     assert float(rows[5]["mask_mean_mu"]) == pytest.approx(min(1.0, (5 * 8 / 24) * scale / 36), abs=1e-4)
 
 
+def test_a_run_longer_than_the_recipe_ends_its_lr_cosine_with_the_run(data, tmp_path, capsys):
+    """max_steps past the recipe's epochs: the LR cosine spans the run (it used to reach 0 at the
+    recipe's last epoch and stay there for the rest of the run); Masking Warmup keeps its epochs."""
+    from training.train import Trainer
+
+    recipe = get_recipe("shapes").overrides(overrides(data, samples_per_epoch=0, epochs=1.0, max_steps=30,
+                                                      warmup_steps=0, lr_schedule="cosine", masking="warmup",
+                                                      masking_warmup_epochs=2.0))
+    trainer = Trainer(recipe, tmp_path / "run")  # 24 images, batch 8: the recipe is 3 steps, the run 30
+    assert (trainer.lr_scale, trainer.schedule_scale) == (pytest.approx(0.1), 1.0)
+    assert "1-epoch LR schedule scaled x10 to this 30-step run" in trainer.start_message()
+    assert "masking schedule" not in trainer.start_message()
+    lr = {s: trainer.lr_after(s * 8) for s in (3, 15, 30)}
+    assert lr[3] == pytest.approx(0.001 * 0.5 * (1 + math.cos(math.pi * 0.1)))  # was 0 from here on
+    assert lr[15] == pytest.approx(0.0005) and lr[30] == pytest.approx(0.0)
+    trainer.samples_seen = 6 * 8  # 2 epochs: the end of Masking Warmup, at the recipe's own epochs
+    assert trainer.schedule.mean(trainer.schedule_epoch) == 1.0
+
+
 def test_data_workers_are_capped_by_the_usable_cores(caplog):
     cores = sources.usable_cores()
     with caplog.at_level("WARNING", logger="dream.data"):

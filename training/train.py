@@ -16,7 +16,9 @@ stops every rank. Ctrl-C finishes the step, saves a checkpoint and exits.
 
 The epoch is the data's size (recipe.samples_per_epoch=0) or the recipe's. A run cut shorter than
 the recipe's epochs by --max-steps follows the recipe's LR warm-up and Masking Warmup scaled to its
-own length (printed at the start), so a short run trains instead of logging lr 0. Fine-tuning is a
+own length (printed at the start), so a short run trains instead of logging lr 0; a longer one
+stretches its LR schedule to its own end (a cosine ends with the run) and keeps Masking Warmup's
+epochs (then its end state). Fine-tuning is a
 mode of this loop: `init_from=MODEL_DIR` (weights, config, VAE and T5 from a model directory),
 optionally `lora_rank=R` (see training/finetune.py, its CLI).
 """
@@ -151,6 +153,7 @@ class Trainer:
         self.samples_per_epoch = recipe.samples_per_epoch or len(self.source)
         self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * self.samples_per_epoch / self.global_batch)
         self.schedule_scale = schedule_scale(recipe, self.total_steps, self.global_batch, self.samples_per_epoch)
+        self.lr_scale = schedule_scale(recipe, self.total_steps, self.global_batch, self.samples_per_epoch, stretch=True)
         self.data_skipped = 0
         self.stop_requested = self.interrupted = False
         self._resume()
@@ -250,7 +253,7 @@ class Trainer:
 
     @property
     def schedule_epoch(self) -> float:
-        """The epoch the LR and masking schedules read (scaled when the run is shorter than the recipe)."""
+        """The epoch the masking schedule reads (scaled when the run is shorter than the recipe)."""
         return self.epoch * self.schedule_scale
 
     @property
@@ -260,7 +263,7 @@ class Trainer:
 
     def lr_after(self, samples: int) -> float:
         """The LR of the optimizer step that ends at `samples` seen (step self.step + 1)."""
-        epoch = samples / self.samples_per_epoch * self.schedule_scale
+        epoch = samples / self.samples_per_epoch * self.lr_scale
         return lr_at(epoch, self.recipe, self.peak_lr, step=self.step + 1, warmup_steps=self.warmup_steps)
 
     def start_message(self) -> str:
@@ -278,10 +281,12 @@ class Trainer:
             if self.warmup_steps < r.warmup_steps:
                 warm += f" (warmup_steps={r.warmup_steps} is more than a tenth of this {self.total_steps}-step run)"
         else:
-            warm = f"LR warm-up over {r.warmup_epochs * self.samples_per_epoch / self.schedule_scale / self.global_batch:.0f} steps"
-        if self.schedule_scale != 1.0 and (r.warmup_steps < 0 or r.masking in ("warmup", "cd")):
-            warm += (f" (the recipe's {r.epochs:g}-epoch schedules scaled x{1 / self.schedule_scale:.3g} "
-                     f"to this {self.total_steps}-step run)")
+            warm = f"LR warm-up over {r.warmup_epochs * self.samples_per_epoch / self.lr_scale / self.global_batch:.0f} steps"
+        for what, scale, used in (("LR", self.lr_scale, r.warmup_steps < 0 or r.lr_schedule == "cosine"),
+                                  ("masking", self.schedule_scale, r.masking in ("warmup", "cd"))):
+            if used and scale != 1.0:
+                warm += (f" (the recipe's {r.epochs:g}-epoch {what} schedule scaled x{1 / scale:.3g} "
+                         f"to this {self.total_steps}-step run)")
         lines.append(f"peak LR {self.peak_lr:.3g}, {warm}; LR at step {self.step + 1}: "
                      f"{self.lr_after(self.samples_seen + self.global_batch):.3g}; masking {r.masking}, "
                      f"EMA {r.ema_decay}{' warmed up' if r.ema_warmup else ''}")
@@ -544,14 +549,18 @@ class Trainer:
         return ["a photo of a dog", "a red car parked on a street"]
 
 
-def schedule_scale(recipe: TrainRecipe, total_steps: int, global_batch: int, samples_per_epoch: int) -> float:
-    """How much faster than the epoch count the schedules run: 1 for a run as long as the recipe
-    (or longer); recipe epochs / run epochs for a run cut short by max_steps, so its LR warm-up and
-    Masking Warmup take the same share of the run as they take of the recipe."""
+def schedule_scale(recipe: TrainRecipe, total_steps: int, global_batch: int, samples_per_epoch: int,
+                   stretch: bool = False) -> float:
+    """How much faster than the epoch count a schedule runs in a run of max_steps: recipe epochs /
+    run epochs, so its warm-ups take the same share of the run as they take of the recipe (1
+    without max_steps). A run longer than the recipe is stretched to only with `stretch`: the LR
+    schedule, whose cosine must end with the run, not at the recipe's epoch count (a 1,200-step
+    shapes-heads run at batch 256 otherwise spent its last 450 steps at LR 0); Masking Warmup keeps
+    its epochs, and a longer run its end state."""
     if not recipe.max_steps or recipe.epochs <= 0:
         return 1.0
-    run_epochs = total_steps * global_batch / samples_per_epoch
-    return max(1.0, recipe.epochs / run_epochs)
+    scale = recipe.epochs / (total_steps * global_batch / samples_per_epoch)
+    return scale if stretch else max(1.0, scale)
 
 
 def trim_log(path: Path, step: int) -> None:
