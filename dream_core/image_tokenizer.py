@@ -1,4 +1,4 @@
-"""Image tokenizer: a diffusers `AutoencoderKL` plus patchify/unpatchify.
+"""Image tokenizer: a diffusers `AutoencoderKL` (or `AsymmetricAutoencoderKL`) plus patchify/unpatchify.
 
 Latents are scaled by the VAE config's `scaling_factor` (0.18215 for SD-VAE). A latent grid
 [B, C, H, W] becomes H/p * W/p tokens in raster order, each with C*p*p features in channel-major
@@ -60,12 +60,7 @@ class ImageTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, patch_size: int, torch_dtype: torch.dtype | None = None,
                         preview_path: str | Path | None = None) -> "ImageTokenizer":
-        from diffusers import AutoencoderKL
-
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"VAE directory {path} has no config.json (a diffusers AutoencoderKL is expected)")
-        vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+        vae = load_vae(path, torch_dtype)
         preview = None
         if preview_path is not None:
             preview = load_preview_decoder(preview_path, torch_dtype)
@@ -111,6 +106,43 @@ class ImageTokenizer(nn.Module):
         dtype = next(self.preview_decoder.parameters()).dtype
         latent = latent.to(dtype).contiguous(memory_format=torch.channels_last)
         return self.preview_decoder.decode(latent).sample.float().clamp(-1, 1)
+
+
+VAE_CLASSES = ("AutoencoderKL", "AsymmetricAutoencoderKL")
+
+
+def load_vae(path: str | Path, torch_dtype: torch.dtype | None = None):
+    """The diffusers VAE in a local directory (safetensors only), of the class its config.json names:
+    `AutoencoderKL` (SD-VAE; the default when the config names none) or `AsymmetricAutoencoderKL`
+    (an encoder with a heavier decoder, as in "Designing a Better Asymmetric VQGAN": a decoder can
+    be replaced by a stronger one while the encoder, hence the latent space and every model trained
+    on it, stays the same). Its decoder is called without the inpainting mask, as a plain decoder."""
+    import json
+
+    import diffusers
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"VAE directory {path} has no config.json (a diffusers AutoencoderKL is expected)")
+    name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"VAE directory {path} holds a {name}; expected one of {VAE_CLASSES}")
+    return getattr(diffusers, name).from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+
+
+def save_vae(vae, path: str | Path) -> None:
+    """Save a VAE (safetensors). An AsymmetricAutoencoderKL registers `block_out_channels` and
+    `force_upcast` itself but does not accept them back (diffusers would warn on every load), so its
+    config.json loses them, as `save_preview_decoder` does for AutoencoderTiny."""
+    import json
+
+    path = Path(path)
+    vae.save_pretrained(path, safe_serialization=True)
+    if type(vae).__name__ == "AsymmetricAutoencoderKL":
+        config = json.loads((path / "config.json").read_text())
+        for key in ("block_out_channels", "force_upcast"):
+            config.pop(key, None)
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_preview_decoder(path: str | Path, torch_dtype: torch.dtype | None = None):

@@ -30,7 +30,7 @@ from PIL import Image
 
 from .config import DreamConfig
 from .editing import as_rgb_image, paste_back, resize_square
-from .image_tokenizer import ImageTokenizer, save_preview_decoder
+from .image_tokenizer import ImageTokenizer, save_preview_decoder, save_vae
 from .model import DreamModel
 from .retrieval import CaptionBank
 from .masking import decoding_schedule
@@ -172,7 +172,7 @@ class DreamPipeline:
         self.config.save(path / "config.json")
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(path / "model.safetensors"))
-        self.image_tokenizer.vae.save_pretrained(path / "vae", safe_serialization=True)
+        save_vae(self.image_tokenizer.vae, path / "vae")
         if self.image_tokenizer.preview_decoder is not None:
             save_preview_decoder(self.image_tokenizer.preview_decoder, path / PREVIEW_DIR)
         text_dir = path / "text"

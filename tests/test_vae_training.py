@@ -66,3 +66,66 @@ def test_decoder_only_needs_init_on_the_command_line(tmp_path, capsys, monkeypat
     assert err.value.code == 2
     assert "--decoder-only needs --init" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
+
+
+def test_a_new_wider_decoder_keeps_the_encoder_and_its_latents(tmp_path):
+    """`--decoder-only --decoder-channels`: an AsymmetricAutoencoderKL with the source's encoder,
+    quant_conv and scaling factor bit for bit (the same latents, so a DREAM model trained on them
+    stays valid) and a new decoder of the asked width, which the tokenizer and the recipe read."""
+    from conftest import build_tiny_vae
+
+    from dream_core.image_tokenizer import ImageTokenizer, load_vae
+    from training.recipes import weights_geometry
+    from training.vae import with_new_decoder
+
+    src = build_tiny_vae(tmp_path / "src", image_size=32)
+    wide = with_new_decoder(src, (16, 16, 32), layers_per_block=2)
+    assert type(wide).__name__ == "AsymmetricAutoencoderKL"
+    assert wide.config.scaling_factor == 0.5 and list(wide.config.up_block_out_channels) == [16, 16, 32]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(src.encode(x).latent_dist.mean, wide.encode(x).latent_dist.mean)
+    wide.save_pretrained(tmp_path / "wide", safe_serialization=True)
+
+    tok = ImageTokenizer.from_pretrained(tmp_path / "wide", patch_size=2)
+    old = ImageTokenizer.from_pretrained(tmp_path / "src", patch_size=2)
+    assert torch.equal(tok.encode(x), old.encode(x))  # the same tokens
+    assert tok.decode(tok.encode(x)).shape == (2, 3, 32, 32)
+    assert weights_geometry(str(tmp_path / "wide"), "")["vae_stride"][0] == 4  # the encoder's 3 levels
+
+    with pytest.raises(ValueError, match="needs 3 levels"):
+        with_new_decoder(src, (16, 32))
+    with pytest.raises(ValueError, match="multiples of norm_num_groups=4"):
+        with_new_decoder(src, (16, 16, 30))
+    cfg = tmp_path / "wide" / "config.json"
+    cfg.write_text(cfg.read_text().replace("AsymmetricAutoencoderKL", "VQModel"))
+    with pytest.raises(ValueError, match="holds a VQModel; expected one of"):
+        load_vae(tmp_path / "wide")
+
+
+def test_decoder_only_trains_a_new_decoder_and_continues_it(tmp_path):
+    from conftest import build_tiny_vae
+
+    from dream_core.image_tokenizer import load_vae
+    from training.vae import train_vae
+
+    build_tiny_vae(tmp_path / "src", image_size=64)
+    src = _state(tmp_path / "src")
+    summary = train_vae(tmp_path / "wide", steps=2, batch_size=2, lr=1e-2, init=tmp_path / "src",
+                        decoder_only=True, decoder_channels=(16, 16, 16))
+    assert summary["decoder_channels"] == [16, 16, 16] and summary["scaling_factor"] == 0.5
+    wide = load_vae(tmp_path / "wide")
+    assert type(wide).__name__ == "AsymmetricAutoencoderKL"
+    state = wide.state_dict()
+    assert all(torch.equal(src[k], state[k]) for k in src if k.startswith(("encoder.", "quant_conv.")))
+    # continuing it (no --decoder-channels) keeps the asymmetric decoder and moves only the decoder
+    train_vae(tmp_path / "wide2", steps=2, batch_size=2, lr=1e-2, init=tmp_path / "wide", decoder_only=True, seed=1)
+    after = load_vae(tmp_path / "wide2").state_dict()
+    trained = [k for k in state if k.startswith("decoder.") and not k.startswith("decoder.condition_encoder.")]
+    assert any(not torch.equal(state[k], after[k]) for k in trained)
+    assert all(torch.equal(state[k], after[k]) for k in state if k.startswith(("encoder.", "quant_conv."))
+               or k.startswith("decoder.condition_encoder."))
+    config = (tmp_path / "wide2" / "config.json").read_text()
+    assert '"block_out_channels"' not in config and "force_upcast" not in config  # loads without a warning
+    with pytest.raises(ValueError, match="--decoder-channels needs --decoder-only"):
+        train_vae(tmp_path / "x", steps=1, batch_size=2, init=tmp_path / "src", decoder_channels=(16, 16, 16))

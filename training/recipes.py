@@ -229,13 +229,14 @@ def weights_geometry(vae_path: str, t5_path: str) -> dict[str, tuple[Any, str]]:
     vae_cfg = Path(vae_path) / "config.json" if vae_path else None
     if vae_cfg is not None and vae_cfg.is_file():
         cfg = _read_json(vae_cfg, "VAE config")
-        blocks = cfg.get("block_out_channels")
+        key = "down_block_out_channels" if "down_block_out_channels" in cfg else "block_out_channels"  # asymmetric: the encoder's
+        blocks = cfg.get(key)
         if not isinstance(blocks, list) or not blocks or "latent_channels" not in cfg:
             raise ValueError(f"VAE config {vae_cfg} has no block_out_channels / latent_channels "
                              "(a diffusers AutoencoderKL config is expected)")
         stride = 2 ** (len(blocks) - 1)
         out["vae_stride"] = (stride, f"the VAE at {vae_path} downsamples by {stride} "
-                                     f"(2 ** (len(block_out_channels) - 1), block_out_channels={blocks})")
+                                     f"(2 ** (len({key}) - 1), {key}={blocks})")
         out["vae_channels"] = (int(cfg["latent_channels"]),
                                f"the VAE at {vae_path} has latent_channels={cfg['latent_channels']}")
         scale = cfg.get("scaling_factor") or 0.18215  # the ImageTokenizer's reading of a missing factor

@@ -6,6 +6,10 @@ scaling factor is set to 1 / std of the posterior means (the way SD's 0.18215 wa
 saved in the VAE's own config, which `ImageTokenizer` reads.
 
     python -m training.vae --out assets/dream-shapes/vae --steps 3000
+
+`--decoder-only --decoder-channels 32,64,128` replaces a trained VAE's decoder by a new, wider one
+(a diffusers `AsymmetricAutoencoderKL`) trained behind the kept encoder: the latents, and every
+model trained on them, stay valid (the bundled model's decoder, model card "Seventh session").
 """
 
 from __future__ import annotations
@@ -50,21 +54,57 @@ def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
     return 1.0 + boost * (dist > 60).float()
 
 
+def with_new_decoder(vae, channels: tuple[int, ...], layers_per_block: int = 1):
+    """An `AsymmetricAutoencoderKL` holding `vae`'s encoder, `quant_conv` and scaling factor (bit for
+    bit: the same latents) and a new, freshly initialised decoder of `channels` per level. The
+    level count must match the encoder's, so the decoder upsamples by the encoder's stride."""
+    from diffusers import AsymmetricAutoencoderKL
+
+    cfg = vae.config
+    down = tuple(cfg.get("down_block_out_channels") or cfg.block_out_channels)
+    if len(channels) != len(down):
+        raise ValueError(f"--decoder-channels needs {len(down)} levels (the encoder's {list(down)}), "
+                         f"got {list(channels)}")
+    if any(c <= 0 or c % cfg.norm_num_groups for c in channels) or layers_per_block < 1:
+        raise ValueError(f"--decoder-channels must be multiples of norm_num_groups={cfg.norm_num_groups} "
+                         f"and --decoder-layers >= 1, got {list(channels)} and {layers_per_block}")
+    new = AsymmetricAutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
+        down_block_types=tuple(cfg.down_block_types), down_block_out_channels=down,
+        layers_per_down_block=cfg.get("layers_per_down_block", cfg.get("layers_per_block")),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), up_block_out_channels=tuple(channels),
+        layers_per_up_block=layers_per_block, act_fn=cfg.act_fn, norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size, scaling_factor=cfg.scaling_factor)
+    new.encoder.load_state_dict(vae.encoder.state_dict())
+    new.quant_conv.load_state_dict(vae.quant_conv.state_dict())
+    return new
+
+
 def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
               seed: int = 0, log_every: int = 50, init: Path | None = None, object_boost: float = 9.0,
-              decoder_only: bool = False) -> dict:
+              decoder_only: bool = False, decoder_channels: tuple[int, ...] | None = None,
+              decoder_layers: int = 1) -> dict:
     """Train (or continue, from `init`) a Shapes World VAE. With `decoder_only` the encoder of `init`
     is frozen and its scaling factor kept, so the latent space, and any DREAM model trained on it,
-    stays valid while the decoder learns to draw sharper images from the same latents."""
-    from diffusers import AutoencoderKL
+    stays valid while the decoder learns to draw sharper images from the same latents; with
+    `decoder_channels` that decoder is a new, wider one (`with_new_decoder`), trained from scratch."""
+    from dream_core.image_tokenizer import load_vae, save_vae
 
     if decoder_only and init is None:
         raise ValueError("--decoder-only needs --init: the VAE whose encoder and latent space are kept")
+    if decoder_channels is not None and not decoder_only:
+        raise ValueError("--decoder-channels needs --decoder-only (a new decoder for a kept encoder)")
     torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(str(init)) if init is not None else build_vae()
+    vae = load_vae(init) if init is not None else build_vae()
+    if decoder_channels is not None:
+        vae = with_new_decoder(vae, tuple(decoder_channels), decoder_layers)
     if decoder_only:
         for m in (vae.encoder, vae.quant_conv):
             m.requires_grad_(False)
+        # an asymmetric decoder's inpainting branch is never called (the tokenizer decodes latents alone)
+        condition = getattr(vae.decoder, "condition_encoder", None)
+        if condition is not None:
+            condition.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -102,8 +142,12 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
         held_l1 = float((rec - held).abs().mean())
     vae.register_to_config(scaling_factor=scale)
     out.mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(out, safe_serialization=True)
-    summary = {"steps": steps, "decoder_only": decoder_only, "batch_size": batch_size, "wall_seconds": time.time() - t0,
+    save_vae(vae, out)
+    decoder_levels = vae.config.get("up_block_out_channels") or vae.config.block_out_channels
+    summary = {"steps": steps, "decoder_only": decoder_only, "decoder_channels": list(decoder_levels),
+               "decoder_parameters": sum(p.numel() for n, p in vae.decoder.named_parameters()
+                                         if not n.startswith("condition_encoder.")),
+               "batch_size": batch_size, "wall_seconds": time.time() - t0,
                "scaling_factor": scale, "heldout_l1": held_l1}
     (out / "training_log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
     return summary
@@ -123,7 +167,17 @@ def main() -> None:
     ap.add_argument("--decoder-only", action="store_true",
                     help="with --init: freeze its encoder and scaling factor, train the decoder only "
                          "(models trained on that VAE's latents stay valid)")
+    ap.add_argument("--decoder-channels", default=None,
+                    help="with --decoder-only: a new decoder of these channels per level, e.g. 32,64,128 "
+                         "(saved as a diffusers AsymmetricAutoencoderKL; the encoder and latents are kept)")
+    ap.add_argument("--decoder-layers", type=int, default=1, help="resnet layers per level of a new decoder (+1 up)")
     args = ap.parse_args()
+    decoder_channels = None
+    if args.decoder_channels is not None:
+        try:
+            decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
+        except ValueError:
+            ap.error(f"--decoder-channels takes comma-separated integers, got {args.decoder_channels!r}")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     if args.threads:
@@ -131,7 +185,8 @@ def main() -> None:
     np.seterr(all="ignore")
     try:
         summary = train_vae(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, init=args.init,
-                            object_boost=args.object_boost, decoder_only=args.decoder_only)
+                            object_boost=args.object_boost, decoder_only=args.decoder_only,
+                            decoder_channels=decoder_channels, decoder_layers=args.decoder_layers)
     except ValueError as err:  # bad settings are refused before any training
         ap.error(str(err))
     print(json.dumps(summary))
