@@ -39,7 +39,7 @@ from training.data.shapes_world import full_caption_bank
 HEADS_CACHE_SCENES = 16_384
 # The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
 # the guidance x temperature sweep); a request may still set its own.
-SAMPLER_DEFAULTS = dict(sad_decision_share=0.375, default_guidance_scale=1.0, default_temperature=0.5)
+SAMPLER_DEFAULTS = dict(sad_decision_share=0.375, default_guidance_scale=1.5, default_temperature=0.5)
 
 
 def bundled_config(pretrained: Path, heads: Path) -> DreamConfig:
