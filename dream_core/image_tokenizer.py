@@ -130,19 +130,25 @@ def load_vae(path: str | Path, torch_dtype: torch.dtype | None = None):
     return getattr(diffusers, name).from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
 
 
-def save_vae(vae, path: str | Path) -> None:
-    """Save a VAE (safetensors). An AsymmetricAutoencoderKL registers `block_out_channels` and
-    `force_upcast` itself but does not accept them back (diffusers would warn on every load), so its
-    config.json loses them, as `save_preview_decoder` does for AutoencoderTiny."""
+def _save_without(model, path: str | Path, self_registered: tuple[str, ...]) -> None:
+    """`save_pretrained` (safetensors), then drop from config.json the keys the class registers
+    itself but does not accept back (diffusers would warn on every load)."""
     import json
 
     path = Path(path)
-    vae.save_pretrained(path, safe_serialization=True)
-    if type(vae).__name__ == "AsymmetricAutoencoderKL":
+    model.save_pretrained(path, safe_serialization=True)
+    if self_registered:
         config = json.loads((path / "config.json").read_text())
-        for key in ("block_out_channels", "force_upcast"):
+        for key in self_registered:
             config.pop(key, None)
         (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_vae(vae, path: str | Path) -> None:
+    """Save a VAE (safetensors); an AsymmetricAutoencoderKL's config loses the `block_out_channels`
+    and `force_upcast` it registers itself."""
+    asymmetric = type(vae).__name__ == "AsymmetricAutoencoderKL"
+    _save_without(vae, path, ("block_out_channels", "force_upcast") if asymmetric else ())
 
 
 def load_preview_decoder(path: str | Path, torch_dtype: torch.dtype | None = None):
@@ -156,13 +162,6 @@ def load_preview_decoder(path: str | Path, torch_dtype: torch.dtype | None = Non
 
 
 def save_preview_decoder(preview_decoder, path: str | Path) -> None:
-    """Save an AutoencoderTiny (safetensors). Its config.json loses the `block_out_channels` key
-    that AutoencoderTiny registers itself but does not accept back (diffusers would warn on
-    every load)."""
-    import json
-
-    path = Path(path)
-    preview_decoder.save_pretrained(path, safe_serialization=True)
-    config = json.loads((path / "config.json").read_text())
-    config.pop("block_out_channels", None)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """Save an AutoencoderTiny (safetensors); its config loses the `block_out_channels` it
+    registers itself."""
+    _save_without(preview_decoder, path, ("block_out_channels",))

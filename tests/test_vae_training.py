@@ -129,3 +129,5 @@ def test_decoder_only_trains_a_new_decoder_and_continues_it(tmp_path):
     assert '"block_out_channels"' not in config and "force_upcast" not in config  # loads without a warning
     with pytest.raises(ValueError, match="--decoder-channels needs --decoder-only"):
         train_vae(tmp_path / "x", steps=1, batch_size=2, init=tmp_path / "src", decoder_channels=(16, 16, 16))
+    with pytest.raises(ValueError, match="--decoder-layers needs --decoder-channels"):
+        train_vae(tmp_path / "x", steps=1, batch_size=2, init=tmp_path / "src", decoder_only=True, decoder_layers=2)

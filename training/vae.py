@@ -94,6 +94,8 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
         raise ValueError("--decoder-only needs --init: the VAE whose encoder and latent space are kept")
     if decoder_channels is not None and not decoder_only:
         raise ValueError("--decoder-channels needs --decoder-only (a new decoder for a kept encoder)")
+    if decoder_channels is None and decoder_layers != 1:
+        raise ValueError("--decoder-layers needs --decoder-channels (it shapes a new decoder)")
     torch.manual_seed(seed)
     vae = load_vae(init) if init is not None else build_vae()
     if decoder_channels is not None:
