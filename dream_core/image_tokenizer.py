@@ -130,6 +130,15 @@ def load_vae(path: str | Path, torch_dtype: torch.dtype | None = None):
     return getattr(diffusers, name).from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
 
 
+def encoder_fingerprint(path: str | Path) -> str:
+    """Identifies the posterior moments a VAE directory computes: its encoder and `quant_conv`
+    weights (`dream_core.fingerprint`). A latent cache records it; a new decoder behind the same
+    encoder (an AsymmetricAutoencoderKL) keeps it."""
+    from .fingerprint import safetensors_files, tensors_fingerprint
+
+    return tensors_fingerprint(safetensors_files(path), ("encoder.", "quant_conv."))
+
+
 def _save_without(model, path: str | Path, self_registered: tuple[str, ...]) -> None:
     """`save_pretrained` (safetensors), then drop from config.json the keys the class registers
     itself but does not accept back (diffusers would warn on every load)."""

@@ -186,6 +186,21 @@ class ConditioningTextEncoder(nn.Module):
         return hidden.float() * mask[..., None], mask
 
 
+def t5_fingerprint(path: str | Path) -> str:
+    """Identifies the states a T5 directory computes: its encoder's weights (the first MiB of each
+    tensor, `dream_core.fingerprint`) and its tokenizer's vocabulary. A cache of T5 states records
+    it; the same T5 re-saved into a model directory's `text/` keeps it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from .fingerprint import TENSOR_PREFIX_BYTES, safetensors_files, tensors_fingerprint
+
+    vocab = AutoTokenizer.from_pretrained(str(path), local_files_only=True).get_vocab()
+    return tensors_fingerprint(safetensors_files(path), ("encoder.", "shared."), max_bytes=TENSOR_PREFIX_BYTES,
+                               extra=json.dumps(sorted(vocab.items())))
+
+
 def build_t5_from_scratch(out_dir: str | Path, corpus: Iterable[str], d_model: int = 128, num_layers: int = 2,
                           num_heads: int = 4, d_ff: int = 256, vocab_size: int = 128, seed: int = 0) -> Path:
     """Create a small T5 encoder with a SentencePiece vocabulary trained on `corpus` and save it in

@@ -565,6 +565,52 @@ def test_a_small_cache_is_held_in_memory_and_reads_the_same(shapes_cache):
     assert torch.equal(resident.read(3)["moments"], lazy.read(3)["moments"])
 
 
+def test_a_cache_refuses_a_model_whose_vae_encoder_or_t5_differs_from_its_own(data, shapes_cache, tmp_path, caplog):
+    """The cache records content fingerprints of the VAE encoder and the T5 it was written with: a
+    re-saved copy or a new decoder passes, other encoder or T5 weights are refused before training."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from dream_core.image_tokenizer import load_vae, save_vae
+
+    def vae_with(part: str, out: Path) -> Path:
+        vae = load_vae(data.vae)
+        with torch.no_grad():
+            next(getattr(vae, part).parameters()).add_(0.01)
+        save_vae(vae, out)
+        return out
+
+    def t5_with(delta: float, out: Path) -> Path:
+        t5 = T5EncoderModel.from_pretrained(str(data.text), local_files_only=True)
+        with torch.no_grad():
+            t5.encoder.block[0].layer[0].SelfAttention.q.weight.add_(delta)
+        t5.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(data.text), local_files_only=True).save_pretrained(out)
+        return out
+
+    cache = CacheSource(shapes_cache)
+    cache.check_weights(str(data.vae), str(data.text))
+    cache.check_weights(str(vae_with("decoder", tmp_path / "new-decoder")), str(t5_with(0.0, tmp_path / "t5-copy")))
+    with pytest.raises(ValueError, match=r"written with another VAE encoder \(.*\) than the one at .*other-encoder; "
+                                         r"extract a new cache"):
+        cache.check_weights(str(vae_with("encoder", tmp_path / "other-encoder")), str(data.text))
+    with pytest.raises(ValueError, match="written with another T5 .* than the one at .*other-t5"):
+        cache.check_weights(str(data.vae), str(t5_with(0.01, tmp_path / "other-t5")))
+    # The trainer's loader checks before the first batch.
+    with pytest.raises(ValueError, match="another VAE encoder"):
+        _batches(tiny_recipe(data, data="cache", cache_path=str(shapes_cache),
+                             vae_path=str(tmp_path / "other-encoder")), 1)
+    # A cache written before the fingerprints is read with a warning that says it cannot be checked.
+    old = tmp_path / "old-cache"
+    shutil.copytree(shapes_cache, old)
+    index = json.loads((old / "index.json").read_text())
+    for key in ("vae_encoder_fingerprint", "t5_fingerprint"):
+        del index["meta"][key]
+    (old / "index.json").write_text(json.dumps(index))
+    with caplog.at_level("WARNING", logger="dream.data"):
+        CacheSource(old).check_weights(str(tmp_path / "other-encoder"), str(data.text))
+    assert "predates weight fingerprints: it cannot be checked against the VAE encoder" in caplog.text
+
+
 def _fit_until(trainer, stop_at: int) -> None:
     """fit(), stopped after step `stop_at` as Ctrl-C stops it (the step finishes, a checkpoint is saved)."""
     train_step = trainer.train_step

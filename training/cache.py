@@ -7,7 +7,8 @@ and the caption, for every sample of a recipe's data. Training then reads the ca
     torchrun --nproc-per-node 8 -m training.cache --recipe dream-huge --out /data/cc12m-cache ...   # 8 workers
     python -m training.cache --recipe shapes --out runs/shapes-cache --max-samples 50000 vae_path=... t5_path=...
 
-Layout of --out: `meta.json` (settings; a rerun with other settings is refused), `shard-NNNNNN.safetensors`
+Layout of --out: `meta.json` (settings, with content fingerprints of the VAE encoder and the T5, which
+the trainer checks against its own; a rerun with other settings is refused), `shard-NNNNNN.safetensors`
 (moments [n, 2C, h, w] f32, moments_flip, t5_hidden [n, T, d] f16, t5_mask [n, T] bool) with
 `shard-NNNNNN.json` (captions, source ids, skipped samples) written after it, `null_caption.safetensors`
 (the empty caption's T5 states) and `index.json` (written once every shard is complete).
@@ -147,8 +148,8 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
             batch_size: int = 64, num_workers: int = 4, rank: int | None = None, world: int | None = None,
             device: str = "auto", precision: str = "fp32", progress: bool = True) -> dict:
     """Write (or finish) this process's shards of the cache; returns a summary dict."""
-    from dream_core.image_tokenizer import ImageTokenizer
-    from dream_core.text import ConditioningTextEncoder
+    from dream_core.image_tokenizer import ImageTokenizer, encoder_fingerprint
+    from dream_core.text import ConditioningTextEncoder, t5_fingerprint
 
     recipe = recipe.resolved()  # init_from: the model directory's vae/ and text/ by default, as the trainer
     env_rank, env_world, local_rank = dist_env()
@@ -181,6 +182,8 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
         "num_shards": num_shards, "image_size": config.image_size, "latent_channels": config.vae_channels,
         "latent_size": config.latent_size, "t5_dim": config.t5_dim, "t5_max_length": config.t5_max_length,
         "vae_path": str(Path(recipe.vae_path).resolve()), "t5_path": str(Path(recipe.t5_path).resolve()),
+        # what the cached moments and T5 states were computed with (the trainer checks its own against them)
+        "vae_encoder_fingerprint": encoder_fingerprint(recipe.vae_path), "t5_fingerprint": t5_fingerprint(recipe.t5_path),
         "moments_dtype": "float32", "t5_dtype": "float16", "precision": precision,
     }
     meta_file = out / "meta.json"

@@ -499,6 +499,23 @@ class CacheSource:
             detail = ", ".join(f"{k}: cache {a} vs model {b}" for k, (a, b) in bad.items())
             raise ValueError(f"cache {self.root} was written for another model geometry ({detail})")
 
+    def check_weights(self, vae_path: str, t5_path: str) -> None:
+        """The cached moments and T5 states must come from the VAE encoder and the T5 the model
+        trains with (their content fingerprints, so a re-saved copy passes and a new decoder too)."""
+        from dream_core.image_tokenizer import encoder_fingerprint
+        from dream_core.text import t5_fingerprint
+
+        meta = self.index.get("meta", {})
+        checks = (("vae_encoder_fingerprint", "vae_path", "VAE encoder", vae_path, encoder_fingerprint),
+                  ("t5_fingerprint", "t5_path", "T5", t5_path, t5_fingerprint))
+        for key, source_key, what, path, fingerprint in checks:
+            if key not in meta:
+                log.warning("cache %s predates weight fingerprints: it cannot be checked against the %s at %s",
+                            self.root, what, path)
+            elif meta[key] != fingerprint(path):
+                raise ValueError(f"cache {self.root} was written with another {what} ({meta.get(source_key)}) "
+                                 f"than the one at {path}; extract a new cache with these weights")
+
     def check_hard_negatives(self, n: int) -> None:
         """Hard negatives are made from the Shapes World grammar: only a cache of the Shapes World has it."""
         data = self.index.get("meta", {}).get("data")
@@ -758,6 +775,8 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
         source = open_source(recipe)
     if isinstance(source, CacheSource):
         source.check_config(config)
+        if recipe.vae_path and recipe.t5_path:
+            source.check_weights(recipe.vae_path, recipe.t5_path)
         source.check_hard_negatives(recipe.hard_negatives)
         make = _cache_sample
     elif isinstance(source, ShapesSource):
