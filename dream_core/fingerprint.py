@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 
 # Bytes hashed per tensor when a cap is asked for: a retrained or different model differs in the
-# first MiB of every tensor, and a T5-XXL is fingerprinted in a second instead of reading 19 GB.
+# first MiB of every tensor, and a T5-XXL encoder is read in pieces of 1 MiB, not its ~19 GB.
 TENSOR_PREFIX_BYTES = 2**20
 
 
@@ -31,7 +31,7 @@ def tensors_fingerprint(files: Iterable[str | Path], prefixes: tuple[str, ...] =
                         max_bytes: int | None = None, extra: str = "") -> str:
     """sha256 (16 hex digits) over the tensors of `files` whose names start with one of `prefixes`
     (all when empty), in name order, each as name, dtype, shape and its first `max_bytes` bytes (all
-    when None), then `extra` (settings that change the output, such as a scaling factor)."""
+    when None), then `extra` (what else changes the output, such as a tokenizer's vocabulary)."""
     from safetensors import safe_open
 
     h = hashlib.sha256()
