@@ -111,6 +111,15 @@ class ImageTokenizer(nn.Module):
 VAE_CLASSES = ("AutoencoderKL", "AsymmetricAutoencoderKL")
 
 
+def encoder_levels(config) -> tuple[str, list[int] | None]:
+    """The key of a diffusers VAE config (a dict or a model's config) that holds its encoder's
+    channels per level, and their value: `down_block_out_channels` for an AsymmetricAutoencoderKL,
+    `block_out_channels` for an AutoencoderKL. The encoder downsamples by 2 ** (levels - 1)."""
+    key = "down_block_out_channels" if "down_block_out_channels" in config else "block_out_channels"
+    value = config.get(key)
+    return key, list(value) if value is not None else None
+
+
 def load_vae(path: str | Path, torch_dtype: torch.dtype | None = None):
     """The diffusers VAE in a local directory (safetensors only), of the class its config.json names:
     `AutoencoderKL` (SD-VAE; the default when the config names none) or `AsymmetricAutoencoderKL`

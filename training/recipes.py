@@ -226,11 +226,12 @@ def weights_geometry(vae_path: str, t5_path: str) -> dict[str, tuple[Any, str]]:
     loaded): {field: (value, where it comes from)}. Paths that are not set or hold no config give
     nothing (the trainer and the cache refuse such paths before any work)."""
     out: dict[str, tuple[Any, str]] = {}
+    from dream_core.image_tokenizer import encoder_levels
+
     vae_cfg = Path(vae_path) / "config.json" if vae_path else None
     if vae_cfg is not None and vae_cfg.is_file():
         cfg = _read_json(vae_cfg, "VAE config")
-        key = "down_block_out_channels" if "down_block_out_channels" in cfg else "block_out_channels"  # asymmetric: the encoder's
-        blocks = cfg.get(key)
+        key, blocks = encoder_levels(cfg)
         if not isinstance(blocks, list) or not blocks or "latent_channels" not in cfg:
             raise ValueError(f"VAE config {vae_cfg} has no block_out_channels / latent_channels "
                              "(a diffusers AutoencoderKL config is expected)")

@@ -60,8 +60,10 @@ def with_new_decoder(vae, channels: tuple[int, ...], layers_per_block: int = 1):
     level count must match the encoder's, so the decoder upsamples by the encoder's stride."""
     from diffusers import AsymmetricAutoencoderKL
 
+    from dream_core.image_tokenizer import encoder_levels
+
     cfg = vae.config
-    down = tuple(cfg.get("down_block_out_channels") or cfg.block_out_channels)
+    down = tuple(encoder_levels(cfg)[1])
     if len(channels) != len(down):
         raise ValueError(f"--decoder-channels needs {len(down)} levels (the encoder's {list(down)}), "
                          f"got {list(channels)}")
