@@ -475,3 +475,39 @@ def test_converged_probe_fits_separable_features_exactly():
     assert r.train_acc == 1.0 and r.val_acc == 1.0
     with pytest.raises(ValueError, match="differ in length"):
         fit_probe(x, y[:10], xv, yv)
+
+
+# --------------------------------------------------------------------------- bench/sad_bank_normalised.py
+
+
+def _sad_bank_module():
+    spec = importlib.util.spec_from_file_location("sad_bank_normalised", REPO / "bench" / "sad_bank_normalised.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bank_normalised_score_prefers_the_candidate_no_other_caption_fits():
+    """Candidate 0 is closer to the prompt by raw cosine (0.8 against 0.70) but almost as close to
+    another caption (0.6); candidate 1 is far from every other caption: the cosine picks 0, log
+    P(prompt | image) over the bank picks 1. Only candidate 1 is faithful."""
+    bench = _sad_bank_module()
+    text = torch.tensor([[1.0, 0.0, 0.0]])
+    bank = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    emb = torch.nn.functional.normalize(torch.tensor([[[0.8, 0.6, 0.0], [0.7, -0.5, -0.5]]]), dim=-1)
+    rates = bench.pick_rates(emb, text, bank, scale=10.0, verdicts=torch.tensor([[0.0, 1.0]]))
+    assert rates == {"cosine": 0.0, "bank_normalised": 1.0}
+
+
+def test_sad_bank_normalised_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path):
+    bench = _sad_bank_module()
+    out = tmp_path / "sbn.json"
+    res = bench.main(["--model", str(tiny_model_dir), "--n", "2", "--k", "2", "--decision-steps", "1",
+                      "--batch-size", "2", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["picks"] == res["picks"]
+    assert set(res["picks"]) == {"decision step 1", "finished images"}
+    for row in res["picks"].values():
+        for rate in row.values():
+            assert res["best_of_k"] >= rate >= 0.0
+    with pytest.raises(SystemExit, match="--k must"):
+        bench.main(["--model", str(tiny_model_dir), "--k", "1"])

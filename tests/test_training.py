@@ -1337,6 +1337,25 @@ def test_the_bundled_models_config_takes_the_heads_architecture_and_the_pretrain
         assert getattr(config, key) == getattr(shipped, key) == value, key
 
 
+def test_make_models_dream_schedule_ends_masking_warmup_at_its_share_of_the_run_and_keeps_the_lr_warm_up():
+    """make model's DREAM stage at 10,000 steps of 64: the mask mean reaches 1 at step 6,000
+    (MASKING_WARMUP_SHARE), not at the recipe's 10.56 epochs (step 1,650), and the LR warms up over
+    78 steps, as the shipped weights were trained, whatever the run's length."""
+    from training.make_shapes_model import MASKING_WARMUP_SHARE, dream_schedule
+
+    recipe = get_recipe("shapes")
+    overrides = dream_schedule(recipe, 10_000)
+    assert overrides == ["masking_warmup_epochs=38.4", "warmup_steps=78"]
+    schedule = recipe.overrides(overrides).masking_schedule()
+    epoch_at = lambda step: step * recipe.batch_size / recipe.samples_per_epoch  # noqa: E731
+    assert schedule.mean(epoch_at(6_000)) == pytest.approx(1.0)
+    assert schedule.mean(epoch_at(3_000)) == pytest.approx(0.5)
+    assert MASKING_WARMUP_SHARE == 0.6
+    assert dream_schedule(recipe, 8_000) == ["masking_warmup_epochs=30.72", "warmup_steps=78"]
+    # No --steps: the recipe's own length (19.2 epochs).
+    assert dream_schedule(recipe, 0)[0] == f"masking_warmup_epochs={0.6 * recipe.epochs:g}"
+
+
 def test_a_cache_for_a_fine_tuning_recipe_reads_the_model_directorys_vae_and_t5(tiny_model_dir, tmp_path):
     """`training.cache --recipe shapes-heads` (init_from, no vae_path / t5_path) caches with the
     model directory's own VAE and T5, as the trainer would read them, instead of refusing."""

@@ -3,14 +3,16 @@
 1. train the Shapes World VAE (training.vae): three stages of the whole VAE, then a new, wider
    decoder alone (the encoder, hence the latent space, kept) to draw small shapes sharply;
 2. build the frozen T5 with a Shapes World vocabulary (training.shapes_text);
-3. train DREAM with the `shapes` recipe (Masking Warmup, both losses) through training.train, on
-   the live feed (scenes rendered, VAE-encoded and T5-encoded at every step: the default) or, with
-   --cache-scenes N, on a cache of the feed's first N scenes extracted first (training.cache), and
-   export the EMA weights with the 2,160-caption bank;
+3. train DREAM with the `shapes` recipe (Masking Warmup, both losses; the mask mean ramps over
+   MASKING_WARMUP_SHARE of the run's steps) through training.train, on the live feed (scenes
+   rendered, VAE-encoded and T5-encoded at every step: the default) or, with --cache-scenes N, on
+   a cache of the feed's first N scenes extracted first (training.cache), and export the EMA
+   weights with the 2,160-caption bank;
 4. rebuild the joint space's heads (an attention pooler, the projector and the text tower from
    their initialisation, the temperature) on whole images with hard-negative captions, generation's
-   weights frozen (recipe `shapes-heads`, on a cache of 16,384 scenes extracted first), into the
-   model directory, whose config carries the sampler defaults measured on the shipped model;
+   weights frozen (recipe `shapes-heads`, on a cache of 16,384 scenes extracted first), in
+   HEADS_ROUNDS rounds (each continues the pooler and restarts the rest), into the model
+   directory, whose config carries the sampler defaults measured on the shipped model;
 5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
@@ -32,11 +34,22 @@ from pathlib import Path
 from dream_core.config import DreamConfig
 from dream_core.pipeline import PREVIEW_DIR
 from training.data.shapes_world import full_caption_bank
+from training.recipes import TrainRecipe, get_recipe
 
 
 # The heads stage trains on a cache of the feed's first scenes (VAE moments extracted once), as the
 # shipped heads were (model card, "Fifth session").
 HEADS_CACHE_SCENES = 16_384
+# Masking Warmup's mean reaches 1 after this share of the DREAM run's steps: step 6,000 of 10,000,
+# as the shipped weights were trained (LW10: the ramp over 6,000 of 8,000 steps, resumed for 2,000
+# more at the end state). The `shapes` recipe's own 10.56 of 19.2 epochs ends at step 1,650, and the
+# contrastive loss then almost never sees a lightly masked image: the encoder's mean token read
+# shape at 87.5 % after it, 98.9 % after LW10 (model card, "Eighth session", "Ninth session").
+MASKING_WARMUP_SHARE = 0.6
+# Heads rounds: the pooler continues from the round before, projector and text tower restart
+# (recipe.reinit). A second round took reverse search's position 86.4 -> 99.8 % on LW (model
+# card, "Ninth session").
+HEADS_ROUNDS = 2
 # The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
 # the guidance x temperature sweep); a request may still set its own.
 SAMPLER_DEFAULTS = dict(sad_decision_share=0.375, default_guidance_scale=1.5, default_temperature=0.5)
@@ -51,6 +64,17 @@ def bundled_config(pretrained: Path, heads: Path) -> DreamConfig:
         diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight, **SAMPLER_DEFAULTS)
 
 
+def dream_schedule(recipe: TrainRecipe, steps: int) -> list[str]:
+    """The DREAM stage's schedule overrides for a run of `steps` optimizer steps (0 = the recipe's
+    length), as the shipped weights were trained: Masking Warmup's mean reaches 1 at
+    MASKING_WARMUP_SHARE of the run, and the LR warms up over the recipe's warmup_epochs at its own
+    epoch count (78 steps for `shapes`) instead of the trainer's stretch to a longer run."""
+    per_step = recipe.batch_size * recipe.grad_accum
+    epochs = steps * per_step / recipe.samples_per_epoch if steps else recipe.epochs
+    warmup_steps = round(recipe.warmup_epochs * recipe.samples_per_epoch / per_step)
+    return [f"masking_warmup_epochs={round(MASKING_WARMUP_SHARE * epochs, 6):g}", f"warmup_steps={warmup_steps}"]
+
+
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -60,8 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/shapes"))
     ap.add_argument("--out", type=Path, default=Path("assets/dream-shapes"))
-    ap.add_argument("--steps", type=int, default=8000,
-                    help="DREAM optimizer steps (the shipped model: 8,000, trained as 3,000 then resumed to 8,000)")
+    ap.add_argument("--steps", type=int, default=10_000,
+                    help="DREAM optimizer steps (the shipped model: 10,000, trained as 8,000 then resumed to 10,000)")
     ap.add_argument("--recipe", default="shapes")
     ap.add_argument("--cache-scenes", type=int, default=0,
                     help="train on a cache of the Shapes feed's first N scenes (extracted first into "
@@ -117,9 +141,11 @@ def main() -> None:
     t = time.time()
     steps = ["--max-steps", str(args.steps)] if args.steps else []
     dream_export = work / "dream-export"
+    recipe = get_recipe(args.recipe)
+    schedule = dream_schedule(recipe, args.steps) if recipe.masking == "warmup" else []
     run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), *steps,
          "--export", str(dream_export), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
-         *feed, *args.overrides])
+         *feed, *schedule, *args.overrides])
     timings["dream_seconds"] = time.time() - t
     # The joint space's heads on whole images, generation frozen. The weights and the architecture
     # are the stage's; the config keeps the pretraining's loss weights (the stage trains the
@@ -129,12 +155,16 @@ def main() -> None:
     if not (heads_cache / "index.json").exists():  # the frozen VAE's moments: the stage is then text-tower bound
         run([py, "-m", "training.cache", "--recipe", "shapes-heads", "--out", str(heads_cache), "--max-samples",
              str(HEADS_CACHE_SCENES), "--num-workers", "0", f"init_from={dream_export}"])
-    run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads), "--export",
-         str(heads / "export"), "--captions", str(bank), f"init_from={dream_export}", "data=cache",
-         f"cache_path={heads_cache}"])
-    shutil.copytree(dream_export, args.out, dirs_exist_ok=True)
-    shutil.copy2(heads / "export" / "model.safetensors", args.out / "model.safetensors")
-    bundled_config(dream_export, heads / "export").save(args.out / "config.json")
+    init = dream_export
+    for r in range(1, HEADS_ROUNDS + 1):
+        heads_run = heads / f"round{r}"
+        run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads_run), "--export",
+             str(heads_run / "export"), "--captions", str(bank), f"init_from={init}", "data=cache",
+             f"cache_path={heads_cache}"])
+        shutil.copytree(dream_export, args.out, dirs_exist_ok=True)
+        shutil.copy2(heads_run / "export" / "model.safetensors", args.out / "model.safetensors")
+        bundled_config(dream_export, heads_run / "export").save(args.out / "config.json")
+        init = args.out  # the next round continues this round's pooler
     timings["heads_seconds"] = time.time() - t
     # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
     preview = work / "preview_vae"
