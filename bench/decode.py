@@ -1,8 +1,8 @@
 """Decoding speed: where a generated image's time goes (issue 6).
 
 Prints markdown tables:
-  1. candidates: per-image wall time of SAD with K = 1, 2, 4, 9, 16 (decision step at ~1/8 of the
-     steps), its ratio to K = 1, the split between transformer (encoder + decoder, SAD scoring
+  1. candidates: per-image wall time of SAD with K = 1, 2, 4, 9, 16 (at the model's default
+     decision step, `sampling.default_decision_step`), its ratio to K = 1, the split between transformer (encoder + decoder, SAD scoring
      included), diffusion head and the rest, FLOPs per image (torch's FlopCounterMode: matmuls and
      attention) and the achieved FLOP/s as a share of this machine's measured fp32 matmul peak;
   2. the decoding-steps x head-steps grid at K = 1 (steps capped at the model's token count);
@@ -210,7 +210,7 @@ def candidates_section(target: Target, args: argparse.Namespace, peak: float) ->
         rows.append([str(k), decision, str(steps), str(args.candidate_head_steps)] + timing_row(t, peak, base))
         print(f"  K={k}: {fmt_s(t.seconds)} (runs {', '.join(f'{r:.3f}' for r in t.runs)})", file=sys.stderr, flush=True)
     headers = ["K", "decision", "steps", "head steps", "per image", "vs K=1"] + SPLIT_HEADERS + FLOP_HEADERS
-    return "## Candidates (SAD, decision step ~1/8 of the steps)\n\n" + markdown_table(headers, rows)
+    return "## Candidates (SAD at the model's default decision step)\n\n" + markdown_table(headers, rows)
 
 
 def grid_section(target: Target, args: argparse.Namespace, peak: float) -> str:

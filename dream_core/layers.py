@@ -129,7 +129,9 @@ class AttentionPooler(nn.Module):
         """x [B, N, D]; valid bool [B, N] (True = a real token); positions long [B, N], each
         token's index into the position embedding -> [B, D]."""
         context = self.norm(x) + self.pos_embed[0][positions]
-        return self.attn(self.query.expand(x.shape[0], -1, -1), context=context, key_mask=valid)[:, 0]
+        # repeat, not expand: a view of a parameter keeps requires_grad even under inference_mode,
+        # and torch's module tracker (FlopCounterMode, bench/decode.py) then fails on it.
+        return self.attn(self.query.repeat(x.shape[0], 1, 1), context=context, key_mask=valid)[:, 0]
 
 
 def init_weights(module: nn.Module) -> None:

@@ -520,3 +520,21 @@ def test_hard_negatives_are_extra_image_to_text_columns():
     labels = torch.arange(4)
     expected = 0.5 * (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels))
     torch.testing.assert_close(with_near, expected)
+
+
+def test_attention_pooled_embedding_can_be_flop_counted_in_inference_mode():
+    """bench/decode.py counts SAD's FLOPs with torch's FlopCounterMode, whose module tracker hooks
+    every module input that requires grad; the pooler's query must not reach its attention as a
+    view of the parameter (which keeps requires_grad under inference_mode and broke the count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = DreamModel(DreamConfig.preset("tiny").replace(clip_pooling="attention")).eval()
+    tokens = _inputs(model.config, 2)[0]
+    mask = _mask_with_counts([3, 7], model.config.seq_len)
+    with torch.inference_mode():
+        plain = model.encode_image(tokens, mask)
+        with FlopCounterMode(display=False) as counter:
+            counted = model.encode_image(tokens, mask)
+    torch.testing.assert_close(counted, plain)
+    assert counter.get_total_flops() > 0
