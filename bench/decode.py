@@ -2,9 +2,10 @@
 
 Prints markdown tables:
   1. candidates: per-image wall time of SAD with K = 1, 2, 4, 9, 16 (at the model's default
-     decision step, `sampling.default_decision_step`), its ratio to K = 1, the split between transformer (encoder + decoder, SAD scoring
-     included), diffusion head and the rest, FLOPs per image (torch's FlopCounterMode: matmuls and
-     attention) and the achieved FLOP/s as a share of this machine's measured fp32 matmul peak;
+     decision step, `sampling.default_decision_step`), its ratio to K = 1, the split between
+     transformer (encoder + decoder, SAD scoring included), diffusion head and the rest, FLOPs
+     per image (torch's FlopCounterMode: matmuls and attention) and the achieved FLOP/s as a share
+     of this machine's measured fp32 matmul peak;
   2. the decoding-steps x head-steps grid at K = 1 (steps capped at the model's token count);
   3. (models with a VAE) latency of the app path: first candidate preview, final image; and the
      cost of UI previews as a share of decoding time: after every step (pipeline.decode_tokens on
