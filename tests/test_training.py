@@ -1342,6 +1342,7 @@ def test_make_models_dream_schedule_ends_masking_warmup_at_its_share_of_the_run_
     (MASKING_WARMUP_SHARE), not at the recipe's 10.56 epochs (step 1,650), and the LR warms up over
     78 steps, as the shipped weights were trained, whatever the run's length."""
     from training.make_shapes_model import MASKING_WARMUP_SHARE, dream_schedule
+    from training.train import schedule_scale
 
     recipe = get_recipe("shapes")
     overrides = dream_schedule(recipe, 10_000)
@@ -1354,6 +1355,15 @@ def test_make_models_dream_schedule_ends_masking_warmup_at_its_share_of_the_run_
     assert dream_schedule(recipe, 8_000) == ["masking_warmup_epochs=30.72", "warmup_steps=78"]
     # No --steps: the recipe's own length (19.2 epochs).
     assert dream_schedule(recipe, 0)[0] == f"masking_warmup_epochs={0.6 * recipe.epochs:g}"
+    # A run shorter than the recipe: the trainer scales the masking schedule's epochs (x3 at 1,000
+    # steps), and the ramp still ends at step 600.
+    short = dream_schedule(recipe, 1_000)
+    assert short[0] == "masking_warmup_epochs=11.52"
+    scale = schedule_scale(recipe.overrides(["max_steps=1000"]), 1_000, recipe.batch_size, recipe.samples_per_epoch)
+    assert scale == pytest.approx(3.0)
+    short_schedule = recipe.overrides(short).masking_schedule()
+    assert short_schedule.mean(epoch_at(600) * scale) == pytest.approx(1.0)
+    assert short_schedule.mean(epoch_at(300) * scale) == pytest.approx(0.5)
 
 
 def test_a_cache_for_a_fine_tuning_recipe_reads_the_model_directorys_vae_and_t5(tiny_model_dir, tmp_path):

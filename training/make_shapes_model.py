@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from dream_core.config import DreamConfig
 from dream_core.pipeline import PREVIEW_DIR
 from training.data.shapes_world import full_caption_bank
 from training.recipes import TrainRecipe, get_recipe
+from training.train import schedule_scale
 
 
 # The heads stage trains on a cache of the feed's first scenes (VAE moments extracted once), as the
@@ -68,11 +70,16 @@ def dream_schedule(recipe: TrainRecipe, steps: int) -> list[str]:
     """The DREAM stage's schedule overrides for a run of `steps` optimizer steps (0 = the recipe's
     length), as the shipped weights were trained: Masking Warmup's mean reaches 1 at
     MASKING_WARMUP_SHARE of the run, and the LR warms up over the recipe's warmup_epochs at its own
-    epoch count (78 steps for `shapes`) instead of the trainer's stretch to a longer run."""
+    epoch count (78 steps for `shapes`) instead of the trainer's stretch to a longer run. The ramp
+    is set in the epochs the masking schedule reads, which the trainer scales up in a run shorter
+    than the recipe (`train.schedule_scale`)."""
     per_step = recipe.batch_size * recipe.grad_accum
-    epochs = steps * per_step / recipe.samples_per_epoch if steps else recipe.epochs
+    total = steps or math.ceil(recipe.epochs * recipe.samples_per_epoch / per_step)
+    run = recipe.overrides([f"max_steps={steps}"]) if steps else recipe
+    end_epoch = total * per_step / recipe.samples_per_epoch * schedule_scale(run, total, per_step,
+                                                                             recipe.samples_per_epoch)
     warmup_steps = round(recipe.warmup_epochs * recipe.samples_per_epoch / per_step)
-    return [f"masking_warmup_epochs={round(MASKING_WARMUP_SHARE * epochs, 6):g}", f"warmup_steps={warmup_steps}"]
+    return [f"masking_warmup_epochs={round(MASKING_WARMUP_SHARE * end_epoch, 6):g}", f"warmup_steps={warmup_steps}"]
 
 
 def run(cmd: list[str]) -> None:
@@ -156,12 +163,12 @@ def main() -> None:
         run([py, "-m", "training.cache", "--recipe", "shapes-heads", "--out", str(heads_cache), "--max-samples",
              str(HEADS_CACHE_SCENES), "--num-workers", "0", f"init_from={dream_export}"])
     init = dream_export
+    shutil.copytree(dream_export, args.out, dirs_exist_ok=True)  # VAE, T5, bank; each round replaces the weights
     for r in range(1, HEADS_ROUNDS + 1):
         heads_run = heads / f"round{r}"
         run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads_run), "--export",
              str(heads_run / "export"), "--captions", str(bank), f"init_from={init}", "data=cache",
              f"cache_path={heads_cache}"])
-        shutil.copytree(dream_export, args.out, dirs_exist_ok=True)
         shutil.copy2(heads_run / "export" / "model.safetensors", args.out / "model.safetensors")
         bundled_config(dream_export, heads_run / "export").save(args.out / "config.json")
         init = args.out  # the next round continues this round's pooler
