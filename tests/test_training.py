@@ -1366,6 +1366,53 @@ def test_make_models_dream_schedule_ends_masking_warmup_at_its_share_of_the_run_
     assert short_schedule.mean(epoch_at(300) * scale) == pytest.approx(0.5)
 
 
+def test_make_model_lets_a_stage_save_its_checkpoint_on_ctrl_c(tmp_path):
+    """Ctrl-C on `make model` reaches the build and its running stage alike; the stage (like
+    training.train) finishes its step and saves before it exits. The build waits for it instead of
+    killing it (subprocess.run kills the child 0.25 s after the KeyboardInterrupt), then stops."""
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import signal, sys, time\n"
+        "from pathlib import Path\n"
+        "stop = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: stop.append(1))\n"
+        f"Path({str(ready)!r}).touch()\n"
+        "while not stop:\n"
+        "    time.sleep(0.01)\n"
+        "time.sleep(1.0)  # the step in flight and the checkpoint\n"
+        f"Path({str(saved)!r}).write_text('checkpoint')\n")
+    build = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; from training.make_shapes_model import run; run([sys.executable, {str(stage)!r}])"],
+        cwd=ROOT, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert build.poll() is None and time.time() < deadline, build.stderr.read() if build.poll() is not None else "timeout"
+        time.sleep(0.05)
+    os.killpg(build.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
+    _, err = build.communicate(timeout=60)
+    assert saved.read_text() == "checkpoint"
+    assert "KeyboardInterrupt" in err  # and the build itself stops: no later stage starts
+
+
+def test_make_model_sums_each_stages_wall_time_over_interrupted_sittings(tmp_path, monkeypatch):
+    """build_timings.json adds a stage's time to what earlier sittings saved, and is written even when
+    the stage is interrupted, so a build done in several sittings states its whole wall time."""
+    from training import make_shapes_model
+
+    clock = iter([100.0, 160.5, 200.0, 230.0])
+    monkeypatch.setattr(make_shapes_model.time, "time", lambda: next(clock))
+    path = tmp_path / "build_timings.json"
+    timings = {"vae_seconds": 5000.0}
+    with pytest.raises(KeyboardInterrupt):
+        with make_shapes_model.timed(timings, "dream_seconds", path):
+            raise KeyboardInterrupt
+    assert json.loads(path.read_text()) == {"vae_seconds": 5000.0, "dream_seconds": 60.5}
+    with make_shapes_model.timed(timings, "dream_seconds", path):
+        pass
+    assert json.loads(path.read_text()) == {"vae_seconds": 5000.0, "dream_seconds": 90.5}
+
+
 def test_a_cache_for_a_fine_tuning_recipe_reads_the_model_directorys_vae_and_t5(tiny_model_dir, tmp_path):
     """`training.cache --recipe shapes-heads` (init_from, no vae_path / t5_path) caches with the
     model directory's own VAE and T5, as the trainer would read them, instead of refusing."""

@@ -16,7 +16,9 @@
 5. distil the preview decoder for the app's live candidates (training.preview_decoder).
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
-its last checkpoint). The model card is completed by bench/shapes_eval.py.
+its last checkpoint; on Ctrl-C the build lets it save one first). WORK/build_timings.json holds each
+stage's wall time, summed over every sitting of the build. The model card is completed by
+bench/shapes_eval.py.
 
     python -m training.make_shapes_model --work runs/shapes --out assets/dream-shapes
 """
@@ -24,12 +26,14 @@ its last checkpoint). The model card is completed by bench/shapes_eval.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dream_core.config import DreamConfig
@@ -83,8 +87,30 @@ def dream_schedule(recipe: TrainRecipe, steps: int) -> list[str]:
 
 
 def run(cmd: list[str]) -> None:
+    """Run one stage. On Ctrl-C the stage got the same signal: wait for it to finish its step and
+    save its checkpoint (training.train does), where subprocess.run would kill it 0.25 s later and
+    lose every step since the last periodic checkpoint."""
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    with subprocess.Popen(cmd) as proc:
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str, path: Path) -> Iterator[None]:
+    """Add the block's wall time to timings[key] and save them to `path`, also when the block is
+    interrupted: a build done in several sittings (Ctrl-C, resumed) states the sum of them all."""
+    t = time.time()
+    try:
+        yield
+    finally:
+        timings[key] = round(timings.get(key, 0.0) + time.time() - t, 1)
+        path.write_text(json.dumps(timings, indent=1))
 
 
 def main() -> None:
@@ -104,33 +130,38 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    t0 = time.time()
-    timings = {}
+    timings_path = work / "build_timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    with timed(timings, "total_seconds", timings_path):
+        build(args, work, py, timings, timings_path)
+    print(json.dumps(timings))
 
+
+def build(args: argparse.Namespace, work: Path, py: str, timings: dict[str, float], timings_path: Path) -> None:
+    """The stages, each skipped when its output exists; their wall times summed into `timings`."""
     vae_dir, text_dir, run_dir = work / "vae", work / "text", work / "dream"
     if not (vae_dir / "config.json").exists():
         # Three stages, as the shipped VAE was built: plain L1 + MSE, then object-weighted twice.
-        t = time.time()
-        stage1 = work / "vae-stage1"
-        if not (stage1 / "config.json").exists():
-            run([py, "-m", "training.vae", "--out", str(stage1), "--steps", "1000", "--batch-size", "16",
-                 "--lr", "2e-3", "--object-boost", "0"])
-        stage2 = work / "vae-stage2"
-        if not (stage2 / "config.json").exists():
-            run([py, "-m", "training.vae", "--out", str(stage2), "--steps", "1500", "--batch-size", "24",
-                 "--lr", "1e-3", "--init", str(stage1), "--seed", "1"])
-        stage3 = work / "vae-stage3"
-        if not (stage3 / "config.json").exists():
-            run([py, "-m", "training.vae", "--out", str(stage3), "--steps", "1200", "--batch-size", "24",
-                 "--lr", "6e-4", "--init", str(stage2), "--seed", "2"])
-        # A new, wider decoder (32/64/128 channels: an AsymmetricAutoencoderKL) on stage 3's
-        # latents, the encoder kept: small crosses and diamonds keep their shape (round trip read
-        # back by the judge 88.8 % with the retrained 16/32/64 decoder -> 98.2 %: model card,
-        # "Seventh session"; the latents carry every small shape, the narrow decoder could not draw them).
-        run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "2800", "--batch-size", "32",
-             "--lr", "1e-3", "--init", str(stage3), "--decoder-only", "--decoder-channels", "32,64,128",
-             "--seed", "11"])
-        timings["vae_seconds"] = time.time() - t
+        with timed(timings, "vae_seconds", timings_path):
+            stage1 = work / "vae-stage1"
+            if not (stage1 / "config.json").exists():
+                run([py, "-m", "training.vae", "--out", str(stage1), "--steps", "1000", "--batch-size", "16",
+                     "--lr", "2e-3", "--object-boost", "0"])
+            stage2 = work / "vae-stage2"
+            if not (stage2 / "config.json").exists():
+                run([py, "-m", "training.vae", "--out", str(stage2), "--steps", "1500", "--batch-size", "24",
+                     "--lr", "1e-3", "--init", str(stage1), "--seed", "1"])
+            stage3 = work / "vae-stage3"
+            if not (stage3 / "config.json").exists():
+                run([py, "-m", "training.vae", "--out", str(stage3), "--steps", "1200", "--batch-size", "24",
+                     "--lr", "6e-4", "--init", str(stage2), "--seed", "2"])
+            # A new, wider decoder (32/64/128 channels: an AsymmetricAutoencoderKL) on stage 3's
+            # latents, the encoder kept: small crosses and diamonds keep their shape (round trip read
+            # back by the judge 88.8 % with the retrained 16/32/64 decoder -> 98.2 %: model card,
+            # "Seventh session"; the latents carry every small shape, the narrow decoder could not draw them).
+            run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "2800", "--batch-size", "32",
+                 "--lr", "1e-3", "--init", str(stage3), "--decoder-only", "--decoder-channels", "32,64,128",
+                 "--seed", "11"])
     if not (text_dir / "config.json").exists():
         run([py, "-m", "training.shapes_text", "--out", str(text_dir)])
     bank = work / "captions.txt"
@@ -138,52 +169,45 @@ def main() -> None:
     feed = []
     if args.cache_scenes:
         cache = work / f"cache-{args.cache_scenes}"
-        t = time.time()
         if not (cache / "index.json").exists():  # resumes a killed extraction shard by shard
-            run([py, "-m", "training.cache", "--recipe", args.recipe, "--out", str(cache), "--max-samples",
-                 str(args.cache_scenes), "--num-workers", "0", f"vae_path={vae_dir}", f"t5_path={text_dir}",
-                 *args.overrides])
-            timings["cache_seconds"] = time.time() - t
+            with timed(timings, "cache_seconds", timings_path):
+                run([py, "-m", "training.cache", "--recipe", args.recipe, "--out", str(cache), "--max-samples",
+                     str(args.cache_scenes), "--num-workers", "0", f"vae_path={vae_dir}", f"t5_path={text_dir}",
+                     *args.overrides])
         feed = ["data=cache", f"cache_path={cache}"]
-    t = time.time()
     steps = ["--max-steps", str(args.steps)] if args.steps else []
     dream_export = work / "dream-export"
     recipe = get_recipe(args.recipe)
     schedule = dream_schedule(recipe, args.steps) if recipe.masking == "warmup" else []
-    run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), *steps,
-         "--export", str(dream_export), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
-         *feed, *schedule, *args.overrides])
-    timings["dream_seconds"] = time.time() - t
+    with timed(timings, "dream_seconds", timings_path):  # resumes from its checkpoint-last
+        run([py, "-m", "training.train", "--recipe", args.recipe, "--out", str(run_dir), *steps,
+             "--export", str(dream_export), "--captions", str(bank), f"vae_path={vae_dir}", f"t5_path={text_dir}",
+             *feed, *schedule, *args.overrides])
     # The joint space's heads on whole images, generation frozen. The weights and the architecture
     # are the stage's; the config keeps the pretraining's loss weights (the stage trains the
     # contrastive loss alone).
-    t = time.time()
-    heads, heads_cache = work / "heads", work / f"heads-cache-{HEADS_CACHE_SCENES}"
-    if not (heads_cache / "index.json").exists():  # the frozen VAE's moments: the stage is then text-tower bound
-        run([py, "-m", "training.cache", "--recipe", "shapes-heads", "--out", str(heads_cache), "--max-samples",
-             str(HEADS_CACHE_SCENES), "--num-workers", "0", f"init_from={dream_export}"])
-    init = dream_export
-    shutil.copytree(dream_export, args.out, dirs_exist_ok=True)  # VAE, T5, bank; each round replaces the weights
-    for r in range(1, HEADS_ROUNDS + 1):
-        heads_run = heads / f"round{r}"
-        run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads_run), "--export",
-             str(heads_run / "export"), "--captions", str(bank), f"init_from={init}", "data=cache",
-             f"cache_path={heads_cache}"])
-        shutil.copy2(heads_run / "export" / "model.safetensors", args.out / "model.safetensors")
-        bundled_config(dream_export, heads_run / "export").save(args.out / "config.json")
-        init = args.out  # the next round continues this round's pooler
-    timings["heads_seconds"] = time.time() - t
+    with timed(timings, "heads_seconds", timings_path):
+        heads, heads_cache = work / "heads", work / f"heads-cache-{HEADS_CACHE_SCENES}"
+        if not (heads_cache / "index.json").exists():  # the frozen VAE's moments: the stage is then text-tower bound
+            run([py, "-m", "training.cache", "--recipe", "shapes-heads", "--out", str(heads_cache), "--max-samples",
+                 str(HEADS_CACHE_SCENES), "--num-workers", "0", f"init_from={dream_export}"])
+        init = dream_export
+        shutil.copytree(dream_export, args.out, dirs_exist_ok=True)  # VAE, T5, bank; each round replaces the weights
+        for r in range(1, HEADS_ROUNDS + 1):
+            heads_run = heads / f"round{r}"
+            if not (heads_run / "export" / "model.safetensors").exists():
+                run([py, "-m", "training.train", "--recipe", "shapes-heads", "--out", str(heads_run), "--export",
+                     str(heads_run / "export"), "--captions", str(bank), f"init_from={init}", "data=cache",
+                     f"cache_path={heads_cache}"])
+            shutil.copy2(heads_run / "export" / "model.safetensors", args.out / "model.safetensors")
+            bundled_config(dream_export, heads_run / "export").save(args.out / "config.json")
+            init = args.out  # the next round continues this round's pooler
     # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
     preview = work / "preview_vae"
-    t = time.time()
-    if not (preview / "config.json").exists():
-        run([py, "-m", "training.preview_decoder", "--model", str(args.out), "--out", str(preview)])
-    shutil.copytree(preview, args.out / PREVIEW_DIR, dirs_exist_ok=True)
-    timings["preview_decoder_seconds"] = time.time() - t
-    timings["total_seconds"] = time.time() - t0
-    (work / "build_timings.json").write_text(json.dumps(timings, indent=1))
-    print(json.dumps(timings))
-
+    with timed(timings, "preview_decoder_seconds", timings_path):
+        if not (preview / "config.json").exists():
+            run([py, "-m", "training.preview_decoder", "--model", str(args.out), "--out", str(preview)])
+        shutil.copytree(preview, args.out / PREVIEW_DIR, dirs_exist_ok=True)
 
 if __name__ == "__main__":
     main()
