@@ -127,18 +127,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.cache_scenes < 0:
         ap.error(f"--cache-scenes must be >= 0 (0 = the live feed), got {args.cache_scenes}")
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    timings_path = work / "build_timings.json"
+    args.work.mkdir(parents=True, exist_ok=True)
+    timings_path = args.work / "build_timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     with timed(timings, "total_seconds", timings_path):
-        build(args, work, py, timings, timings_path)
+        build(args, timings, timings_path)
     print(json.dumps(timings))
 
 
-def build(args: argparse.Namespace, work: Path, py: str, timings: dict[str, float], timings_path: Path) -> None:
+def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Path) -> None:
     """The stages, each skipped when its output exists; their wall times summed into `timings`."""
+    work, py = args.work, sys.executable
     vae_dir, text_dir, run_dir = work / "vae", work / "text", work / "dream"
     if not (vae_dir / "config.json").exists():
         # Three stages, as the shipped VAE was built: plain L1 + MSE, then object-weighted twice.
