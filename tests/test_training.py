@@ -1382,9 +1382,13 @@ def test_make_model_lets_a_stage_save_its_checkpoint_on_ctrl_c(tmp_path):
         "    time.sleep(0.01)\n"
         "time.sleep(1.0)  # the step in flight and the checkpoint\n"
         f"Path({str(saved)!r}).write_text('checkpoint')\n")
-    build = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; from training.make_shapes_model import run; run([sys.executable, {str(stage)!r}])"],
-        cwd=ROOT, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    # Python raises KeyboardInterrupt on SIGINT only if SIGINT was not ignored when it started, and a
+    # test suite run as a background job starts with it ignored: install the handler a terminal's
+    # foreground process has.
+    build_code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  f"from training.make_shapes_model import run; run([sys.executable, {str(stage)!r}])")
+    build = subprocess.Popen([sys.executable, "-c", build_code], cwd=ROOT, start_new_session=True,
+                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not ready.exists():
         assert build.poll() is None and time.time() < deadline, build.stderr.read() if build.poll() is not None else "timeout"
