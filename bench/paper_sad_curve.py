@@ -30,7 +30,8 @@ from training.evaluate.faithfulness import judge_images, parse_objects, prompt_s
 from training.evaluate.plotting import plot_lines  # noqa: E402
 from training.evaluate.sad_sweep import SWEEP_SHARES, decision_steps_for_shares  # noqa: E402
 from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
-from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.stats import (compare, compare_paired, format_difference, format_rate,  # noqa: E402
+                                    paired_difference, rate_with_interval)
 
 CURVE_SHARES = (0.125, *SWEEP_SHARES, 0.875)
 
@@ -48,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def setup_sweep(args: argparse.Namespace) -> tuple:
+    """A decision-step sweep's checked flags (--shares, --objects, --k, --n-prompts) and its model:
+    (pipe, sampler, prompt sets, shares, decision steps). Shared with `bench/sad_lookahead.py`."""
     shares = parse_fractions(args.shares, "--shares", allow_zero=False)
     objects = parse_objects(args.objects)
     if args.k < 2:
@@ -62,6 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
     decision_steps = decision_steps_for_shares(steps, seq_len, shares)
     if not decision_steps:
         raise ValueError(f"no decision step in 1..{steps - 1} for --shares {args.shares} with {steps} steps")
+    return pipe, sampler, objects, shares, decision_steps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    pipe, sampler, objects, shares, decision_steps = setup_sweep(args)
+    steps, seq_len = sampler.num_inference_steps, pipe.config.seq_len
     sad = {d: Setting(args.k, d) for d in decision_steps}
     base, oracle = Setting(1), Setting(args.k, rerank=True)
 
@@ -80,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
             report = judge_images(run.results[s].images, prompts)
             stats = critic_stats(verdicts, run.results[s].scores, run.results[s].chosen)
             points.append({"decision_step": d, "fraction_decided": fraction_decided(d, steps, seq_len),
-                           "faithfulness": rate_with_interval(report.faithful, report.n), **stats})
+                           "faithfulness": rate_with_interval(report.faithful, report.n),
+                           "gain_over_k1": paired_difference(report.verdicts, k1.verdicts), **stats})
         best = points[0]  # best-of-K and the candidates do not depend on the decision step
         results["sets"][f"{o}-object"] = {
             "n": len(prompts), "k1": rate_with_interval(k1.faithful, k1.n),
@@ -103,7 +113,7 @@ def findings(results: dict) -> list[str]:
     for name, sec in results["sets"].items():
         best = max(sec["points"], key=lambda p: p["faithfulness"]["rate"])
         label = f"SAD at {best['fraction_decided']:.1%} decided"
-        out.append(f"{name}: " + compare(label, best["faithfulness"], "K=1", sec["k1"]) + "; "
+        out.append(f"{name}: " + compare_paired(label, "K=1", best["gain_over_k1"]) + "; "
                    + compare("best of K by the judge", sec["best_of_k"], label, best["faithfulness"]))
     return out
 
@@ -114,9 +124,11 @@ def table(results: dict) -> str:
         for p in sec["points"]:
             corr = p["score_verdict_correlation"]
             rows.append([name, f"{p['decision_step']} ({p['fraction_decided']:.1%})", format_rate(p["faithfulness"]),
-                         format_rate(sec["k1"]), format_rate(sec["best_of_k"]), f"{100 * p['gap']:+.1f} pts",
+                         format_rate(sec["k1"]), format_difference(p["gain_over_k1"]), format_rate(sec["best_of_k"]),
+                         f"{100 * p['gap']:+.1f} pts",
                          "-" if corr is None else f"{corr:+.2f}", p["prompts_with_mixed_candidates"]])
     return markdown_table(["set", "decision step (share decided)", "SAD faithfulness [95 % CI]", "K = 1",
+                           "SAD - K = 1 (paired 95 % CI)",
                            "best of K by the judge", "critic gap (best - SAD)", "score/verdict correlation",
                            "prompts with mixed candidates"], rows)
 

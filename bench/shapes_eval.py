@@ -65,6 +65,7 @@ from training.evaluate.sets import (EVAL_SEED, STREAM_EDITS, STREAM_SEARCH, prom
 from training.evaluate.critic import JudgeReranker, critic_stats  # noqa: E402
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
 from training.evaluate.linear_probe import SHAPES_ATTRIBUTES, probe_shapes  # noqa: E402
+from training.evaluate.stats import format_difference, paired_difference  # noqa: E402
 
 SAD_K = 9
 STREAM_CEILING = 9  # sub-stream of the jitter of the VAE-ceiling renders
@@ -94,12 +95,16 @@ def faithfulness_section(pipe, objects: int, n: int, sampler: SamplerSettings, e
     rng = np.random.default_rng(np.random.SeedSequence([eval_seed, STREAM_CEILING, objects]))
     renders = [render(scene_from_caption(p), rng) for p in prompts]
     out["vae_ceiling"] = judge_images(vae_round_trip(pipe, renders), prompts).summary(examples=5, prompts=prompts)
+    reports = {name: judge_images(run.results[s].images, prompts) for name, s in named.items()}
     for name, s in named.items():
-        report = judge_images(run.results[s].images, prompts)
+        report = reports[name]
         out["settings"][name] = {
             "setting": s.name, "k": s.num_candidates, "decision_step": s.decision_step if s.num_candidates > 1 else None,
             "fraction_decided": (fraction_decided(s.decision_step, sampler.num_inference_steps, pipe.config.seq_len)
                                  if s.num_candidates > 1 else None),
+            # SAD against K = 1 on the same prompts (K = 1's image is SAD's first candidate): paired.
+            "gain_over_k1": (paired_difference(report.verdicts, reports["K=1"].verdicts)
+                             if s.num_candidates > 1 else None),
             **report.summary(examples=5, prompts=prompts)}
     return out
 
@@ -268,8 +273,10 @@ def main_table(res: dict) -> str:
                 label += " [the model's default decision step]"
             elif name == "sad_half":
                 label += " [half of the tokens decided]"
+            gain = entry.get("gain_over_k1")
+            gain = f"; {format_difference(gain)} over K = 1, paired" if gain else ""
             lines.append(f"| {num} | {key} faithfulness | {label} | {_pct(entry['rate'])} "
-                         f"({entry['faithful']}/{entry['n']}) | {_bar((key, name), entry['rate'])} |")
+                         f"({entry['faithful']}/{entry['n']}){gain} | {_bar((key, name), entry['rate'])} |")
         if "vae_ceiling" in sec:
             c = sec["vae_ceiling"]
             lines.append(f"| {num} | {key} faithfulness | ceiling: renders of the prompts through the VAE and back | "

@@ -212,6 +212,25 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
     state.step = k + 1
 
 
+@torch.inference_mode()
+def complete_in_one_step(model: DreamModel, state: DecodeState, text: TextCondition, generators: list[torch.Generator],
+                         guidance_scale: float, guidance_schedule: str, temperature: float,
+                         head_steps: int) -> torch.Tensor:
+    """Every row's undecided tokens sampled at once, as if the next step were the last: the
+    model's one-shot guess of each candidate's finished latent (what a critic could read of a
+    candidate's future at this step). `state` is left untouched and the guess draws its noise
+    from `generators` (one per row), not the rows' own, so decoding goes on exactly as without it.
+    Returns the completed tokens [R, L, C]."""
+    if len(generators) != state.tokens.shape[0]:
+        raise ValueError(f"one generator per row: {state.tokens.shape[0]} rows, {len(generators)} generators")
+    if not bool(state.mask.any()):
+        return state.tokens.clone()
+    guess = DecodeState(state.tokens.clone(), state.mask.clone(), state.orders, list(generators),
+                        list(state.candidate_ids))
+    decode_step(model, guess, text, [0], guidance_scale, guidance_schedule, temperature, head_steps)
+    return guess.tokens
+
+
 def make_event(kind: str, state: DecodeState, num_steps: int, num_candidates: int, **extra) -> StepEvent:
     seq_len = state.mask.shape[1]
     decided = 1.0 - float(state.mask[0].sum()) / seq_len
@@ -270,5 +289,6 @@ def decision_step_for_share(share: float, num_steps: int, seq_len: int) -> int:
     return num_steps - 1
 
 
-__all__ = ["GUIDANCE_SCHEDULES", "DecisionExplanation", "DecodeState", "EditStart", "StepEvent", "TextCondition", "candidate_generators",
-           "decode_step", "decision_step_for_share", "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]
+__all__ = ["GUIDANCE_SCHEDULES", "DecisionExplanation", "DecodeState", "EditStart", "StepEvent", "TextCondition",
+           "candidate_generators", "complete_in_one_step", "decode_step", "decision_step_for_share",
+           "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]

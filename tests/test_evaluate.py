@@ -421,11 +421,16 @@ def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
     assert main["settings"]["sad_steps"] == {"sad": 2, "sad_half": 3}  # 4 steps of 16 tokens: 25 % and 50 % decided
     assert set(main["1-object"]["settings"]) == {"K=1", "sad", "sad_half"}
     assert main["1-object"]["vae_ceiling"]["n"] == 3 and 0 <= main["2-object"]["vae_ceiling"]["rate"] <= 1
+    for sec in (main["1-object"], main["2-object"]):  # SAD's paired gain over K = 1 on the same prompts
+        k1, sad = sec["settings"]["K=1"], sec["settings"]["sad"]
+        assert k1["gain_over_k1"] is None and sad["gain_over_k1"]["n"] == 3
+        assert sad["gain_over_k1"]["difference"] == pytest.approx(sad["rate"] - k1["rate"])
     assert main["2-object"]["n"] == 3 and main["search"]["n"] == 6 and main["search"]["bank_size"] == 2160
     assert 0 <= main["search"]["top1"] <= main["search"]["top5"] <= 1
     assert set(data["compare"]["tiny"]) >= {"1-object", "2-object", "probe"}
     printed = capsys.readouterr().out
     assert "| 3 | reverse search top-1 |" in printed and "| tiny |" in printed and "ceiling" in printed
+    assert "over K = 1, paired |" in printed
     assert res["main"]["probe"]["shape"]["val_acc"] == main["probe"]["shape"]["val_acc"]
 
 

@@ -52,6 +52,39 @@ def test_wilson_interval_known_values_and_errors():
         wilson_interval(5, 4)
 
 
+def test_paired_difference_newcombe_interval():
+    from training.evaluate.stats import compare_paired, format_difference, paired_difference
+
+    # 40 both, 8 first only, 2 second only, 10 neither: +10 points, yet only 10 discordant pairs
+    # (McNemar's exact p = 0.11), so the interval holds 0.
+    first = [True] * 48 + [False] * 12
+    second = [True] * 40 + [False] * 8 + [True] * 2 + [False] * 10
+    e = paired_difference(first, second)
+    assert (e["first_only"], e["second_only"], e["n"]) == (8, 2, 60)
+    assert e["difference"] == pytest.approx(0.1)
+    assert e["ci95"] == [pytest.approx(-0.006378, abs=1e-6), pytest.approx(0.206571, abs=1e-6)]
+    assert format_difference(e) == "+10.0 pts [-0.6, +20.7]"
+    assert compare_paired("SAD", "K=1", e) == \
+        "SAD vs K=1: +10.0 pts [-0.6, +20.7], no difference within noise (the paired interval holds 0)"
+    # Swapping the two negates the difference and mirrors the interval.
+    back = paired_difference(second, first)
+    assert back["difference"] == pytest.approx(-0.1)
+    assert back["ci95"] == [pytest.approx(-0.206571, abs=1e-6), pytest.approx(0.006378, abs=1e-6)]
+    # Many pairs: the interval tightens to the normal one on the per-pair differences.
+    rng = np.random.default_rng(0)
+    x = rng.random(20000) < 0.8
+    y = np.where(rng.random(20000) < 0.9, x, ~x)
+    big = paired_difference(x.tolist(), y.tolist())
+    diffs = x.astype(float) - y.astype(float)
+    half = 1.96 * diffs.std() / np.sqrt(len(diffs))
+    assert big["ci95"] == [pytest.approx(diffs.mean() - half, abs=5e-4), pytest.approx(diffs.mean() + half, abs=5e-4)]
+    assert compare_paired("A", "B", big).startswith(f"A beats B by {100 * diffs.mean():.1f} points (paired 95 %")
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([True], [True, False])
+    with pytest.raises(ValueError, match="at least one pair"):
+        paired_difference([], [])
+
+
 # --------------------------------------------------------------------------- Table 17
 
 
@@ -191,11 +224,60 @@ def test_sad_curve_cli(tiny_model_dir, tmp_path, capsys):
             # SAD's image is its chosen candidate finished: the judge agrees with the critic's record.
             assert p["faithfulness"]["successes"] == p["sad_faithful"] and p["k"] == 3 and p["n"] == 3
             assert p["sad_rate"] <= p["best_of_k_rate"] == sec["best_of_k"]["rate"]
+            # The paired gain is SAD's rate minus K = 1's on the same prompts.
+            assert p["gain_over_k1"]["difference"] == pytest.approx(p["faithfulness"]["rate"] - sec["k1"]["rate"])
     assert "| 2-object | 3 (" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--shares must be comma-separated numbers in"):
         curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--shares", "0,0.5"])
     with pytest.raises(ValueError, match="--k must be >= 2"):
         curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--k", "1"])
+
+
+def test_sad_lookahead_cli(tiny_model_dir, tmp_path, capsys):
+    look = bench_module("sad_lookahead")
+    out = tmp_path / "look"
+    look.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--k", "3",
+               "--shares", "0.25,0.5", "--objects", "1,2", "--n-prompts", "3", *TINY_SAMPLER])
+    data = json.loads((out / "results.json").read_text())
+    assert data["decision_steps"] == decision_steps_for_shares(4, 16, [0.25, 0.5]) == [2, 3]
+    curve = bench_module("paper_sad_curve")
+    curve.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "curve"), "--device", "cpu", "--k", "3",
+                "--shares", "0.25,0.5", "--objects", "1,2", "--n-prompts", "3", *TINY_SAMPLER])
+    reference = read_out(tmp_path / "curve")
+    for name, sec in data["sets"].items():
+        ref = reference["sets"][name]
+        # The same seeds decode the same candidates as the decision-step curve, which the guesses leave alone.
+        assert sec["k1"] == ref["k1"] and sec["best_of_k"] == ref["best_of_k"]
+        for p, rp in zip(sec["points"], ref["points"]):
+            assert p["decision_step"] == rp["decision_step"]
+            # SAD on the partial latent is exactly the curve's SAD at that step.
+            assert p["partial"]["faithfulness"] == rp["faithfulness"]
+            for critic in ("partial", "completion", "completion_judge"):
+                c = p[critic]
+                gain = c["gain_over_k1"]["difference"]
+                assert gain == pytest.approx(c["faithfulness"]["rate"] - sec["k1"]["rate"])
+    assert "| 2-object | 2 (" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--k must be >= 2"):
+        look.main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--k", "1"])
+
+
+def test_sad_lookahead_summary_scores_each_critics_choice():
+    look = bench_module("sad_lookahead")
+    verdicts = torch.tensor([[False, True, False], [True, False, False], [False, False, False], [True, True, True]])
+    # Ties go to the lower index (rank_candidates), as SAD's.
+    scores = {5: {"partial": torch.tensor([[0.1, 0.9, 0.0], [0.2, 0.5, 0.1], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+                  "completion": torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.3]])}}
+    out = look.summarise(verdicts, scores, steps=16, seq_len=16)
+    assert out["n"] == 4 and out["k1"]["successes"] == 2 and out["best_of_k"]["successes"] == 3
+    assert out["random_candidate"] == pytest.approx(5 / 12)
+    point = out["points"][0]
+    assert point["decision_step"] == 5 and point["fraction_decided"] == pytest.approx(5 / 16)
+    # partial picks 1, 1, 0, 0: faithful in prompts 0 and 3; K = 1 is faithful in 1 and 3.
+    assert point["partial"]["faithfulness"]["successes"] == 2
+    assert (point["partial"]["gain_over_k1"]["first_only"], point["partial"]["gain_over_k1"]["second_only"]) == (1, 1)
+    # completion picks 2, 0, 1, 2: faithful in prompts 1 and 3.
+    assert point["completion"]["faithfulness"]["successes"] == 2
+    assert point["completion"]["gain_over_k1"]["difference"] == 0.0
 
 
 # --------------------------------------------------------------------------- Fig. 7

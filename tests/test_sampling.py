@@ -12,6 +12,8 @@ from dream_core.masking import decoding_schedule, fraction_decided
 from dream_core.sampling import (
     TextCondition,
     candidate_generators,
+    complete_in_one_step,
+    decode_step,
     decision_step_for_share,
     default_decision_step,
     guidance_at,
@@ -253,6 +255,35 @@ def test_sad_with_one_candidate_equals_plain_decoding(tiny_pipe):
         assert torch.equal(a.tokens, b.tokens)
     image = tiny_pipe(PROMPT, seed=seed, num_candidates=1, **FAST).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(tiny_pipe.decode_tokens(plain[-1].tokens)[0]))
+
+
+def test_complete_in_one_step_guesses_every_undecided_token_and_leaves_decoding_alone(tiny_pipe):
+    model, c = tiny_pipe.model, tiny_pipe.config
+    hidden, mask = tiny_pipe.text_encoder([PROMPT, ""])
+    text = TextCondition.build(model, hidden, mask)
+    schedule = decoding_schedule(8, c.seq_len)
+
+    def run(peek_at: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        state = init_state(c.seq_len, c.token_dim, candidate_generators(7, 3), torch.device("cpu"))
+        guess = None
+        for _ in range(8):
+            if state.step == peek_at:
+                before = (state.tokens.clone(), state.mask.clone())
+                guess = complete_in_one_step(model, state, text, candidate_generators(99, 3), 3.0, "constant", 1.0, 8)
+                assert torch.equal(state.tokens, before[0]) and torch.equal(state.mask, before[1])  # untouched
+                decided = ~state.mask
+                assert torch.equal(guess[decided], state.tokens[decided])  # decided tokens are kept
+                assert (guess[state.mask].abs().sum(-1) > 0).all()  # every undecided one is guessed
+            decode_step(model, state, text, schedule, 3.0, "constant", 1.0, 8)
+        return state.tokens, guess
+
+    plain, _ = run(None)
+    peeked, guess = run(3)
+    assert torch.equal(plain, peeked)  # the guess draws no noise from the rows' own generators
+    assert guess.shape == plain.shape and not torch.allclose(guess, plain)
+    with pytest.raises(ValueError, match="one generator per row: 3 rows, 2 generators"):
+        state = init_state(c.seq_len, c.token_dim, candidate_generators(7, 3), torch.device("cpu"))
+        complete_in_one_step(model, state, text, candidate_generators(0, 2), 1.0, "constant", 1.0, 8)
 
 
 def test_sad_keeps_the_argmax_score_candidate(tiny_pipe):
