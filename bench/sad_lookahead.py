@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
 from bench.paper_sad_curve import setup_sweep  # noqa: E402
 from dream_core.masking import decoding_schedule, fraction_decided  # noqa: E402
-from dream_core.sampling import (TextCondition, candidate_generators, complete_in_one_step,  # noqa: E402
-                                 decode_step, init_state)
+from dream_core.sampling import candidate_generators, complete_in_one_step, decode_step, init_state  # noqa: E402
 from dream_core.semantic_decoding import alignment_scores, rank_candidates  # noqa: E402
 from training.evaluate.cli import add_model_args, add_sampler_args, run_cli, run_metadata, write_json  # noqa: E402
 from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
@@ -57,17 +56,9 @@ def decode_and_score(pipe, prompts: list[str], seeds: list[int], k: int, decisio
     """One chunk of prompts: every critic's scores [n, K] per decision step and the final verdicts [n, K]."""
     model, cfg = pipe.model, pipe.config
     n, device = len(prompts), pipe.device
-    use_cfg = req.guidance_scale != 1.0
-    hidden, t5_mask = pipe.text_encoder(prompts + ([req.negative_prompt] if use_cfg else []))
-    hidden, t5_mask = hidden.to(device), t5_mask.to(device)
-    with pipe.autocast():
-        kv = model.decoder.text_kv(model.align_text(hidden, t5_mask))
-        text_emb = model.encode_text(pipe.clip_tokenizer(prompts).to(device)).float()
+    condition, text_emb = pipe.batch_conditions(prompts, req.negative_prompt, req.guidance_scale != 1.0)
     row_prompt = torch.arange(n, device=device).repeat_interleave(k)
-    text = TextCondition([(a[:n][row_prompt], b[:n][row_prompt]) for a, b in kv], t5_mask[:n][row_prompt])
-    if use_cfg:
-        text.kv_uncond = [(a[n:], b[n:]) for a, b in kv]
-        text.mask_uncond = t5_mask[n:]
+    text = condition(row_prompt)
     state = init_state(cfg.seq_len, cfg.token_dim, [g for s in seeds for g in candidate_generators(int(s), k)],
                        device, order_groups=n, shared_order=req.shared_order)
     schedule = decoding_schedule(req.num_inference_steps, cfg.seq_len)

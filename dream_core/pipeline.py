@@ -399,6 +399,30 @@ class DreamPipeline:
         return prompts, req
 
     @torch.inference_mode()
+    def batch_conditions(self, prompts: Sequence[str], negative_prompt: str,
+                         cfg: bool) -> tuple[Callable[[torch.Tensor], TextCondition], torch.Tensor]:
+        """The text side of a batch of prompts, computed once per prompt (T5 outside autocast, the
+        aligner and the decoder's cross-attention keys/values inside): a function giving the
+        `TextCondition` of candidate rows (`row_prompt[r]` = the prompt of row r; with `cfg` the
+        negative prompt is the unconditional side) and the prompts' joint-space embeddings [n, E]."""
+        model, device, n = self.model, self.device, len(prompts)
+        hidden, t5_mask = self.text_encoder(list(prompts) + ([negative_prompt] if cfg else []))
+        hidden, t5_mask = hidden.to(device), t5_mask.to(device)
+        with self.autocast():
+            kv = model.decoder.text_kv(model.align_text(hidden, t5_mask))
+            text_emb = model.encode_text(self.clip_tokenizer(list(prompts)).to(device)).float()
+
+        def condition(row_prompt: torch.Tensor) -> TextCondition:
+            idx = row_prompt.to(device)
+            cond = TextCondition([(k[:n][idx], v[:n][idx]) for k, v in kv], t5_mask[:n][idx])
+            if cfg:
+                cond.kv_uncond = [(k[n:n + 1], v[n:n + 1]) for k, v in kv]
+                cond.mask_uncond = t5_mask[n:n + 1]
+            return cond
+
+        return condition, text_emb
+
+    @torch.inference_mode()
     def _generate_chunk(self, prompts: list[str], seeds: Sequence[int], settings: list[Setting],
                         sp: GenerationRequest, kmax: int, reranker: Any) -> tuple[dict[Setting, Generated], int]:
         model, device, cfg_model = self.model, self.device, self.config
@@ -408,20 +432,8 @@ class DreamPipeline:
         sad_steps = sorted({s.decision_step for s in settings if s.num_candidates > 1 and not s.rerank})
         prune_at = sad_steps[-1] if sad_steps else 0
 
-        # 1. Text: T5 outside autocast, aligner + cross-attention keys/values once per prompt.
-        hidden, t5_mask = self.text_encoder(list(prompts) + ([sp.negative_prompt] if use_cfg else []))
-        hidden, t5_mask = hidden.to(device), t5_mask.to(device)
-        with self.autocast():
-            kv = model.decoder.text_kv(model.align_text(hidden, t5_mask))
-            text_emb = model.encode_text(self.clip_tokenizer(prompts).to(device)).float()
-
-        def condition(row_prompt: torch.Tensor) -> TextCondition:
-            idx = row_prompt.to(device)
-            cond = TextCondition([(k[:n][idx], v[:n][idx]) for k, v in kv], t5_mask[:n][idx])
-            if use_cfg:
-                cond.kv_uncond = [(k[n:n + 1], v[n:n + 1]) for k, v in kv]
-                cond.mask_uncond = t5_mask[n:n + 1]
-            return cond
+        # 1. Text: once per prompt.
+        condition, text_emb = self.batch_conditions(prompts, sp.negative_prompt, use_cfg)
 
         # 2. Candidate rows: prompt-major, candidate k of prompt i seeded seeds[i] + k.
         gens = [g for s in seeds for g in candidate_generators(int(s), kmax)]
