@@ -131,3 +131,29 @@ def test_decoder_only_trains_a_new_decoder_and_continues_it(tmp_path):
         train_vae(tmp_path / "x", steps=1, batch_size=2, init=tmp_path / "src", decoder_channels=(16, 16, 16))
     with pytest.raises(ValueError, match="--decoder-layers needs --decoder-channels"):
         train_vae(tmp_path / "x", steps=1, batch_size=2, init=tmp_path / "src", decoder_only=True, decoder_layers=2)
+
+
+def test_object_weights_boost_the_object_and_its_outline_on_both_sides():
+    from training.vae import object_weights
+
+    x = torch.full((1, 3, 8, 8), -1.0)  # a black image holding a white 3 x 3 square at rows/cols 2-4
+    x[:, :, 2:5, 2:5] = 1.0
+    plain = object_weights(x, 9.0)
+    assert plain[0, 0, 3, 3] == 10.0 and plain[0, 0, 0, 0] == 1.0 and plain.shape == (1, 1, 8, 8)
+    assert int((plain == 10.0).sum()) == 9  # the object's pixels, nothing else
+    w = object_weights(x, 9.0, edge_boost=4.0)[0, 0]
+    assert w[3, 3] == 10.0  # the square's centre is not on its outline
+    assert w[2, 2] == 14.0 and w[4, 3] == 14.0  # the object's border pixels
+    assert w[1, 1] == 5.0 and w[5, 3] == 5.0  # background pixels touching the object (a cross's concave corners)
+    assert w[0, 0] == 1.0 and w[6, 6] == 1.0 and w[3, 7] == 1.0  # background farther away
+
+
+def test_negative_loss_weights_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    from training import vae
+
+    monkeypatch.setattr(sys, "argv", ["vae", "--out", str(tmp_path / "v"), "--edge-boost", "-1"])
+    with pytest.raises(SystemExit) as err:
+        vae.main()
+    assert err.value.code == 2
+    assert "--object-boost and --edge-boost are extra loss weights (>= 0)" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()

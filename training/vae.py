@@ -10,6 +10,8 @@ saved in the VAE's own config, which `ImageTokenizer` reads.
 `--decoder-only --decoder-channels 32,64,128` replaces a trained VAE's decoder by a new, wider one
 (a diffusers `AsymmetricAutoencoderKL`) trained behind the kept encoder: the latents, and every
 model trained on them, stay valid (the bundled model's decoder, model card "Seventh session").
+`--edge-boost 20` adds loss weight on the objects' outlines, where an L1 + MSE decoder rounds
+corners (the bundled decoder's last stage, model card "Issue 9, fourteenth session").
 """
 
 from __future__ import annotations
@@ -44,14 +46,23 @@ def batches(seed: int, batch_size: int):
         yield torch.stack([next(it)["image"] for _ in range(batch_size)])
 
 
-def object_weights(x: torch.Tensor, boost: float) -> torch.Tensor:
+def object_weights(x: torch.Tensor, boost: float, edge_boost: float = 0.0) -> torch.Tensor:
     """Per-pixel loss weights: 1 on the background, 1 + boost on object pixels (farther than
     60/255 from the border median, the judge's rule), so the few object pixels, whose colour and
-    outline the judge reads, are not drowned by the flat background."""
+    outline the judge reads, are not drowned by the flat background; + edge_boost on the object's
+    outline, the pixels within one pixel of its boundary on either side. The outline is what an
+    L1 + MSE decoder blurs: it rounds a small square's corners (read as a circle) and fills a small
+    cross's concave corners, which are background pixels (read as a diamond)."""
     border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)  # [B, 3, 4W]
     bg = border.median(dim=2).values[:, :, None, None]
     dist = ((x - bg) * 127.5).pow(2).sum(dim=1, keepdim=True).sqrt()
-    return 1.0 + boost * (dist > 60).float()
+    obj = (dist > 60).float()
+    weights = 1.0 + boost * obj
+    if edge_boost:
+        dilated = torch.nn.functional.max_pool2d(obj, 3, stride=1, padding=1)
+        eroded = -torch.nn.functional.max_pool2d(-obj, 3, stride=1, padding=1)
+        weights = weights + edge_boost * (dilated - eroded)
+    return weights
 
 
 def with_new_decoder(vae, channels: tuple[int, ...], layers_per_block: int = 1):
@@ -84,7 +95,7 @@ def with_new_decoder(vae, channels: tuple[int, ...], layers_per_block: int = 1):
 
 def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
               seed: int = 0, log_every: int = 50, init: Path | None = None, object_boost: float = 9.0,
-              decoder_only: bool = False, decoder_channels: tuple[int, ...] | None = None,
+              edge_boost: float = 0.0, decoder_only: bool = False, decoder_channels: tuple[int, ...] | None = None,
               decoder_layers: int = 1) -> dict:
     """Train (or continue, from `init`) a Shapes World VAE. With `decoder_only` the encoder of `init`
     is frozen and its scaling factor kept, so the latent space, and any DREAM model trained on it,
@@ -96,6 +107,9 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
         raise ValueError("--decoder-only needs --init: the VAE whose encoder and latent space are kept")
     if decoder_channels is not None and not decoder_only:
         raise ValueError("--decoder-channels needs --decoder-only (a new decoder for a kept encoder)")
+    if object_boost < 0 or edge_boost < 0:
+        raise ValueError(f"--object-boost and --edge-boost are extra loss weights (>= 0), got {object_boost} and "
+                         f"{edge_boost}")
     if decoder_channels is None and decoder_layers != 1:
         raise ValueError("--decoder-layers needs --decoder-channels (it shapes a new decoder)")
     torch.manual_seed(seed)
@@ -122,7 +136,7 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        w = object_weights(x, object_boost)
+        w = object_weights(x, object_boost, edge_boost)
         l1 = ((rec - x).abs() * w).mean() / w.mean()
         mse = (((rec - x) ** 2) * w).mean() / w.mean()
         kl = post.kl().mean() / x[0].numel()
@@ -152,6 +166,7 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
                "decoder_parameters": sum(p.numel() for n, p in vae.decoder.named_parameters()
                                          if not n.startswith("condition_encoder.")),
                "batch_size": batch_size, "wall_seconds": time.time() - t0,
+               "lr": lr, "object_boost": object_boost, "edge_boost": edge_boost,
                "scaling_factor": scale, "heldout_l1": held_l1}
     (out / "training_log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
     return summary
@@ -168,6 +183,9 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None, help="continue from a saved VAE directory")
     ap.add_argument("--object-boost", type=float, default=9.0,
                     help="extra loss weight on object pixels (0 = plain L1 + MSE)")
+    ap.add_argument("--edge-boost", type=float, default=0.0,
+                    help="extra loss weight on the object's outline (pixels within 1 px of its boundary, "
+                         "inside and out), where the decoder rounds corners")
     ap.add_argument("--decoder-only", action="store_true",
                     help="with --init: freeze its encoder and scaling factor, train the decoder only "
                          "(models trained on that VAE's latents stay valid)")
@@ -189,7 +207,8 @@ def main() -> None:
     np.seterr(all="ignore")
     try:
         summary = train_vae(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, init=args.init,
-                            object_boost=args.object_boost, decoder_only=args.decoder_only,
+                            object_boost=args.object_boost, edge_boost=args.edge_boost,
+                            decoder_only=args.decoder_only,
                             decoder_channels=decoder_channels, decoder_layers=args.decoder_layers)
     except ValueError as err:  # bad settings are refused before any training
         ap.error(str(err))
