@@ -5,22 +5,20 @@ per autoregressive step. Compared against a plain per-step loop (net.forward eve
 looked up from tensors each step), i.e. what MAR's p_sample_loop does, to show what the
 precomputation buys. Random weights (perturbed so nothing is zero); timings only.
 
-    python bench/bench_diffusion_head.py                 # 2 threads, median of 5, S = 100
-    python bench/bench_diffusion_head.py --threads 1 --no-naive
+    python -m bench.bench_diffusion_head                 # 2 threads, median of 5, S = 100
+    python -m bench.bench_diffusion_head --threads 1 --no-naive
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dream_core.diffusion import DiffusionHead, DiffusionMLP, GaussianDiffusion  # noqa: E402
+from dream_core.diffusion import DiffusionHead, DiffusionMLP
+from dream_core.noise_schedule import GaussianDiffusion
 
 
 @torch.inference_mode()

@@ -9,8 +9,11 @@ parameters and EMA, and (on ranks > 0) every attempt to write inside the run dir
 with an audit hook. --pause-in-save-at N blocks forever in the middle of writing step N's
 checkpoint (after the log row of step N), so the test can SIGKILL it there. --snapshot-at copies
 rank 0's checkpoint of step N to another run directory (to resume from it later). --nan-at-step N
---nan-rank R makes rank R's loss NaN at optimizer step N (the others stay finite). Digests of
-sharded (FSDP) parameters are taken over the gathered full tensors.
+--nan-rank R makes rank R's loss NaN at optimizer step N (the others stay finite); --inf-grad-at-step N
+--inf-grad-rank R puts an inf into one of rank R's (already synchronised) gradients at step N.
+--chdir DIR runs rank r in DIR/rank<r>, so a relative --out names a different folder on each rank
+(a node-local run folder). Digests of sharded (FSDP) parameters are taken over the gathered full
+tensors; `finite` says whether every parameter and EMA value is finite.
 """
 
 from __future__ import annotations
@@ -41,11 +44,18 @@ def main() -> None:
     ap.add_argument("--snapshot-to", type=Path, default=None)
     ap.add_argument("--nan-at-step", type=int, default=0)
     ap.add_argument("--nan-rank", type=int, default=0)
+    ap.add_argument("--inf-grad-at-step", type=int, default=0)
+    ap.add_argument("--inf-grad-rank", type=int, default=0)
+    ap.add_argument("--chdir", type=Path, default=None)
     args = ap.parse_args(argv[:split])
+    args.report = args.report.resolve()
     train_args = argv[split + 1:]
     out_dir = Path(train_args[train_args.index("--out") + 1]).resolve()
     rank = int(os.environ.get("RANK", 0))
     args.report.mkdir(parents=True, exist_ok=True)
+    if args.chdir is not None:
+        (args.chdir / f"rank{rank}").mkdir(parents=True, exist_ok=True)
+        os.chdir(args.chdir / f"rank{rank}")
     report = {"rank": rank, "gathered_rows": [], "local_captions": [], "writes": [], "steps": []}
 
     if rank > 0:
@@ -109,6 +119,21 @@ def main() -> None:
 
         dream_model.DreamModel.forward_train = nan_forward
 
+    if args.inf_grad_at_step:
+        from accelerate import Accelerator
+
+        original_clip = Accelerator.clip_grad_norm_
+        clip_calls = {"n": 0}
+
+        def inf_clip(self, parameters, *a, **kw):
+            params = list(parameters)
+            clip_calls["n"] += 1  # one call per optimizer step
+            if rank == args.inf_grad_rank and clip_calls["n"] == args.inf_grad_at_step:
+                next(p.grad for p in params if p.grad is not None).view(-1)[0] = float("inf")
+            return original_clip(self, params, *a, **kw)
+
+        Accelerator.clip_grad_norm_ = inf_clip
+
     saving = {"step": -1}
     original_save = train.Trainer.save
 
@@ -148,6 +173,8 @@ def main() -> None:
             h.update(full(self.ema.shadow[name]).cpu().numpy().tobytes())
         report["sharded"] = [name for name, p in core.named_parameters() if type(p).__name__ == "DTensor"]
         report["param_digest"] = h.hexdigest()
+        report["finite"] = all(bool(torch.isfinite(full(t.detach())).all())
+                               for t in [*core.parameters(), *self.ema.shadow.values()])
         report["final_step"] = self.step
         report["world"] = self.world
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dream_core.diffusion import GaussianDiffusion
+from dream_core.noise_schedule import GaussianDiffusion
 
 
 def plain_head_sample(net, diff: GaussianDiffusion, z: torch.Tensor, noise: torch.Tensor, scale: float,

@@ -1,14 +1,19 @@
-"""Tests for the per-token diffusion head (dream_core/diffusion.py): network, process, sampler."""
+"""Tests for the per-token diffusion head: network (dream_core/diffusion.py), noise schedule
+(dream_core/noise_schedule.py) and sampler (dream_core/diffusion_sampler.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dream_core.diffusion import DiffusionHead, DiffusionMLP, GaussianDiffusion, space_timesteps
+from dream_core.diffusion import DiffusionHead, DiffusionMLP
+from dream_core.noise_schedule import GaussianDiffusion, space_timesteps
 from reference import plain_head_sample  # tests/reference.py
 
 C, D, W = 4, 12, 32  # token dim, condition dim, head width for the small cases
@@ -302,3 +307,72 @@ def test_tiny_head_learns_two_cluster_conditional():
     check(head)
     with pytest.raises(AssertionError):
         check(untrained)
+
+
+# ---- CUDA-graph capture ------------------------------------------------------------------------
+
+
+class _NoHostCopies(TorchFunctionMode):
+    """Fails on a tensor made from host data on another device (torch.tensor / as_tensor)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type != "cpu":
+            raise AssertionError(f"host-to-device copy inside the capture: {func.__name__}(..., device={device})")
+        return func(*args, **kwargs)
+
+
+class _NoHostToDeviceCopies(TorchDispatchMode):
+    """Fails on a copy from a CPU tensor into a tensor on another device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src = args[0] if func is torch.ops.aten._to_copy.default else args[1]
+            dst = kwargs.get("device") if func is torch.ops.aten._to_copy.default else args[0].device
+            if src.device.type == "cpu" and dst is not None and torch.device(dst).type != "cpu":
+                raise AssertionError(f"host-to-device copy inside the capture: {func}")
+        return func(*args, **kwargs)
+
+
+def test_cuda_graph_capture_copies_nothing_from_the_host(monkeypatch):
+    """A capturing CUDA stream cannot wait for a host-to-device copy (the capture fails), so every
+    tensor the reverse process needs from the host must exist before `torch.cuda.graph`. The
+    graphed sampler runs here on the meta device (a device that is not the host), with
+    torch.cuda's stream and graph API replaced by stand-ins whose capture region fails on any
+    host-to-device copy; a second call replays without capturing again."""
+    captures = []
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph):
+        captures.append(graph)
+        with _NoHostCopies(), _NoHostToDeviceCopies():
+            yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    head = _perturbed_head().to("meta")
+    z, noise = torch.empty(6, D, device="meta"), torch.empty(11, 3, C, device="meta")
+    with torch.inference_mode():
+        for scale in (2.5, torch.full((3,), 2.0, device="meta")):
+            out = head._sample_graphed(z, noise, scale, 0.9, None)
+            assert out.shape == (3, C) and out.device.type == "meta"
+    assert len(captures) == 2  # a float and a per-row scale: two shapes of the scale buffer
+    with torch.inference_mode():
+        head._sample_graphed(z, noise, 3.0, 0.9, None)
+    assert len(captures) == 2  # replayed

@@ -117,7 +117,7 @@ def save_sharded_checkpoint(directory: Path, *, rank: int, world: int, barrier, 
         tmp.mkdir(parents=True)
     barrier()
     mine = rank_dir(tmp, rank)
-    mine.mkdir()
+    mine.mkdir(parents=True, exist_ok=True)  # the run folder is checked to be shared at start-up
     state_dict_to_safetensors(mine / "model.safetensors", model_state)
     state_dict_to_safetensors(mine / "ema.safetensors", ema_state)
     skeleton = save_state_tree(mine / "optimizer.safetensors", optimizer_state)

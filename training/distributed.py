@@ -1,6 +1,6 @@
 """The multi-process side of the trainer, kept apart from the loop: CUDA settings, FSDP2 sharding
-per transformer block, the EMA (on plain or sharded parameters), resume guards and the
-all-ranks non-finite stop.
+per transformer block (bf16 parameters, fp32 reductions on a bf16 run), the EMA (on plain or
+sharded parameters), resume guards, the all-ranks non-finite checks and the shared-folder check.
 
 FSDP here is torch's FSDP2 (`fully_shard`): every encoder, decoder, text-aligner and text-tower
 block is its own unit, the rest (embeddings, projector, diffusion head) is the root unit.
@@ -14,6 +14,11 @@ EMA of its own shards and the update is a local `lerp_`. It runs on CUDA (NCCL) 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import secrets
+import socket
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -67,17 +72,35 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Shard `model` in place with FSDP2: one unit per transformer block, then the root."""
+def mixed_precision_policy(param_dtype: torch.dtype | None):
+    """FSDP2's policy for a bf16 run: parameters all-gathered and computed in `param_dtype`
+    (half the traffic of fp32 all-gathers), gradients reduce-scattered and accumulated in fp32
+    (a bf16 sum over many ranks loses the small gradients). Inputs are left as given, so the
+    ops run exactly as under DDP with autocast. None: the parameters' own dtype everywhere."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard `model` in place with FSDP2: one unit per transformer block, one per BatchNorm (fp32),
+    then the root, with `mixed_precision_policy(param_dtype)` (bf16 for a bf16 run, fp32 reductions)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = mixed_precision_policy(param_dtype)
     for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # BatchNorm keeps fp32 parameters: batch_norm wants its weights in the dtype of its fp32
+    # running statistics (a few kilobytes of all-gather).
+    for norm in [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+        fully_shard(norm, mesh=mesh, mp_policy=mixed_precision_policy(None))
     scalars = {p for p in model.parameters() if p.ndim == 0}
-    fully_shard(model, mesh=mesh, ignored_params=scalars or None)
+    fully_shard(model, mesh=mesh, ignored_params=scalars or None, mp_policy=policy)
     return model
 
 
@@ -103,6 +126,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (an all-gather for a sharded one: every rank must call it)."""
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def all_ranks_finite(value: float, device: torch.device) -> bool:
+    """Whether `value` is finite on every rank (one all-reduce of a flag; every rank gets the same
+    answer, so all of them take the same branch after it)."""
+    bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
@@ -290,6 +322,44 @@ def stop_if_not_finite(out: dict, step: int, device: torch.device) -> None:
                              f"resume from the last checkpoint with a lower lr or check the data")
 
 
+# ---------------------------------------------------------------------------------------------
+# The shared run folder
+# ---------------------------------------------------------------------------------------------
+
+def check_shared_folder(out: Path, rank: int, world: int) -> None:
+    """Refuse, on every rank together, a run folder that not every rank sees: rank 0 writes a
+    probe file into `out` and every other rank looks for it. Checkpoints (each FSDP rank writes its
+    own shards into rank 0's folder) and resume need one folder at the same path on every node; a
+    node-local `--out` would otherwise first fail at the first checkpoint, with the other ranks
+    waiting in a collective until the NCCL timeout. Ranks other than 0 write nothing."""
+    if world <= 1:
+        return
+    out = Path(out)
+    token = [secrets.token_hex(8) if rank == 0 else ""]
+    dist.broadcast_object_list(token, src=0)
+    probe = out / f".shared-folder-check-{token[0]}"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    views: list[Any] = [None] * world
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    blind = [(r, host) for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        where = ", ".join(f"rank {r} on {host}" for r, host in blind)
+        raise ValueError(f"--out {os.path.abspath(out)} is not one folder shared by every process: {where} cannot "
+                         f"see the file rank 0 (on {views[0][1]}) wrote there. Checkpoints and resume need "
+                         f"the run folder on a file system every node mounts at the same path (NFS, Lustre, "
+                         f"a shared volume); nothing was trained")
+
+
 def contrastive_negatives_note(recipe, world: int) -> str:
     """How many negatives each contrastive query really sees (gradient accumulation does not add any)."""
     n = recipe.batch_size * world
@@ -301,8 +371,9 @@ def contrastive_negatives_note(recipe, world: int) -> str:
 
 
 __all__ = [
-    "EMA", "RESUME_KEYS", "check_resume", "clip_grad_norm", "configure_cuda", "contrastive_negatives_note",
-    "ensure_process_group", "frozen_autocast", "full", "is_sharded", "load_local_model_state", "local",
-    "local_model_state", "local_optimizer_state", "run_layout", "shard_model", "shard_optimizer_state",
-    "stop_if_not_finite", "sync_replicated_grads", "transformer_blocks",
+    "EMA", "RESUME_KEYS", "all_ranks_finite", "check_resume", "check_shared_folder", "clip_grad_norm",
+    "configure_cuda", "contrastive_negatives_note", "ensure_process_group", "frozen_autocast", "full", "is_sharded",
+    "load_local_model_state", "local", "local_model_state", "local_optimizer_state", "mixed_precision_policy",
+    "run_layout", "shard_model", "shard_optimizer_state", "stop_if_not_finite", "sync_replicated_grads",
+    "transformer_blocks",
 ]
