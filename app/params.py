@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dream_core.masking import fraction_decided
-from dream_core.request import APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GenerationRequest
+from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, DEFAULT_GUIDANCE_SCALE,
+                                DEFAULT_GUIDANCE_SCHEDULE, DEFAULT_HEAD_STEPS, DEFAULT_STEPS, DEFAULT_TEMPERATURE,
+                                GenerationRequest)
 
 PARAMS_KEY = "dream-studio"
 INFOTEXT_KEY = "parameters"
@@ -131,10 +133,13 @@ class ImageRecord:
         missing = [n for n in ("prompt", "seed") if n not in data]
         if missing:
             raise ValueError(f"parameters lack {', '.join(missing)}")
+        # A record written by another tool may lack sampler settings: the engine's defaults then
+        # (steps: the usual 64, cut to the model's tokens when sent to Generate).
         defaults = dict(negative_prompt="", num_candidates=1, decision_step=None, fraction_decided=None,
-                        num_inference_steps=16, head_steps=100, guidance_scale=3.0, guidance_schedule="constant",
-                        temperature=1.0, chosen_candidate=0, chosen_seed=None, candidate_scores=[], model="",
-                        width=0, height=0)
+                        num_inference_steps=DEFAULT_STEPS, head_steps=DEFAULT_HEAD_STEPS,
+                        guidance_scale=DEFAULT_GUIDANCE_SCALE, guidance_schedule=DEFAULT_GUIDANCE_SCHEDULE,
+                        temperature=DEFAULT_TEMPERATURE, chosen_candidate=0, chosen_seed=None, candidate_scores=[],
+                        model="", width=0, height=0)
         values = {**defaults, **{k: v for k, v in data.items() if k in known}}
         if values["chosen_seed"] is None:
             values["chosen_seed"] = int(values["seed"]) + int(values["chosen_candidate"] or 0)

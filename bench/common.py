@@ -1,6 +1,5 @@
 """What the benchmarks share: thread setup, clocks, medians, a named stopwatch, the machine's
-measured matmul peak, FLOP counting, peak memory, the random MAR-size model of issue 6, and
-markdown tables.
+measured matmul peak, FLOP counting, the random MAR-size model and markdown tables.
 
 Timing rules kept by every benchmark here: one warm-up run, then the median of several runs; on a
 GPU every timed region ends with a synchronisation. `--clock process` (CPU time of this process)
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -23,12 +21,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from dream_core.config import DreamConfig
+from dream_core.model import DreamModel
 
-from dream_core.config import DreamConfig  # noqa: E402
-from dream_core.model import DreamModel  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CLOCKS = ("wall", "process")
 RESULTS = ROOT / "bench" / "results"  # where the paper tables write by default (--out)
@@ -38,7 +34,7 @@ def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     """The exact command that produced a result (stored in its JSON so it can be rerun)."""
     import shlex
 
-    return shlex.join(["python", f"bench/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join(["python", "-m", f"bench.{Path(script).stem}", *(sys.argv[1:] if argv is None else argv)])
 
 
 # --------------------------------------------------------------------------- setup
@@ -174,7 +170,7 @@ def patched(obj: object, name: str, value: object) -> Iterator[None]:
             delattr(obj, name)
 
 
-# --------------------------------------------------------------------------- FLOPs, peak, memory
+# --------------------------------------------------------------------------- FLOPs and peak
 
 
 def matmul_peak(device: torch.device | str = "cpu", size: int = 2048, repeats: int = 5,
@@ -197,27 +193,11 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB: /proc/self/status VmHWM on Linux
-    (ru_maxrss of a child process starts at its parent's peak, inherited across fork + exec),
-    else resource.getrusage's ru_maxrss (Linux reports KiB, macOS bytes)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024
-    return peak * scale / 2**20
-
-
 # --------------------------------------------------------------------------- models
 
 
 def mar_size_config() -> DreamConfig:
-    """Issue 6's benchmark geometry: 64 tokens of 16 channels (8 x 8 latent, patch 1), encoder and
+    """The MAR-size benchmark geometry: 64 tokens of 16 channels (8 x 8 latent, patch 1), encoder and
     decoder of 4 blocks of width 256 (4 heads, MLP 1024), 16 buffer tokens, head 3 x 256 — MAR's
     timed configuration (mar-spec section 3). The text side is tiny (it runs once per prompt)."""
     return DreamConfig.preset("tiny").replace(

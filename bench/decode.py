@@ -1,8 +1,8 @@
-"""Decoding speed: where a generated image's time goes (issue 6).
+"""Decoding speed: where a generated image's time goes.
 
 Prints markdown tables:
   1. candidates: per-image wall time of SAD with K = 1, 2, 4, 9, 16 (at the model's default
-     decision step, `sampling.default_decision_step`), its ratio to K = 1, the split between
+     decision step, `request.default_decision_step`), its ratio to K = 1, the split between
      transformer (encoder + decoder, SAD scoring included), diffusion head and the rest, FLOPs
      per image (torch's FlopCounterMode: matmuls and attention) and the achieved FLOP/s as a share
      of this machine's measured fp32 matmul peak;
@@ -15,11 +15,11 @@ Prints markdown tables:
 Every time is the median of --repeats runs after one warm-up. The transformer/head split comes
 from timers wrapped around the model's encoder, decoder and head inside the real loop.
 
-    python bench/decode.py                        # the bundled model (assets/dream-shapes), 2 threads
-    python bench/decode.py --random-mar-size      # issue 6's 64-token 4 x 256 model, random weights
-    python bench/decode.py --random-mar-size --quick --sections candidates
-    python bench/decode.py --model runs/x/export --sections latency,previews,memory
-    python bench/decode.py --random-mar-size --device cuda --bf16 --cuda-graphs
+    python -m bench.decode                        # the bundled model (assets/dream-shapes), 2 threads
+    python -m bench.decode --random-mar-size      # MAR's timed 64-token 4 x 256 model, random weights
+    python -m bench.decode --random-mar-size --quick --sections candidates
+    python -m bench.decode --model runs/x/export --sections latency,previews,memory
+    python -m bench.decode --random-mar-size --device cuda --bf16 --cuda-graphs
 """
 
 from __future__ import annotations
@@ -35,21 +35,21 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info,  # noqa: E402
-                    mar_size_config, markdown_table, matmul_peak, median, patched,
-                    random_model, random_text, resolve_device, setup_threads, time_runs)
-
-from dream_core.model import DreamModel  # noqa: E402
-from dream_core.sampling import TextCondition, candidate_generators, default_decision_step  # noqa: E402
-from dream_core.semantic_decoding import semantic_decode  # noqa: E402
+from bench.common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info, mar_size_config,
+                          markdown_table, matmul_peak, median, patched, random_model, random_text, resolve_device,
+                          setup_threads, time_runs)
+from dream_core.model import DreamModel
+from dream_core.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_HEAD_STEPS, DEFAULT_STEPS, default_decision_step
+from dream_core.sampling import TextCondition, candidate_generators
+from dream_core.semantic_decoding import semantic_decode
+from training.evaluate.cli import run_cli
 
 SECTIONS = ("candidates", "grid", "latency", "previews", "memory")
 APP_ROW = "the app (generate_stream: preview decoder, 10 % budget)"
 PROMPT = "a large red circle in the middle on a white background"
 DEFAULT_KS = (1, 2, 4, 9, 16)
-DEFAULT_STEPS = (16, 32, 64)
-DEFAULT_HEAD_STEPS = (25, 50, 100)
+GRID_STEPS = (16, 32, 64)
+GRID_HEAD_STEPS = (25, 50, 100)
 
 
 # --------------------------------------------------------------------------- what is decoded
@@ -63,7 +63,7 @@ class Target:
     model: DreamModel
     device: torch.device
     pipe: object | None = None  # DreamPipeline
-    cfg: float = 3.0
+    cfg: float = DEFAULT_GUIDANCE_SCALE
     bf16: bool = False  # the random model only: a pipeline autocasts to bf16 on CUDA by itself
 
     def decode(self, k: int, steps: int, head_steps: int, seed: int = 0,
@@ -99,7 +99,7 @@ class Target:
         clip_tokens = torch.randint(1, 400, (1, c.clip_context_length), generator=torch.Generator().manual_seed(seed))
         text_emb = self.model.encode_text(clip_tokens.to(self.device)).float()
         yield from semantic_decode(self.model, text, text_emb, candidate_generators(seed, k), steps,
-                                   [decision] if decision else [], self.cfg, "constant", 1.0, head_steps,
+                                   [decision] if decision else [], self.cfg, None, None, head_steps,
                                    device=self.device)
 
 
@@ -343,7 +343,7 @@ if threads:
     torch.set_num_threads(threads)
 out["import torch"] = peak()
 from dream_core.pipeline import DreamPipeline
-from dream_core.sampling import default_decision_step
+from dream_core.request import default_decision_step
 out["import dream_core.pipeline"] = peak()
 try:
     import gradio  # noqa: F401  (the app's UI library: part of the app process)
@@ -398,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
-    src.add_argument("--random-mar-size", action="store_true", help="issue 6's 64-token 4 x 256 model, random weights")
+    src.add_argument("--random-mar-size", action="store_true", help="MAR's timed 64-token 4 x 256 model, random weights")
     ap.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} "
                     "(default: all that apply to the model)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0 = torch's default)")
@@ -406,14 +406,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median), after 1 warm-up")
     ap.add_argument("--clock", default="wall", choices=CLOCKS,
                     help="wall (report this) or process CPU time (rough comparisons on a busy machine, 1 thread)")
-    ap.add_argument("--cfg", type=float, default=3.0, help="CFG scale (constant schedule)")
+    ap.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale (constant schedule)")
     ap.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="candidate counts of section 1")
     ap.add_argument("--candidate-steps", type=int, default=0, help="decoding steps of section 1 (0 = one token per step)")
-    ap.add_argument("--candidate-head-steps", type=int, default=100)
-    ap.add_argument("--steps", type=_ints, default=list(DEFAULT_STEPS), help="decoding steps of the grid")
-    ap.add_argument("--head-steps", type=_ints, default=list(DEFAULT_HEAD_STEPS), help="head steps of the grid")
-    ap.add_argument("--app-steps", type=int, default=16, help="decoding steps of the latency/preview/memory sections")
-    ap.add_argument("--app-head-steps", type=int, default=100)
+    ap.add_argument("--candidate-head-steps", type=int, default=DEFAULT_HEAD_STEPS)
+    ap.add_argument("--steps", type=_ints, default=list(GRID_STEPS), help="decoding steps of the grid")
+    ap.add_argument("--head-steps", type=_ints, default=list(GRID_HEAD_STEPS), help="head steps of the grid")
+    ap.add_argument("--app-steps", type=int, default=DEFAULT_STEPS,
+                    help="decoding steps of the latency/preview/memory sections (at most one per token, as the app)")
+    ap.add_argument("--app-head-steps", type=int, default=DEFAULT_HEAD_STEPS)
     ap.add_argument("--latency-ks", type=_ints, default=[1, 9], help="candidate counts of the latency sections")
     ap.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for the random model "
                     "(a model directory's pipeline always uses it on CUDA)")
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- machine: {machine_info(device)}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3)")
     print(f"- CFG {args.cfg} constant, the model's default temperature, median of {args.repeats} after 1 warm-up, clock {args.clock}; "
           f"{c.seq_len} tokens")
-    print(f"- command: python bench/decode.py {' '.join(argv if argv is not None else sys.argv[1:])}\n", flush=True)
+    print(f"- command: python -m bench.decode {' '.join(argv if argv is not None else sys.argv[1:])}\n", flush=True)
     for name in sections:
         t = time.perf_counter()
         if name == "candidates":
@@ -470,8 +471,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    run_cli(main)

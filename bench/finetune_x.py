@@ -3,10 +3,10 @@ a diagonal cross drawn in the Shapes World style) from 50 captioned images, then
 (a) the new concept: the share of 16 generations of held-out "x" prompts in which an X is drawn, and
 (b) what it already did: Shapes World faithfulness on fixed one-object prompts, before and after.
 
-    python bench/finetune_x.py data --out runs/x-data                 # the 50 images + captions
-    python bench/finetune_x.py measure --model assets/dream-shapes --out runs/x-eval/base
-    python -m training.finetune --model assets/dream-shapes --data runs/x-data --out runs/x-full
-    python bench/finetune_x.py measure --model runs/x-full --out runs/x-eval/full
+    python -m bench.finetune_x data --out runs/x-data                 # the 50 images + captions
+    python -m bench.finetune_x measure --model assets/dream-shapes --out runs/x-eval/base
+    python -m training.finetune --model assets/dream-shapes --data runs/x-data --out runs/x-full max_unknown_share=1
+    python -m bench.finetune_x measure --model runs/x-full --out runs/x-eval/full
 
 The X detector: the largest foreground component of the image (pixels farther than 60 from the
 border's median colour, the judge's rule), compared by IoU with an ideal X and with the five ideal
@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from training.data.shapes_world import BACKGROUNDS, COLORS, POSITIONS, SIZES  # noqa: E402
+from training.data.shapes_world import BACKGROUNDS, COLORS, POSITIONS, SIZES
 
 SCALE = 4
 CELL = (16, 32, 48)

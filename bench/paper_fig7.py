@@ -8,24 +8,22 @@ only the visible tokens of its own VAE's latents, and each class is the prompt e
 `training.evaluate.zero_shot_masking` ("a {color} {shape}", "... at the {position}"). Intervals are
 95 % Wilson intervals over the images.
 
-    python bench/paper_fig7.py --models warmup=runs/t4/warmup-s1/model fx=runs/t4/fx-s1/model \\
+    python -m bench.paper_fig7 --models warmup=runs/t4/warmup-s1/model fx=runs/t4/fx-s1/model \\
         --n-images 1000 --out bench/results/fig7
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
-from training.evaluate.cli import load_pipeline, parse_fractions, run_cli, write_json  # noqa: E402
-from training.evaluate.plotting import plot_panels  # noqa: E402
-from training.evaluate.scoring import image_tokens  # noqa: E402
-from training.evaluate.sets import EVAL_SEED, STREAM_ZERO_SHOT, rendered_scenes  # noqa: E402
-from training.evaluate.stats import compare, differ, format_rate, rate_with_interval  # noqa: E402
-from training.evaluate.zero_shot_masking import SHAPES_ZERO_SHOT, accuracy_vs_mask_ratio, shapes_labels  # noqa: E402
+from bench.common import RESULTS, command_line, markdown_table
+from training.evaluate.cli import load_pipeline, parse_fractions, run_cli, write_json
+from training.evaluate.plotting import plot_panels
+from training.evaluate.scoring import image_tokens
+from training.evaluate.sets import EVAL_SEED, STREAM_ZERO_SHOT, rendered_scenes
+from training.evaluate.stats import compare, differ, format_rate, rate_with_interval
+from training.evaluate.zero_shot_masking import SHAPES_ZERO_SHOT, accuracy_vs_mask_ratio, shapes_labels
 
 DEFAULT_RATIOS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
 

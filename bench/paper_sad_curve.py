@@ -10,27 +10,25 @@ the very same K candidates. Per point: SAD's faithfulness (95 % Wilson interval)
 judge, the gap between them, and the within-prompt correlation of SAD's score with the final
 verdict (`critic.critic_stats`, as `bench/shapes_eval.py` sections 6 and 7).
 
-    python bench/paper_sad_curve.py --model assets/dream-shapes --n-prompts 300 --out bench/results/sad_curve
+    python -m bench.paper_sad_curve --model assets/dream-shapes --n-prompts 300 --out bench/results/sad_curve
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
-from dream_core.masking import fraction_decided  # noqa: E402
-from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_fractions,  # noqa: E402
+from bench.common import RESULTS, command_line, markdown_table
+from dream_core.masking import fraction_decided
+from dream_core.semantic_decoding import Setting
+from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_fractions,
                                    run_cli, run_metadata, sampler_from_args, write_json)
-from training.evaluate.critic import JudgeReranker, critic_stats  # noqa: E402
-from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set  # noqa: E402
-from training.evaluate.plotting import plot_lines  # noqa: E402
-from training.evaluate.sad_sweep import SWEEP_SHARES, decision_steps_for_shares  # noqa: E402
-from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
-from training.evaluate.stats import (compare, compare_paired, format_difference, format_rate,  # noqa: E402
+from training.evaluate.critic import JudgeReranker, critic_stats
+from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set
+from training.evaluate.plotting import plot_lines
+from training.evaluate.sad_sweep import SWEEP_SHARES, decision_steps_for_shares
+from training.evaluate.sets import EVAL_SEED, prompt_seeds
+from training.evaluate.stats import (compare, compare_paired, format_difference, format_rate,
                                     paired_difference, rate_with_interval)
 
 CURVE_SHARES = (0.125, *SWEEP_SHARES, 0.875)

@@ -13,38 +13,35 @@ The measured `row_steps_per_image` of the timing runs is printed beside the form
 
 The external-reranker column scores the K finished images with `--reranker-model DIR`: a DREAM
 model directory trained with the contrastive-only `shapes-clip` recipe (its own VAE, encoder with
-nothing masked and text tower; `semantic_decoding.DreamReranker`), or an open_clip model
+nothing masked and text tower; `rerankers.DreamReranker`), or an open_clip model
 (`--reranker-arch` + `--reranker-weights`). Faithfulness is the exact Shapes World judge with a 95 %
 Wilson interval; images/s is measured by decoding `--timing-prompts` prompts once per setting.
 
-    python bench/paper_table17.py --model assets/dream-shapes --reranker-model runs/t17/clip-model \\
+    python -m bench.paper_table17 --model assets/dream-shapes --reranker-model runs/t17/clip-model \\
         --n-prompts 500 --out bench/results/table17
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
-from dream_core.masking import fraction_decided  # noqa: E402
-from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list,  # noqa: E402
+from bench.common import RESULTS, command_line, markdown_table
+from dream_core.masking import fraction_decided
+from dream_core.semantic_decoding import Setting
+from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list,
                                    run_cli, run_metadata, sampler_from_args, write_json)
-from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set  # noqa: E402
-from training.evaluate.plotting import plot_lines  # noqa: E402
-from training.evaluate.sad_sweep import (add_reranker_args, reranker_description, reranker_from_args,  # noqa: E402
+from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set
+from training.evaluate.plotting import plot_lines
+from training.evaluate.sad_sweep import (add_reranker_args, reranker_description, reranker_from_args,
                                          run_settings)
-from training.evaluate.sets import EVAL_SEED  # noqa: E402
-from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
+from training.evaluate.sets import EVAL_SEED
+from training.evaluate.stats import compare, format_rate, rate_with_interval
 
 DEFAULT_KS = "1,2,4,9,16"
 
 
 # How the budget sets the decision step d for K candidates and S steps:
-# - "budget-over-k" (default, issue 12): d = budget // K, the K rows share `budget` evaluations up to the decision;
+# - "budget-over-k" (default): d = budget // K, the K rows share `budget` evaluations up to the decision;
 # - "total-nfe": d = (budget - S) // (K - 1), so that the image's whole cost K x d + (S - d) stays within
 #   `budget` (the reading of the paper's Tables 6 and 17 that fits their numbers: 128 NFE with 64 steps
 #   gives K = 9 the decision at step 8, and K = 2 with the external reranker exactly 2 x 64).

@@ -17,28 +17,26 @@ and continues an unfinished one from its `checkpoint-last`. `--chunk-minutes M` 
 (saving a checkpoint) once M minutes have passed since the command started and starts nothing new
 after that; an evaluation that has started runs to its end, so leave it room.
 
-    python bench/paper_table4.py --steps 3000 --out bench/results/table4 --chunk-minutes 50
-    python bench/paper_table4.py --steps 3000 --out bench/results/table4 --chunk-minutes 50   # continues
+    python -m bench.paper_table4 --steps 3000 --out bench/results/table4 --chunk-minutes 50
+    python -m bench.paper_table4 --steps 3000 --out bench/results/table4 --chunk-minutes 50   # continues
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
-from bench.shapes_eval import (SAD_K, faithfulness_section, probe_section, reverse_search_section)  # noqa: E402
-from dream_core.request import GenerationRequest, SamplerSettings  # noqa: E402
-from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, write_json  # noqa: E402
-from training.evaluate.linear_probe import SHAPES_ATTRIBUTES  # noqa: E402
-from training.evaluate.plotting import plot_bars  # noqa: E402
-from training.evaluate.sets import EVAL_SEED  # noqa: E402
-from training.evaluate.stats import compare, format_rate, rate_with_interval  # noqa: E402
+from bench.common import RESULTS, command_line, markdown_table
+from bench.shapes_eval import (SAD_K, faithfulness_section, probe_section, reverse_search_section)
+from dream_core.request import GenerationRequest, SamplerSettings
+from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, write_json
+from training.evaluate.linear_probe import SHAPES_ATTRIBUTES
+from training.evaluate.plotting import plot_bars
+from training.evaluate.sets import EVAL_SEED
+from training.evaluate.stats import compare, format_rate, rate_with_interval
 
 # schedule -> recipe (training/recipes.py): the same _SHAPES_COMMON, only the masking differs.
 SCHEDULES = {"warmup": "shapes", "fx": "shapes-fx", "uni": "shapes-uni", "cd": "shapes-cd", "mar": "shapes-mar"}

@@ -1,5 +1,5 @@
-"""Does SAD pick better if its score is normalised by the caption bank? An experiment (model card,
-"Tenth session": rejected on the bundled model).
+"""Does SAD pick better if its score is normalised by the caption bank? An experiment, rejected on
+the bundled model (docs/experiments/sad-critic.md).
 
 SAD ranks a prompt's K candidates by the cosine of each (partial) image embedding with the prompt.
 The cosine mixes how typical an image is with which caption it fits; the reverse-search view,
@@ -10,28 +10,25 @@ SAD computes there, recorded by wrapping the model's `encode_image`) and on the 
 and the table gives how often each score's pick is faithful, beside a random candidate and best of
 K by the judge.
 
-    python bench/sad_bank_normalised.py --model assets/dream-shapes --n 200 --json out.json
+    python -m bench.sad_bank_normalised --model assets/dream-shapes --n 200 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, markdown_table, patched, setup_threads  # noqa: E402
-
-from dream_core.request import SamplerSettings  # noqa: E402
-from dream_core.semantic_decoding import Setting  # noqa: E402
-from training.evaluate.cli import load_pipeline, write_json  # noqa: E402
-from training.evaluate.critic import JudgeReranker  # noqa: E402
-from training.evaluate.faithfulness import prompt_set  # noqa: E402
-from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
-from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
+from bench.common import command_line, markdown_table, patched, setup_threads
+from dream_core.request import SamplerSettings
+from dream_core.semantic_decoding import Setting
+from training.evaluate.cli import load_pipeline, write_json
+from training.evaluate.critic import JudgeReranker
+from training.evaluate.faithfulness import prompt_set
+from training.evaluate.sets import EVAL_SEED, prompt_seeds
+from training.evaluate.stats import format_rate, rate_with_interval
 
 
 class RecordingJudge(JudgeReranker):

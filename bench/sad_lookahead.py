@@ -11,27 +11,24 @@ Each choice's final faithfulness is reported with its paired gain over K = 1 (SA
 candidate) and against a random candidate and best-of-K by the judge. The guesses draw their own
 noise, so the decoding is exactly what SAD would decode.
 
-    python bench/sad_lookahead.py --objects 2 --n-prompts 200 --out bench/results/sad_lookahead
+    python -m bench.sad_lookahead --objects 2 --n-prompts 200 --out bench/results/sad_lookahead
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, command_line, markdown_table  # noqa: E402
-from bench.paper_sad_curve import setup_sweep  # noqa: E402
-from dream_core.masking import decoding_schedule, fraction_decided  # noqa: E402
-from dream_core.sampling import candidate_generators, complete_in_one_step, decode_step, init_state  # noqa: E402
-from dream_core.semantic_decoding import alignment_scores, rank_candidates  # noqa: E402
-from training.evaluate.cli import add_model_args, add_sampler_args, run_cli, run_metadata, write_json  # noqa: E402
-from training.evaluate.faithfulness import judge_images, prompt_set  # noqa: E402
-from training.evaluate.sets import EVAL_SEED, prompt_seeds  # noqa: E402
-from training.evaluate.stats import format_difference, format_rate, paired_difference, rate_with_interval  # noqa: E402
+from bench.common import RESULTS, command_line, markdown_table
+from bench.paper_sad_curve import setup_sweep
+from dream_core.masking import fraction_decided
+from dream_core.sampling import candidate_generators, complete_in_one_step
+from dream_core.semantic_decoding import alignment_scores, rank_candidates, semantic_decode
+from training.evaluate.cli import add_model_args, add_sampler_args, run_cli, run_metadata, write_json
+from training.evaluate.faithfulness import judge_images, prompt_set
+from training.evaluate.sets import EVAL_SEED, prompt_seeds
+from training.evaluate.stats import format_difference, format_rate, paired_difference, rate_with_interval
 
 CRITICS = {"partial": "SAD: joint space on the partial latent",
            "completion": "joint space on the one-step completion",
@@ -54,31 +51,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.inference_mode()
 def decode_and_score(pipe, prompts: list[str], seeds: list[int], k: int, decision_steps: list[int], req) -> dict:
     """One chunk of prompts: every critic's scores [n, K] per decision step and the final verdicts [n, K]."""
-    model, cfg = pipe.model, pipe.config
-    n, device = len(prompts), pipe.device
-    condition, text_emb = pipe.batch_conditions(prompts, req.negative_prompt, req.guidance_scale != 1.0)
-    row_prompt = torch.arange(n, device=device).repeat_interleave(k)
-    text = condition(row_prompt)
-    state = init_state(cfg.seq_len, cfg.token_dim, [g for s in seeds for g in candidate_generators(int(s), k)],
-                       device, order_groups=n, shared_order=req.shared_order)
-    schedule = decoding_schedule(req.num_inference_steps, cfg.seq_len)
+    model, n = pipe.model, len(prompts)
+    text, text_emb = pipe.batch_conditions(prompts, req.negative_prompt, req.guidance_scale != 1.0, k)
+    row_emb = text_emb[text.row_prompt.to(pipe.device)]
     row_text = [p for p in prompts for _ in range(k)]
     scores: dict[int, dict[str, torch.Tensor]] = {}
-    for step in range(req.num_inference_steps):
-        if step in decision_steps:
-            guess_gens = [torch.Generator().manual_seed(GUESS_SEED + 1000 * step + r) for r in range(n * k)]
-            with pipe.autocast():
-                guess = complete_in_one_step(model, state, text, guess_gens, req.guidance_scale,
-                                             req.guidance_schedule, req.temperature, req.head_steps)
-                partial = alignment_scores(model, state.tokens, state.mask, text_emb[row_prompt])
-                completed = alignment_scores(model, guess, torch.zeros_like(state.mask), text_emb[row_prompt])
+
+    def critics(state, partial: torch.Tensor) -> range:
+        """Beside SAD's own score, the critics of the one-step completion; every candidate is kept
+        (all are decoded to the end and judged)."""
+        guess_gens = [torch.Generator().manual_seed(GUESS_SEED + 1000 * state.step + r) for r in range(n * k)]
+        guess = complete_in_one_step(model, state, text, guess_gens, req.guidance_scale, req.guidance_schedule,
+                                     req.temperature, req.head_steps)
+        completed = alignment_scores(model, guess, torch.zeros_like(state.mask), row_emb)
+        with torch.autocast(pipe.device.type, enabled=False):  # the judge sees full-precision pixels
             judged = judge_images(pipe.decode_tokens(guess), row_text).verdicts
-            scores[step] = {"partial": partial.view(n, k).cpu(), "completion": completed.view(n, k).cpu(),
-                            "completion_judge": torch.tensor(judged, dtype=torch.float32).view(n, k)}
-        with pipe.autocast():
-            decode_step(model, state, text, schedule, req.guidance_scale, req.guidance_schedule, req.temperature,
-                        req.head_steps)
-    verdicts = judge_images(pipe.decode_tokens(state.tokens), row_text).verdicts
+        scores[state.step] = {"partial": partial.view(n, k), "completion": completed.view(n, k).cpu(),
+                              "completion_judge": torch.tensor(judged, dtype=torch.float32).view(n, k)}
+        return range(n * k)
+
+    gens = [g for s in seeds for g in candidate_generators(int(s), k)]
+    with pipe.autocast():
+        for done in semantic_decode(model, text, row_emb, gens, req.num_inference_steps, decision_steps,
+                                    req.guidance_scale, req.guidance_schedule, req.temperature, req.head_steps,
+                                    device=pipe.device, shared_order=req.shared_order, keep=critics, order_groups=n,
+                                    step_events=False):
+            pass
+    verdicts = judge_images(pipe.decode_tokens(done.tokens), row_text).verdicts
     return {"scores": scores, "verdicts": torch.tensor(verdicts).view(n, k)}
 
 

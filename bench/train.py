@@ -1,4 +1,4 @@
-"""Training throughput (issue 6): samples/s of a DREAM training step, and where the step's time goes.
+"""Training throughput: samples/s of a DREAM training step, and where the step's time goes.
 
 For each model size (the Shapes recipe's `shapes` model, and the paper's `base`) it times full
 optimiser steps exactly as the trainer runs them (forward_train, backward, gradient clipping,
@@ -15,18 +15,18 @@ cache (moments and T5 states read from DIR, a fresh posterior sample, the step),
 --cache-samples scenes into DIR first when it holds no cache. Both need the VAE and T5 directories
 (default: those of the bundled model). The feeds and the pure step run in interleaved rounds (one
 step of each per round), so the load of a shared machine hits all of them alike, and one table
-gives each feed's samples/s as a share of the pure step's (issue 9: the cache feed >= 90 %).
+gives each feed's samples/s as a share of the pure step's (the cache feed's target: >= 90 %).
 
 GPU paths, each switchable (they run on CPU too where torch supports them, except flash SDPA):
   --bf16 (autocast), --fused-adamw, --sdpa {default,math,flash,efficient,cudnn}, --compile,
   --grad-checkpointing.
 
-    python bench/train.py                                  # shapes (batch 64) and base (batch 2), 2 threads
-    python bench/train.py --sizes shapes --repeats 5
-    python bench/train.py --sizes base --batch-base 4 --repeats 1
-    python bench/train.py --device cuda --bf16 --fused-adamw --sdpa flash --compile
-    python bench/train.py --sizes shapes --trainer
-    python bench/train.py --sizes shapes --no-flops --no-split --trainer --cache /tmp/shapes-cache-2000
+    python -m bench.train                                  # shapes (batch 64) and base (batch 2), 2 threads
+    python -m bench.train --sizes shapes --repeats 5
+    python -m bench.train --sizes base --batch-base 4 --repeats 1
+    python -m bench.train --device cuda --bf16 --fused-adamw --sdpa flash --compile
+    python -m bench.train --sizes shapes --trainer
+    python -m bench.train --sizes shapes --no-flops --no-split --trainer --cache /tmp/shapes-cache-2000
 """
 
 from __future__ import annotations
@@ -44,17 +44,15 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CLOCKS, ROOT, clock_fn, count_flops, fmt_flops, fmt_s, machine_info,  # noqa: E402
-                    markdown_table, matmul_peak, median, resolve_device, setup_threads, synchronize, time_runs)
-
-from dream_core.config import DreamConfig  # noqa: E402
-from dream_core.encoder import EncoderOutput  # noqa: E402
-from dream_core.losses import masked_contrastive_loss  # noqa: E402
-from dream_core.masking import random_token_mask  # noqa: E402
-from dream_core.model import DreamModel  # noqa: E402
-from training.recipes import get_recipe  # noqa: E402
-from training.train import build_optimizer  # noqa: E402
+from bench.common import (CLOCKS, ROOT, clock_fn, count_flops, fmt_flops, fmt_s, machine_info, markdown_table,
+                          matmul_peak, median, resolve_device, setup_threads, synchronize, time_runs)
+from dream_core.config import DreamConfig
+from dream_core.encoder import EncoderOutput
+from dream_core.losses import masked_contrastive_loss
+from dream_core.masking import random_token_mask
+from dream_core.model import DreamModel
+from training.recipes import get_recipe
+from training.train import build_optimizer
 
 SIZES = {"shapes": "shapes", "base": "dream-base"}  # model size -> the recipe it is trained with
 SDPA_BACKENDS = ("default", "math", "flash", "efficient", "cudnn")
@@ -390,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     print("# DREAM training throughput\n")
     print(f"- machine: {machine_info(device)}; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"- paths: {', '.join(flags)}; random inputs, masks from each recipe's schedule; clock {args.clock}")
-    print(f"- command: python bench/train.py {' '.join(argv if argv is not None else sys.argv[1:])}\n", flush=True)
+    print(f"- command: python -m bench.train {' '.join(argv if argv is not None else sys.argv[1:])}\n", flush=True)
     results = []
     for size in args.size_list:
         t = time.perf_counter()

@@ -3,25 +3,22 @@ mean), read by the exact judge against their full captions, overall and per shap
 one or more VAE directories on the same renders. The generator can do no better than this
 (bench/shapes_eval.py's "ceiling" row is the same measurement on the evaluation prompts).
 
-    python bench/vae_round_trip.py --vae old=assets/dream-shapes/vae new=runs/vae/dec1 --n 500
+    python -m bench.vae_round_trip --vae old=assets/dream-shapes/vae new=runs/vae/dec1 --n 500
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, markdown_table, setup_threads  # noqa: E402
-
-from dream_core.image_tokenizer import ImageTokenizer  # noqa: E402
-from dream_core.pipeline import image_to_tensor, tensor_to_images  # noqa: E402
-from training.data.shapes_world import IMAGE_SIZE, SHAPES, SIZES, caption, judge, random_scene, render  # noqa: E402
-from training.evaluate.stats import format_rate, rate_with_interval  # noqa: E402
+from bench.common import command_line, markdown_table, setup_threads
+from dream_core.image_tokenizer import ImageTokenizer
+from dream_core.pipeline import image_to_tensor, tensor_to_images
+from training.data.shapes_world import IMAGE_SIZE, SHAPES, SIZES, caption, judge, random_scene, render
+from training.evaluate.stats import format_rate, rate_with_interval
 
 SEED = 20261202  # the renders' own seed (not the fixed evaluation set's)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .request import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE
 
 CLIP_POOLINGS = ("all", "image", "buffer", "attention")
 CLIP_PROJECTIONS = ("post", "pre")
@@ -86,10 +87,10 @@ class DreamConfig:
     # tokens, so a score there is noise); measured per model by training.evaluate.sad_sweep.
     sad_decision_share: float = 0.25
     # The sampler's guidance scale and temperature when a request names none (a request may set
-    # its own): 3.0 and 1.0 for the paper's sizes; a model measured more faithful elsewhere (the
-    # bundled toy model: model card) carries its own.
-    default_guidance_scale: float = 3.0
-    default_temperature: float = 1.0
+    # its own): the paper's (dream_core.request) for the paper's sizes; a model measured more
+    # faithful elsewhere (the bundled toy model: model card) carries its own.
+    default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    default_temperature: float = DEFAULT_TEMPERATURE
 
     # ----- training losses (read by dream_core.losses / model.forward_train and training/) -----
     # Loss weights and filters (per sample).
@@ -143,9 +144,12 @@ class DreamConfig:
         if self.aligner_depth < 0:
             raise ValueError(f"config.aligner_depth must be >= 0, got {self.aligner_depth}")
         if self.image_size % (self.vae_stride * self.patch_size):
+            step = self.vae_stride * self.patch_size
+            below = self.image_size // step * step
+            near = " or ".join(str(s) for s in (below, below + step) if s > 0)
             raise ValueError(
                 f"config.image_size={self.image_size} must be divisible by vae_stride*patch_size="
-                f"{self.vae_stride * self.patch_size}"
+                f"{self.vae_stride}*{self.patch_size}={step}: the nearest valid sizes are {near}"
             )
         if self.width % self.num_heads:
             raise ValueError(f"config.width={self.width} must be divisible by num_heads={self.num_heads}")
@@ -166,8 +170,6 @@ class DreamConfig:
                 and self.min_visible_for_clip <= self.sad_decision_share < 1.0):
             raise ValueError(f"config.sad_decision_share must be in [min_visible_for_clip={self.min_visible_for_clip}, 1), "
                              f"got {self.sad_decision_share!r}")
-        from .request import MAX_GUIDANCE_SCALE, MAX_TEMPERATURE  # the limits a request checks too
-
         for key, high in (("default_guidance_scale", MAX_GUIDANCE_SCALE), ("default_temperature", MAX_TEMPERATURE)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:

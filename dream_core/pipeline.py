@@ -3,7 +3,9 @@
     pipe = DreamPipeline.from_pretrained()            # the bundled Shapes World model
     out = pipe("a large red circle in the middle", num_candidates=9, seed=0)
     out.images[0].save("x.png"); out.scores; out.chosen
-    for event in pipe.stream(...): ...               # live candidates for a UI
+    for event in pipe.stream(...): ...               # live candidates of one image for a UI
+    pipe.stream(request, image_index=i, decode_image=True)   # image i of a request; its last event
+                                                     # (an ImageEvent) carries the finished picture
     pipe.search(image, top_k=5)                      # reverse search over the caption bank
 
 A model directory holds config.json, model.safetensors (EMA weights), vae/ (diffusers
@@ -14,6 +16,7 @@ live previews). Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,13 +35,11 @@ from .config import DreamConfig
 from .editing import as_rgb_image, paste_back, resize_square
 from .image_tokenizer import ImageTokenizer, save_preview_decoder, save_vae
 from .model import DreamModel
-from .retrieval import CaptionBank
-from .masking import decoding_schedule
 from .request import MAX_CANDIDATES, MAX_SEED, EditRequest, GenerationRequest, SamplerSettings, check_int
-from .sampling import (DecisionExplanation, EditStart, StepEvent, TextCondition, candidate_generators, decode_step,
-                       init_state)
-from .semantic_decoding import (GenerationRun, Generated, Setting, alignment_scores, is_reranker, rank_candidates,
-                                rows_needed, semantic_decode)
+from .retrieval import CaptionBank
+from .sampling import DecisionExplanation, DecodeState, EditStart, StepEvent, TextCondition, candidate_generators
+from .semantic_decoding import (GenerationRun, Generated, Setting, is_reranker, rank_candidates, rows_needed,
+                                semantic_decode)
 from .text import ClipTokenizer, ConditioningTextEncoder, validate_prompts
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "dream-shapes"
@@ -55,6 +56,16 @@ class DreamOutput:
     # per image, when asked for (explain=True): why the candidate won, at the (last) decision
     explanations: list[DecisionExplanation | None] = field(default_factory=list)
     regenerated: list[torch.Tensor] = field(default_factory=list)  # edits: per image, bool [L] tokens regenerated
+
+
+@dataclass
+class ImageEvent(StepEvent):
+    """The "done" event of `DreamPipeline.stream(..., decode_image=True)`: the last step's event
+    with the finished image and what made it (`explanation`: the last decision's, when asked)."""
+
+    image: Image.Image | None = None  # decoded by the VAE; an edit's source pasted back when asked
+    seed: int = 0  # the seed of this image's candidate 0 (candidate k used seed + k)
+    regenerated: torch.Tensor | None = None  # edits: bool [L], the tokens decoded anew
 
 
 def default_model_dir() -> Path:
@@ -212,16 +223,42 @@ class DreamPipeline:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    def stream(self, prompt: str | GenerationRequest, generator: torch.Generator | None = None,
-               should_stop: Callable[[], bool] | None = None, explain: bool = False,
-               **settings: Any) -> Iterator[StepEvent]:
+    def stream(self, prompt: str | GenerationRequest | EditRequest, generator: torch.Generator | None = None,
+               should_stop: Callable[[], bool] | None = None, explain: bool = False, image_index: int = 0,
+               decode_image: bool = False, **settings: Any) -> Iterator[StepEvent]:
         """Yield a StepEvent after every decoding step and at every SAD decision, for one image.
-        `prompt` is a GenerationRequest or a prompt with its settings as keywords (see
-        GenerationRequest: num_candidates, decision_step, seed, ...); num_images is ignored.
-        `explain`: decision events carry a DecisionExplanation (see `explain_scores`)."""
-        req = self.request(prompt, **settings)
-        base_seed = self._seed(req.seed, generator)
-        yield from self._stream(req, base_seed, should_stop, explain=explain)
+        `prompt` is a GenerationRequest, a validated EditRequest (inpainting, variations) or a prompt
+        with its settings as keywords (see GenerationRequest: num_candidates, decision_step, seed, ...).
+
+        The request's image `image_index` is decoded: its K candidates use seeds seed + i*K ...
+        seed + i*K + K-1 (an edit's variation tokens are drawn with seed + i*K too), so streaming
+        images 0 .. num_images-1 of a seeded request gives what `__call__` gives.
+        `explain`: decision events carry a DecisionExplanation (see `explain_scores`).
+        `decode_image`: the "done" event is an `ImageEvent` carrying the finished image."""
+        if isinstance(prompt, EditRequest):
+            if settings:
+                raise ValueError(f"pass either an EditRequest or settings, not both (got {', '.join(settings)})")
+            edit = prompt if prompt.source is not None else prompt.validate(self.config)
+            req = edit.generation
+        else:
+            edit, req = None, self.request(prompt, **settings)
+        image_index = check_int("image_index", image_index, 0, req.num_images - 1)
+        seed = self._seed(req.seed, generator) + image_index * req.num_candidates
+        start = None if edit is None else self.edit_start(edit, seed)
+        done, explanation = None, None
+        for event in self._stream(req, seed, should_stop, start=start, explain=explain):
+            explanation = event.explanation or explanation
+            if decode_image and event.kind == "done":
+                done = event  # decoded below, once decoding has left its autocast region
+                continue
+            yield event
+        if done is None:
+            return
+        image = (self.decode_tokens(done.tokens[:1])[0] if edit is None
+                 else self.edit_result(edit, done.tokens[:1], start.regenerate))
+        fields = {f.name: getattr(done, f.name) for f in dataclasses.fields(StepEvent)}
+        fields["explanation"] = explanation
+        yield ImageEvent(**fields, image=image, seed=seed, regenerated=None if start is None else start.regenerate)
 
     def _stream(self, req: GenerationRequest, base_seed: int, should_stop: Callable[[], bool] | None = None,
                 start: EditStart | None = None, explain: bool = False) -> Iterator[StepEvent]:
@@ -241,24 +278,19 @@ class DreamPipeline:
         return self._run(req, self._seed(req.seed, generator), explain)
 
     def _run(self, req: GenerationRequest, base_seed: int, explain: bool, edit: EditRequest | None = None) -> DreamOutput:
-        k = req.num_candidates
+        req = dataclasses.replace(req, seed=base_seed)
+        target = req if edit is None else dataclasses.replace(edit, generation=req)
         out = DreamOutput(images=[])
-        source = self.encode_image_tokens(edit.source)[0] if edit is not None else None
         for i in range(req.num_images):
-            s = base_seed + i * k
-            start = None if edit is None else EditStart(source, edit.tokens_to_regenerate(s, self.config))
-            last, explanation = None, None
-            for event in self._stream(req, s, start=start, explain=explain):
-                last = event
-                explanation = event.explanation or explanation
-            out.images.append(self.decode_tokens(last.tokens[:1])[0] if edit is None
-                              else self.edit_result(edit, last.tokens[:1], start.regenerate))
+            for last in self.stream(target, explain=explain, image_index=i, decode_image=True):
+                pass
+            out.images.append(last.image)
             out.scores.append(list(last.scores))
             out.chosen.append(last.candidate_ids[0])
-            out.seeds.append(s)
-            out.explanations.append(explanation)
-            if start is not None:
-                out.regenerated.append(start.regenerate.clone())
+            out.seeds.append(last.seed)
+            out.explanations.append(last.explanation)
+            if last.regenerated is not None:
+                out.regenerated.append(last.regenerated.clone())
         return out
 
     # ----- editing (masked decoding from kept tokens) -----
@@ -288,15 +320,10 @@ class DreamPipeline:
         return paste_back(image, edit.source, regenerate) if edit.paste_back else image
 
     def stream_edit(self, edit: EditRequest, generator: torch.Generator | None = None,
-                    should_stop: Callable[[], bool] | None = None, explain: bool = False,
-                    start: EditStart | None = None) -> Iterator[StepEvent]:
+                    should_stop: Callable[[], bool] | None = None, explain: bool = False) -> Iterator[StepEvent]:
         """`stream` for a validated edit (one image): events of the regenerated tokens' decoding,
-        the kept ones decided from the start. `start`: reuse one from `edit_start` (its seed must be
-        the request's)."""
-        base_seed = self._seed(edit.generation.seed, generator)
-        if start is None:
-            start = self.edit_start(edit, base_seed)
-        yield from self._stream(edit.generation, base_seed, should_stop, start=start, explain=explain)
+        the kept ones decided from the start."""
+        return self.stream(edit, generator, should_stop, explain)
 
     def inpaint(self, image: Image.Image | np.ndarray, mask: Any, prompt: str | GenerationRequest,
                 paste_back: bool = True, generator: torch.Generator | None = None, explain: bool = False,
@@ -343,7 +370,7 @@ class DreamPipeline:
             seeds: per-prompt seeds.
             sampler: what every prompt shares (steps, CFG, ...); validated as a request would be.
             batch_size: prompts per batch (0 = as many as fit `default_batch_rows`).
-            reranker: a `semantic_decoding.Reranker` (`ExternalReranker`: open_clip; `DreamReranker`:
+            reranker: a `semantic_decoding.Reranker` (`rerankers.ExternalReranker`: open_clip; `DreamReranker`:
                 another DREAM model directory), for `Setting(rerank=True)`.
         """
         sampler = sampler or SamplerSettings()
@@ -399,77 +426,59 @@ class DreamPipeline:
         return prompts, req
 
     @torch.inference_mode()
-    def batch_conditions(self, prompts: Sequence[str], negative_prompt: str,
-                         cfg: bool) -> tuple[Callable[[torch.Tensor], TextCondition], torch.Tensor]:
+    def batch_conditions(self, prompts: Sequence[str], negative_prompt: str, cfg: bool,
+                         candidates_per_prompt: int) -> tuple[TextCondition, torch.Tensor]:
         """The text side of a batch of prompts, computed once per prompt (T5 outside autocast, the
-        aligner and the decoder's cross-attention keys/values inside): a function giving the
-        `TextCondition` of candidate rows (`row_prompt[r]` = the prompt of row r; with `cfg` the
-        negative prompt is the unconditional side) and the prompts' joint-space embeddings [n, E]."""
+        aligner and the decoder's cross-attention keys/values inside): the `TextCondition` of the
+        candidate rows, prompt-major (`candidates_per_prompt` rows per prompt; with `cfg` the negative
+        prompt is the unconditional side), and the prompts' joint-space embeddings [n, E]."""
         model, device, n = self.model, self.device, len(prompts)
         hidden, t5_mask = self.text_encoder(list(prompts) + ([negative_prompt] if cfg else []))
         hidden, t5_mask = hidden.to(device), t5_mask.to(device)
         with self.autocast():
             kv = model.decoder.text_kv(model.align_text(hidden, t5_mask))
             text_emb = model.encode_text(self.clip_tokenizer(list(prompts)).to(device)).float()
-
-        def condition(row_prompt: torch.Tensor) -> TextCondition:
-            idx = row_prompt.to(device)
-            cond = TextCondition([(k[:n][idx], v[:n][idx]) for k, v in kv], t5_mask[:n][idx])
-            if cfg:
-                cond.kv_uncond = [(k[n:n + 1], v[n:n + 1]) for k, v in kv]
-                cond.mask_uncond = t5_mask[n:n + 1]
-            return cond
-
-        return condition, text_emb
+        text = TextCondition([(k[:n], v[:n]) for k, v in kv], t5_mask[:n],
+                             row_prompt=torch.arange(n).repeat_interleave(candidates_per_prompt))
+        if cfg:
+            text.kv_uncond = [(k[n:n + 1], v[n:n + 1]) for k, v in kv]
+            text.mask_uncond = t5_mask[n:n + 1]
+        return text, text_emb
 
     @torch.inference_mode()
     def _generate_chunk(self, prompts: list[str], seeds: Sequence[int], settings: list[Setting],
                         sp: GenerationRequest, kmax: int, reranker: Any) -> tuple[dict[Setting, Generated], int]:
-        model, device, cfg_model = self.model, self.device, self.config
-        n = len(prompts)
-        steps = sp.num_inference_steps
-        use_cfg = sp.guidance_scale != 1.0
+        n, steps = len(prompts), sp.num_inference_steps
         sad_steps = sorted({s.decision_step for s in settings if s.num_candidates > 1 and not s.rerank})
-        prune_at = sad_steps[-1] if sad_steps else 0
 
-        # 1. Text: once per prompt.
-        condition, text_emb = self.batch_conditions(prompts, sp.negative_prompt, use_cfg)
-
-        # 2. Candidate rows: prompt-major, candidate k of prompt i seeded seeds[i] + k.
+        # 1. Text: once per prompt. Candidate rows are prompt-major, candidate k of prompt i seeded seeds[i] + k.
+        text, text_emb = self.batch_conditions(prompts, sp.negative_prompt, sp.guidance_scale != 1.0, kmax)
         gens = [g for s in seeds for g in candidate_generators(int(s), kmax)]
-        row_prompt = torch.arange(n).repeat_interleave(kmax)
-        row_cand = torch.arange(kmax).repeat(n)
-        state = init_state(cfg_model.seq_len, cfg_model.token_dim, gens, device, order_groups=n,
-                           shared_order=sp.shared_order)
-        schedule = decoding_schedule(steps, cfg_model.seq_len)
-        cond = condition(row_prompt)
         scores: dict[int, torch.Tensor] = {}
-        spent = 0
 
-        # 3. Decode; score at every decision step; after the last one keep only the rows a setting needs.
-        for step in range(steps):
-            if step in sad_steps:
-                with self.autocast():
-                    s = alignment_scores(model, state.tokens, state.mask, text_emb[row_prompt.to(device)])
-                scores[step] = s.view(n, kmax).cpu()
-            if step == prune_at:
-                keep = rows_needed(settings, scores, n, kmax)
-                state.select(keep)
-                keep_t = torch.tensor(keep, dtype=torch.long)
-                row_prompt, row_cand = row_prompt[keep_t], row_cand[keep_t]
-                cond = condition(row_prompt)
-            with self.autocast():
-                decode_step(model, state, cond, schedule, sp.guidance_scale, sp.guidance_schedule, sp.temperature,
-                            sp.head_steps)
-            spent += state.tokens.shape[0]
+        def keep(state: DecodeState, step_scores: torch.Tensor) -> Sequence[int]:
+            """Every row until the last decision step, then only the rows some setting needs."""
+            scores[state.step] = step_scores.view(n, kmax)
+            if state.step < sad_steps[-1]:
+                return range(len(step_scores))
+            return rows_needed(settings, scores, n, kmax)
 
-        # 4. Decode the surviving rows to pixels and assemble every setting.
+        # 2. Decode, scoring at every decision step.
+        with self.autocast():
+            for done in semantic_decode(self.model, text, text_emb[text.row_prompt.to(self.device)], gens, steps,
+                                        sad_steps, sp.guidance_scale, sp.guidance_schedule, sp.temperature,
+                                        sp.head_steps, device=self.device, shared_order=sp.shared_order, keep=keep,
+                                        order_groups=n, step_events=False):
+                pass
+        prune_at = sad_steps[-1] if sad_steps else 0
+        spent = prune_at * n * kmax + (steps - prune_at) * len(done.candidate_ids)  # decoder forwards x rows
+
+        # 3. Decode the surviving rows to pixels and assemble every setting.
         final: dict[tuple[int, int], Image.Image] = {}
-        tokens = state.tokens
-        for i in range(0, tokens.shape[0], 256):
-            for j, im in enumerate(self.decode_tokens(tokens[i:i + 256])):
-                r = i + j
-                final[(int(row_prompt[r]), int(row_cand[r]))] = im
+        for i in range(0, len(done.candidate_ids), 256):
+            images = self.decode_tokens(done.tokens[i:i + 256])
+            for cid, im in zip(done.candidate_ids[i:i + 256], images):
+                final[divmod(cid, kmax)] = im
         out = {s: Generated() for s in settings}
         for s in settings:
             res = out[s]

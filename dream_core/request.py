@@ -1,6 +1,8 @@
 """GenerationRequest: the one generation request. Every sampling setting with its type, limits
 and default lives here; the pipeline, the app's widgets and its API, evaluation and bench read
-them from this module.
+them from this module, as they do the guidance schedules, the prompt checks and the rule that
+picks SAD's default decision step. It imports no model code, so the config can check its own
+sampler defaults against these limits.
 
     request = GenerationRequest("a large red circle", num_candidates=9, seed=0)
     ready = request.validate(pipe.config)   # ValueError naming the field and the allowed range
@@ -16,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .editing import (as_pixel_mask, as_rgb_image, num_regenerated, pixel_mask_to_tokens, resize_square,
                       variation_tokens)
 from .masking import fraction_decided as _fraction_decided
-from .sampling import GUIDANCE_SCHEDULES, default_decision_step
-from .text import MAX_PROMPT_CHARS, validate_prompts
 
 # ----- limits (the single source) -----
 #: K: candidates decoded together for one image. Evaluation spaces per-prompt seeds by this, so
@@ -46,6 +48,86 @@ MAX_GUIDANCE_SCALE = 10.0
 MAX_TEMPERATURE = 2.0
 #: Default decoding steps: 64 as MAR/DREAM, or one step per token for shorter sequences.
 DEFAULT_STEPS = 64
+#: Diffusion-head denoising steps at every decoding step (MAR's respaced sampler uses 100).
+DEFAULT_HEAD_STEPS = 100
+#: What a model without its own sampler defaults uses (`DreamConfig.default_guidance_scale`,
+#: `default_temperature`): the paper's CFG 3 and the trained distribution's temperature.
+DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_TEMPERATURE = 1.0
+#: How the CFG scale moves over the steps: `constant`, or `linear` (Muse/MAR: it grows from 1 to
+#: the scale with the share of tokens decided; see `sampling.guidance_at`).
+GUIDANCE_SCHEDULES = ("constant", "linear")
+DEFAULT_GUIDANCE_SCHEDULE = "constant"
+#: Characters in one prompt (after whitespace is collapsed): far beyond what T5's 128 tokens hold.
+MAX_PROMPT_CHARS = 1000
+
+
+#: C0 and C1 control characters (NUL, ESC, ...): read as spaces, so they separate words but never
+#: count as text.
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Letters and symbols that draw nothing (Braille blank, Hangul fillers).
+_BLANK_CHARS = frozenset("\u2800\u3164\u115f\u1160\uffa0")
+
+
+def has_visible_text(text: str) -> bool:
+    """True when `text` draws something: a prompt of zero-width spaces, joiners, soft hyphens,
+    combining marks or blank letters looks empty to the user and gives the model nothing to
+    follow. (Such characters stay inside a visible prompt: emoji sequences need their joiners.)"""
+    return any(unicodedata.category(c)[0] not in "CZM" and c not in _BLANK_CHARS for c in text)
+
+
+def validate_prompts(prompts: str | Sequence[str], name: str = "prompt") -> list[str]:
+    """Normalise a prompt or list of prompts; raise ValueError naming the argument when invalid."""
+    items = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if items is None:
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
+    if not items:
+        raise ValueError(f"{name} must not be an empty list")
+    out = []
+    for p in items:
+        if not isinstance(p, str):
+            raise ValueError(f"{name} must be a string, got {type(p).__name__}")
+        p = " ".join(_CONTROL_CHARS.sub(" ", p).split())
+        if not p:
+            raise ValueError(f"{name} must not be empty")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{name} is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800" (JSON allows it, tokenizers do not)
+            raise ValueError(f"{name} contains invalid characters (unpaired surrogates); "
+                             "only valid Unicode text is allowed") from None
+        if not has_visible_text(p):
+            raise ValueError(f"{name} must not be empty (it holds only invisible characters)")
+        out.append(p)
+    return out
+
+
+def sampler_defaults(config) -> dict[str, Any]:
+    """What the sampler uses for a setting left None, for the model `config` (a DreamConfig): the
+    model's guidance scale and temperature, the request's guidance schedule and head steps."""
+    return {"guidance_scale": config.default_guidance_scale, "guidance_schedule": DEFAULT_GUIDANCE_SCHEDULE,
+            "temperature": config.default_temperature, "head_steps": DEFAULT_HEAD_STEPS}
+
+
+def default_decision_step(config, num_steps: int, num_tokens: int | None = None) -> int:
+    """The model's default SAD decision step for `num_steps` steps: the first step at which its
+    `sad_decision_share` (at least `min_visible_for_clip`) of the tokens decoded are decided.
+    `num_tokens`: the tokens decoded (an edit's regenerated ones; default all of them); an edit's
+    kept tokens are visible too, so its candidates are scored with at least that share visible."""
+    share = max(config.sad_decision_share, config.min_visible_for_clip)
+    return decision_step_for_share(share, num_steps, config.seq_len if num_tokens is None else num_tokens)
+
+
+def decision_step_for_share(share: float, num_steps: int, seq_len: int) -> int:
+    """The first step (1 .. num_steps - 1) before which at least `share` of the tokens are decided:
+    the encoder scores a candidate with that much of it visible. The last step when none reaches it."""
+    if num_steps < 2:
+        raise ValueError("SAD needs num_inference_steps >= 2 (a decision step before the end)")
+    for step in range(1, num_steps):
+        if _fraction_decided(step, num_steps, seq_len) >= share - 1e-9:
+            return step
+    return num_steps - 1
 
 
 def default_steps(seq_len: int) -> int:
@@ -85,9 +167,9 @@ class GenerationRequest:
     decision_step: int | tuple[int, ...] | None = None  # a step, or increasing steps (successive halving)
     num_inference_steps: int | None = None  # 1 .. the model's number of tokens
     guidance_scale: float | None = None  # 0 .. MAX_GUIDANCE_SCALE
-    guidance_schedule: str = "constant"  # one of sampling.GUIDANCE_SCHEDULES
+    guidance_schedule: str = DEFAULT_GUIDANCE_SCHEDULE  # one of GUIDANCE_SCHEDULES
     temperature: float | None = None  # 0 .. MAX_TEMPERATURE
-    head_steps: int = 100  # diffusion-head steps, 1 .. the model's num_train_timesteps
+    head_steps: int = DEFAULT_HEAD_STEPS  # diffusion-head steps, 1 .. the model's num_train_timesteps
     seed: int | None = None  # 0 .. MAX_SEED
     num_images: int = 1  # 1 .. MAX_IMAGES
     shared_order: bool = True  # the K candidates share one generation order (the official SAD)
@@ -129,12 +211,13 @@ class GenerationRequest:
             raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
         if not isinstance(self.shared_order, bool):
             raise ValueError(f"shared_order must be true or false, got {self.shared_order!r}")
+        defaults = sampler_defaults(config)
         return dataclasses.replace(
             self, prompt=prompt[0], negative_prompt=neg, num_candidates=k, decision_step=decision,
             num_inference_steps=steps,
-            guidance_scale=(config.default_guidance_scale if self.guidance_scale is None
+            guidance_scale=(defaults["guidance_scale"] if self.guidance_scale is None
                             else check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE)),
-            temperature=(config.default_temperature if self.temperature is None
+            temperature=(defaults["temperature"] if self.temperature is None
                          else check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)),
             head_steps=check_int("head_steps", self.head_steps, 1, config.num_train_timesteps),
             seed=None if self.seed is None else check_int("seed", self.seed, 0, MAX_SEED),
@@ -211,9 +294,11 @@ def sampler_limits(config) -> dict[str, tuple[float, float]]:
     }
 
 
-__all__ = ["APP_DEFAULT_CANDIDATES", "APP_MAX_CANDIDATES", "DEFAULT_STEPS", "GUIDANCE_SCHEDULES", "GenerationRequest",
+__all__ = ["APP_DEFAULT_CANDIDATES", "APP_MAX_CANDIDATES", "DEFAULT_GUIDANCE_SCALE", "DEFAULT_GUIDANCE_SCHEDULE",
+           "DEFAULT_HEAD_STEPS", "DEFAULT_STEPS", "DEFAULT_TEMPERATURE", "GUIDANCE_SCHEDULES", "GenerationRequest",
            "MAX_CANDIDATES", "MAX_GUIDANCE_SCALE", "MAX_IMAGES", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_TEMPERATURE",
-           "check_float", "check_int", "default_steps", "request_defaults", "sampler_limits"]
+           "check_float", "check_int", "decision_step_for_share", "default_decision_step", "default_steps",
+           "has_visible_text", "request_defaults", "sampler_defaults", "sampler_limits", "validate_prompts"]
 
 
 @dataclass(frozen=True)

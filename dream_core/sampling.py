@@ -21,10 +21,9 @@ from typing import Callable, Iterator
 import torch
 
 from .encoder import EncoderOutput
-from .masking import decoding_schedule, fraction_decided
+from .masking import decoding_schedule
 from .model import DreamModel
-
-GUIDANCE_SCHEDULES = ("constant", "linear")
+from .request import GUIDANCE_SCHEDULES, sampler_defaults
 
 
 def guidance_at(scale: float, schedule: str, masked_after: int, seq_len: int) -> float:
@@ -38,13 +37,16 @@ def guidance_at(scale: float, schedule: str, masked_after: int, seq_len: int) ->
 
 @dataclass
 class TextCondition:
-    """Aligned prompt (and unconditional/negative prompt) with cached cross-attention keys/values."""
+    """Aligned prompt (and unconditional/negative prompt) with cached cross-attention keys/values.
+    One prompt (batch 1, shared by every row) or, with `row_prompt`, a batch of prompts: candidate
+    c then reads prompt `row_prompt[c]`, so the rows follow their candidates when SAD prunes."""
 
-    kv_cond: list  # per decoder block (k, v), batch 1
-    mask_cond: torch.Tensor  # bool [1, T]
-    kv_uncond: list | None = None
+    kv_cond: list  # per decoder block (k, v), batch 1 or one row per prompt
+    mask_cond: torch.Tensor  # bool [1 or P, T]
+    kv_uncond: list | None = None  # batch 1: the empty (or negative) prompt every row shares
     mask_uncond: torch.Tensor | None = None
-    # The last expand() result (the row count only changes at SAD decisions).
+    row_prompt: torch.Tensor | None = None  # long [R], candidate -> its prompt; None = one prompt
+    # The last expand() result (the rows only change at SAD decisions).
     _expanded: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -58,24 +60,38 @@ class TextCondition:
             cond.mask_uncond = t5_mask[1:2]
         return cond
 
-    def expand(self, rows: int, cfg: bool) -> tuple[list, torch.Tensor]:
-        """Keys/values and mask for a batch of `rows` candidates (doubled as [cond; uncond] with CFG).
-        Computed once per (rows, cfg) and reused while the fields stay the same objects."""
-        key = (rows, cfg, id(self.kv_cond), id(self.kv_uncond), id(self.mask_cond), id(self.mask_uncond))
+    def expand(self, rows: int | list[int], cfg: bool) -> tuple[list, torch.Tensor]:
+        """Keys/values and mask for a batch of rows (doubled as [cond; uncond] with CFG): `rows` is
+        their number, or their candidate ids (needed with `row_prompt`). Computed once per set of
+        rows and reused while the fields stay the same objects."""
+        if self.row_prompt is None:
+            rows = rows if isinstance(rows, int) else len(rows)
+        elif isinstance(rows, int):
+            raise ValueError("a TextCondition of several prompts expands for candidate ids, not a row count")
+        key = (rows if isinstance(rows, int) else tuple(rows), cfg, id(self.kv_cond), id(self.kv_uncond),
+               id(self.mask_cond), id(self.mask_uncond))
         if key not in self._expanded:
             self._expanded.clear()
             self._expanded[key] = self._expand(rows, cfg)
         return self._expanded[key]
 
-    def _expand(self, rows: int, cfg: bool) -> tuple[list, torch.Tensor]:
+    def _expand(self, rows: int | list[int], cfg: bool) -> tuple[list, torch.Tensor]:
         def rep(t: torch.Tensor, n: int) -> torch.Tensor:
             return t.expand(n, *t.shape[1:])
 
+        if isinstance(rows, int):
+            kv_cond = [(rep(k, rows), rep(v, rows)) for k, v in self.kv_cond]
+            mask_cond = rep(self.mask_cond, rows)
+        else:
+            idx = self.row_prompt[torch.tensor(rows, dtype=torch.long)].to(self.mask_cond.device)
+            rows = len(rows)
+            kv_cond = [(k[idx], v[idx]) for k, v in self.kv_cond]
+            mask_cond = self.mask_cond[idx]
         if not cfg:
-            return [(rep(k, rows), rep(v, rows)) for k, v in self.kv_cond], rep(self.mask_cond, rows)
-        kv = [(torch.cat([rep(kc, rows), rep(ku, rows)]), torch.cat([rep(vc, rows), rep(vu, rows)]))
-              for (kc, vc), (ku, vu) in zip(self.kv_cond, self.kv_uncond)]
-        return kv, torch.cat([rep(self.mask_cond, rows), rep(self.mask_uncond, rows)])
+            return kv_cond, mask_cond
+        kv = [(torch.cat([kc, rep(ku, rows)]), torch.cat([vc, rep(vu, rows)]))
+              for (kc, vc), (ku, vu) in zip(kv_cond, self.kv_uncond)]
+        return kv, torch.cat([mask_cond, rep(self.mask_uncond, rows)])
 
 
 @dataclass
@@ -199,7 +215,7 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
     if cfg:
         enc = EncoderOutput(torch.cat([enc.hidden, enc.hidden]), torch.cat([enc.valid, enc.valid]),
                             torch.cat([enc.visible_index, enc.visible_index]), True)
-    kv, text_mask = text.expand(rows, cfg)
+    kv, text_mask = text.expand(state.candidate_ids, cfg)
     # z only where tokens are decoded now: the decoder's last block then runs on those rows alone.
     zz = model.decoder(enc, None, text_mask, text_kv=kv, positions=torch.cat([pos, pos]) if cfg else pos)
     zz = zz.reshape(-1, zz.shape[-1])  # [(R or 2R) * m, D]
@@ -242,18 +258,28 @@ def make_event(kind: str, state: DecodeState, num_steps: int, num_candidates: in
 
 
 def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Generator], num_steps: int,
-               guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
-               head_steps: int = 100, before_step: Callable[[DecodeState], list[StepEvent]] | None = None,
+               guidance_scale: float | None = None, guidance_schedule: str | None = None,
+               temperature: float | None = None, head_steps: int | None = None,
+               before_step: Callable[[DecodeState], list[StepEvent]] | None = None,
                should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu",
-               shared_order: bool = True, start: EditStart | None = None) -> Iterator[StepEvent]:
+               shared_order: bool = True, start: EditStart | None = None, order_groups: int = 1,
+               step_events: bool = True) -> Iterator[StepEvent]:
     """Plain MAR decoding of len(generators) rows; `before_step` may prune rows (SAD) and return
     events to emit. Stops between steps when `should_stop()` is true (no "done" event then).
     With `start` (an edit) only its regenerated tokens are decoded: the cosine schedule runs over
-    their number (num_steps <= that number)."""
+    their number (num_steps <= that number). Sampler settings left None are the model's defaults
+    (`request.sampler_defaults`). `order_groups`: consecutive groups of rows that share an order
+    (one per prompt of a batch, see `init_state`). `step_events=False` yields only the "done" event
+    (and `before_step`'s): no per-step snapshot of every row for a caller that does not look."""
     c = model.config
+    defaults = sampler_defaults(c)
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    guidance_schedule = defaults["guidance_schedule"] if guidance_schedule is None else guidance_schedule
+    temperature = defaults["temperature"] if temperature is None else temperature
+    head_steps = defaults["head_steps"] if head_steps is None else head_steps
     schedule = decoding_schedule(num_steps, c.seq_len if start is None else start.num_regenerated)
-    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device), shared_order=shared_order,
-                       start=start)
+    state = init_state(c.seq_len, c.token_dim, generators, torch.device(device), order_groups=order_groups,
+                       shared_order=shared_order, start=start)
     k_total = len(generators)
     while state.step < num_steps:
         if should_stop is not None and should_stop():
@@ -261,7 +287,8 @@ def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Ge
         if before_step is not None:
             yield from before_step(state)
         decode_step(model, state, text, schedule, guidance_scale, guidance_schedule, temperature, head_steps)
-        yield make_event("step" if state.step < num_steps else "done", state, num_steps, k_total)
+        if step_events or state.step == num_steps:
+            yield make_event("step" if state.step < num_steps else "done", state, num_steps, k_total)
 
 
 def candidate_generators(seed: int, num_candidates: int, device: str = "cpu") -> list[torch.Generator]:
@@ -269,26 +296,5 @@ def candidate_generators(seed: int, num_candidates: int, device: str = "cpu") ->
     return [torch.Generator(device).manual_seed((seed + k) % (2**63)) for k in range(num_candidates)]
 
 
-def default_decision_step(config, num_steps: int, num_tokens: int | None = None) -> int:
-    """The model's default SAD decision step for `num_steps` steps: the first step at which its
-    `sad_decision_share` (at least `min_visible_for_clip`) of the tokens decoded are decided.
-    `num_tokens`: the tokens decoded (an edit's regenerated ones; default all of them); an edit's
-    kept tokens are visible too, so its candidates are scored with at least that share visible."""
-    share = max(config.sad_decision_share, config.min_visible_for_clip)
-    return decision_step_for_share(share, num_steps, config.seq_len if num_tokens is None else num_tokens)
-
-
-def decision_step_for_share(share: float, num_steps: int, seq_len: int) -> int:
-    """The first step (1 .. num_steps - 1) before which at least `share` of the tokens are decided:
-    the encoder scores a candidate with that much of it visible. The last step when none reaches it."""
-    if num_steps < 2:
-        raise ValueError("SAD needs num_inference_steps >= 2 (a decision step before the end)")
-    for step in range(1, num_steps):
-        if fraction_decided(step, num_steps, seq_len) >= share - 1e-9:
-            return step
-    return num_steps - 1
-
-
-__all__ = ["GUIDANCE_SCHEDULES", "DecisionExplanation", "DecodeState", "EditStart", "StepEvent", "TextCondition",
-           "candidate_generators", "complete_in_one_step", "decode_step", "decision_step_for_share",
-           "default_decision_step", "guidance_at", "init_state", "mar_decode", "make_event"]
+__all__ = ["DecisionExplanation", "DecodeState", "EditStart", "StepEvent", "TextCondition", "candidate_generators",
+           "complete_in_one_step", "decode_step", "guidance_at", "init_state", "mar_decode", "make_event"]

@@ -4,16 +4,16 @@ K candidate trajectories are decoded together (one batched forward per step) up 
 step; there the model's own encoder embeds each candidate's partially decoded latent (visible =
 decided tokens) and the contrastive text tower embeds the prompt; the candidates are ranked by
 cosine similarity and only the best continues. Beyond the paper: several decision steps
-(successive halving: keep half at each, one after the last), and an external-reranker mode that
-scores finished candidates with another model (the paper's comparison): an open_clip model from local
-weights (`ExternalReranker`) or another DREAM model directory's joint space (`DreamReranker`).
+(successive halving: keep half at each, one after the last), a batch of prompts decoded together
+(evaluation: `DreamPipeline.generate_batch` keeps the rows its settings need), and an
+external-reranker mode that scores finished candidates with another model (the paper's
+comparison; the rerankers are in `dream_core.rerankers`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -120,44 +120,72 @@ def rows_needed(settings: Sequence[Setting], scores: dict[int, torch.Tensor], n:
     return sorted(p * kmax + c for p, c in need)
 
 
-def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tensor,
+#: Which rows continue after a decision: (the state at the decision step, the active rows'
+#: scores on the CPU) -> indices of the rows to keep, into the active rows. It is also the hook
+#: for another critic: it may read the state (bench.sad_lookahead scores one-step completions)
+#: and keep every row.
+KeepRule = Callable[[DecodeState, torch.Tensor], Sequence[int]]
+
+
+def halving(num_candidates: int, decision_steps: Sequence[int]) -> KeepRule:
+    """The default rule: the best-scored half at each decision step, the best one at the last."""
+    plan = dict(zip(decision_steps, halving_plan(num_candidates, decision_steps)))
+
+    def keep(state: DecodeState, scores: torch.Tensor) -> list[int]:
+        return rank_candidates(scores)[:plan[state.step]]
+
+    return keep
+
+
+def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tensor | None,
                     generators: list[torch.Generator], num_steps: int, decision_steps: Sequence[int],
-                    guidance_scale: float = 1.0, guidance_schedule: str = "constant", temperature: float = 1.0,
-                    head_steps: int = 100, should_stop: Callable[[], bool] | None = None,
-                    device: torch.device | str = "cpu", shared_order: bool = True, start: EditStart | None = None,
-                    explain: bool = False) -> Iterator[StepEvent]:
-    """Decode len(generators) candidates, pruning at each decision step. Yields every step's event
-    and a "decision" event carrying every candidate's score, rank and pruned flag (and, with
-    `explain`, a DecisionExplanation of the scores). `start`: an edit's kept tokens (see
-    `sampling.EditStart`); the score reads the whole image, kept and decided tokens."""
+                    guidance_scale: float | None = None, guidance_schedule: str | None = None,
+                    temperature: float | None = None, head_steps: int | None = None,
+                    should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu",
+                    shared_order: bool = True, start: EditStart | None = None, explain: bool = False,
+                    keep: KeepRule | None = None, order_groups: int = 1,
+                    step_events: bool = True) -> Iterator[StepEvent]:
+    """Decode len(generators) candidates, scoring them at each decision step (while more than one
+    is left) and keeping those `keep` picks (default: `halving`). Yields every step's event and a
+    "decision" event carrying every candidate's score, rank and pruned flag (and, with `explain`, a
+    DecisionExplanation of the scores). `text_emb`: the prompt's joint-space embedding [1, E], or one
+    per candidate [R, E] (a batch of prompts, with `text.row_prompt` and `order_groups`); None only
+    without decisions. `start`: an edit's kept tokens (see `sampling.EditStart`); the score reads
+    the whole image, kept and decided tokens. Sampler settings left None are the model's defaults.
+    `step_events=False`: only the decision and "done" events."""
     k_total = len(generators)
-    plan = dict(zip(decision_steps, halving_plan(k_total, decision_steps))) if k_total > 1 else {}
+    decisions = set(decision_steps) if k_total > 1 else set()
+    if decisions and text_emb is None:
+        raise ValueError("semantic_decode needs the prompt's embedding (text_emb) to score candidates")
+    keep = keep or halving(k_total, sorted(decisions))
     scores: list[float | None] = [None] * k_total
     ranks: list[int | None] = [None] * k_total
     pruned = [False] * k_total
 
-    def before_step(state: DecodeState) -> list[StepEvent]:
-        keep = plan.get(state.step)
-        if keep is None or len(state.candidate_ids) <= keep:
+    def decide(state: DecodeState) -> list[StepEvent]:
+        if state.step not in decisions or len(state.candidate_ids) <= 1:
             return []
-        s = alignment_scores(model, state.tokens, state.mask, text_emb).cpu()
-        order = rank_candidates(s)
-        for rank, row in enumerate(order):
-            cid = state.candidate_ids[row]
+        ids = state.candidate_ids
+        emb = text_emb if text_emb.shape[0] == 1 else text_emb[torch.tensor(ids, device=text_emb.device)]
+        s = alignment_scores(model, state.tokens, state.mask, emb).cpu()
+        kept = sorted(keep(state, s))
+        alive = set(kept)
+        for rank, row in enumerate(rank_candidates(s)):
+            cid = ids[row]
             scores[cid], ranks[cid] = float(s[row]), rank + 1
-            if rank >= keep:
-                pruned[cid] = True
+            pruned[cid] = row not in alive
         event = make_event("decision", state, num_steps, k_total, scores=list(scores), ranks=list(ranks),
-                           pruned=list(pruned), chosen=state.candidate_ids[order[0]] if keep == 1 else None)
+                           pruned=list(pruned), chosen=ids[kept[0]] if len(kept) == 1 else None)
         if explain:
-            event.explanation = DecisionExplanation(state.step, list(state.candidate_ids), s.float().clone(),
-                                                    explain_scores(model, state.tokens, state.mask, text_emb))
-        state.select(sorted(order[:keep]))
+            event.explanation = DecisionExplanation(state.step, list(ids), s.float().clone(),
+                                                    explain_scores(model, state.tokens, state.mask, emb))
+        state.select(kept)
         return [event]
 
     for event in mar_decode(model, text, generators, num_steps, guidance_scale, guidance_schedule, temperature,
-                            head_steps, before_step=before_step, should_stop=should_stop, device=device,
-                            shared_order=shared_order, start=start):
+                            head_steps, before_step=decide, should_stop=should_stop, device=device,
+                            shared_order=shared_order, start=start, order_groups=order_groups,
+                            step_events=step_events):
         event.scores, event.ranks, event.pruned = list(scores), list(ranks), list(pruned)
         if event.kind == "done" and len(event.candidate_ids) == 1:
             event.chosen = event.candidate_ids[0]
@@ -173,42 +201,3 @@ class Reranker(Protocol):
 
 def is_reranker(obj: object) -> bool:
     return callable(getattr(obj, "scores", None))
-
-
-class DreamReranker:
-    """Scores finished images with another DREAM model directory's joint space (e.g. one trained
-    with the contrastive-only `shapes-clip` recipe): its own VAE encodes each image, its encoder
-    embeds the latent with nothing masked, its text tower embeds the prompt; score = cosine."""
-
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu") -> None:
-        from .pipeline import DreamPipeline  # the pipeline module imports this one
-
-        self.pipe = DreamPipeline.from_pretrained(model_dir, device=device)
-
-    @torch.inference_mode()
-    def scores(self, images: list, prompt: str) -> torch.Tensor:
-        img = self.pipe.embed_images(list(images))
-        txt = self.pipe.embed_texts([prompt])
-        return (img @ txt.t()).squeeze(-1).float().cpu()
-
-
-class ExternalReranker:
-    """Scores finished images against the prompt with an open_clip model loaded from local weights."""
-
-    def __init__(self, arch: str, weights: str | Path, device: str = "cpu") -> None:
-        import open_clip
-
-        weights = Path(weights)
-        if not weights.is_file():
-            raise ValueError(f"external reranker weights not found: {weights} (no download is attempted)")
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=device)
-        self.model, self.preprocess = model.eval(), preprocess
-        self.tokenizer = open_clip.get_tokenizer(arch)
-        self.device = device
-
-    @torch.inference_mode()
-    def scores(self, images: list, prompt: str) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        img = torch.nn.functional.normalize(self.model.encode_image(pixels), dim=-1)
-        txt = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer([prompt]).to(self.device)), dim=-1)
-        return (img @ txt.t()).squeeze(-1).float().cpu()

@@ -1,4 +1,4 @@
-"""The fast decoding path gives the straightforward MAR loop's tokens for the same seeds (issue 6).
+"""The fast decoding path gives the straightforward MAR loop's tokens for the same seeds.
 
 The reference below is what MAR's `sample_tokens` does, written plainly: at every step the encoder
 runs on the CFG-doubled batch, the decoder recomputes the text's keys/values and returns z at every
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from dream_core.config import DreamConfig
-from dream_core.diffusion import GaussianDiffusion
 from dream_core.encoder import EncoderOutput
 from dream_core.masking import decoding_schedule
 from dream_core.model import DreamModel
+from dream_core.noise_schedule import GaussianDiffusion
 from dream_core.sampling import TextCondition, candidate_generators, guidance_at, mar_decode
 from dream_core.semantic_decoding import semantic_decode
 from reference import plain_head_sample  # tests/reference.py
@@ -39,7 +39,7 @@ def small_config(**kw) -> DreamConfig:
 
 
 def mar_size_config(**kw) -> DreamConfig:
-    """Issue 6's benchmark geometry: 64 tokens of 16 channels, 4 + 4 blocks of 256, head 3 x 256."""
+    """The MAR-size benchmark geometry: 64 tokens of 16 channels, 4 + 4 blocks of 256, head 3 x 256."""
     base = dict(image_size=64, vae_channels=16, vae_stride=8, patch_size=1, width=256, encoder_depth=4,
                 decoder_depth=4, num_heads=4, mlp_dim=1024, buffer_size=16, head_depth=3, head_width=256,
                 t5_dim=32, t5_max_length=8, aligner_depth=1)
@@ -157,7 +157,7 @@ def test_fast_decoding_matches_the_plain_loop(seeds, steps, head_steps, scale, s
 
 
 def test_fast_decoding_matches_the_plain_loop_at_mar_size():
-    """Issue 6's geometry (64 tokens, 4 + 4 blocks of 256, head 3 x 256, CFG 3) on fewer steps."""
+    """The MAR-size geometry (64 tokens, 4 + 4 blocks of 256, head 3 x 256, CFG 3) on fewer steps."""
     model = random_model(mar_size_config(clip_denoised=5.0))
     hidden, mask = random_text(model.config)
     args = ([0, 1], 8, 3.0, "constant", 1.0, 8)

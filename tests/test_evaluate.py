@@ -403,10 +403,7 @@ def test_data_parallel_generation_matches_one_process(tiny_pipe, tmp_path):
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("shapes_eval", REPO / "bench" / "shapes_eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.shapes_eval")
 
 
 def test_shapes_eval_bench_quick(tiny_model_dir, tmp_path, capsys):
@@ -486,10 +483,7 @@ def test_converged_probe_fits_separable_features_exactly():
 
 
 def _sad_bank_module():
-    spec = importlib.util.spec_from_file_location("sad_bank_normalised", REPO / "bench" / "sad_bank_normalised.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.sad_bank_normalised")
 
 
 def test_bank_normalised_score_prefers_the_candidate_no_other_caption_fits():

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dream_core.request import SamplerSettings
-from dream_core.semantic_decoding import DreamReranker, Setting, rank_candidates
+from dream_core.rerankers import DreamReranker
+from dream_core.semantic_decoding import Setting, rank_candidates
 from training.evaluate.sets import one_object_prompts, prompt_seeds
 from training.evaluate.sad_sweep import decision_steps_for_shares
 from training.evaluate.stats import format_rate, rate_with_interval, wilson_interval
@@ -25,10 +26,7 @@ TINY_SAMPLER = ["--steps", "4", "--head-steps", "2", "--cfg", "2.0"]
 
 
 def bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"bench.{name}")
 
 
 def read_out(out: Path) -> dict:
@@ -165,7 +163,7 @@ def test_table17_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
             *TINY_SAMPLER]
     t17.main(argv)
     data = read_out(out)
-    assert data["command"].startswith("python bench/paper_table17.py --model ")
+    assert data["command"].startswith("python -m bench.paper_table17 --model ")
     assert data["reranker"] == {"kind": "dream", "model": str(tiny_model_dir)} and data["model"] == str(tiny_model_dir)
     got = [(r["setting"], r["decision_step"], r["nfe_per_image"], r["row_steps_per_image"]) for r in data["rows"]]
     assert got == [("K=1", None, 4, 4), ("SAD K=2 step=2", 2, 6, 6), ("SAD K=4 step=1", 1, 7, 7),
@@ -403,7 +401,7 @@ def test_table4_driver_trains_resumes_skips_and_aggregates(tiny_model_dir, tmp_p
     m = second["metrics"]["warmup"]["1-object K=1"]
     assert m["n"] == 4 and m["rate"] == pytest.approx(sum(m["per_seed"].values()) / 2)  # pooled = mean of seeds
     assert set(second["ordering"]["probe shape"]) == {"warmup", "fx"}
-    assert read_out(out)["command"].startswith("python bench/paper_table4.py --steps 6")
+    assert read_out(out)["command"].startswith("python -m bench.paper_table4 --steps 6")
 
     # 3. Once more: nothing is trained or evaluated again, and the table is the same.
     def forbidden(*args, **kwargs):

@@ -57,6 +57,23 @@ def test_call_returns_images_scores_and_the_chosen_candidate(tiny_pipe):
     assert out.chosen == [int(np.argmax(out.scores[0]))]
 
 
+def test_image_i_is_streamed_alone_with_seed_plus_i_times_k(tiny_pipe):
+    """The app streams a request one image at a time; image i decodes candidates seed + i*K ...,
+    the same picture as the whole call's image i and as a call of its own with that seed."""
+    settings = dict(num_candidates=2, decision_step=2, **FAST)
+    out = tiny_pipe(PROMPT, seed=7, num_images=2, **settings)
+    assert out.seeds == [7, 9]
+    alone = tiny_pipe(PROMPT, seed=9, **settings)
+    assert np.array_equal(np.asarray(out.images[1]), np.asarray(alone.images[0]))
+    events = list(tiny_pipe.stream(PROMPT, seed=7, num_images=2, image_index=1, decode_image=True, **settings))
+    last = events[-1]
+    assert last.kind == "done" and last.seed == 9 and last.candidate_ids == [out.chosen[1]]
+    assert np.array_equal(np.asarray(last.image), np.asarray(out.images[1]))
+    assert not any(hasattr(e, "image") for e in events[:-1])  # only the finished image is decoded
+    with pytest.raises(ValueError, match="image_index must be between 0 and 1, got 2"):
+        next(iter(tiny_pipe.stream(PROMPT, seed=7, num_images=2, image_index=2, **settings)))
+
+
 def test_pipeline_parts_and_device(tiny_pipe, tiny_model_dir):
     assert tiny_pipe.device.type == "cpu"
     assert tiny_pipe.config == tiny_pipe.model.config

@@ -13,7 +13,7 @@ from dream_core import request as rq
 from dream_core.config import DreamConfig
 from dream_core.masking import fraction_decided
 from dream_core.request import GenerationRequest, SamplerSettings
-from dream_core.sampling import GUIDANCE_SCHEDULES, default_decision_step
+from dream_core.request import GUIDANCE_SCHEDULES, default_decision_step
 
 TINY = DreamConfig.preset("tiny")  # 16 tokens, 1000 diffusion steps
 OK = dict(num_inference_steps=8)

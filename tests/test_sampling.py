@@ -14,13 +14,11 @@ from dream_core.sampling import (
     candidate_generators,
     complete_in_one_step,
     decode_step,
-    decision_step_for_share,
-    default_decision_step,
     guidance_at,
     init_state,
     mar_decode,
 )
-from dream_core.request import GenerationRequest
+from dream_core.request import GenerationRequest, decision_step_for_share, default_decision_step
 from dream_core.semantic_decoding import alignment_scores, halving_plan
 
 PROMPT = "a large blue square in the middle on a black background"

@@ -34,7 +34,7 @@ def add_sampler_args(ap: argparse.ArgumentParser, steps_default: int | None = No
                     help="decoding steps (default: the model's token count, i.e. one token per step)")
     ap.add_argument("--cfg", type=float, default=GenerationRequest.guidance_scale,
                     help=f"classifier-free guidance scale (0 .. {MAX_GUIDANCE_SCALE}; default: the model's)")
-    ap.add_argument("--cfg-schedule", default="constant", choices=GUIDANCE_SCHEDULES)
+    ap.add_argument("--cfg-schedule", default=GenerationRequest.guidance_schedule, choices=GUIDANCE_SCHEDULES)
     ap.add_argument("--temperature", type=float, default=GenerationRequest.temperature,
                     help=f"0 .. {MAX_TEMPERATURE} (default: the model's default_temperature)")
     ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps, help="diffusion-head sampling steps")

@@ -325,7 +325,8 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
               num_classes: int | None = None, l2: float = 1e-4, max_iter: int = 1000) -> ProbeResult:
     """Multinomial logistic regression on standardised features, solved to convergence with
     L-BFGS (full batch, deterministic). A probe that converges measures the features, not its own
-    optimiser: the SGD probe above stops far from its optimum on small sets (issue 9)."""
+    optimiser: the SGD probe above stops far from its optimum on small sets (shape 66.9 % against
+    87.4 % on the same features: docs/experiments/training-length.md)."""
     if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
         raise ValueError(f"features must be [N, D] with the same D, got {tuple(train_x.shape)} and {tuple(val_x.shape)}")
     if len(train_x) != len(train_y) or len(val_x) != len(val_y):
@@ -378,7 +379,8 @@ def shapes_labels(scenes: Sequence, attribute: str) -> tuple[torch.Tensor, list[
 def probe_shapes(pipe: DreamPipeline, attributes: Sequence[str] = ("shape", "color"), n_train: int = 2000,
                  n_val: int = 1000, seed: int = EVAL_SEED, epochs: int | None = None, lr: float | None = None,
                  pool: str = "all", protocol: str = "converged", blr: float | None = None) -> dict[str, ProbeResult]:
-    """One probe per attribute on the same cached features (issues 4 and 9). `protocol`:
+    """One probe per attribute on the same cached features (shape, colour, size, position,
+    background of the Shapes World). `protocol`:
     "converged" (default: logistic regression solved to convergence by L-BFGS, so the number
     measures the features and not the probe's optimiser) or one of PROTOCOLS (SGD-trained heads)."""
     (tr_images, tr_scenes), (va_images, va_scenes) = shapes_probe_data(n_train, n_val, seed)

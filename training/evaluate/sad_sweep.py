@@ -24,7 +24,8 @@ from pathlib import Path
 
 from dream_core.masking import fraction_decided
 
-from dream_core.semantic_decoding import DreamReranker, GenerationRun, Reranker, Setting
+from dream_core.rerankers import DreamReranker
+from dream_core.semantic_decoding import GenerationRun, Reranker, Setting
 
 from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,
                   sampler_from_args, write_json)
@@ -74,7 +75,7 @@ SWEEP_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)
 def decision_steps_for_shares(num_steps: int, seq_len: int, shares=SWEEP_SHARES) -> list[int]:
     """The distinct decision steps of the shares (the first step with that share decided) that leave
     a decision before the last step, increasing."""
-    from dream_core.sampling import decision_step_for_share
+    from dream_core.request import decision_step_for_share
 
     steps = {decision_step_for_share(f, num_steps, seq_len) for f in shares}
     return sorted(s for s in steps if 1 <= s < num_steps)

@@ -40,7 +40,7 @@ def load_open_clip(arch: str, weights: str | Path, device: str | torch.device = 
     weights = Path(weights)
     if not weights.is_file():
         raise ValueError(f"open_clip weights file not found: {weights} (nothing is downloaded)")
-    from dream_core.semantic_decoding import ExternalReranker
+    from dream_core.rerankers import ExternalReranker
 
     return ExternalReranker(arch, weights, device=str(device))
 
