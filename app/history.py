@@ -29,6 +29,29 @@ _NUMBERED = re.compile(r"^(\d{5,})-")
 MAX_NAME_ATTEMPTS = 1000
 
 
+def _dated(paths) -> list[tuple[tuple[int, str], Path]]:
+    """((mtime, name), path) of every path that still exists when it is looked at: another
+    process (a second app instance, a user's file manager) may delete any of them meanwhile."""
+    out = []
+    for path in paths:
+        try:
+            out.append(((path.stat().st_mtime_ns, path.name), path))
+        except OSError:
+            continue
+    return out
+
+
+def prune_oldest(folder: Path, keep: int, pattern: str = "*.png") -> None:
+    """Delete all but the `keep` newest files of `folder` matching `pattern`. Safe beside another
+    process pruning the same folder: a file that is already gone is simply skipped."""
+    files = [path for _, path in sorted(_dated(folder.glob(pattern)))]
+    for path in files[: max(0, len(files) - keep)]:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 def data_dir() -> Path:
     """platformdirs user_data_dir("dream-studio"); honours XDG_DATA_HOME on Linux."""
     return Path(user_data_dir(APP_NAME, appauthor=False))
@@ -76,10 +99,11 @@ class History:
         return remove_leftovers(self.root, older_than)
 
     def entries(self, limit: int = 200) -> list[HistoryEntry]:
-        """Newest first; files without parameters (or unreadable ones) are skipped."""
+        """Newest first; files without parameters (or unreadable ones) are skipped, and so are
+        files another process deletes while they are listed."""
         if not self.root.is_dir():
             return []
-        files = sorted(self.root.glob("*/*.png"), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+        files = [path for _, path in sorted(_dated(self.root.glob("*/*.png")), reverse=True)]
         out = []
         for path in files:
             record = self.record(path)

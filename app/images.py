@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .params import INFOTEXT_KEY, PARAMS_KEY, ImageRecord, parse_infotext
 
@@ -145,23 +145,113 @@ def open_checked(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_side: 
     return image
 
 
+# ----- reading uploads as they look -----
+WHITE = (255, 255, 255)
+
+
+def as_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale scaled to 8 bits (PIL's own conversion clips everything above
+    255 to white): 16-bit data by 1/257, so a 16-bit copy of an 8-bit picture reads as the same
+    pixels; integer data above 65535 and float data by their own range."""
+    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if image.mode == "F":
+        top = 1.0 if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1) else max(float(finite.max()), 1.0)
+    else:
+        top = 65535.0 if finite.size == 0 or finite.max() <= 65535 else float(finite.max())
+    scaled = np.nan_to_num(np.clip(values / top * 255.0, 0, 255)).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (phones store photos sideways
+    with a rotation tag), in 8 bits per channel, a palette's transparency kept as alpha."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, TypeError, KeyError, SyntaxError):  # a damaged tag: shown as stored
+        pass
+    image = as_8bit(image)
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")
+    elif image.mode not in ("1", "L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    return image
+
+
+def load_rgb(path: str | Path | None) -> Image.Image:
+    """An uploaded picture as the model reads it: upright, 8-bit RGB, transparent parts on white
+    (as the emoji training images are). Refusals as open_checked's."""
+    image = upright(open_checked(path))
+    if image.mode in ("LA", "RGBA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_mask(path: str | Path | None) -> Image.Image:
+    """An uploaded mask, upright and 8-bit like the image it masks, alpha kept: the engine masks a
+    pixel only where it is nonzero and not transparent."""
+    return upright(open_checked(path))
+
+
+# ----- parameters stored in a PNG -----
+MAX_RECORD_DEPTH = 16  # a record is a flat object with a few lists; deeper JSON is not one of ours
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a parameter can hold")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 overflows to infinity
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """True for JSON of at most MAX_RECORD_DEPTH levels whose numbers are all finite."""
+    if depth > MAX_RECORD_DEPTH:
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_plain(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return True
+
+
+def _record_from(parse, text: str) -> ImageRecord | None:
+    """The record `parse(text)` describes, or None when the text is not a sane record (bad JSON,
+    Infinity, NaN, numbers out of range, nesting deep enough to exhaust the parser's stack)."""
+    try:
+        data = parse(text)
+        if not _plain(data):
+            return None
+        record = ImageRecord.from_dict(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    return record if _plain(record.to_dict()) else None
+
+
 def read_record(path: str | Path) -> ImageRecord | None:
     """The parameters stored in a PNG made by this app (or an A1111-style 'parameters' text);
-    None when the image carries none. Raises ValueError for files that are not images."""
+    None when the image carries none, or none that make sense. Raises ValueError for files that
+    are not images."""
     image = open_checked(path)
     text = getattr(image, "text", None) or dict(image.info)
     raw = text.get(PARAMS_KEY)
     if isinstance(raw, str):
-        try:
-            return ImageRecord.from_dict(json.loads(raw))
-        except (json.JSONDecodeError, ValueError, TypeError):
-            pass
+        record = _record_from(lambda t: json.loads(t, parse_constant=_refuse_constant, parse_float=_finite_float), raw)
+        if record is not None:
+            return record
     infotext = text.get(INFOTEXT_KEY)
     if isinstance(infotext, str) and infotext.strip():
-        try:
-            return ImageRecord.from_dict(parse_infotext(infotext))
-        except (ValueError, TypeError):
-            return None
+        return _record_from(parse_infotext, infotext)
     return None
 
 

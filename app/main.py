@@ -1,5 +1,5 @@
 """Command line: `python launch.py [--model DIR] [--host 127.0.0.1] [--port 7860] [--share]
-[--device auto|cpu|cuda] [--inbrowser] [--models-dir DIR]`. Binds to 127.0.0.1 unless told
+[--device auto|cpu|cuda] [--inbrowser] [--models-dir DIR] [--threads N]`. Binds to 127.0.0.1 unless told
 otherwise and prints the address once the server is up."""
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inbrowser", action="store_true", help="open the app in the default browser")
     p.add_argument("--models-dir", type=Path, action="append", default=None,
                    help="extra folder to look for model directories in (repeatable)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest beside another busy job)")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be >= 1 (or 0 = torch's choice), got {args.threads}")
     if not 0 <= args.port <= 65535:
         p.error(f"--port must be between 0 and 65535, got {args.port}")
     if args.model is not None and not args.model.is_dir():
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .models import default_models_dirs
     from .ui import build_app, launch_app
 

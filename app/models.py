@@ -52,6 +52,33 @@ def discover_models(dirs: list[Path]) -> dict[str, Path]:
     return found
 
 
+EXAMPLES_FILE = "examples.txt"
+MAX_EXAMPLES = 50
+
+
+def model_examples(path: Path | None) -> list[str]:
+    """Example prompts of a model directory: its optional examples.txt, one prompt per line
+    (blank lines skipped), so each model offers prompts in its own vocabulary."""
+    if path is None:
+        return []
+    try:
+        text = (Path(path) / EXAMPLES_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()][:MAX_EXAMPLES]
+
+
+def card_body(card: str) -> str:
+    """A model card without its metadata header (the YAML between the first two `---` lines
+    that model hubs read), which is for machines, not for the Model tab."""
+    lines = card.lstrip("\ufeff").splitlines()
+    if lines and lines[0].strip() == "---":
+        for i, line in enumerate(lines[1:], start=1):
+            if line.strip() in ("---", "..."):
+                return "\n".join(lines[i + 1:]).strip()
+    return card.strip()
+
+
 def missing_model_message(path: Path) -> str:
     return (f"No model is loaded: the model directory {path} does not exist yet. The bundled model "
             f"is trained with 'make model'; meanwhile start the app with 'python launch.py --model DIR', "
@@ -112,6 +139,10 @@ class ModelManager:
         except (ValueError, OSError, RuntimeError) as err:
             raise ValueError(f"could not load model {name!r}: {err}") from None
         return self.pipe
+
+    def examples(self) -> list[str]:
+        """Example prompts of the loaded model (see model_examples)."""
+        return model_examples(self.path)
 
     def require(self) -> DreamPipeline:
         pipe = self.pipe

@@ -1,4 +1,4 @@
-"""Blocks wiring only: components, layout and events. Behaviour lives in app.handlers.
+"""Blocks wiring only: components, layout and events. Behaviour lives in app.handlers (one module per concern).
 
 Public API endpoints (gradio_client): `generate`, `inpaint`, `variations` and `search`; every UI-only
 event is private.
@@ -36,6 +36,10 @@ from .jobs import iterate_in_thread
 from .models import ModelManager
 
 TITLE = "DREAM Studio"
+#: Searches that run at once (all clients): a search in an embedded bank takes milliseconds, so
+#: one client's caption file, embedded for seconds (see dream_core.retrieval),
+#: never holds up the others' searches.
+SEARCH_CONCURRENCY = 4
 
 CSS = """
 .pixelated img { image-rendering: pixelated; }
@@ -68,24 +72,39 @@ document.addEventListener('keydown', function (e) {
 
 class StudioBlocks(gr.Blocks):
     """gr.Blocks whose refusal of a request with too few input values (raw HTTP `data: []`) is one
-    readable sentence naming the endpoint's inputs, instead of Gradio's list of component objects."""
+    readable sentence naming the endpoint's inputs, instead of Gradio's list of component objects.
+
+    The public endpoints also refuse extra values (Gradio ignores them) and a value where the
+    session state goes (Gradio drops it): a client that leaves out the state's null and sends one
+    extra value would otherwise have every argument read as the one before it."""
 
     def validate_inputs(self, block_fn, inputs: list[Any]) -> None:
+        names = [("session state (send null)" if isinstance(b, gr.State) else str(getattr(b, "label", None)
+                  or b.get_block_name())) for b in block_fn.inputs]
+        endpoint = f"/{block_fn.api_name}" if block_fn.api_name else "this event"
+        count = f"{endpoint} takes {len(names)} input values ({', '.join(names)}); the request sent {len(inputs)}"
         try:
             super().validate_inputs(block_fn, inputs)
         except ValueError:
-            names = [("session state (send null)" if isinstance(b, gr.State) else str(getattr(b, "label", None)
-                      or b.get_block_name())) for b in block_fn.inputs]
-            endpoint = f"/{block_fn.api_name}" if block_fn.api_name else "this event"
-            raise h.fail(f"{endpoint} takes {len(names)} input values ({', '.join(names)}); "
-                         f"the request sent {len(inputs)}") from None
+            raise h.fail(count) from None
+        if block_fn.api_visibility != "public":
+            return
+        if len(inputs) > len(names):
+            raise h.fail(count)
+        for i, block in enumerate(block_fn.inputs):
+            if isinstance(block, gr.State) and inputs[i] is not None:
+                raise h.fail(f"{endpoint}: value {i + 1} is the session state: send null there, then "
+                             f"{', '.join(n for n in names if not n.startswith('session state'))}")
 
 
 def CheckedImage(**kwargs) -> gr.Image:  # noqa: N802 - reads like the component it returns
     """gr.Image whose upload step turns unreadable files into a clear message instead of a PIL
     traceback, and refuses an image too large by the size its header declares, before Gradio
     decodes it (sizes and pixels are checked again in the handlers). The instance's preprocess is
-    wrapped rather than subclassed: a Component subclass makes Gradio write a .pyi beside us."""
+    wrapped rather than subclassed: a Component subclass makes Gradio write a .pyi beside us.
+    The file reaches the handler as uploaded (image_mode None): Gradio's own conversion to RGB
+    would drop a mask's alpha and clip 16-bit greyscale to white; app.images reads it instead."""
+    kwargs.setdefault("image_mode", None)
     image = gr.Image(**kwargs)
     preprocess = image.preprocess
 
@@ -129,6 +148,12 @@ def _skip(value: Any) -> Any:
     return gr.skip() if value is None else value
 
 
+def _examples(ctx: h.AppContext) -> gr.Dataset:
+    """The loaded model's example prompts (hidden for a model without examples.txt)."""
+    prompts = ctx.manager.examples()
+    return gr.Dataset(samples=[[p] for p in prompts], visible=bool(prompts))
+
+
 def _banner(ctx: h.AppContext) -> str:
     m = ctx.manager
     if m.pipe is None:
@@ -148,8 +173,9 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         manager = ModelManager(model, models_dirs, device=device).load_initial()
         context = h.AppContext(manager, History(outputs_dir), shared_history=shared_history)
     ctx = context
-    d = h.default_controls(ctx)  # ranges that depend on the loaded model
-    r = request_defaults()  # the engine's defaults; every limit comes from dream_core.request
+    controls = h.default_controls(ctx)  # ranges and defaults that depend on the loaded model
+    controls["examples"] = ctx.manager.examples()
+    defaults = request_defaults()  # the engine's defaults; every limit comes from dream_core.request
 
     with StudioBlocks(title=TITLE, delete_cache=(600, 3600)) as demo:
         ui = SimpleNamespace(session=gr.State(h.SessionState()),
@@ -159,15 +185,15 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
         ui.banner = gr.HTML(_banner(ctx))
         ui.demo = demo
         with gr.Tabs() as tabs:
-            for part in (_generate_tab(d, r), _edit_tab(d, r), _history_tab(), _search_tab(), _model_tab(ctx)):
+            for part in (_generate_tab(controls, defaults), _edit_tab(controls, defaults), _history_tab(), _search_tab(), _model_tab(ctx)):
                 vars(ui).update(vars(part))
         ui.tabs = tabs
-        vars(ui).update(vars(_api_components(d, r)))
+        vars(ui).update(vars(_api_components(controls, defaults)))
         ui.gen_controls = [ui.prompt, ui.negative, ui.k, ui.decision, ui.steps, ui.head_steps, ui.cfg, ui.schedule,
                            ui.temperature, ui.seed, ui.randomize, ui.n_images]
         for wire in (_wire_generate, _wire_edit, _wire_history, _wire_search, _wire_model, _wire_api,
                      _wire_page_load):
-            wire(ctx, ui, d, r)
+            wire(ctx, ui, controls, defaults)
 
     demo.queue(default_concurrency_limit=1)
     demo.dream_context = ctx  # type: ignore[attr-defined]
@@ -175,7 +201,7 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
 
 
 # ----- layout, one function per tab -----
-def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
+def _generate_tab(controls: dict, defaults: dict) -> SimpleNamespace:
     """The Generate tab: controls on the left, live candidates and the result on the right."""
     with gr.Tab("Generate", id="generate"):
         with gr.Row(equal_height=False):
@@ -183,6 +209,9 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="ds-prompt",
                                     placeholder="a large red circle in the middle on a white background",
                                     info="Ctrl+Enter generates")
+                examples = gr.Dataset(components=[prompt], samples=[[e] for e in controls["examples"]], type="values",
+                                      label="Examples (from the model's examples.txt)", elem_id="ds-examples",
+                                      visible=bool(controls["examples"]), samples_per_page=12)
                 negative = gr.Textbox(label="Negative prompt (optional)", lines=1,
                                       placeholder="replaces the empty prompt in classifier-free guidance")
                 with gr.Row():
@@ -190,28 +219,28 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                     stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="ds-stop")
                 k = gr.Slider(1, APP_MAX_CANDIDATES, value=APP_DEFAULT_CANDIDATES, step=1, label="Candidates (K)",
                               info="decoded together; all but the best are pruned at the decision step")
-                steps = gr.Slider(1, d["seq_len"], value=d["steps"], step=1, label="Decoding steps",
-                                  info=f"at most one step per token ({d['seq_len']} tokens)")
-                decision = gr.Slider(1, max(2, d["steps"] - 1), value=d["decision"], step=1,
+                steps = gr.Slider(1, controls["seq_len"], value=controls["steps"], step=1, label="Decoding steps",
+                                  info=f"at most one step per token ({controls['seq_len']} tokens)")
+                decision = gr.Slider(1, max(2, controls["steps"] - 1), value=controls["decision"], step=1,
                                      label="Decision step")
-                decision_md = gr.Markdown(h.decision_info(d["steps"], d["decision"], d["seq_len"],
+                decision_md = gr.Markdown(h.decision_info(controls["steps"], controls["decision"], controls["seq_len"],
                                                           APP_DEFAULT_CANDIDATES), elem_id="ds-decision-info")
                 with gr.Row():
                     seed = WholeNumber(label="Seed", value=0, minimum=0, maximum=MAX_SEED,
                                      interactive=False, scale=2)
                     randomize = gr.Checkbox(label="Random seed", value=True, scale=1)
                     reuse_btn = gr.Button("♻ Reuse last seed", size="sm", scale=1)
-                n_images = gr.Slider(1, MAX_IMAGES, value=r["num_images"], step=1, label="Images",
+                n_images = gr.Slider(1, MAX_IMAGES, value=defaults["num_images"], step=1, label="Images",
                                      info="image i uses seeds seed + i·K …")
                 with gr.Accordion("Sampling", open=False):
-                    cfg = gr.Slider(0.0, MAX_GUIDANCE_SCALE, value=d["guidance_scale"], step=0.1,
+                    cfg = gr.Slider(0.0, MAX_GUIDANCE_SCALE, value=controls["guidance_scale"], step=0.1,
                                     label="CFG scale")
-                    schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
+                    schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=defaults["guidance_schedule"],
                                         label="CFG schedule",
                                         info="linear ramps guidance up as tokens get decided")
-                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=d["temperature"], step=0.05,
+                    temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=controls["temperature"], step=0.05,
                                             label="Temperature")
-                    head_steps = gr.Slider(1, d["head_steps_max"], value=r["head_steps"], step=1,
+                    head_steps = gr.Slider(1, controls["head_steps_max"], value=defaults["head_steps"], step=1,
                                            label="Diffusion-head steps",
                                            info="denoising steps of the per-token head at every decoding step")
                 preview_mode = gr.Radio(list(h.PREVIEW_MODES), value=h.PREVIEW_MARKED, label="Live view",
@@ -251,10 +280,10 @@ def _generate_tab(d: dict, r: dict) -> SimpleNamespace:
                            reuse_btn=reuse_btn, n_images=n_images, cfg=cfg, schedule=schedule,
                            temperature=temperature, head_steps=head_steps, preview_mode=preview_mode, status=status,
                            grid=grid, final=final, download=download, scores_plot=scores_plot, infotext=infotext,
-                           run_gallery=run_gallery, to_edit_btn=to_edit_btn)
+                           run_gallery=run_gallery, to_edit_btn=to_edit_btn, examples=examples)
 
 
-def _edit_tab(d: dict, r: dict) -> SimpleNamespace:
+def _edit_tab(controls: dict, defaults: dict) -> SimpleNamespace:
     """The Edit tab: a source image with a painted mask (or a strength), the same live candidates."""
     with gr.Tab("Edit", id="edit"):
         with gr.Row(equal_height=False):
@@ -272,7 +301,7 @@ def _edit_tab(d: dict, r: dict) -> SimpleNamespace:
                     edit_btn = gr.Button("Edit", variant="primary", scale=3, elem_id="ds-edit")
                     stop_btn = gr.Button("Stop", variant="stop", scale=1)
                 k = gr.Slider(1, APP_MAX_CANDIDATES, value=APP_DEFAULT_CANDIDATES, step=1, label="Candidates (K)")
-                decision = gr.Slider(0, max(1, d["seq_len"] - 1), value=0, step=1,
+                decision = gr.Slider(0, max(1, controls["seq_len"] - 1), value=0, step=1,
                                      label="Decision step (0 = the model's default)",
                                      info="one decoding step per regenerated token; the decision must come "
                                           "before the last")
@@ -359,8 +388,10 @@ def _search_tab() -> SimpleNamespace:
                 top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
                 search_btn = gr.Button("Search", variant="primary", elem_id="ds-search")
             with gr.Column(scale=3):
+                # Captions shown whole and wrapped (an emoji bank's lines carry their keywords).
                 results = gr.Dataframe(headers=["rank", "caption", "score"], interactive=False,
-                                       label="Best captions", elem_id="ds-results", wrap=True)
+                                       label="Best captions", elem_id="ds-results", wrap=True,
+                                       column_widths=["10%", "72%", "18%"])
                 results_note = gr.Markdown("")
                 use_caption_btn = gr.Button("Use the best caption as the prompt", size="sm")
     return SimpleNamespace(search_img=search_img, mode=mode, caption_file=caption_file, labels=labels, top_k=top_k,
@@ -392,29 +423,31 @@ def _model_tab(ctx: h.AppContext) -> SimpleNamespace:
                            card=card)
 
 
-def _api_components(d: dict, r: dict) -> SimpleNamespace:
+def _api_components(controls: dict, defaults: dict) -> SimpleNamespace:
     """Hidden components carrying the typed public API (`generate`, `search`)."""
     with gr.Column(visible=False):
-        a_prompt = gr.Textbox(label="prompt")
-        a_negative = gr.Textbox(label="negative_prompt", value="")
+        # Text and numbers as sent: Gradio's own preprocess would turn 123 or ["a", "b"] into a
+        # prompt and true into 1.0; the request refuses them by name instead.
+        a_prompt = as_sent(gr.Textbox(label="prompt"))
+        a_negative = as_sent(gr.Textbox(label="negative_prompt", value=""))
         a_k = WholeNumber(label="num_candidates", value=APP_DEFAULT_CANDIDATES)
         a_decision = WholeNumber(label="decision_step", value=0)
-        a_steps = WholeNumber(label="num_inference_steps", value=d["steps"])
-        a_head = WholeNumber(label="head_steps", value=r["head_steps"])
-        a_cfg = gr.Number(label="guidance_scale", value=d["guidance_scale"])
+        a_steps = WholeNumber(label="num_inference_steps", value=controls["steps"])
+        a_head = WholeNumber(label="head_steps", value=defaults["head_steps"])
+        a_cfg = as_sent(gr.Number(label="guidance_scale", value=controls["guidance_scale"]))
         # Dropdowns as sent: a value that is not a choice is refused by the handlers, by name.
-        a_sched = as_sent(gr.Dropdown(list(GUIDANCE_SCHEDULES), value=r["guidance_schedule"],
+        a_sched = as_sent(gr.Dropdown(list(GUIDANCE_SCHEDULES), value=defaults["guidance_schedule"],
                                       label="guidance_schedule"))
-        a_temp = gr.Number(label="temperature", value=d["temperature"])
+        a_temp = as_sent(gr.Number(label="temperature", value=controls["temperature"]))
         a_seed = WholeNumber(label="seed", value=-1)
-        a_n = WholeNumber(label="num_images", value=r["num_images"])
+        a_n = WholeNumber(label="num_images", value=defaults["num_images"])
         a_files = gr.File(label="images", file_count="multiple")
         a_records = gr.JSON(label="parameters")
         a_gen = gr.Button("api-generate")
         e_image = CheckedImage(label="image", type="filepath")
         e_mask = CheckedImage(label="mask", type="filepath")
-        e_strength = gr.Number(label="strength", value=0.5)
-        e_prompt = gr.Textbox(label="prompt", value="")
+        e_strength = as_sent(gr.Number(label="strength", value=0.5))
+        e_prompt = as_sent(gr.Textbox(label="prompt", value=""))
         e_paste = as_sent(gr.Checkbox(label="paste_back", value=True))
         e_paste_var = as_sent(gr.Checkbox(label="paste_back", value=False))
         e_explain = as_sent(gr.Checkbox(label="explain", value=False))
@@ -425,7 +458,7 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
         s_top = WholeNumber(label="top_k", value=5)
         s_mode = as_sent(gr.Dropdown(list(h.SEARCH_MODES), value=h.SEARCH_BANK, label="mode"))
         s_file = gr.File(label="captions_file", type="filepath")
-        s_labels = gr.Textbox(label="labels", value="")
+        s_labels = as_sent(gr.Textbox(label="labels", value=""))
         s_out = gr.JSON(label="results")
         a_search = gr.Button("api-search")
     return SimpleNamespace(a_prompt=a_prompt, a_negative=a_negative, a_k=a_k, a_decision=a_decision,
@@ -440,15 +473,19 @@ def _api_components(d: dict, r: dict) -> SimpleNamespace:
 
 
 # ----- events -----
-def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """Generate, Stop, the step/decision helpers and the seed controls."""
     # Generation handlers are async generators over a worker thread (app.jobs): a cancel or a
     # closed page stops the decoding within one step and frees the queue slot only after it.
-    async def ui_generate(sess, p, neg, kk, dec, st, hs, cf, sch, temp, sd, rnd, n, pm):
-        job = h.next_job(sess)
+    async def ui_generate(session, prompt, negative_prompt, num_candidates, decision_step, num_steps, head_steps,
+                          guidance_scale, guidance_schedule, temperature, seed, random_seed, num_images, preview_mode):
+        job = h.next_job(session)
         try:
-            settings = h.settings_from_inputs(p, neg, kk, dec, st, hs, cf, sch, temp, h.resolve_seed(sd, rnd), n)
-            async for v in iterate_in_thread(h.generate_stream(ctx, sess, settings, pm, job=job), job):
+            settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates, decision_step, num_steps,
+                                              head_steps, guidance_scale, guidance_schedule, temperature,
+                                              h.resolve_seed(seed, random_seed), num_images)
+            views = h.generate_stream(ctx, session, settings, preview_mode, job=job)
+            async for v in iterate_in_thread(views, job):
                 yield (
                     _skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
                     _skip(v.final),
@@ -458,7 +495,7 @@ def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> 
                     _skip(v.infotext),
                 )
         finally:
-            h.end_job(sess, job)
+            h.end_job(session, job)
 
     gen_event = gr.on([ui.gen_btn.click], fn=h.begin_job, inputs=[ui.session], outputs=None, queue=False,
                       api_visibility="private").then(
@@ -468,41 +505,46 @@ def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> 
     gen_event.then(lambda s: gr.Gallery(value=h.history_items(ctx, s)), inputs=[ui.session], outputs=[ui.history],
                    api_visibility="private", queue=False)
     ui.stop_btn.click(h.request_stop, inputs=[ui.session], outputs=None, queue=False, api_visibility="private")
+    ui.examples.click(lambda sample: sample[0], [ui.examples], [ui.prompt], queue=False, api_visibility="private")
 
-    def on_steps(st, dec, kk):
-        st = int(st)
-        top = max(1, st - 1)
-        return (gr.Slider(maximum=max(2, top), value=min(int(dec), top), interactive=st >= 2 and int(kk) > 1),
-                h.decision_info(st, min(int(dec), top), ctx.manager.pipe.config.seq_len
-                                if ctx.manager.pipe else d["seq_len"], kk))
+    def on_steps(num_steps, decision_step, num_candidates):
+        num_steps = int(num_steps)
+        top = max(1, num_steps - 1)
+        return (gr.Slider(maximum=max(2, top), value=min(int(decision_step), top),
+                          interactive=num_steps >= 2 and int(num_candidates) > 1),
+                h.decision_info(num_steps, min(int(decision_step), top), ctx.manager.pipe.config.seq_len
+                                if ctx.manager.pipe else controls["seq_len"], num_candidates))
 
     # One queued handler for all three controls (not three unqueued ones): queued events of a
     # session run in order, one at a time, so a stale "of 16" can never land after "of 6".
     gr.on([ui.steps.input, ui.k.input, ui.decision.input], on_steps, [ui.steps, ui.decision, ui.k],
           [ui.decision, ui.decision_md], concurrency_limit=1, trigger_mode="always_last", show_progress="hidden",
           api_visibility="private")
-    ui.randomize.change(lambda r: gr.Number(interactive=not r), [ui.randomize], [ui.seed], queue=False,
-                        api_visibility="private")
+    ui.randomize.change(lambda random_seed: gr.Number(interactive=not random_seed), [ui.randomize], [ui.seed],
+                        queue=False, api_visibility="private")
     ui.reuse_btn.click(lambda s: (h.reuse_last_seed(s), False), [ui.session], [ui.seed, ui.randomize], queue=False,
                        api_visibility="private")
 
 
-def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """Edit (inpaint / variations) with live candidates, Stop, and sending images to the editor."""
-    async def ui_edit(sess, editor, mode, p, kk, dec, strength, paste, explain, sd, rnd):
-        job = h.next_job(sess)
+    async def ui_edit(session, editor, mode, prompt, num_candidates, decision_step, strength, paste_back, explain,
+                      seed, random_seed):
+        job = h.next_job(session)
         try:
-            edit = h.edit_input(editor, mode, strength, paste)
-            settings = h.settings_from_inputs(h.edit_prompt(ctx, p, edit), "", kk, None if not dec else dec, None, r["head_steps"],
-                                              None, r["guidance_schedule"], None,
-                                              h.resolve_seed(sd, rnd), 1)
-            views = h.generate_stream(ctx, sess, settings, job=job, edit=edit, explain=bool(explain))
+            edit = h.edit_input(editor, mode, strength, paste_back)
+            # The Edit tab shows no sampler controls: steps, CFG and temperature are the model's.
+            settings = h.settings_from_inputs(h.edit_prompt(ctx, prompt, edit), "", num_candidates,
+                                              decision_step or None, None, defaults["head_steps"], None,
+                                              defaults["guidance_schedule"], None,
+                                              h.resolve_seed(seed, random_seed), 1)
+            views = h.generate_stream(ctx, session, settings, job=job, edit=edit, explain=bool(explain))
             async for v in iterate_in_thread(views, job):
                 yield (_skip(v.status), None if v.reset else _skip(v.grid), None if v.reset else _skip(v.scores),
                        _skip(v.final), gr.DownloadButton(value=v.download, visible=True) if v.download
                        else gr.skip(), _skip(v.infotext))
         finally:
-            h.end_job(sess, job)
+            h.end_job(session, job)
 
     event = gr.on([ui.edit_btn.click], fn=h.begin_job, inputs=[ui.session], outputs=None, queue=False,
                   api_visibility="private").then(
@@ -513,8 +555,8 @@ def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None
     event.then(lambda s: gr.Gallery(value=h.history_items(ctx, s)), inputs=[ui.session], outputs=[ui.history],
                api_visibility="private", queue=False)
     ui.edit_stop_btn.click(h.request_stop, inputs=[ui.session], outputs=None, queue=False, api_visibility="private")
-    ui.edit_randomize.change(lambda rr: gr.Number(interactive=not rr), [ui.edit_randomize], [ui.edit_seed],
-                             queue=False, api_visibility="private")
+    ui.edit_randomize.change(lambda random_seed: gr.Number(interactive=not random_seed), [ui.edit_randomize],
+                             [ui.edit_seed], queue=False, api_visibility="private")
     ui.edit_mode.change(lambda m: gr.Checkbox(value=m == h.EDIT_INPAINT), [ui.edit_mode], [ui.edit_paste],
                         queue=False, api_visibility="private")
     for btn, which in ((ui.to_edit_btn, "result"), (ui.history_to_edit_btn, "history")):
@@ -522,7 +564,7 @@ def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None
                   [ui.editor, ui.tabs], queue=False, api_visibility="private")
 
 
-def _wire_history(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_history(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """History selection, PNG drop, and sending parameters to Generate."""
     def on_history_select(sess, evt: gr.SelectData):
         record = h.select_history(ctx, sess, evt.index)
@@ -572,18 +614,19 @@ def _wire_history(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> N
                            queue=False)
 
 
-def _wire_search(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_search(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """Reverse search and using its best caption as the prompt."""
     ui.mode.change(lambda m: (gr.File(visible=m == h.SEARCH_FILE), gr.Textbox(visible=m == h.SEARCH_LABELS)),
                    [ui.mode], [ui.caption_file, ui.labels], queue=False, api_visibility="private")
 
-    def ui_search(img, kk, m, f, lab):
-        found = h.search(ctx, img, kk, m, f, lab)
-        kind = "softmax probability over the labels" if m == h.SEARCH_LABELS else "cosine similarity"
+    def ui_search(image, top_k, mode, captions_file, labels):
+        found = h.search(ctx, image, top_k, mode, captions_file, labels)
+        kind = "softmax probability over the labels" if mode == h.SEARCH_LABELS else "cosine similarity"
         return h.search_table(found), f"Score: {kind} in the model's joint image-text space."
 
     ui.search_btn.click(ui_search, [ui.search_img, ui.top_k, ui.mode, ui.caption_file, ui.labels],
-                        [ui.results, ui.results_note], concurrency_id="search", api_visibility="private")
+                        [ui.results, ui.results_note], concurrency_id="search", concurrency_limit=SEARCH_CONCURRENCY,
+                        api_visibility="private")
 
     def use_caption(table):
         rows = table.values.tolist() if hasattr(table, "values") else (table or [])
@@ -594,31 +637,31 @@ def _wire_search(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> No
     ui.use_caption_btn.click(use_caption, [ui.results], [ui.prompt, ui.tabs], queue=False, api_visibility="private")
 
 
-def _wire_model(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_model(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """Loading another model (sliders follow its token count and sampler defaults) and rescanning folders."""
     def ui_switch(name):
         h.switch_model(ctx, name)
-        dd = h.default_controls(ctx)
+        loaded = h.default_controls(ctx)
         return (ctx.manager.info_markdown(), h.model_card(ctx), _banner(ctx),
-                gr.Slider(maximum=dd["seq_len"], value=dd["steps"],
-                          info=f"at most one step per token ({dd['seq_len']} tokens)"),
-                gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]), dd["guidance_scale"],
-                dd["temperature"])
+                gr.Slider(maximum=loaded["seq_len"], value=loaded["steps"],
+                          info=f"at most one step per token ({loaded['seq_len']} tokens)"),
+                gr.Slider(maximum=max(2, loaded["steps"] - 1), value=loaded["decision"]), loaded["guidance_scale"],
+                loaded["temperature"], _examples(ctx))
 
     ui.load_btn.click(ui_switch, [ui.model_dd], [ui.model_info, ui.card, ui.banner, ui.steps, ui.decision,
-                                                 ui.cfg, ui.temperature],
+                                                 ui.cfg, ui.temperature, ui.examples],
                       concurrency_id="model", api_visibility="private")
     ui.rescan_btn.click(lambda: gr.Dropdown(choices=list(ctx.manager.choices())), None, [ui.model_dd],
                         queue=False, api_visibility="private")
 
 
-def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """The two public endpoints, typed by the hidden components."""
     async def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
                  num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
-                 num_inference_steps: int = d["steps"], head_steps: int = r["head_steps"],
-                 guidance_scale: float = d["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
-                 temperature: float = d["temperature"], seed: int = -1, num_images: int = r["num_images"]):
+                 num_inference_steps: int = controls["steps"], head_steps: int = defaults["head_steps"],
+                 guidance_scale: float = controls["guidance_scale"], guidance_schedule: str = defaults["guidance_schedule"],
+                 temperature: float = controls["temperature"], seed: int = -1, num_images: int = defaults["num_images"]):
         """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
         job = h.next_job(sess)
         try:
@@ -657,27 +700,27 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
 
     async def inpaint(sess: h.SessionState, image: str, mask: str, prompt: str, negative_prompt: str = "",
                       num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
-                      head_steps: int = r["head_steps"], guidance_scale: float = d["guidance_scale"],
-                      guidance_schedule: str = r["guidance_schedule"], temperature: float = d["temperature"],
+                      head_steps: int = defaults["head_steps"], guidance_scale: float = controls["guidance_scale"],
+                      guidance_schedule: str = defaults["guidance_schedule"], temperature: float = controls["temperature"],
                       seed: int = -1, paste_back: bool = True, explain: bool = False):
         """Inpaint: regenerate the region a mask image marks (white = regenerate; the size of the image) for
         the prompt (the whole picture as it should be); returns the PNG, its parameters (with the source's
         SHA-256) and, with explain, why the candidate won (per-token leave-one-out contributions)."""
-        async for out in run_edit(sess, (image, mask, None, paste_back), prompt, negative_prompt, num_candidates,
+        async for out in run_edit(sess, (image, mask, None, paste_back, h.EDIT_INPAINT), prompt, negative_prompt, num_candidates,
                                   decision_step, head_steps, guidance_scale, guidance_schedule, temperature, seed,
                                   explain):
             yield out
 
     async def variations(sess: h.SessionState, image: str, prompt: str = "", strength: float = 0.5,
                          negative_prompt: str = "", num_candidates: int = APP_DEFAULT_CANDIDATES,
-                         decision_step: int = 0, head_steps: int = r["head_steps"],
-                         guidance_scale: float = d["guidance_scale"], guidance_schedule: str = r["guidance_schedule"],
-                         temperature: float = d["temperature"], seed: int = -1, paste_back: bool = False,
+                         decision_step: int = 0, head_steps: int = defaults["head_steps"],
+                         guidance_scale: float = controls["guidance_scale"], guidance_schedule: str = defaults["guidance_schedule"],
+                         temperature: float = controls["temperature"], seed: int = -1, paste_back: bool = False,
                          explain: bool = False):
         """Variations: regenerate a `strength` share of the image's tokens (chosen by the seed) for the prompt
         (empty: the model's own best caption of the image); returns the PNG, its parameters and, with
         explain, why the candidate won."""
-        async for out in run_edit(sess, (image, None, strength, paste_back), prompt, negative_prompt,
+        async for out in run_edit(sess, (image, None, strength, paste_back, h.EDIT_VARIATIONS), prompt, negative_prompt,
                                   num_candidates, decision_step, head_steps, guidance_scale, guidance_schedule,
                                   temperature, seed, explain):
             yield out
@@ -691,24 +734,24 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
                           concurrency_id="model")
 
     ui.a_search.click(search, [ui.s_image, ui.s_top, ui.s_mode, ui.s_file, ui.s_labels], [ui.s_out],
-                      api_name="search", concurrency_id="search")
+                      api_name="search", concurrency_id="search", concurrency_limit=SEARCH_CONCURRENCY)
 
 
-def _wire_page_load(ctx: h.AppContext, ui: SimpleNamespace, d: dict, r: dict) -> None:
+def _wire_page_load(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: dict) -> None:
     """Page load: the current model may differ from the one at build time."""
     def on_load(sess):
-        dd = h.default_controls(ctx)
+        loaded = h.default_controls(ctx)
         names = list(ctx.manager.choices())
-        same = dd["seq_len"] == d["seq_len"]  # the controls built with the page still fit the model
-        return (_banner(ctx), gr.skip() if same else gr.Slider(maximum=dd["seq_len"], value=dd["steps"]),
-                gr.skip() if same else gr.Slider(maximum=max(2, dd["steps"] - 1), value=dd["decision"]),
-                gr.skip() if same else h.decision_info(dd["steps"], dd["decision"], dd["seq_len"],
+        same = loaded["seq_len"] == controls["seq_len"]  # the controls built with the page still fit the model
+        return (_banner(ctx), gr.skip() if same else gr.Slider(maximum=loaded["seq_len"], value=loaded["steps"]),
+                gr.skip() if same else gr.Slider(maximum=max(2, loaded["steps"] - 1), value=loaded["decision"]),
+                gr.skip() if same else h.decision_info(loaded["steps"], loaded["decision"], loaded["seq_len"],
                                                        APP_DEFAULT_CANDIDATES),
                 gr.Dropdown(choices=names, value=ctx.manager.name if ctx.manager.name in names else None),
-                ctx.manager.info_markdown(), h.model_card(ctx), h.history_items(ctx, sess))
+                ctx.manager.info_markdown(), h.model_card(ctx), _examples(ctx), h.history_items(ctx, sess))
 
     ui.demo.load(on_load, [ui.session], [ui.banner, ui.steps, ui.decision, ui.decision_md, ui.model_dd, ui.model_info,
-                                         ui.card, ui.history],
+                                         ui.card, ui.examples, ui.history],
                  api_visibility="private", queue=False, show_progress="hidden")
 
 

@@ -1,6 +1,8 @@
 """Reliability probes replayed on loopback (127.0.0.1): a cancel really cancels, a Stop never
 sticks, no image is ever overwritten, a kill mid-save leaves a consistent history, every error a
-client can trigger reads clearly, and oversized images are refused from their header.
+client can trigger reads clearly, oversized images are refused from their header, uploads are
+read as they look (alpha, 16 bit, EXIF orientation), files that vanish never break a page, and
+caption files stay within what the app embeds in a few seconds.
 
 The app runs in-process on the tiny random model behind an instrumented pipeline that records
 when each decoding stream starts and ends and how many steps it ran; raw HTTP requests speak
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -38,6 +41,21 @@ from dream_core.config import DreamConfig  # noqa: E402
 from dream_core.text import validate_prompts  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: What the attack probes try, by category: each round replays these against two app instances
+#: on loopback, and the next round starts from them.
+PROBE_CATEGORIES = {
+    "inputs": "bad values on every endpoint: wrong types (numbers, lists, booleans for strings and "
+              "integers), NaN and Infinity, lone surrogates, invisible text, too few or extra values",
+    "uploads": "images and masks: non-images, huge and decompression-bomb headers, modes (16 bit, "
+               "alpha, palette), EXIF orientation",
+    "files": "file routes with traversal and symlinks; files that vanish while listed or served",
+    "history": "PNGs dropped into History with hostile parameters (Infinity, 1e400, deep JSON)",
+    "cancel": "cancel, Stop and closed connections, while queued and while decoding",
+    "concurrency": "3 clients x 3 jobs; two processes on one outputs and display folder",
+    "kills": "kill -9 mid-save",
+    "resources": "memory over 100 generations; caption files: time, memory, blocking, disk",
+}
 
 FAST = dict(num_candidates=3, decision_step=2, num_inference_steps=4, head_steps=2)
 WAIT = 60.0  # upper bound of every wait loop (seconds); a healthy run needs a fraction of it
@@ -146,6 +164,15 @@ def generate_json(**overrides) -> str:
                   temperature="1.0", seed="5", num_images="1")
     values.update(overrides)
     return "[null, " + ", ".join(values.values()) + "]"
+
+
+def refusal(url: str, fn: int, data_json: str, session: str) -> str:
+    """The error message of a raw request that must be refused (checked to read clearly)."""
+    msg = raw_queue(url, fn, data_json, session)
+    assert msg["msg"] == "process_completed" and not msg["success"], (data_json, msg)
+    error = msg["output"]["error"]
+    assert_readable(error)
+    return error
 
 
 def assert_readable(message: str) -> None:
@@ -451,3 +478,336 @@ def test_a_kill_during_a_save_leaves_a_consistent_history(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         restarted.save(_image(3), _record(5))
     assert sorted(p.name for p in day.iterdir()) == ["00001-5.png", "00002-5.png", "00003-5.png", fresh.name]
+
+
+# ----- uploads: masks, modes, bit depth, orientation -----
+def _source_png(path: Path) -> Path:
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
+    return path
+
+
+def test_a_masks_transparent_pixels_are_not_masked(client, tmp_path):
+    source = _source_png(tmp_path / "source.png")
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (32, 32), (255, 255, 255, 0)).save(clear)  # white, fully transparent
+    corner = tmp_path / "corner.png"
+    mask = Image.new("RGBA", (32, 32), (255, 255, 255, 0))
+    mask.paste((255, 255, 255, 255), (0, 0, 16, 16))  # opaque only over the top-left 16 x 16
+    mask.save(corner)
+    edit = dict(prompt="a red circle", num_candidates=2, head_steps=2, seed=21, api_name="/inpaint")
+    with pytest.raises(AppError, match="mask is empty"):
+        client.predict(image=handle_file(str(source)), mask=handle_file(str(clear)), **edit)
+    files, records, _ = client.predict(image=handle_file(str(source)), mask=handle_file(str(corner)), **edit)
+    assert records[0]["regenerated_tokens"] == [0, 1, 4, 5]  # 2 x 2 of the 4 x 4 tokens
+
+
+def _grey_gradient() -> np.ndarray:
+    return (np.arange(32 * 32).reshape(32, 32) % 251).astype(np.uint8)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(client, tmp_path):
+    eight = tmp_path / "grey8.png"
+    Image.fromarray(_grey_gradient()).save(eight)
+    sixteen = tmp_path / "grey16.png"
+    Image.fromarray(_grey_gradient().astype(np.uint16) * 257).save(sixteen)  # the same picture, 16 bit
+    assert Image.open(sixteen).mode.startswith("I")
+    same = client.predict(image=handle_file(str(eight)), top_k=3, api_name="/search")
+    assert client.predict(image=handle_file(str(sixteen)), top_k=3, api_name="/search") == same
+    image = h.edit_input_from_files(str(sixteen), None, 0.5, False).image
+    assert np.array_equal(np.asarray(image)[..., 0], _grey_gradient())
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
+    wide = Image.new("RGB", (40, 20), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 20 wide, 40 tall, red on top
+    photo = tmp_path / "photo.jpg"
+    wide.save(photo, quality=95, exif=exif.tobytes())
+    mask = tmp_path / "mask.png"
+    painted = Image.new("L", (40, 20), 0)
+    painted.paste(255, (0, 0, 20, 20))
+    painted.save(mask, exif=exif.tobytes())
+    edit = h.edit_input_from_files(str(photo), str(mask), None, True)
+    assert edit.image.size == (20, 40)
+    r, g, b = edit.image.getpixel((10, 5))
+    assert r > 200 and b < 60, (r, g, b)
+    assert edit.mask.size == (20, 40) and edit.mask.getpixel((10, 5)) and not edit.mask.getpixel((10, 35))
+
+
+# ----- inputs: types, invisible prompts, extra values -----
+def test_wrong_types_are_refused_not_coerced(served, client, tmp_path):
+    url, ctx, probe, demo = served
+    gen = fn_index(demo, "generate")
+    cases = [
+        (generate_json(prompt="123"), "prompt must be a string"),
+        (generate_json(prompt='["a", "b"]'), "prompt must be a single string"),
+        (generate_json(guidance_scale="true"), "guidance_scale must be a number"),
+        (generate_json(temperature='"0.5"'), "temperature must be a number"),
+        (generate_json(negative_prompt="7"), "negative_prompt must be a string"),
+    ]
+    for i, (data, expected) in enumerate(cases):
+        error = refusal(url, gen, data, f"types-{i}")
+        assert expected in error, (data, error)
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(ok)
+    with pytest.raises(AppError, match="top_k must be a whole number between 1 and 100, got True"):
+        client.predict(image=handle_file(str(ok)), top_k=True, api_name="/search")
+    assert saved_with_seed(ctx, 5) == []
+
+
+def test_prompts_of_only_invisible_characters_are_empty(served):
+    url, ctx, probe, demo = served
+    gen = fn_index(demo, "generate")
+    for i, prompt in enumerate(['"\\u0000\\u0000"', '"\\u200b\\u200b"', '"\\u200b \\ufeff\\u2060\\u00ad"']):
+        assert "prompt must not be empty" in refusal(url, gen, generate_json(prompt=prompt), f"invisible-{i}")
+    assert saved_with_seed(ctx, 5) == []
+    tiny = DreamConfig.preset("tiny")
+    kept = GenerationSettings("a red\u00a0circle \U0001f600\u200d\U0001f600", **FAST).validated(tiny).prompt
+    assert kept == "a red circle \U0001f600\u200d\U0001f600"  # visible text keeps its joiners
+
+
+def test_extra_or_shifted_values_are_refused(served):
+    url, ctx, probe, demo = served
+    eleven = generate_json()[len("[null, "):-1]  # the API's 11 values, without the session state
+    cases = [
+        ("generate", generate_json()[:-1] + ", 7]", "/generate takes 12 input values", "the request sent 13"),
+        ("generate", "[" + eleven + ", 7]", "/generate: value 1 is the session state", "send null"),
+        ("inpaint", '[null, null, null, "a", "", 3, 0, 2, 3.0, "constant", 1.0, 5, true, false, 9]',
+         "/inpaint takes 14 input values", "the request sent 15"),
+        ("inpaint", '["a", null, null, "a", "", 3, 0, 2, 3.0, "constant", 1.0, 5, true, false]',
+         "/inpaint: value 1 is the session state", "send null"),
+        ("variations", '[null, null, "", 0.5, "", 3, 0, 2, 3.0, "constant", 1.0, 5, false, false, 1]',
+         "/variations takes 14 input values", "the request sent 15"),
+        ("search", '[null, 5, "bank", null, "", 1]', "/search takes 5 input values", "the request sent 6"),
+    ]
+    for i, (name, data, *expected) in enumerate(cases):
+        error = refusal(url, fn_index(demo, name), data, f"extra-{i}")
+        assert all(e in error for e in expected), (name, error)
+    assert saved_with_seed(ctx, 5) == []
+
+
+def test_variations_without_strength_name_the_strength(client, tmp_path):
+    source = _source_png(tmp_path / "source.png")
+    with pytest.raises(AppError) as err:
+        client.predict(image=handle_file(str(source)), prompt="a red circle", strength=None,
+                       api_name="/variations")
+    message = str(err.value)
+    assert "strength" in message and "inpaint" not in message and "mask" not in message, message
+    assert_readable(message)
+
+
+# ----- history: hostile parameters, files that vanish -----
+def _png_with_text(path: Path, key: str, text: str) -> Path:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_hostile_parameters_in_a_dropped_png_read_clearly(tmp_path):
+    from app.params import INFOTEXT_KEY, PARAMS_KEY
+
+    deep = "[" * 3000 + "]" * 3000
+    cases = {
+        "infinity": (PARAMS_KEY, '{"prompt": "a red circle", "seed": Infinity}'),
+        "overflow": (PARAMS_KEY, '{"prompt": "a red circle", "seed": 1e400}'),
+        "nan": (PARAMS_KEY, '{"prompt": "a red circle", "seed": 3, "guidance_scale": NaN}'),
+        "deep": (PARAMS_KEY, '{"prompt": "a red circle", "seed": 3, "extra": ' + deep + "}"),
+        "deep-infotext": (INFOTEXT_KEY, "a red circle\nSteps: 4, Seed: 3, Candidate scores: " + deep),
+    }
+    for name, (key, text) in cases.items():
+        path = _png_with_text(tmp_path / f"{name}.png", key, text)
+        try:
+            record = h.read_parameters(str(path))
+        except gr.Error as err:
+            assert_readable(err.message)
+            continue
+        json.dumps(record.to_dict(), allow_nan=False)  # what the page shows is plain JSON
+        h.controls_from_record(record, DreamConfig.preset("tiny"))
+
+
+def test_a_vanishing_history_file_is_skipped(tmp_path, monkeypatch):
+    history = History(tmp_path / "outputs")
+    paths = [history.save(_image(i), _record(40 + i)) for i in range(3)]
+    real_stat = Path.stat
+
+    def racing_stat(self, *args, **kwargs):  # another process deletes the file as it is listed
+        if self == paths[1]:
+            self.unlink(missing_ok=True)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    assert [e.path for e in history.entries()] == [paths[2], paths[0]]
+
+
+def test_a_file_deleted_while_the_page_loads_is_left_out(served, monkeypatch):
+    url, ctx, probe, demo = served
+    saved = [ctx.history.save(_image(70 + i), _record(7000 + i)) for i in range(2)]
+    real_stat = Path.stat
+
+    def racing_stat(self, *args, **kwargs):  # deleted by another process while the page lists it
+        if self == saved[0]:
+            self.unlink(missing_ok=True)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    r = httpx.post(url + "gradio_api/run/predict", timeout=WAIT,
+                   json={"data": [None], "fn_index": fn_index(demo, "on_load"), "session_hash": "load-race"})
+    assert r.status_code == 200, r.text
+    names = [item["image"]["orig_name"] for item in r.json()["data"][-1]]
+    assert saved[1].name in names and saved[0].name not in names
+
+
+def test_display_copies_are_pruned_while_another_instance_prunes(tmp_path, tiny_pipe, tiny_model_dir, monkeypatch):
+    manager = ModelManager(tiny_model_dir, models_dirs=[], device="cpu", loader=lambda path, device: tiny_pipe)
+    display = tmp_path / "display"
+    ctx = h.AppContext(manager.load_initial(), History(tmp_path / "outputs"), display_dir=display)
+    display.mkdir()
+    old = time.time() - 3600
+    for i in range(ctx.keep_display_files + 5):
+        p = display / f"old-{i:03d}.png"
+        p.write_bytes(b"\x89PNG")
+        os.utime(p, (old + i, old + i))
+    real_stat = Path.stat
+    vanished: list[str] = []
+
+    def racing_stat(self, *args, **kwargs):  # the other instance prunes the same files meanwhile
+        if self.parent == display and self.name.startswith("old-") and len(vanished) < 3:
+            self.unlink(missing_ok=True)
+            vanished.append(self.name)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    paths, records = h.generate_images(ctx, h.SessionState(), GenerationSettings("a red circle", seed=77, **FAST))
+    monkeypatch.setattr(Path, "stat", real_stat)
+    assert len(paths) == 1 and Path(paths[0]).is_file() and vanished
+    left = sorted(p.name for p in display.glob("*.png"))
+    assert len(left) <= ctx.keep_display_files and any(not n.startswith("old-") for n in left)
+
+
+# ----- resources: caption files -----
+def test_caption_files_over_the_stated_limit_are_refused(client, tmp_path):
+    from dream_core.retrieval import MAX_CAPTION_FILE_BYTES, MAX_CAPTION_FILE_LINES
+
+    assert MAX_CAPTION_FILE_LINES <= 5_000 and MAX_CAPTION_FILE_BYTES <= 2**20  # what 2 cores embed in seconds
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(ok)
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"a red circle number {i}\n" for i in range(MAX_CAPTION_FILE_LINES + 1)))
+    with pytest.raises(AppError, match=f"at most {MAX_CAPTION_FILE_LINES:,} captions"):
+        client.predict(image=handle_file(str(ok)), mode="file", captions_file=handle_file(str(many)),
+                       api_name="/search")
+    wide = tmp_path / "wide.txt"
+    wide.write_text("a red circle " * (MAX_CAPTION_FILE_BYTES // 13 + 1) + "\n")
+    with pytest.raises(AppError, match="the caption file is too large"):
+        client.predict(image=handle_file(str(ok)), mode="file", captions_file=handle_file(str(wide)),
+                       api_name="/search")
+
+
+def test_embedding_a_caption_file_does_not_block_other_searches(served, client, app_dirs, tiny_pipe, tmp_path,
+                                                                monkeypatch):
+    url, ctx, probe, demo = served
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(ok)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"a green square number {i}\n" for i in range(40)))
+    real_embed = tiny_pipe.embed_texts
+    embedding, release = threading.Event(), threading.Event()
+
+    def slow_embed(texts, *args, **kwargs):  # the caption file takes as long as the test wants
+        if len(texts) >= 40:
+            embedding.set()
+            release.wait(WAIT)
+        return real_embed(texts, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "embed_texts", slow_embed)
+    other = Client(url, verbose=False, download_files=str(app_dirs / "dl-search"))
+    try:
+        job = client.submit(image=handle_file(str(ok)), mode="file", captions_file=handle_file(str(captions)),
+                            api_name="/search")
+        assert embedding.wait(WAIT), "the caption file was never embedded"
+        plain = other.submit(image=handle_file(str(ok)), top_k=2, api_name="/search")
+        started = time.monotonic()
+        results = plain.result(timeout=20)
+        assert len(results) == 2 and time.monotonic() - started < 20
+        assert not job.done()  # the caption file is still being embedded
+    finally:
+        release.set()
+        other.close()
+    assert len(job.result(timeout=WAIT)) == 5
+
+
+def test_the_bank_cache_is_bounded_and_cleaned(tmp_path, monkeypatch):
+    import torch
+
+    from dream_core import retrieval
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = retrieval.cache_dir()
+    folder.mkdir(parents=True)
+    stale, fresh = folder / "killed.safetensors.tmp", folder / "writing.safetensors.tmp"
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh.write_bytes(b"half")
+
+    def embed(texts):
+        return torch.nn.functional.normalize(torch.ones(len(texts), 8), dim=-1)
+
+    first = retrieval.CaptionBank.build(embed, "weights", ["the first bank"])
+    for i in range(3 * retrieval.MAX_CACHED_BANKS):
+        retrieval.CaptionBank.build(embed, "weights", [f"caption file {i}", "a red circle"])
+        retrieval.CaptionBank.build(embed, "weights", ["the first bank"])  # in use: kept
+    banks = list(folder.glob("*.safetensors"))
+    assert len(banks) <= retrieval.MAX_CACHED_BANKS
+    assert sum(p.stat().st_size for p in banks) <= retrieval.MAX_CACHE_BYTES
+    assert not stale.exists() and fresh.exists()
+    calls = []
+    again = retrieval.CaptionBank.build(lambda t: calls.append(t) or embed(t), "weights", ["the first bank"])
+    assert calls == [] and torch.equal(again.embeddings, first.embeddings)  # still served from the cache
+
+
+# ----- the second bundled model: menu, examples, search display, card -----
+EMOJI_LINES = ["grinning face — keywords: face, grin, smile",
+               "red heart — keywords: " + ", ".join(f"love {i}" for i in range(60))]  # a long line
+
+
+@pytest.fixture
+def two_models(tmp_path, tiny_model_dir):
+    import shutil
+
+    assets = tmp_path / "assets"
+    shapes = shutil.copytree(tiny_model_dir, assets / "dream-shapes")
+    emoji = shutil.copytree(tiny_model_dir, assets / "dream-emoji")
+    (shapes / "examples.txt").write_text("a red circle\n\na blue square at the top\n")
+    (emoji / "examples.txt").write_text("grinning face\nred heart\nthumbs up\n")
+    (emoji / "captions.txt").write_text("\n".join(EMOJI_LINES) + "\n")
+    (emoji / "README.md").write_text("---\nlicense: cc-by-4.0\ntags:\n- emoji\n---\n\n# dream-emoji\n\nEmoji.\n")
+    return assets
+
+
+def test_the_model_menu_examples_and_card_follow_the_model(two_models, tmp_path, app_dirs):
+    from dream_core.pipeline import DreamPipeline, default_model_dir
+
+    assert default_model_dir().name == "dream-shapes" or "DREAM_MODEL" in os.environ
+    manager = ModelManager(two_models / "dream-shapes", models_dirs=[two_models], device="cpu",
+                           loader=lambda path, device: DreamPipeline.from_pretrained(path, device="cpu"))
+    ctx = h.AppContext(manager.load_initial(), History(tmp_path / "outputs"), display_dir=tmp_path / "display")
+    assert sorted(manager.choices()) == ["dream-emoji", "dream-shapes"] and manager.name == "dream-shapes"
+    demo = build_app(context=ctx)
+    examples = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
+    assert examples.raw_samples == [["a red circle"], ["a blue square at the top"]]
+    switch = next(f for f in demo.fns.values() if f.name == "ui_switch")
+    out = dict(zip([b._id for b in switch.outputs], switch.fn("dream-emoji")))
+    update = out[examples._id]
+    assert update.raw_samples == [["grinning face"], ["red heart"], ["thumbs up"]]
+    card = h.model_card(ctx)
+    assert card.startswith("# dream-emoji") and "license" not in card and "---" not in card
+    ok = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(ok)
+    found = h.search(ctx, str(ok), 5)
+    assert sorted(r["caption"] for r in found) == sorted(EMOJI_LINES)  # the bank's entries as they are
+    results = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ds-results")
+    assert results.wrap and results.column_widths and results.column_widths[1] not in (None, "auto")
