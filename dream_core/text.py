@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -22,33 +22,7 @@ from torch import nn
 
 from .config import DreamConfig
 from .layers import Block
-
-MAX_PROMPT_CHARS = 1000
-
-
-def validate_prompts(prompts: str | Sequence[str], name: str = "prompt") -> list[str]:
-    """Normalise a prompt or list of prompts; raise ValueError naming the argument when invalid."""
-    items = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
-    if items is None:
-        raise ValueError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
-    if not items:
-        raise ValueError(f"{name} must not be an empty list")
-    out = []
-    for p in items:
-        if not isinstance(p, str):
-            raise ValueError(f"{name} must be a string, got {type(p).__name__}")
-        p = " ".join(p.split())
-        if not p:
-            raise ValueError(f"{name} must not be empty")
-        if len(p) > MAX_PROMPT_CHARS:
-            raise ValueError(f"{name} is too long ({len(p)} characters, at most {MAX_PROMPT_CHARS})")
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate such as "\ud800" (JSON allows it, tokenizers do not)
-            raise ValueError(f"{name} contains invalid characters (unpaired surrogates); "
-                             "only valid Unicode text is allowed") from None
-        out.append(p)
-    return out
+from .request import MAX_PROMPT_CHARS, validate_prompts  # noqa: F401  (the prompt checks live with the request)
 
 
 class ClipTokenizer:
@@ -57,12 +31,15 @@ class ClipTokenizer:
 
     The last `memo_size` texts' token rows are kept (`memo`, most recent last): open_clip cleans
     every text with ftfy and a regex before BPE (~0.2 ms a caption), which a trainer reading a cache
-    would otherwise pay again for the same captions at every pass (bench/train.py --cache)."""
+    would otherwise pay again for the same captions at every pass (bench/train.py --cache).
+    Rows are kept as bytes, not tensors: thousands of small long-lived tensor buffers between the
+    text tower's large temporary ones fragment the C heap, and the process then keeps ~25 KB per
+    memorised caption (a 5,000-line caption file grew an app by ~125 MB, never returned)."""
 
     def __init__(self, context_length: int, memo_size: int = 65_536) -> None:
         self.context_length, self.memo_size = context_length, memo_size
         self._tok = SimpleTokenizer(context_length=context_length)
-        self.memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.memo: OrderedDict[str, bytes] = OrderedDict()  # text -> its int64 token row
         self._lock = threading.Lock()
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -72,7 +49,7 @@ class ClipTokenizer:
         new = [t for t, row in rows.items() if row is None]
         if new:
             for t, row in zip(new, self._tok(new, context_length=self.context_length)):
-                rows[t] = row.clone()  # not a view that keeps the whole batch alive
+                rows[t] = row.to(torch.long).numpy().tobytes()
         with self._lock:
             for t in texts:
                 self.memo[t] = rows[t]
@@ -81,7 +58,8 @@ class ClipTokenizer:
                 self.memo.popitem(last=False)
         if not texts:
             return torch.zeros(0, self.context_length, dtype=torch.long)
-        return torch.stack([rows[t] for t in texts])  # always [B, context]
+        joined = bytearray(b"".join(rows[t] for t in texts))
+        return torch.frombuffer(joined, dtype=torch.long).view(len(texts), self.context_length)  # [B, context]
 
 
 class ContrastiveTextTower(nn.Module):
@@ -186,6 +164,28 @@ class ConditioningTextEncoder(nn.Module):
         return hidden.float() * mask[..., None], mask
 
 
+def unknown_words(tokenizer, captions: Iterable[str]) -> tuple[int, int, Counter[str]]:
+    """(tokens that are <unk>, all tokens, the words that hold them with their counts) of `captions`
+    under a T5 `tokenizer`, end-of-sequence tokens not counted. A frozen T5 reads every word its
+    vocabulary lacks as the same <unk>, so a model conditioned on it cannot tell those words apart:
+    a trainer names them before it learns them as one. SentencePiece never lets a piece cross a
+    space, so each distinct word is tokenized once, alone, and counts as it does in its caption."""
+    unk_id = tokenizer.unk_token_id
+    pieces: dict[str, tuple[int, int]] = {}  # word -> (its tokens, its <unk> tokens)
+    unknown, total, words = 0, 0, Counter()
+    for caption in captions:
+        for word in caption.split():
+            if word not in pieces:
+                ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+                pieces[word] = (len(ids), sum(i == unk_id for i in ids))
+            n, unk = pieces[word]
+            total += n
+            if unk:
+                unknown += unk
+                words[word] += 1
+    return unknown, total, words
+
+
 def t5_fingerprint(path: str | Path) -> str:
     """Identifies the states a T5 directory computes: its encoder's weights (the first MiB of each
     tensor, `dream_core.fingerprint`) and its tokenizer's vocabulary. A cache of T5 states records
@@ -202,10 +202,16 @@ def t5_fingerprint(path: str | Path) -> str:
 
 
 def build_t5_from_scratch(out_dir: str | Path, corpus: Iterable[str], d_model: int = 128, num_layers: int = 2,
-                          num_heads: int = 4, d_ff: int = 256, vocab_size: int = 128, seed: int = 0) -> Path:
+                          num_heads: int = 4, d_ff: int = 256, vocab_size: int = 128, seed: int = 0,
+                          model_type: str = "word") -> Path:
     """Create a small T5 encoder with a SentencePiece vocabulary trained on `corpus` and save it in
     transformers format (safetensors). It is used, frozen and randomly initialised, by the toy
-    presets and by the tests, through exactly the interface a pretrained T5 uses."""
+    presets and by the tests, through exactly the interface a pretrained T5 uses. `model_type` "word"
+    keeps every whitespace-separated word of a small closed world whole (the vocabulary grows to hold
+    them all); "unigram" learns `vocab_size` subword pieces, as T5's own vocabulary is built, so a word
+    outside the corpus is spelled in pieces instead of becoming <unk>."""
+    if model_type not in ("word", "unigram"):
+        raise ValueError(f"model_type must be word or unigram, got {model_type!r}")
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
@@ -214,10 +220,11 @@ def build_t5_from_scratch(out_dir: str | Path, corpus: Iterable[str], d_model: i
     sentences = sorted(set(corpus))
     words = {w for sent in sentences for w in sent.split()}
     model_prefix = out / "spiece"
-    # A word-level vocabulary: the toy worlds have a few dozen words; T5's ids (pad 0, eos 1, unk 2).
+    # T5's ids: pad 0, eos 1, unk 2.
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
-        vocab_size=max(vocab_size, len(words) + 3), model_type="word", pad_id=0, eos_id=1, unk_id=2,
+        vocab_size=max(vocab_size, len(words) + 3) if model_type == "word" else vocab_size,
+        model_type=model_type, pad_id=0, eos_id=1, unk_id=2,
         bos_id=-1, hard_vocab_limit=False, character_coverage=1.0, minloglevel=2, num_threads=1,
     )
     sp = spm.SentencePieceProcessor(model_file=str(model_prefix) + ".model")

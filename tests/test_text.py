@@ -13,6 +13,7 @@ from dream_core.text import (
     ConditioningTextEncoder,
     ContrastiveTextTower,
     build_t5_from_scratch,
+    unknown_words,
     validate_prompts,
 )
 
@@ -193,3 +194,18 @@ def test_text_tower_cut_after_the_last_eot_equals_open_clip_forward():
     assert int(tokens.argmax(dim=-1).max()) + 1 < config.clip_context_length  # something is cut
     with torch.no_grad():
         torch.testing.assert_close(tower(tokens), tower.transformer(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_words_counts_unk_tokens_as_in_the_caption_and_names_the_words(t5_dir):
+    from transformers import AutoTokenizer
+
+    path, _ = t5_dir
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    captions = ["a small red star at the top left", "a red heart, banana on the right", "a purple cross",
+                "A Red star"]
+    unknown, total, words = unknown_words(tok, captions)
+    assert words.most_common() == [("star", 2), ("heart,", 1), ("banana", 1), ("A", 1), ("Red", 1)]
+    # The same counts as the whole captions' tokens (end-of-sequence tokens left out).
+    ids = [i for row in tok(captions)["input_ids"] for i in row if i != tok.eos_token_id]
+    assert (unknown, total) == (sum(i == tok.unk_token_id for i in ids), len(ids))
+    assert unknown_words(tok, CORPUS)[0] == 0 and unknown_words(tok, [])[:2] == (0, 0)

@@ -295,6 +295,28 @@ def test_webdataset_shards_index_skip_and_count_corrupt_samples(tmp_path):
     assert all(c.startswith(("caption", "json caption")) for b in batches for c in b["caption"])
 
 
+def test_the_tar_index_goes_beside_the_run_when_the_data_folder_is_read_only(tmp_path, monkeypatch):
+    """A data folder where `.index_cache` cannot be made (here a file stands in its way, which
+    even root cannot write through): the index is written to the fallback folder the trainer
+    points at its run, and the next opening reads it there instead of scanning the shard again."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tf:
+        for i in range(3):
+            _add(tf, f"{i:04d}.jpg", _jpeg(i))
+            _add(tf, f"{i:04d}.txt", f"caption {i}".encode())
+    (shards / ".index_cache").write_text("not a folder")
+    monkeypatch.setattr(TarSource, "fallback_index_cache", tmp_path / "run" / ".index_cache")
+    assert len(TarSource(shards)) == 3
+    assert len(list((tmp_path / "run" / ".index_cache").glob("00000.tar.*.safetensors"))) == 1
+
+    def no_scan(path):
+        raise AssertionError(f"{path} was scanned again")
+
+    monkeypatch.setattr(sources, "scan_tar", no_scan)
+    assert TarSource(shards).read(1)[1] == "caption 1"
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop: loss falls, masking statistics, export
 # ---------------------------------------------------------------------------------------------
@@ -552,6 +574,29 @@ def shapes_cache(data, tmp_path_factory) -> Path:
     return out
 
 
+def test_the_cache_runs_t5_with_bf16_weights_under_bf16_and_auto_is_fp32_on_the_cpu(data, tmp_path, monkeypatch):
+    """--precision bf16 loads T5 in bf16 (T5-XXL: 9.5 GB instead of 19), as the trainer does on
+    CUDA; the default, auto, is bf16 on CUDA and fp32 here."""
+    from dream_core.text import ConditioningTextEncoder
+    from training.cache import extract
+
+    loaded = []
+    original = ConditioningTextEncoder.from_pretrained.__func__
+
+    def recording(cls, path, max_length, torch_dtype=None):
+        encoder = original(cls, path, max_length, torch_dtype=torch_dtype)
+        loaded.append(next(encoder.parameters()).dtype)
+        return encoder
+
+    monkeypatch.setattr(ConditioningTextEncoder, "from_pretrained", classmethod(recording))
+    for precision, out in (("bf16", tmp_path / "bf16"), ("auto", tmp_path / "auto")):
+        extract(tiny_recipe(data, data="shapes"), out, max_samples=4, shard_size=4, batch_size=4, num_workers=0,
+                precision=precision, progress=False)
+    assert loaded == [torch.bfloat16, torch.float32]
+    assert json.loads((tmp_path / "bf16" / "meta.json").read_text())["precision"] == "bf16"
+    assert json.loads((tmp_path / "auto" / "meta.json").read_text())["precision"] == "fp32"
+
+
 def test_a_small_cache_is_held_in_memory_and_reads_the_same(shapes_cache):
     resident, lazy = CacheSource(shapes_cache), CacheSource(shapes_cache, resident_max_bytes=0)
     assert resident.resident and not lazy.resident
@@ -744,6 +789,11 @@ def _resume_repeats_the_run(data, run_a: Path, run_b: Path, tmp_path: Path, reps
 
 def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = (),
                 expect: int = 0, **train_kw) -> list[str]:
+    return _wait_two(_start_two(d, out, report, max_steps, extra_worker, **train_kw), expect)
+
+
+def _start_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, extra_worker: list[str] = (),
+               **train_kw) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     train_kw = {"batch_size": 4, "ckpt_every": 3, **train_kw}
@@ -754,6 +804,10 @@ def _launch_two(d: SimpleNamespace, out: Path, report: Path, max_steps: int, ext
                *train_args(d, out, max_steps, **train_kw)]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
+    return procs
+
+
+def _wait_two(procs: list[subprocess.Popen], expect: int = 0) -> list[str]:
     outputs = []
     for p in procs:
         try:
@@ -825,6 +879,49 @@ def test_fsdp_two_processes_shard_checkpoint_and_resume(data, tmp_path):
     _resume_repeats_the_run(data, run_a, run_b, tmp_path, reps, fsdp=True)
 
 
+FSDP_BF16_PROBE = """
+import json, torch
+from dream_core.config import DreamConfig
+from dream_core.model import DreamModel
+from dream_core.text import ClipTokenizer
+from training.distributed import shard_model
+torch.manual_seed(0)
+c = DreamConfig.preset("tiny")
+model = DreamModel(c).train()
+shard_model(model, torch.device("cpu"), torch.bfloat16)
+seen = {}
+def probe(name, weight):
+    def hook(module, args):
+        seen[name] = str(weight(module).dtype)
+    return hook
+model.encoder.blocks[0].register_forward_pre_hook(probe("block", lambda m: m.attn.qkv.weight))
+model.decoder.register_forward_pre_hook(probe("root", lambda m: m.decoder_embed.weight))
+model.projector.register_forward_pre_hook(probe("batchnorm", lambda m: m[1].weight))
+b = 4
+tokens, mask = torch.randn(b, c.seq_len, c.token_dim), torch.rand(b, c.seq_len) < 0.6
+t5, t5_mask = torch.randn(b, c.t5_max_length, c.t5_dim), torch.ones(b, c.t5_max_length, dtype=torch.bool)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    out = model(tokens, mask, t5, t5_mask, ClipTokenizer(c.clip_context_length)(["a red circle"] * b))
+out["loss"].backward()
+seen["grads"] = sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None})
+seen["params"] = sorted({str(p.dtype) for p in model.parameters()})
+print(json.dumps(seen))
+"""
+
+
+def test_fsdp_on_a_bf16_run_gathers_bf16_parameters_and_keeps_fp32_gradients():
+    """The mixed-precision policy of a bf16 FSDP run (a world of one over gloo, CPU autocast standing
+    in for CUDA's): blocks and the root compute with bf16 parameters (half the all-gather traffic),
+    BatchNorm keeps fp32 (its running statistics are fp32), gradients are reduced and kept in fp32
+    and the sharded parameters the optimizer steps stay fp32."""
+    done = subprocess.run([sys.executable, "-c", FSDP_BF16_PROBE], env=subprocess_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"block": "torch.bfloat16", "root": "torch.bfloat16", "batchnorm": "torch.float32",
+                    "grads": ["torch.float32"], "params": ["torch.float32"]}
+
+
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_both(data, tmp_path):
     """Rank 1's loss is NaN at step 2: both processes exit (code 3) with the step and the loss terms,
@@ -834,6 +931,69 @@ def test_a_non_finite_loss_on_one_rank_stops_both(data, tmp_path):
     for text in outputs:
         assert "error: non-finite loss at step 2 on rank 1 (loss=nan, diffusion=" in text, text[-2000:]
         assert "rank 0 (" not in text
+
+
+@pytest.mark.slow
+def test_sigterm_or_sigusr1_to_one_rank_saves_on_both_and_the_same_command_resumes(data, tmp_path):
+    """A real SIGTERM to rank 1 alone (as a preemption), then SIGUSR1 to rank 0 of the resumed run:
+    each time both ranks finish the same step, save one checkpoint and exit 130; the second run
+    resumes from the first one's step."""
+    out, log = tmp_path / "run", tmp_path / "run" / "log.csv"
+
+    def run_until_signal(report: str, sig: signal.Signals, rank: int, min_rows: int) -> tuple[list[str], int]:
+        procs = _start_two(data, out, tmp_path / report, 100_000, ckpt_every=0)
+        try:
+            deadline = time.monotonic() + 900
+            while not (log.is_file() and len(log.read_text().splitlines()) > min_rows):
+                assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+                assert time.monotonic() < deadline, "the run never logged its steps"
+                time.sleep(0.2)
+            procs[rank].send_signal(sig)
+            outputs = _wait_two(procs, expect=130)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        state = json.loads((out / "checkpoint-last" / "state.json").read_text())
+        assert state["world_size"] == 2
+        assert f"saved a checkpoint at step {state['step']} in" in outputs[0], outputs[0][-2000:]  # rank 0 prints
+        assert f"{sig.name}: stopping after this step" in outputs[rank]
+        assert "Traceback" not in outputs[0] + outputs[1]
+        return outputs, state["step"]
+
+    _, first = run_until_signal("rep_a", signal.SIGTERM, 1, 2)
+    outputs, second = run_until_signal("rep_b", signal.SIGUSR1, 0, first + 2)
+    assert f"resumed from {out / 'checkpoint-last'} at step {first}" in outputs[0]
+    assert second > first
+
+
+@pytest.mark.slow
+def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank(data, tmp_path):
+    """An inf in one of rank 1's gradients at step 2 (after the gradients were synchronised, so
+    only rank 1 sees it): both ranks skip that optimizer step, the weights and the EMA stay
+    finite and equal on both, and the run goes on to its end."""
+    outputs = _launch_two(data, tmp_path / "run", tmp_path / "rep", 4, ["--inf-grad-at-step", "2",
+                                                                         "--inf-grad-rank", "1"], ckpt_every=0)
+    reps = [json.loads((tmp_path / "rep" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert "step 2: non-finite gradient norm on at least one rank" in outputs[0], outputs[0][-2000:]
+    for rep in reps:
+        assert rep["final_step"] == 4 and rep["finite"]
+    assert reps[0]["param_digest"] == reps[1]["param_digest"]
+    rows = read_log(tmp_path / "run" / "log.csv")
+    assert sorted(rows) == [1, 2, 3, 4] and math.isfinite(float(rows[4]["loss"]))
+
+
+@pytest.mark.slow
+def test_a_run_folder_not_every_rank_sees_is_refused_before_step_1(data, tmp_path):
+    """--out names a different folder on each rank (a node-local disk, simulated by running each
+    rank in its own working directory with a relative --out): both ranks exit 2 with one message
+    naming the folder and the rank that cannot see it, before any training step."""
+    outputs = _launch_two(data, Path("run"), tmp_path / "rep", 4, ["--chdir", str(tmp_path / "nodes")], expect=2)
+    for text in outputs:
+        assert "is not one folder shared by every process: rank 1 on" in text, text[-2000:]
+        assert "Traceback" not in text
+    run0 = tmp_path / "nodes" / "rank0" / "run"
+    assert not (run0 / "log.csv").exists() and not list(run0.glob(".shared-folder-check-*"))
 
 
 @pytest.mark.slow
@@ -990,7 +1150,7 @@ def test_bad_input_fails_early_with_exit_code_2(data, trained, tmp_path, capsys)
         (overrides(data, data="cache", cache_path=str(tmp_path / "empty")), "no index.json"),
         (overrides(data) + ["bogus_key=1"], "unknown recipe key 'bogus_key'"),
         (overrides(data, batch_size=0), "batch_size must be >= 1"),
-        (overrides(data) + ["model.width=-8"], "config.width must be a positive integer"),
+        (overrides(data) + ["model.width=-8"], "model.width must be a positive integer"),  # the key as typed
         (overrides(data) + ["model.no_such_field=1"], "unknown DreamConfig keys"),
         (overrides(data, masking="sideways"), "recipe.masking must be"),
         (overrides(data, trainable="projector"), "recipe.trainable needs recipe.init_from"),
@@ -1050,7 +1210,9 @@ def test_finetune_lora_merges_into_a_loadable_model(data, tiny_model_dir, tmp_pa
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= targets  # only the adapted Linear weights moved (merged LoRA)
     card = (out / "README.md").read_text()
-    assert card.startswith("# my-lora\n") and "(rank 4, merged)" in card
+    # One metadata header, at the top, naming the base model; then the run's heading.
+    assert card.startswith(f"---\nbase_model: {json.dumps(str(tiny_model_dir))}\n---\n\n# my-lora\n")
+    assert card.count("---\n") == 2 and "(rank 4, merged)" in card and "teaches generation only" in card
     assert "4 preservation samples of the base model" in card
     preserve = sorted(p.name for p in (out / "training" / "preserve").glob("*.png"))
     assert preserve == [f"{i:05d}.png" for i in range(4)]
@@ -1400,8 +1562,8 @@ def test_make_model_lets_a_stage_save_its_checkpoint_on_ctrl_c(tmp_path):
 
 
 def test_make_model_sums_each_stages_wall_time_over_interrupted_sittings(tmp_path, monkeypatch):
-    """build_timings.json adds a stage's time to what earlier sittings saved, and is written even when
-    the stage is interrupted, so a build done in several sittings states its whole wall time."""
+    """build_timings.json adds a stage's time to what earlier runs of the build saved, and is written
+    even when the stage is interrupted, so a build stopped and resumed states its whole wall time."""
     from training import make_shapes_model
 
     clock = iter([100.0, 160.5, 200.0, 230.0])

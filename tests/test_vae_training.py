@@ -45,8 +45,7 @@ def test_decoder_only_keeps_the_latent_space_and_trains_the_decoder(tmp_path, ca
     with pytest.raises(ValueError, match="--decoder-only needs --init"):
         train_vae(tmp_path / "x", steps=1, batch_size=2, decoder_only=True)
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    import vae_round_trip
+    from bench import vae_round_trip
 
     capsys.readouterr()
     vae_round_trip.main(["--vae", f"base={base}", f"dec={dec}", "--n", "6", "--threads", "1"])

@@ -19,10 +19,17 @@ What it trains: the pretraining losses (`DreamModel.forward_train`: diffusion on
 masked contrastive loss) with the mask ratios of the end of Masking Warmup (FX), through the same
 loop as pretraining (accelerate, EMA, clip, checkpoints, log.csv, tqdm). The recipes `finetune` and
 `finetune-lora` (training/recipes.py) hold the defaults, measured on the Shapes World
-(assets/dream-shapes/README.md, "What fine-tuning does"). `--preserve N` mixes N images that the
+(docs/experiments/finetuning.md). `--preserve N` mixes N images that the
 base model generates from its own caption bank into the data (prior preservation): the new concept
 is learnt with less damage to what the model already does. LoRA adapters go on every attention and
 MLP Linear of the encoder, decoder and text aligner (peft) and are merged into the weights on export.
+
+What it teaches: generation only. Reverse search (the joint space) does not learn the new captions:
+a fine-tuned model searches its new images among what it already knew. And the conditioning T5 stays
+the base model's: the run names the caption words it does not know, which the model can only learn
+as one shared <unk> (so every unknown word in a prompt then draws the new concept), and refuses when
+more than 5 % of the caption tokens are unknown; `max_unknown_share=1` goes on anyway. How long a
+run takes is measured in docs/own-data.md (2a).
 
 The same mode from the generic entry point:
     python -m training.train --recipe finetune --out runs/x init_from=DIR data_path=FOLDER --export runs/x-model
@@ -41,8 +48,11 @@ import torch
 
 from training.init_from import lora_target_names  # noqa: F401  (re-exported: the CLI's LoRA targets)
 
-PRESERVE_DEFAULT = 100  # assets/dream-shapes/README.md, "What fine-tuning does"
+PRESERVE_DEFAULT = 100  # keeps 89-91 of 100 prompts where none keeps 29-33: docs/experiments/finetuning.md
 STATE_DIR = "training"  # inside --out: checkpoints, log.csv, preservation samples
+# Said in every fine-tuned model card.
+TEACHES = ("Fine-tuning teaches generation only: reverse search (the joint space) does not learn the new captions, "
+           "and words the base model's vocabulary lacks are learnt as one shared <unk>.")
 # Files and folders a model directory consists of (what an export writes into --out).
 MODEL_ENTRIES = ("config.json", "model.safetensors", "vae", "text", "captions.txt", "README.md", "preview_vae")
 
@@ -111,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-workers", type=int, default=None)
     ap.add_argument("--ckpt-every", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: torch's choice; 1 is fastest beside another busy job)")
     ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run or model")
     ap.add_argument("overrides", nargs="*", help="further recipe overrides key=value (see training/recipes.py)")
     return ap.parse_args(argv)
@@ -134,6 +145,9 @@ def build_recipe(args: argparse.Namespace, preserve_path: str = ""):
             items.append(f"{key}={value}")
     if preserve_path:
         items.append(f"preserve_path={preserve_path}")
+    if not preserve_path and args.steps is not None and any(o.startswith("max_steps=") for o in args.overrides):
+        print(f"the override {next(o for o in args.overrides if o.startswith('max_steps='))} replaces --steps {args.steps}",
+              flush=True)
     recipe = get_recipe("finetune-lora" if args.lora else "finetune").overrides(items + list(args.overrides))
     if args.lora and recipe.lora_rank < 1:
         raise ValueError(f"--rank must be >= 1, got {recipe.lora_rank}")
@@ -162,6 +176,17 @@ def check_out(args: argparse.Namespace) -> None:
                          "use a new --out, or --overwrite to replace it (nothing was written)")
 
 
+def fine_tuned_card(base_card: str, base: Path, about: str) -> str:
+    """The fine-tuned model's card: one metadata header at the top (the base card's, with
+    `base_model:` added, as a model hub reads it), this run's section, then the base card's text."""
+    header, body = [], base_card
+    if base_card.startswith("---\n") and "\n---" in base_card[3:]:
+        end = base_card.index("\n---", 3)
+        header, body = base_card[4:end].splitlines(), base_card[end + 4:].lstrip("\n")
+    header = [line for line in header if not line.startswith("base_model:")] + [f"base_model: {json.dumps(str(base))}"]
+    return "---\n" + "\n".join(header) + "\n---\n\n" + about.rstrip() + "\n\n## The base model\n\n" + body
+
+
 def export_into(trainer, out: Path, recipe, steps: int) -> Path:
     """Write the model files into --out (through a temporary folder, each entry replaced whole),
     beside the training state; the model card is named after the run."""
@@ -172,11 +197,12 @@ def export_into(trainer, out: Path, recipe, steps: int) -> Path:
     source = trainer.source.sources[0] if hasattr(trainer.source, "sources") else trainer.source
     captions = list(dict.fromkeys(base_captions + source.captions()))
     how = f"LoRA (rank {recipe.lora_rank}, merged)" if recipe.lora_rank else "Full fine-tuning"
-    card = (f"# {out.resolve().name}\n\nFine-tuned from `{base}` with `python -m training.finetune`: {how}, "
-            f"{steps} steps of {trainer.global_batch} on {len(source)} images in `{recipe.data_path}`, "
-            f"peak LR {trainer.peak_lr:g}, EMA {recipe.ema_decay}"
-            + (f", {len(trainer.source) - len(source)} preservation samples of the base model mixed in" if recipe.preserve_path else "")
-            + f". Training state: `{STATE_DIR}/`.\n\n---\n\n" + base_card)
+    about = (f"# {out.resolve().name}\n\nFine-tuned from `{base}` with `python -m training.finetune`: {how}, "
+             f"{steps} steps of {trainer.global_batch} on {len(source)} images in `{recipe.data_path}`, "
+             f"peak LR {trainer.peak_lr:g}, EMA {recipe.ema_decay}"
+             + (f", {len(trainer.source) - len(source)} preservation samples of the base model mixed in" if recipe.preserve_path else "")
+             + f". Training state: `{STATE_DIR}/`. {TEACHES}")
+    card = fine_tuned_card(base_card, base, about)
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.export(tmp, captions, card)
@@ -193,14 +219,15 @@ def export_into(trainer, out: Path, recipe, steps: int) -> Path:
 
 def main(argv: list[str] | None = None) -> Path | None:
     from training.data.sources import FolderSource
-    from training.train import Trainer
+    from training.train import Trainer, caption_sample, check_vocabulary
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         recipe = build_recipe(args)  # every field checked, and --model is a model directory
-        FolderSource(args.data)  # the data exists and has captions (before anything is written)
+        source = FolderSource(args.data)  # the data exists and has captions (before anything is written)
+        check_vocabulary(recipe, caption_sample(recipe, source))  # before the preservation samples are made
         check_out(args)
         if args.overwrite and (args.out / STATE_DIR).is_dir():
             shutil.rmtree(args.out / STATE_DIR)

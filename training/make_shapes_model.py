@@ -18,8 +18,8 @@
 
 Each stage is skipped when its output exists, so a killed build resumes (training resumes from
 its last checkpoint; on Ctrl-C the build lets it save one first). WORK/build_timings.json holds each
-stage's wall time, summed over every sitting of the build. The model card is completed by
-bench/shapes_eval.py.
+stage's wall time, summed over every run of the build, stopped or not. The model card's evaluation
+table is measured by bench/shapes_eval.py.
 
     python -m training.make_shapes_model --work runs/shapes --out assets/dream-shapes
 """
@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dream_core.config import DreamConfig
@@ -44,24 +44,24 @@ from training.recipes import TrainRecipe, get_recipe
 from training.train import schedule_scale
 
 
-# The heads stage trains on a cache of the feed's first scenes (VAE moments extracted once), as the
-# shipped heads were (model card, "Fifth session").
+# The heads stage trains on a cache of the feed's first scenes (VAE moments extracted once): its step
+# is bound by the text tower's captions, not by rendering (docs/experiments/joint-space-heads.md).
 HEADS_CACHE_SCENES = 16_384
 # Masking Warmup's mean reaches 1 after this share of the DREAM run's steps: step 6,000 of 10,000,
 # as the shipped weights were trained (LW10: the ramp over 6,000 of 8,000 steps, resumed for 2,000
 # more at the end state). The `shapes` recipe's own 10.56 of 19.2 epochs ends at step 1,650, and the
-# contrastive loss then almost never sees a lightly masked image: the encoder's mean token read
-# shape at 87.5 % after it, 98.9 % after LW10 (model card, "Eighth session", "Ninth session").
+# contrastive loss then almost never sees a lightly masked image: the encoder's mean token reads
+# shape at 87.5 % after it, 98.9 % after LW10 (docs/experiments/masking-warmup.md).
 MASKING_WARMUP_SHARE = 0.6
 # Heads rounds: the pooler continues from the round before, projector and text tower restart
-# (recipe.reinit). A second round took reverse search's position 86.4 -> 99.8 % on LW (model
-# card, "Ninth session").
+# (recipe.reinit). The second round takes reverse search's position 86.4 -> 99.8 % on LW
+# (docs/experiments/joint-space-heads.md).
 HEADS_ROUNDS = 2
-# The bundled model's sampler defaults, measured on it (model card: the SAD decision-step sweep and
-# the guidance x temperature sweep); a request may still set its own. SAD decides at 87.5 %: on
+# The bundled model's sampler defaults, measured on it (docs/experiments/sad-decision-share.md and
+# sampler-defaults.md); a request may still set its own. SAD decides at 87.5 %: on
 # three prompt sets (2,500 two-object prompts) its gain over K = 1 is +1.5 points, paired interval
 # [+0.2, +2.9], where 37.5 % gains +0.1 [-1.2, +1.5]; K = 9 then costs about 2.8x K = 1 against
-# 1.6x at 37.5 % (model card, "Issue 9, sixteenth session").
+# 1.6x at 37.5 % (docs/experiments/sad-decision-share.md).
 SAMPLER_DEFAULTS = dict(sad_decision_share=0.875, default_guidance_scale=1.5, default_temperature=0.5)
 
 
@@ -74,10 +74,10 @@ def bundled_config(pretrained: Path, heads: Path) -> DreamConfig:
         diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight, **SAMPLER_DEFAULTS)
 
 
-def dream_schedule(recipe: TrainRecipe, steps: int) -> list[str]:
+def dream_schedule(recipe: TrainRecipe, steps: int, share: float = MASKING_WARMUP_SHARE) -> list[str]:
     """The DREAM stage's schedule overrides for a run of `steps` optimizer steps (0 = the recipe's
-    length), as the shipped weights were trained: Masking Warmup's mean reaches 1 at
-    MASKING_WARMUP_SHARE of the run, and the LR warms up over the recipe's warmup_epochs at its own
+    length), as the shipped weights were trained: Masking Warmup's mean reaches 1 at `share` of
+    the run, and the LR warms up over the recipe's warmup_epochs at its own
     epoch count (78 steps for `shapes`) instead of the trainer's stretch to a longer run. The ramp
     is set in the epochs the masking schedule reads, which the trainer scales up in a run shorter
     than the recipe (`train.schedule_scale`)."""
@@ -87,7 +87,7 @@ def dream_schedule(recipe: TrainRecipe, steps: int) -> list[str]:
     end_epoch = total * per_step / recipe.samples_per_epoch * schedule_scale(run, total, per_step,
                                                                              recipe.samples_per_epoch)
     warmup_steps = round(recipe.warmup_epochs * recipe.samples_per_epoch / per_step)
-    return [f"masking_warmup_epochs={round(MASKING_WARMUP_SHARE * end_epoch, 6):g}", f"warmup_steps={warmup_steps}"]
+    return [f"masking_warmup_epochs={round(share * end_epoch, 6):g}", f"warmup_steps={warmup_steps}"]
 
 
 def run(cmd: list[str]) -> None:
@@ -108,13 +108,24 @@ def run(cmd: list[str]) -> None:
 @contextlib.contextmanager
 def timed(timings: dict[str, float], key: str, path: Path) -> Iterator[None]:
     """Add the block's wall time to timings[key] and save them to `path`, also when the block is
-    interrupted: a build done in several sittings (Ctrl-C, resumed) states the sum of them all."""
+    interrupted: a build stopped (Ctrl-C) and resumed states the sum of all its runs."""
     t = time.time()
     try:
         yield
     finally:
         timings[key] = round(timings.get(key, 0.0) + time.time() - t, 1)
         path.write_text(json.dumps(timings, indent=1))
+
+
+def timed_build(args: argparse.Namespace, build: Callable[[argparse.Namespace, dict, Path], None]) -> None:
+    """Run a model build in args.work, each stage's wall time (and the total) summed over every run
+    of the build in WORK/build_timings.json, which is printed at the end."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    timings_path = args.work / "build_timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    with timed(timings, "total_seconds", timings_path):
+        build(args, timings, timings_path)
+    print(json.dumps(timings))
 
 
 def main() -> None:
@@ -126,17 +137,12 @@ def main() -> None:
     ap.add_argument("--recipe", default="shapes")
     ap.add_argument("--cache-scenes", type=int, default=0,
                     help="train on a cache of the Shapes feed's first N scenes (extracted first into "
-                         "WORK/cache-N) instead of the live feed (0, the default; see README, Training)")
+                         "WORK/cache-N) instead of the live feed (0, the default; see docs/training.md)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     args = ap.parse_args()
     if args.cache_scenes < 0:
         ap.error(f"--cache-scenes must be >= 0 (0 = the live feed), got {args.cache_scenes}")
-    args.work.mkdir(parents=True, exist_ok=True)
-    timings_path = args.work / "build_timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    with timed(timings, "total_seconds", timings_path):
-        build(args, timings, timings_path)
-    print(json.dumps(timings))
+    timed_build(args, build)
 
 
 def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Path) -> None:
@@ -161,8 +167,8 @@ def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Pat
                      "--lr", "6e-4", "--init", str(stage2), "--seed", "2"])
             # A new, wider decoder (32/64/128 channels: an AsymmetricAutoencoderKL) on stage 3's
             # latents, the encoder kept: small crosses and diamonds keep their shape (round trip read
-            # back by the judge 88.8 % with the retrained 16/32/64 decoder -> 98.2 %: model card,
-            # "Seventh session"; the latents carry every small shape, the narrow decoder could not draw them).
+            # back by the judge 88.8 % with the retrained 16/32/64 decoder -> 98.2 %: the latents carry
+            # every small shape, the narrow decoder cannot draw them; docs/experiments/vae-decoder.md).
             wide = work / "vae-wide"
             if not (wide / "config.json").exists():
                 run([py, "-m", "training.vae", "--out", str(wide), "--steps", "2800", "--batch-size", "32",
@@ -170,7 +176,7 @@ def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Pat
                      "--seed", "11"])
             # That decoder continued with extra loss weight on the objects' outlines, where it rounded
             # small squares' corners and filled small crosses' concave ones: the VAE ceilings on the
-            # evaluation prompts 98.2 / 95.6 % -> 100.0 / 99.0 % (model card, "Issue 9, fourteenth session").
+            # evaluation prompts 98.2 / 95.6 % -> 100.0 / 99.0 % (docs/experiments/vae-decoder.md).
             run([py, "-m", "training.vae", "--out", str(vae_dir), "--steps", "1500", "--batch-size", "32",
                  "--lr", "3e-4", "--init", str(wide), "--decoder-only", "--edge-boost", "20", "--seed", "12"])
     if not (text_dir / "config.json").exists():
@@ -213,7 +219,8 @@ def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Pat
             shutil.copy2(heads_run / "export" / "model.safetensors", args.out / "model.safetensors")
             bundled_config(dream_export, heads_run / "export").save(args.out / "config.json")
             init = args.out  # the next round continues this round's pooler
-    # The preview decoder for the app's live candidates, distilled from the VAE (issue 6).
+    # The preview decoder for the app's live candidates, distilled from the VAE: it draws them for a
+    # tenth of the decoding time where the full VAE would cost half or more (docs/performance.md).
     preview = work / "preview_vae"
     with timed(timings, "preview_decoder_seconds", timings_path):
         if not (preview / "config.json").exists():

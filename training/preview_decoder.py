@@ -1,11 +1,12 @@
-"""Distil a preview decoder for live previews (issue 6) from a model's VAE.
+"""Distil a preview decoder for the app's live previews from a model's VAE.
 
 The app shows the K candidates while they are decoded. Decoding them with the full VAE after
 every step costs about a third of the generation on CPU; a TAESD-style decoder (diffusers
 `AutoencoderTiny`, the option A1111 offers for live previews) does it for a fraction of that.
 This script trains one to reproduce the VAE decoder's output from the model's *scaled* latent
-grid (the DREAM token space), on Shapes World renders, and writes it as `preview_vae/` into the
-model directory, where `DreamPipeline.from_pretrained` picks it up.
+grid (the DREAM token space), on the images the VAE was trained on (the Shapes World by default,
+or any file source with --data, as `training.vae` reads them), and writes it as `preview_vae/`
+into the model directory, where `DreamPipeline.from_pretrained` picks it up.
 
     python -m training.preview_decoder --model assets/dream-shapes            # ~3 min on 2 cores
     python -m training.preview_decoder --model runs/x/export --steps 300 --out /tmp/preview
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from dream_core.image_tokenizer import ImageTokenizer, save_preview_decoder
 from dream_core.pipeline import PREVIEW_DIR
-from training.vae import batches
+from training.vae import VAE_DATA, batches
 
 
 def build_preview_decoder(latent_channels: int, vae_stride: int, channels: int = 32,
@@ -53,12 +54,13 @@ def build_preview_decoder(latent_channels: int, vae_stride: int, channels: int =
 
 
 @torch.no_grad()
-def make_pairs(tok: ImageTokenizer, n: int, seed: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled latent grid, the VAE's decode of it) for `n` fresh Shapes World renders."""
+def make_pairs(tok: ImageTokenizer, n: int, seed: int, batch_size: int = 64, data: str = "shapes",
+               data_path: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled latent grid, the VAE's decode of it) for `n` images of `data` (see training.vae.batches)."""
     latents, targets = [], []
-    data = batches(seed, batch_size)
+    feed = batches(seed, batch_size, data, data_path)
     for _ in range(math.ceil(n / batch_size)):
-        x = next(data)
+        x = next(feed)
         z = tok.latents_from_moments(tok.moments(x), sample=False)
         latents.append(z)
         targets.append(tok.vae.decode((z / tok.scaling_factor).to(tok.dtype)).sample.float().clamp(-1, 1))
@@ -66,13 +68,14 @@ def make_pairs(tok: ImageTokenizer, n: int, seed: int, batch_size: int = 64) -> 
 
 
 def distill(tok: ImageTokenizer, vae_stride: int, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3,
-            pool: int = 4096, channels: int = 32, seed: int = 0, log_every: int = 100) -> tuple[object, dict]:
+            pool: int = 4096, channels: int = 32, seed: int = 0, log_every: int = 100, data: str = "shapes",
+            data_path: str = "") -> tuple[object, dict]:
     """Train a preview decoder to match `tok`'s VAE decoder; returns it and a summary with the
     held-out L1 (images in [-1, 1]) against the VAE's decode."""
     torch.manual_seed(seed)
     t0 = time.time()
-    z, y = make_pairs(tok, pool, seed)
-    z_val, y_val = make_pairs(tok, 256, seed + 10_000)
+    z, y = make_pairs(tok, pool, seed, data=data, data_path=data_path)
+    z_val, y_val = make_pairs(tok, 256, seed + 10_000, data=data, data_path=data_path)
     model = build_preview_decoder(tok.channels, vae_stride, channels)
     params = list(model.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--data", default="shapes", choices=VAE_DATA, help="the images to distil on (as training.vae)")
+    ap.add_argument("--data-path", default="", help="with a file source: the folder, shards or emoji set")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,12 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.steps, args.batch_size, args.pool, args.channels) < 1:
         raise SystemExit("error: --steps, --batch-size, --pool and --channels must be >= 1")
     config = DreamConfig.load(args.model / "config.json")
-    if config.image_size != 64:
-        raise SystemExit(f"error: the distillation data is the 64 x 64 Shapes World; {args.model} is "
-                         f"{config.image_size} px (for SD-VAE models use the public TAESD weights)")
+    if args.data != "shapes" and not args.data_path:
+        raise SystemExit(f"error: --data {args.data} needs --data-path")
+    if args.data == "shapes" and config.image_size != 64:
+        raise SystemExit(f"error: the default distillation data is the 64 x 64 Shapes World; {args.model} is "
+                         f"{config.image_size} px (distil on its own data with --data, or for SD-VAE models use "
+                         f"the public TAESD weights)")
     tok = ImageTokenizer.from_pretrained(args.model / "vae", config.patch_size)
     model, report = distill(tok, config.vae_stride, args.steps, args.batch_size, args.lr, args.pool,
-                            args.channels, args.seed)
+                            args.channels, args.seed, data=args.data, data_path=args.data_path)
     out = args.out or args.model / PREVIEW_DIR
     out.mkdir(parents=True, exist_ok=True)
     save_preview_decoder(model, out)

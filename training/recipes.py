@@ -11,10 +11,26 @@ The model's geometry is read from the weights it is trained with: `vae_stride` (
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+# What a recipe's `data` may name: file sources (image folders, webdataset shards, the built emoji
+# set), the live Shapes World, and the latent/T5 cache written by training.cache.
+DATA_KINDS = ("webdataset", "folder", "emoji", "shapes", "cache")
+FILE_DATA_KINDS = ("webdataset", "folder", "emoji")
+# Above this share of <unk> tokens in the data's captions a run refuses to start: a frozen T5 reads
+# every word it does not know as the same token, so the model cannot learn them apart.
+MAX_UNKNOWN_SHARE = 0.05
+
+
+def did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """The closest known name to a mistyped one, as " (did you mean PREFIX+NAME?)", or "" when none is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def part_names(spec: str) -> list[str]:
@@ -29,7 +45,7 @@ class TrainRecipe:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     # data
-    data: str = "webdataset"  # webdataset | folder | shapes | cache
+    data: str = "webdataset"  # one of DATA_KINDS
     data_path: str = ""
     cache_path: str = ""  # latent/T5 cache written by training.cache (read instead of images when set)
     flip: bool = True  # random horizontal flip (off for the Shapes World: captions name left/right)
@@ -37,6 +53,9 @@ class TrainRecipe:
     samples_per_epoch: int = 0  # defines the fractional epoch; 0 = the size of the data (file sources)
     vae_path: str = ""  # a diffusers AutoencoderKL directory (default with init_from: <init_from>/vae)
     t5_path: str = ""  # a transformers T5 encoder directory (default with init_from: <init_from>/text)
+    # The share of the captions' T5 tokens that may be <unk> before the trainer refuses to start
+    # (it names the unknown words either way); 1 = go on whatever the share.
+    max_unknown_share: float = MAX_UNKNOWN_SHARE
 
     # fine-tuning: start from a model directory (config.json + model.safetensors + vae/ + text/)
     init_from: str = ""
@@ -46,11 +65,11 @@ class TrainRecipe:
     # "projector,text_tower,logit_scale": the joint space's heads only, generation unchanged); "" = all
     trainable: str = ""
     # with trainable: the parts among them that start from their initialisation instead of init_from's
-    # weights (e.g. "text_tower,projector": a joint space rebuilt on a frozen encoder, issue 9)
+    # weights (e.g. "text_tower,projector": a joint space rebuilt on a frozen encoder, `shapes-heads`)
     reinit: str = ""
     preserve_path: str = ""  # a second image folder mixed into the data (e.g. samples of the base model)
     # Shapes World only (live, or a cache extracted from it): per image, this many captions that differ
-    # from its own in one stated attribute, as extra contrastive negatives (issue 9's joint-space ablation).
+    # from its own in one stated attribute, as extra contrastive negatives (docs/experiments/joint-space.md).
     hard_negatives: int = 0
 
     # optimisation
@@ -84,7 +103,7 @@ class TrainRecipe:
     seed: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     fsdp: bool = False
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # on for the paper's sizes (dream-*); see training/plan.py
     compile: bool = False
     log_every: int = 20
     ckpt_every: int = 500
@@ -105,10 +124,17 @@ class TrainRecipe:
             except json.JSONDecodeError:
                 value = raw
             if key.startswith("model."):
-                model_over[key[len("model."):]] = value
+                from dream_core.config import DreamConfig
+
+                name, known = key[len("model."):], sorted(f.name for f in dataclasses.fields(DreamConfig))
+                if name not in known:
+                    raise ValueError(f"unknown DreamConfig keys: {key}{did_you_mean(name, known, 'model.')}; "
+                                     f"the model keys: {', '.join(known)}")
+                model_over[name] = value
                 continue
             if key not in fields:
-                raise ValueError(f"unknown recipe key {key!r}; known keys: {', '.join(sorted(fields))}")
+                raise ValueError(f"unknown recipe key {key!r}{did_you_mean(key, sorted(fields))}; "
+                                 f"known keys: {', '.join(sorted(fields))}")
             default = getattr(self, key)
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ValueError(f"recipe key {key} expects true/false, got {raw!r}")
@@ -120,8 +146,8 @@ class TrainRecipe:
         return dataclasses.replace(self, model_overrides=model_over, **updates).validate()
 
     def validate(self) -> "TrainRecipe":
-        if self.data not in ("webdataset", "folder", "shapes", "cache"):
-            raise ValueError(f"recipe.data must be webdataset, folder, shapes or cache, got {self.data!r}")
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"recipe.data must be one of {', '.join(DATA_KINDS)}, got {self.data!r}")
         for key in ("batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"recipe.{key} must be >= 1, got {getattr(self, key)}")
@@ -165,6 +191,8 @@ class TrainRecipe:
                              "negatives are made from the Shapes World grammar")
         if self.max_steps < 0:
             raise ValueError(f"recipe.max_steps must be >= 0, got {self.max_steps}")
+        if not 0.0 <= self.max_unknown_share <= 1.0:
+            raise ValueError(f"recipe.max_unknown_share must be in [0, 1], got {self.max_unknown_share}")
         return self
 
     def masking_schedule(self):
@@ -202,7 +230,13 @@ class TrainRecipe:
             if key in self.model_overrides and not _same(self.model_overrides[key], value):
                 raise ValueError(f"model.{key}={self.model_overrides[key]} disagrees with the weights: {why}; "
                                  f"drop model.{key} (it is read from the weights) or point at other weights")
-        return base.replace(**{**{k: v for k, (v, _) in derived.items()}, **self.model_overrides})
+        try:
+            return base.replace(**{**{k: v for k, (v, _) in derived.items()}, **self.model_overrides})
+        except ValueError as err:  # name the key as it was typed: model.KEY, not config.KEY
+            message = str(err)
+            for key in self.model_overrides:
+                message = message.replace(f"config.{key}=", f"model.{key}=").replace(f"config.{key} ", f"model.{key} ")
+            raise ValueError(message) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,8 +285,11 @@ def weights_geometry(vae_path: str, t5_path: str) -> dict[str, tuple[Any, str]]:
 
 
 def _dream(size: str, **kw) -> TrainRecipe:
+    # Gradient checkpointing on: at the paper's 256 samples a GPU (global batch 2048 on 8 GPUs) the
+    # activations alone are ~100 GiB (base) to ~400 GiB (giant) without it, ~25-55 GiB with it
+    # (`python -m training.plan`).
     base = dict(name=f"dream-{size}", model=size, mask_std=0.55, fsdp=size in ("huge", "giant"),
-                model_overrides={"t5_path": "google/t5-v1_1-xxl"})
+                grad_checkpointing=True, model_overrides={"t5_path": "google/t5-v1_1-xxl"})
     base.update(kw)
     return TrainRecipe(**base)
 
@@ -265,6 +302,17 @@ _SHAPES_COMMON = dict(
     model="shapes", data="shapes", flip=False, num_workers=0, samples_per_epoch=10_000,
     epochs=19.2, batch_size=64, blr=3.2e-3, warmup_epochs=0.5, masking_warmup_epochs=10.56,
     ema_decay=0.999, log_every=10, ckpt_every=100, sample_every=500, seed=1,
+)
+
+# The emoji model (`make model-emoji`): the Shapes geometry (16 tokens of 64 channels) on the built
+# emoji set, a pass = 11,008 training images x 5 caption templates = 55,040 samples; captions run
+# to 34 T5 and 33 CLIP tokens. No flips: emoji face left or right ("facing right", arrows).
+EMOJI_DATA = "runs/emoji-data"
+_EMOJI_COMMON = dict(
+    model="shapes", data="emoji", data_path=EMOJI_DATA, flip=False, num_workers=0, samples_per_epoch=55_040,
+    epochs=6.0, batch_size=64, blr=3.2e-3, warmup_epochs=0.1, masking_warmup_epochs=3.6, ema_decay=0.999,
+    log_every=10, ckpt_every=100, sample_every=1000, seed=1,
+    model_overrides={"name": "emoji", "t5_max_length": 40, "clip_context_length": 40},
 )
 
 FINETUNE_LR = 1e-4
@@ -303,7 +351,7 @@ RECIPES: dict[str, TrainRecipe] = {
     # The MAR / FLUID baselines' mask-ratio schedule with DREAM's objective (Table 4's last row).
     "shapes-mar": TrainRecipe(name="shapes-mar", masking="mar", **_SHAPES_COMMON),
     # The `clip` baseline on the Shapes World (contrastive loss only, nothing masked): the small
-    # external reranker of Table 17's reranker column (`semantic_decoding.DreamReranker`).
+    # external reranker of Table 17's reranker column (`rerankers.DreamReranker`).
     "shapes-clip": TrainRecipe(name="shapes-clip", masking="none",
                                **{**_SHAPES_COMMON, "sample_every": 0,  # it does not generate
                                   "model_overrides": {"diffusion_weight": 0.0, "clip_weight": 1.0,
@@ -313,13 +361,12 @@ RECIPES: dict[str, TrainRecipe] = {
     # training stage. An attention pooler reads the frozen encoder's tokens; the projector and the
     # text tower restart from their initialisation (`reinit`): continued from the joint training they
     # embed captions that differ only in position alike (cosine 0.9997), a saddle no contrastive step
-    # leaves, since neither tower is pushed to use position while the other ignores it (issue 9: reverse
-    # search's position 11.5 -> 44.6 %, 11.0 % without the restart; model card, "Fifth session").
-    # Batch 256 over 1,200 steps (twice the images and the in-batch negatives of batch 128): top-1
-    # 37.1 -> 92.5 %, position 44.6 -> 97.2 % ("Sixth session"). Whole images only: masked views
-    # (masking=uni) keep it on the saddle (position 15.9 %). `make model` runs it twice, the second
-    # round continuing the first's pooler: on the shipped encoder one round reads position 78.9 %,
-    # two 99.5 % ("Tenth session").
+    # leaves, since neither tower is pushed to use position while the other ignores it (reverse
+    # search's position 11.5 -> 44.6 %, 11.0 % without the restart). Batch 256 over 1,200 steps
+    # (twice the images and the in-batch negatives of batch 128): top-1 37.1 -> 92.5 %, position
+    # 44.6 -> 97.2 %. Whole images only: masked views (masking=uni) keep it on the saddle (position
+    # 15.9 %). `make model` runs it twice, the second round continuing the first's pooler: on the
+    # shipped encoder one round reads position 78.9 %, two 99.5 % (docs/experiments/joint-space-heads.md).
     "shapes-heads": TrainRecipe(**{**_SHAPES_COMMON, "name": "shapes-heads", "init_from": "assets/dream-shapes",
                                    "trainable": "pooler,projector,text_tower,logit_scale",
                                    "reinit": "projector,text_tower", "masking": "none", "batch_size": 256,
@@ -330,7 +377,17 @@ RECIPES: dict[str, TrainRecipe] = {
     # Fine-tuning a model directory (init_from) on an image folder: the pretraining losses with the
     # mask ratios of the end of Masking Warmup (FX), LR warm-up in steps, no flips (captions may name
     # left/right), EMA warmed up with the step count. Defaults measured on the Shapes World (see
-    # assets/dream-shapes/README.md, "What fine-tuning does"); `python -m training.finetune` is the CLI.
+    # docs/experiments/finetuning.md); `python -m training.finetune` is the CLI.
+    "emoji": TrainRecipe(name="emoji", masking="warmup", mask_std=0.55, **_EMOJI_COMMON),
+    # The emoji model's joint-space heads on whole images, generation frozen (as shapes-heads, without
+    # the Shapes World's hard-negative captions); init_from is set by the build.
+    "emoji-heads": TrainRecipe(**{**_EMOJI_COMMON, "name": "emoji-heads",
+                                  "trainable": "pooler,projector,text_tower,logit_scale",
+                                  "reinit": "projector,text_tower", "masking": "none", "batch_size": 256,
+                                  "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 50, "max_steps": 400,
+                                  "sample_every": 0,
+                                  "model_overrides": {**_EMOJI_COMMON["model_overrides"], "diffusion_weight": 0.0,
+                                                      "clip_weight": 1.0, "clip_pooling": "attention"}}),
     "finetune": TrainRecipe(**_FINETUNE_COMMON),
     "finetune-lora": TrainRecipe(**{**_FINETUNE_COMMON, "name": "finetune-lora", "lora_rank": 8,
                                     "lr": FINETUNE_LORA_LR, "weight_decay": 0.0}),

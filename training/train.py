@@ -12,7 +12,9 @@ global batch / 256 with linear warm-up, clip 3.0, EMA (warmed up with the step c
 run exports trained weights), Masking Warmup driven by the fractional epoch. Resumes from
 `<out>/checkpoint-last` automatically, and refuses to when the world size, accumulation, batch or
 data source changed (they position the data stream and set the LR). A non-finite loss on any rank
-stops every rank. Ctrl-C finishes the step, saves a checkpoint and exits.
+stops every rank; a non-finite gradient norm on any rank skips that optimizer step on every rank.
+Ctrl-C, SIGTERM and SIGUSR1 finish the step, save a checkpoint and exit (code 130). A run folder
+that not every rank sees is refused before any work (training/distributed.py).
 
 The epoch is the data's size (recipe.samples_per_epoch=0) or the recipe's. A run cut shorter than
 the recipe's epochs by --max-steps follows the recipe's LR warm-up and Masking Warmup scaled to its
@@ -33,25 +35,28 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dream_core.config import DreamConfig
 from dream_core.masking import random_token_mask
 from dream_core.model import DreamModel, drop_captions
-from dream_core.text import ClipTokenizer, ConditioningTextEncoder
+from dream_core.text import ClipTokenizer, ConditioningTextEncoder, unknown_words
 from dream_core.image_tokenizer import ImageTokenizer, patchify
 from training.checkpoint import (find_checkpoint, load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta,
                                  save_checkpoint, save_sharded_checkpoint)
-from training.distributed import (EMA, check_resume, clip_grad_norm, configure_cuda, contrastive_negatives_note,
-                                  frozen_autocast, load_local_model_state, local_model_state, local_optimizer_state,
-                                  run_layout, shard_model, shard_optimizer_state, stop_if_not_finite,
-                                  sync_replicated_grads)
+from training.distributed import (EMA, all_ranks_finite, check_resume, check_shared_folder, clip_grad_norm,
+                                  configure_cuda, contrastive_negatives_note, frozen_autocast, load_local_model_state,
+                                  local_model_state, local_optimizer_state, run_layout, shard_model,
+                                  shard_optimizer_state, stop_if_not_finite, sync_replicated_grads)
 from training.data.loaders import build_dataloader
-from training.data.sources import describe_source, open_source
+from training.data.sources import CorruptSample, TarSource, describe_source, open_source
 from training.init_from import check_resume_settings, init_from_model_dir, plain_state, set_train_mode
-from training.recipes import RECIPES, TrainRecipe, get_recipe
+from training.plan import check_cpu_memory, memory_note
+from training.recipes import FILE_DATA_KINDS, RECIPES, TrainRecipe, get_recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +120,12 @@ class Trainer:
         self.sharded = bool(recipe.fsdp)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self._check_paths()
+        check_shared_folder(self.out, self.rank, self.world)  # before any work: a node-local --out fails here
 
         torch.manual_seed(recipe.seed)  # same initial weights on every rank
         self.model = DreamModel(self.config)
+        if not cuda:  # before the optimizer and the first batch: a step that cannot fit stops here, said
+            self.acc.print(check_cpu_memory(recipe, self.config, sum(p.numel() for p in self.model.parameters())))
         init_from_model_dir(self.model, recipe)  # fine-tuning: base weights, LoRA adapters
         if recipe.grad_checkpointing:
             for part in (self.model.encoder, self.model.decoder, self.model.aligner, self.model.head.net):
@@ -140,8 +148,8 @@ class Trainer:
         self.peak_lr = recipe.lr if recipe.lr is not None else recipe.blr * self.global_batch / 256
         # Every state below is built where the (prepared) model lives: move, shard, then optimizer and EMA.
         self.model.to(self.device)
-        if self.sharded:
-            shard_model(self.model, self.device)
+        if self.sharded:  # bf16 all-gathers, fp32 gradient reductions on a bf16 run
+            shard_model(self.model, self.device, torch.bfloat16 if precision == "bf16" else None)
         fused = self.device.type == "cuda" and not self.sharded  # foreach AdamW on DTensors
         self.optimizer = build_optimizer(self.model, recipe, self.peak_lr, fused=fused)
         self.schedule = recipe.masking_schedule()
@@ -149,12 +157,21 @@ class Trainer:
         self.mask_gen = torch.Generator().manual_seed(recipe.seed * 1000 + self.rank)
         self.step = 0
         self.samples_seen = 0
-        self.source = None if recipe.data == "shapes" else open_source(recipe)  # opened (and checked) once
+        # Opened (and checked) once, by rank 0 first: tar shards are indexed once and the other
+        # ranks read that index, kept with the run when the data's folder is read-only.
+        TarSource.fallback_index_cache = self.out / ".index_cache"
+        if self.world > 1 and self.rank > 0:
+            self.acc.wait_for_everyone()  # for rank 0's opening
+        self.source = None if recipe.data == "shapes" else open_source(recipe)
+        if self.world > 1 and self.rank == 0:
+            self.acc.wait_for_everyone()
+        self.acc.print(check_vocabulary(recipe, caption_sample(recipe, self.source)))
         self.samples_per_epoch = recipe.samples_per_epoch or len(self.source)
         self.total_steps = recipe.max_steps or math.ceil(recipe.epochs * self.samples_per_epoch / self.global_batch)
         self.schedule_scale = schedule_scale(recipe, self.total_steps, self.global_batch, self.samples_per_epoch)
         self.lr_scale = schedule_scale(recipe, self.total_steps, self.global_batch, self.samples_per_epoch, stretch=True)
         self.data_skipped = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient norm
         self.stop_requested = self.interrupted = False
         self._resume()
         # Built here (not in fit) so bad data fails before any training, and resumes at the saved step.
@@ -165,6 +182,8 @@ class Trainer:
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.acc.print(contrastive_negatives_note(recipe, self.world))
+        if self.device.type == "cuda" and self.acc.is_main_process:
+            self.acc.print(memory_note(recipe, self.world, self.device))
         if recipe.compile:
             self.model = torch.compile(self.model)
         self.teacher = self._build_repa_teacher()
@@ -176,7 +195,7 @@ class Trainer:
             value = getattr(r, key)
             if not value or not Path(value).is_dir():
                 raise ValueError(f"recipe.{key}={value!r} must be a local directory (nothing is downloaded)")
-        if r.data in ("webdataset", "folder") and not (r.data_path and Path(r.data_path).exists()):
+        if r.data in FILE_DATA_KINDS and not (r.data_path and Path(r.data_path).exists()):
             raise ValueError(f"recipe.data_path={r.data_path!r} does not exist")
         if r.data == "cache" and not (r.cache_path and Path(r.cache_path).is_dir()):
             raise ValueError(f"recipe.cache_path={r.cache_path!r} does not exist")
@@ -342,9 +361,17 @@ class Trainer:
                 grad_norm = clip_grad_norm(self.model.parameters(), self.recipe.grad_clip)
             elif self.acc.sync_gradients:
                 grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
-            self.optimizer.step()
+            # An inf/NaN gradient (a finite loss can still overflow in backward) would reach the
+            # weights, the EMA and the next checkpoint: every rank skips the step together.
+            skip = grad_norm is not None and not all_ranks_finite(float(grad_norm), self.device)
+            if skip:
+                self.skipped_steps += 1
+                self.acc.print(f"step {self.step + 1}: non-finite gradient norm on at least one rank; every rank "
+                               f"skips this optimizer step ({self.skipped_steps} skipped so far)", flush=True)
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.acc.sync_gradients:
+        if self.acc.sync_gradients and not skip:
             self.ema.update(self.acc.unwrap_model(self.model))
         self.samples_seen += t["tokens"].shape[0] * self.world
         out["lr"] = lr
@@ -397,12 +424,52 @@ class Trainer:
         state = {k: v.cpu() for k, v in self.export_state().items()}
         if not self.acc.is_main_process:
             return
+        if captions is None:
+            captions = self.default_caption_bank()
+        if not captions:
+            warnings.warn(f"the export {model_dir} has an empty caption bank: reverse search will refuse until "
+                          f"one is given (--captions FILE, one caption per line)", stacklevel=2)
+        if card is None:
+            card = self.default_card()
         export_model = DreamModel(self.config)
         export_model.load_state_dict(state)
         t5 = self.t5 if self.t5 is not None else self.conditioning_encoder("cpu")
         pipe = DreamPipeline(export_model, self.tokenizer, t5, captions=captions or [],
                              vae_dir=Path(self.recipe.vae_path), text_dir=Path(self.recipe.t5_path))
         pipe.save_pretrained(model_dir, model_card=card)
+
+    def default_caption_bank(self) -> list[str]:
+        """Reverse search's bank when none is given: the data's own (the emoji set's names, an image
+        folder's distinct captions; the Shapes World's full bank), else none."""
+        if self.recipe.data == "shapes":
+            from training.data.shapes_world import full_caption_bank
+
+            return full_caption_bank()
+        for name in ("caption_bank", "captions"):
+            read = getattr(self.source, name, None)
+            if read is not None:
+                return list(dict.fromkeys(read()))
+        return []
+
+    def default_card(self) -> str:
+        """A short hub-style model card for an export that was given none: what it is, how it was
+        trained, how to load it. Its evaluation section says it is not evaluated."""
+        r = self.recipe
+        data = describe_source(self.source) if self.source is not None else f"data={r.data}"
+        overrides = {k: v for k, v in r.to_dict().items() if v != getattr(get_recipe(r.name), k, v)} \
+            if r.name in RECIPES else r.to_dict()
+        return "\n".join([
+            "---", "license: other", "library_name: dream-studio", "tags: [dream, text-to-image, image-retrieval]",
+            "---", f"# {self.config.name} (recipe `{r.name}`)", "",
+            f"A DREAM model: a masked image encoder trained with a contrastive loss against a text tower, and a "
+            f"text-conditioned decoder with a diffusion head. Trained for {self.step} optimizer steps on {data}.",
+            "", "## Use", "", "```python", "from dream_core.pipeline import DreamPipeline",
+            "pipe = DreamPipeline.from_pretrained(\"path/to/this/folder\")",
+            "image = pipe(\"a caption like the training captions\", seed=0).images[0]", "```", "",
+            "## Training", "", f"`python -m training.train --recipe {r.name} ...` with these settings changed from "
+            f"the recipe: `{json.dumps(overrides, default=str)}`.", "",
+            "## Evaluation", "", "Not evaluated: measure it with `python -m training.evaluate` before relying on it.", "",
+            "## Licence", "", "The weights follow the licence of the data they were trained on.", ""])
 
     # ----- the loop -----
     def fit(self) -> dict:
@@ -431,7 +498,7 @@ class Trainer:
         t_last, n_last = time.time(), self.samples_seen
         last = {}
         data_iter = iter(loader)
-        restore = self._catch_ctrl_c()
+        restore = self._catch_stop_signals()
         while self.step < self.total_steps:
             if self._stop_now():
                 break
@@ -488,23 +555,38 @@ class Trainer:
                            "run the same command again to continue from it", flush=True)
         return last
 
-    # ----- Ctrl-C -----
-    def _catch_ctrl_c(self):
-        """The first Ctrl-C asks the loop to stop after the current step (and save); a second one
-        aborts at once. Returns the function that puts the previous handler back."""
+    # ----- Ctrl-C, preemption -----
+    def _catch_stop_signals(self):
+        """SIGINT (Ctrl-C), SIGTERM (what Slurm, Kubernetes and torchrun send to stop or preempt a
+        job) and SIGUSR1 (Slurm's early warning, `--signal=USR1@SECONDS`) ask the loop to stop after the
+        current step and save; every rank stops at the same step (`_stop_now`). A second Ctrl-C
+        aborts at once; a repeated SIGTERM/SIGUSR1 is ignored, so it cannot cut the save short.
+        Returns the function that puts the previous handlers back."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
+        names = [name for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+        previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
 
         def handler(signum, frame):
             if self.stop_requested:
-                raise KeyboardInterrupt
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
             self.stop_requested = True
-            print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
-                  file=sys.stderr, flush=True)
+            if signum == signal.SIGINT:
+                what = "Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)"
+            else:
+                what = f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+            print(f"\n{what}", file=sys.stderr, flush=True)
 
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
+        for name in names:
+            signal.signal(getattr(signal, name), handler)
+
+        def restore() -> None:
+            for name, old in previous.items():
+                signal.signal(getattr(signal, name), old)
+
+        return restore
 
     def _stop_now(self) -> bool:
         """Whether any rank was asked to stop (all ranks stop at the same step)."""
@@ -546,7 +628,72 @@ class Trainer:
                     "a small blue square at the top left on a black background",
                     "a large green triangle at the bottom right on a gray background",
                     "a yellow cross on the left and a purple diamond on the right"]
+        if self.source is not None and len(self.source):  # captions of the data, spread over it
+            n = len(self.source)
+            prompts = []
+            for q in range(4):
+                try:
+                    prompts.append(self.source.read(q * n // 4)[1])
+                except Exception:  # an unreadable sample: sampling is a check, never a crash
+                    continue
+            if prompts:
+                return prompts
         return ["a photo of a dog", "a red car parked on a street"]
+
+
+VOCAB_SAMPLE = 2000  # captions the <unk> check reads from data larger than that (spread over it)
+NAMED_UNKNOWN = 12  # unknown words named, most frequent first
+
+
+def caption_sample(recipe: TrainRecipe, source, limit: int = VOCAB_SAMPLE) -> list[str]:
+    """Captions of the data for the vocabulary check: all of them up to `limit` samples, else
+    `limit` spread over the data. Fine-tuning's preservation images are left out (their captions
+    come from the base model's own bank)."""
+    if recipe.data == "shapes":
+        from training.data.shapes_world import caption, random_scene
+
+        rng = np.random.default_rng(recipe.seed)
+        return [caption(random_scene(rng), rng) for _ in range(limit)]
+    source = source.sources[0] if hasattr(source, "sources") else source
+    if hasattr(source, "captions") and len(source) <= limit:
+        return source.captions()
+    out = []
+    for i in np.linspace(0, len(source) - 1, min(limit, len(source))).astype(int):
+        try:
+            sample = source.read(int(i))
+        except CorruptSample:
+            continue
+        out.append(sample["caption"] if isinstance(sample, dict) else sample[1])
+    return out
+
+
+def check_vocabulary(recipe: TrainRecipe, captions: list[str]) -> str:
+    """One line naming the share of <unk> tokens the conditioning T5 gives the captions and the
+    words behind them; raises ValueError above recipe.max_unknown_share, with the way out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(recipe.t5_path), local_files_only=True)
+    unknown, total, words = unknown_words(tokenizer, captions)
+    share = unknown / max(total, 1)
+    if not unknown:
+        return f"vocabulary: every word of {len(captions)} captions is known to the T5 at {recipe.t5_path}"
+    named = ", ".join(f"{w!r} ({n})" for w, n in words.most_common(NAMED_UNKNOWN))
+    more = f" and {len(words) - NAMED_UNKNOWN} more" if len(words) > NAMED_UNKNOWN else ""
+    line = (f"vocabulary: {share:.1%} of the T5 tokens of {len(captions)} captions are <unk> for the T5 at "
+            f"{recipe.t5_path}, from {len(words)} unknown word{'s' if len(words) > 1 else ''} (most frequent first): "
+            f"{named}{more}")
+    if share <= recipe.max_unknown_share:
+        return line
+    if recipe.init_from:
+        how = ("fine-tuning keeps the base model's vocabulary, so the model learns every unknown word as the "
+               "same <unk>: any unknown word in a prompt will then draw what it learnt here. Use words the "
+               "model knows, or pretrain with a vocabulary of your captions (python -m training.text_vocab, "
+               "docs/own-data.md)")
+    else:
+        how = ("build a vocabulary of your captions (python -m training.text_vocab --out DIR --data "
+               f"{recipe.data} --data-path {recipe.data_path or 'PATH'}) and train with t5_path=DIR")
+    raise ValueError(f"{line}; that is more than max_unknown_share={recipe.max_unknown_share:g}. The model "
+                     f"cannot tell unknown words apart: {how}. To go on anyway, add max_unknown_share=1")
 
 
 def schedule_scale(recipe: TrainRecipe, total_steps: int, global_batch: int, samples_per_epoch: int,
@@ -596,7 +743,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--export", type=Path, default=None, help="write a model directory (EMA weights) at the end")
     ap.add_argument("--captions", type=Path, default=None, help="caption bank (one per line) for the exported model")
     ap.add_argument("--list-recipes", action="store_true")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: torch's choice; 1 is fastest beside another busy job)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value (model.KEY=value for the model config)")
     return ap.parse_args(argv)
 
@@ -616,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.max_steps is not None:
             if args.max_steps < 1:
                 raise ValueError("--max-steps must be >= 1")
+            if recipe.max_steps and any(o.startswith("max_steps=") for o in args.overrides):
+                print(f"--max-steps {args.max_steps} replaces the override max_steps={recipe.max_steps}", flush=True)
             recipe = recipe.overrides([f"max_steps={args.max_steps}"])
         captions = None
         if args.captions is not None:

@@ -1,17 +1,22 @@
-"""Train a small diffusers `AutoencoderKL` on the Shapes World (the SD-VAE cannot be downloaded here).
+"""Train a small diffusers `AutoencoderKL` on any image data the trainer reads (the SD-VAE cannot be
+downloaded here): the Shapes World (the default), an image folder, webdataset shards or the emoji set.
 
 The VAE has the SD-VAE's architecture family at toy scale: stride 4 (three resolution levels),
 4 latent channels, reconstruction L1 + MSE and a small KL term. After training, the latent
 scaling factor is set to 1 / std of the posterior means (the way SD's 0.18215 was chosen) and
 saved in the VAE's own config, which `ImageTokenizer` reads.
 
-    python -m training.vae --out assets/dream-shapes/vae --steps 3000
+    python -m training.vae --out runs/shapes/vae --steps 3000
+    python -m training.vae --out runs/mine/vae --data folder --data-path my_images/ --object-boost 0
+
+`--channels` sets the encoder's (and decoder's) channels per level: three levels give stride 4
+(a 64 x 64 image -> a 16 x 16 latent of 4 channels).
 
 `--decoder-only --decoder-channels 32,64,128` replaces a trained VAE's decoder by a new, wider one
 (a diffusers `AsymmetricAutoencoderKL`) trained behind the kept encoder: the latents, and every
-model trained on them, stay valid (the bundled model's decoder, model card "Seventh session").
-`--edge-boost 20` adds loss weight on the objects' outlines, where an L1 + MSE decoder rounds
-corners (the bundled decoder's last stage, model card "Issue 9, fourteenth session").
+model trained on them, stay valid. `--edge-boost 20` adds loss weight on the objects' outlines,
+where an L1 + MSE decoder rounds corners. `--object-boost` weights the pixels that differ from the
+image's border colour (a Shapes World object on its flat background); 0 is plain L1 + MSE.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import numpy as np
 import torch
 
 from training.data.shapes_world import ShapesWorldDataset
+from training.recipes import FILE_DATA_KINDS, TrainRecipe
+
+VAE_DATA = ("shapes", *FILE_DATA_KINDS)  # what the VAE trains on (a latent cache holds no images)
 
 
 def build_vae(channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4, image_size: int = 64):
@@ -40,10 +48,17 @@ def build_vae(channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4
     )
 
 
-def batches(seed: int, batch_size: int):
-    it = iter(ShapesWorldDataset(seed=seed))
-    while True:
-        yield torch.stack([next(it)["image"] for _ in range(batch_size)])
+def batches(seed: int, batch_size: int, data: str = "shapes", data_path: str = "", image_size: int = 64):
+    """Endless image batches: the live Shapes World from `seed`, or any file source of the trainer
+    (opened and checked as training opens it), in a permutation seeded by `seed`."""
+    if data == "shapes":
+        it = iter(ShapesWorldDataset(seed=seed))
+        while True:
+            yield torch.stack([next(it)["image"] for _ in range(batch_size)])
+    from training.data.sources import image_batches, open_source
+
+    source = open_source(TrainRecipe(data=data, data_path=data_path, flip=False).validate())
+    yield from image_batches(source, image_size, batch_size, seed)
 
 
 def object_weights(x: torch.Tensor, boost: float, edge_boost: float = 0.0) -> torch.Tensor:
@@ -96,8 +111,9 @@ def with_new_decoder(vae, channels: tuple[int, ...], layers_per_block: int = 1):
 def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
               seed: int = 0, log_every: int = 50, init: Path | None = None, object_boost: float = 9.0,
               edge_boost: float = 0.0, decoder_only: bool = False, decoder_channels: tuple[int, ...] | None = None,
-              decoder_layers: int = 1) -> dict:
-    """Train (or continue, from `init`) a Shapes World VAE. With `decoder_only` the encoder of `init`
+              decoder_layers: int = 1, data: str = "shapes", data_path: str = "",
+              channels: tuple[int, ...] = (16, 32, 64), image_size: int = 64) -> dict:
+    """Train (or continue, from `init`) a VAE on `data` (see `batches`). With `decoder_only` the encoder of `init`
     is frozen and its scaling factor kept, so the latent space, and any DREAM model trained on it,
     stays valid while the decoder learns to draw sharper images from the same latents; with
     `decoder_channels` that decoder is a new, wider one (`with_new_decoder`), trained from scratch."""
@@ -110,10 +126,14 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
     if object_boost < 0 or edge_boost < 0:
         raise ValueError(f"--object-boost and --edge-boost are extra loss weights (>= 0), got {object_boost} and "
                          f"{edge_boost}")
+    if data not in VAE_DATA:
+        raise ValueError(f"--data must be one of {', '.join(VAE_DATA)}, got {data!r}")
+    if data != "shapes" and not data_path:
+        raise ValueError(f"--data {data} needs --data-path")
     if decoder_channels is None and decoder_layers != 1:
         raise ValueError("--decoder-layers needs --decoder-channels (it shapes a new decoder)")
     torch.manual_seed(seed)
-    vae = load_vae(init) if init is not None else build_vae()
+    vae = load_vae(init) if init is not None else build_vae(tuple(channels), image_size=image_size)
     if decoder_channels is not None:
         vae = with_new_decoder(vae, tuple(decoder_channels), decoder_layers)
     if decoder_only:
@@ -127,12 +147,12 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    data = batches(seed, batch_size)
+    feed = batches(seed, batch_size, data, data_path, image_size)
     t0 = time.time()
     log = []
     vae.train()
     for step in range(steps):
-        x = next(data)
+        x = next(feed)
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -153,7 +173,7 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
     vae.eval()
     # Scaling factor: unit variance of the latent means over fresh images.
     with torch.no_grad():
-        held = next(batches(seed + 1, 512))
+        held = next(batches(seed + 1, 512, data, data_path, image_size))
         means = vae.encode(held).latent_dist.mean
         scale = vae.config.scaling_factor if decoder_only else float(1.0 / means.flatten().std())
         rec = vae.decode(means).sample.clamp(-1, 1)
@@ -165,7 +185,7 @@ def train_vae(out: Path, steps: int, batch_size: int = 32, lr: float = 1e-3, kl_
     summary = {"steps": steps, "decoder_only": decoder_only, "decoder_channels": list(decoder_levels),
                "decoder_parameters": sum(p.numel() for n, p in vae.decoder.named_parameters()
                                          if not n.startswith("condition_encoder.")),
-               "batch_size": batch_size, "wall_seconds": time.time() - t0,
+               "data": data, "data_path": str(data_path), "batch_size": batch_size, "wall_seconds": time.time() - t0,
                "lr": lr, "object_boost": object_boost, "edge_boost": edge_boost,
                "scaling_factor": scale, "heldout_l1": held_l1}
     (out / "training_log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
@@ -193,13 +213,23 @@ def main() -> None:
                     help="with --decoder-only: a new decoder of these channels per level, e.g. 32,64,128 "
                          "(saved as a diffusers AsymmetricAutoencoderKL; the encoder and latents are kept)")
     ap.add_argument("--decoder-layers", type=int, default=1, help="resnet layers per level of a new decoder (+1 up)")
+    ap.add_argument("--data", default="shapes", choices=VAE_DATA,
+                    help="the images: the live Shapes World, or a file source as in training (needs --data-path)")
+    ap.add_argument("--data-path", default="", help="the image folder, shard folder or built emoji set")
+    ap.add_argument("--channels", default="16,32,64",
+                    help="a new VAE's channels per level (comma-separated; three levels = stride 4)")
+    ap.add_argument("--image-size", type=int, default=64, help="training image size (square)")
     args = ap.parse_args()
-    decoder_channels = None
-    if args.decoder_channels is not None:
+
+    def channel_list(flag: str, text: str) -> tuple[int, ...]:
         try:
-            decoder_channels = tuple(int(c) for c in args.decoder_channels.split(","))
+            return tuple(int(c) for c in text.split(","))
         except ValueError:
-            ap.error(f"--decoder-channels takes comma-separated integers, got {args.decoder_channels!r}")
+            ap.error(f"{flag} takes comma-separated integers, got {text!r}")
+
+    channels = channel_list("--channels", args.channels)
+    decoder_channels = None if args.decoder_channels is None else channel_list("--decoder-channels",
+                                                                              args.decoder_channels)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     if args.threads:
@@ -209,7 +239,8 @@ def main() -> None:
         summary = train_vae(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, init=args.init,
                             object_boost=args.object_boost, edge_boost=args.edge_boost,
                             decoder_only=args.decoder_only,
-                            decoder_channels=decoder_channels, decoder_layers=args.decoder_layers)
+                            decoder_channels=decoder_channels, decoder_layers=args.decoder_layers,
+                            data=args.data, data_path=args.data_path, channels=channels, image_size=args.image_size)
     except ValueError as err:  # bad settings are refused before any training
         ap.error(str(err))
     print(json.dumps(summary))

@@ -47,6 +47,7 @@ log = logging.getLogger("dream.data")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
 WARN_EVERY = 100  # log a warning on the first and every N-th skipped sample
+NAMED_MAX = 10  # files named in a warning about many (the rest are counted)
 VERIFY_MAX = 20_000  # image folders up to this size are checked image by image before training
 MAX_REPLACEMENTS = 64  # consecutive unreadable samples before the data is declared broken
 INDEX_VERSION = 1
@@ -144,14 +145,18 @@ class FolderSource:
             self.caption_source = "captions.csv" if (root / "captions.csv").is_file() else "captions.jsonl"
         else:
             self.caption_source = "a .txt beside each image"
-        no_caption = 0
+        # Images left out for want of a caption (relative paths), named once by open_source.
+        self.no_caption: list[str] = []
         if table is None:
             for path in sorted(self._images()):
                 if path.with_suffix(".txt").is_file():
                     self.items.append((str(path.relative_to(root)), None))
                 else:
-                    no_caption += 1
-        self.no_caption = no_caption if table is None else 0  # said once, by open_source
+                    self.no_caption.append(str(path.relative_to(root)))
+        else:
+            listed = {os.path.normpath(rel) for rel, _ in table}
+            self.no_caption = sorted(rel for rel in (str(p.relative_to(root)) for p in self._images())
+                                     if os.path.normpath(rel) not in listed)
         if not self.items:
             raise ValueError(f"data path {root} holds no image with a caption (images {', '.join(IMAGE_EXTS)} with "
                              f"a .txt beside each, or a captions.csv / captions.jsonl at the root)")
@@ -268,11 +273,14 @@ class TarSource:
     """img2dataset webdataset shards, read by seeking to each member (no webdataset dependency).
 
     Each shard is scanned once for member offsets (headers only); the index is cached beside the
-    data in `.index_cache/` (or nowhere when that is not writable) and checked against the tar's
-    size and mtime. A shard that is not a tar at all is an error up front; a truncated one keeps the
-    members before the damage."""
+    data in `.index_cache/`, or, when the data's folder is read-only, in `fallback_index_cache`
+    (the trainer sets its run folder's, which every rank sees, so the shards are scanned once per
+    run rather than by every rank at every start), and checked against the tar's size and mtime.
+    A shard that is not a tar at all is an error up front; a truncated one keeps the members
+    before the damage."""
 
     IMG, TXT, JSON = 0, 1, 2
+    fallback_index_cache: Path | None = None
 
     def __init__(self, root: str | Path, index_cache: str | Path | None = None) -> None:
         root = Path(root)
@@ -298,9 +306,9 @@ class TarSource:
         self._pid = os.getpid()
 
     # ----- indexing -----
-    def _cache_file(self, shard: Path) -> Path:
+    def _cache_file(self, shard: Path, folder: Path) -> Path:
         digest = hashlib.md5(str(shard.resolve()).encode()).hexdigest()[:8]
-        return self.cache_dir / f"{shard.name}.{digest}.v{INDEX_VERSION}.safetensors"
+        return Path(folder) / f"{shard.name}.{digest}.v{INDEX_VERSION}.safetensors"
 
     def _index(self, shard: Path) -> dict[str, np.ndarray]:
         from safetensors import safe_open
@@ -308,22 +316,26 @@ class TarSource:
 
         st = shard.stat()
         stamp = {"size": str(st.st_size), "mtime_ns": str(st.st_mtime_ns)}
-        cache = self._cache_file(shard)
-        if cache.is_file():
-            try:
-                with safe_open(str(cache), "np") as f:
-                    if f.metadata() == stamp:
-                        return {k: f.get_tensor(k) for k in f.keys()}
-            except Exception:  # a damaged cache is rebuilt
-                pass
+        folders = [self.cache_dir] + ([self.fallback_index_cache] if self.fallback_index_cache else [])
+        caches = [self._cache_file(shard, folder) for folder in folders]
+        for cache in caches:
+            if cache.is_file():
+                try:
+                    with safe_open(str(cache), "np") as f:
+                        if f.metadata() == stamp:
+                            return {k: f.get_tensor(k) for k in f.keys()}
+                except Exception:  # a damaged cache is rebuilt
+                    pass
         idx = scan_tar(shard)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            save_file(idx, str(tmp), metadata=stamp)
-            os.replace(tmp, cache)
-        except OSError:  # read-only data: index again next time
-            pass
+        for cache in caches:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+                save_file(idx, str(tmp), metadata=stamp)
+                os.replace(tmp, cache)
+                break
+            except OSError:  # read-only: the next folder (without one, index again next time)
+                continue
         return idx
 
     # ----- reading -----
@@ -669,6 +681,15 @@ def _image_sample(size: int) -> Callable[[Any, int, bool], dict]:
     return make
 
 
+def image_batches(source, size: int, batch_size: int, seed: int, flip: bool = False) -> Iterator[torch.Tensor]:
+    """Endless [B, 3, size, size] batches in [-1, 1] from any image source (the stream of
+    `build_dataloader`, images only): what the VAE trains on, whatever the data."""
+    stream = SampleStream(source, _image_sample(size), batch_size, rank=0, world=1, start_batch=0, seed=seed,
+                          flip=flip)
+    for batch in stream:
+        yield batch["image"]
+
+
 def _cache_sample(source, idx: int, flip: bool) -> dict:
     return source.read(idx, flip=flip)
 
@@ -718,19 +739,27 @@ def open_source(recipe, verify: bool = True):
         return CacheSource(recipe.cache_path or recipe.data_path)
     if recipe.data == "webdataset":
         return TarSource(recipe.data_path)
+    if recipe.data == "emoji":
+        from training.data.emoji import EmojiSource
+
+        return EmojiSource(recipe.data_path, "train")
     if recipe.data == "folder":
         folders = [FolderSource(recipe.data_path)]
         if getattr(recipe, "preserve_path", ""):
             folders.append(FolderSource(recipe.preserve_path))
         for folder in folders:
             if folder.no_caption:
-                log.warning("%d images in %s have no .txt caption beside them and are left out",
-                            folder.no_caption, folder.root)
+                where = ("no .txt caption beside them" if folder.caption_source.endswith("image")
+                         else f"no row in {folder.caption_source}")
+                names = ", ".join(folder.no_caption[:NAMED_MAX])
+                more = f" and {len(folder.no_caption) - NAMED_MAX} more" if len(folder.no_caption) > NAMED_MAX else ""
+                log.warning("%d images in %s have %s and are left out: %s%s",
+                            len(folder.no_caption), folder.root, where, names, more)
             if verify and len(folder) <= VERIFY_MAX:
                 for path, reason in folder.verify():
                     log.warning("left out %s: the image cannot be read (%s)", path, reason)
         return folders[0] if len(folders) == 1 else ConcatSource(folders)
-    raise ValueError(f"recipe.data={recipe.data!r} is not a file source (webdataset, folder or cache)")
+    raise ValueError(f"recipe.data={recipe.data!r} is not a file source (webdataset, folder, emoji or cache)")
 
 
 def describe_source(source) -> str:
@@ -743,6 +772,9 @@ def describe_source(source) -> str:
         return f"{len(source)} samples in {len(source.shards)} shards under {source.root} (captions: .txt/.json members)"
     if isinstance(source, CacheSource):
         return f"{len(source)} cached samples in {source.root} (captions: the cache)"
+    if hasattr(source, "styles"):  # training.data.emoji.EmojiSource
+        return (f"{len(source.pairs)} emoji images ({source.split} split) x {source.templates} caption templates "
+                f"in {source.root}")
     return f"{len(source)} samples"
 
 
@@ -802,5 +834,5 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
 __all__ = [
     "SKIPPED", "SkipCounter", "CorruptSample", "adm_center_crop", "to_tensor", "decode_image", "FolderSource",
     "TarSource", "CacheSource", "ConcatSource", "ShapesSource", "SampleStream", "scan_tar", "check_data", "open_source",
-    "describe_source", "usable_cores", "data_workers", "build_dataloader",
+    "describe_source", "usable_cores", "data_workers", "build_dataloader", "image_batches",
 ]
