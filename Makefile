@@ -7,8 +7,9 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 7860
 MODEL_RUN ?= runs/shapes
+EMOJI_RUN ?= runs/emoji
 
-.PHONY: run test install install-test browser model bench clean
+.PHONY: run test install install-test browser model model-emoji bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,9 +38,14 @@ test: $(STAMP) browser
 model: $(STAMP)
 	$(BIN)/python -m training.make_shapes_model --work $(MODEL_RUN) --out assets/dream-shapes
 
+# Fetch the three emoji sets with npm, then train the emoji model (VAE, T5 vocabulary, DREAM, heads)
+# on 2 CPU cores and export it to assets/dream-emoji. Resumable: run it again after an interruption.
+model-emoji: $(STAMP)
+	$(BIN)/python -m training.make_emoji_model --work $(EMOJI_RUN) --out assets/dream-emoji
+
 bench: $(STAMP)
-	$(BIN)/python bench/decode.py
-	$(BIN)/python bench/shapes_eval.py
+	$(BIN)/python -m bench.decode
+	$(BIN)/python -m bench.shapes_eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache

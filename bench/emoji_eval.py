@@ -1,0 +1,248 @@
+"""Measure an emoji model on images it never saw: reverse search, zero-shot labels and generation.
+
+Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against K = 1).
+- Reverse search of the held-out OpenMoji images (never trained on) over the bank of all 3,786
+  names: top-1 / top-5; the same for a sample of seen images (reference); and for OpenMoji's
+  monochrome line art (`black/svg`), an emoji style the model never trained on.
+- Zero-shot skin tone (the emoji's own names with each tone) and group (the ten CLDR groups) on the
+  held-out images.
+- Generation for seen (emoji, style) pairs and for the held-out OpenMoji pairs (that emoji was seen
+  only in the other two styles), judged independently of the model: the requested emoji must be
+  the nearest of all 3,786 images of the requested style by distance on blurred 16 x 16
+  thumbnails (rank 1). At K = 1 and with SAD K = 9 (the model's default decision step), paired;
+  the VAE round trip of the reference image under the same judge is the ceiling.
+- A contact sheet of 64 prompts: reference, K = 1, SAD.
+
+    python -m bench.emoji_eval --model assets/dream-emoji --data runs/emoji-data --out bench/results/emoji
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dream_core.pipeline import DreamPipeline
+from dream_core.request import SamplerSettings, default_decision_step, default_steps
+from dream_core.semantic_decoding import Setting
+from training.data.emoji import PACKAGE_OF_STYLE, STYLES, EmojiSource, package_dir, render_svg
+from training.evaluate.stats import format_difference, format_rate, paired_difference, rate_with_interval
+
+THUMB = 16  # the judge's thumbnail side: the art's layout and colours, not its pixels
+GROUPS = {  # CLDR group -> the words a person would use
+    "smileys-emotion": "smileys and emotion", "people-body": "people and body", "component": "component",
+    "animals-nature": "animals and nature", "food-drink": "food and drink", "travel-places": "travel and places",
+    "activities": "activities", "objects": "objects", "symbols": "symbols", "flags": "flags",
+}
+PROMPT = "a {name} emoji in {style} style"  # how a person would ask
+
+
+def thumbs(images: np.ndarray) -> torch.Tensor:
+    """[N, 64, 64, 3] uint8 -> [N, 3 * THUMB * THUMB] float: area-averaged (a box blur) thumbnails."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return torch.nn.functional.adaptive_avg_pool2d(x, THUMB).flatten(1)
+
+
+def judge_ranks(generated: np.ndarray, wanted: np.ndarray, references: torch.Tensor) -> np.ndarray:
+    """Rank (1 = nearest) of the wanted emoji among all `references` of one style for each image."""
+    d = torch.cdist(thumbs(generated), references)
+    own = d[torch.arange(len(wanted)), torch.from_numpy(wanted)]
+    return (d < own[:, None]).sum(1).numpy() + 1
+
+
+def top_k_hits(pipe: DreamPipeline, images: np.ndarray, targets: np.ndarray, bank_emb: torch.Tensor,
+               batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 and top-5 hits of reverse search for images whose right bank entry is `targets`."""
+    ranks = []
+    for i in range(0, len(images), batch):
+        emb = pipe.embed_images([Image.fromarray(im) for im in images[i:i + batch]]).cpu()
+        sims = emb @ bank_emb.T
+        own = sims[torch.arange(len(emb)), torch.from_numpy(targets[i:i + batch])]
+        ranks.append((sims > own[:, None]).sum(1) + 1)
+    r = torch.cat(ranks).numpy()
+    return r <= 1, r <= 5
+
+
+def unseen_style(data: Path, records: list[dict], picks: np.ndarray) -> np.ndarray:
+    """OpenMoji's monochrome line art (`black/svg`) of the picked emoji, normalised like the set."""
+    folder = package_dir(data, PACKAGE_OF_STYLE["openmoji"]) / "package" / "black" / "svg"
+    return np.stack([render_svg(folder / records[e]["files"]["openmoji"]) for e in picks])
+
+
+def vae_round_trip(pipe: DreamPipeline, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        tokens = torch.cat([pipe.encode_image_tokens(Image.fromarray(im)) for im in images[i:i + batch]])
+        out += [np.asarray(im.convert("RGB")) for im in pipe.decode_tokens(tokens)]
+    return np.stack(out)
+
+
+def zero_shot_rates(pipe: DreamPipeline, source: EmojiSource, held: np.ndarray) -> dict:
+    """Skin tone: among the names of the same base emoji (each tone and none), is the image's own
+    name the most similar? Group: among the ten groups' names."""
+    recs = source.records
+    by_base: dict[str, list[int]] = {}
+    for i, r in enumerate(recs):
+        by_base.setdefault(r["base"], []).append(i)
+    tone_hits, group_hits = [], []
+    group_keys = list(GROUPS)
+    group_emb = pipe.embed_texts([f"{GROUPS[g]} emoji" for g in group_keys]).cpu()
+    for e in held:
+        img = pipe.embed_images([Image.fromarray(source.images[e, STYLES.index("openmoji")])]).cpu()[0]
+        family = by_base[recs[e]["base"]]
+        if len(family) > 1 and recs[e]["skin_tone"] != "mixed":
+            names = pipe.embed_texts([recs[i]["name"] for i in family]).cpu()
+            tone_hits.append(family[int((names @ img).argmax())] == e)
+        group_hits.append(group_keys[int((group_emb @ img).argmax())] == recs[e]["group"])
+    return {"skin_tone": rate_with_interval(sum(tone_hits), len(tone_hits)),
+            "group": rate_with_interval(sum(group_hits), len(group_hits)),
+            "group_chance": 1 / len(group_keys)}
+
+
+def contact_sheet(refs: np.ndarray, k1: list, sad: list, path: Path) -> None:
+    """Columns of (reference, K = 1, SAD) triples, 8 triples a row."""
+    tiles = [np.concatenate([refs[i], np.asarray(k1[i].convert("RGB")), np.asarray(sad[i].convert("RGB"))], 0)
+             for i in range(len(refs))]
+    rows = [np.concatenate(tiles[i:i + 8] + [np.full_like(tiles[0], 255)] * (8 - len(tiles[i:i + 8])), 1)
+            for i in range(0, len(tiles), 8)]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("assets/dream-emoji"))
+    ap.add_argument("--data", type=Path, default=Path("runs/emoji-data"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/emoji"))
+    ap.add_argument("--n-seen", type=int, default=300, help="seen (emoji, style) pairs generated")
+    ap.add_argument("--n-heldout", type=int, default=350, help="held-out OpenMoji pairs generated (all: 350)")
+    ap.add_argument("--n-search-seen", type=int, default=1000, help="seen images searched (reference)")
+    ap.add_argument("--n-unseen-style", type=int, default=500, help="line-art images searched")
+    ap.add_argument("--candidates", type=int, default=9, help="SAD's K (1: K = 1 only)")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="CFG (default: the model's)")
+    ap.add_argument("--temperature", type=float, default=None, help="head temperature (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sections", default="search,generation", help="comma-separated: search, generation")
+    args = ap.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections or sections - {"search", "generation"}:
+        ap.error(f"--sections takes search and/or generation, got {args.sections!r}")
+    if args.candidates < 1:
+        ap.error("--candidates must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    pipe = DreamPipeline.from_pretrained(args.model, device="cpu")
+    source = EmojiSource(args.data, "all")
+    recs = source.records
+    held_pairs = EmojiSource(args.data, "heldout").pairs
+    train_pairs = EmojiSource(args.data, "train").pairs
+    bank = [r["name"] for r in recs]
+    if pipe.captions and pipe.captions != bank:
+        raise SystemExit("the model's caption bank is not the emoji set's names in order: was it trained on this set?")
+    bank_emb = pipe.embed_texts(bank).cpu()
+    result: dict = {"model": str(args.model), "weights": pipe.weights_fingerprint(), "bank": len(bank)}
+
+    if "search" in sections:
+        search_section(pipe, args, result, source, held_pairs, train_pairs, bank_emb,
+                       np.random.default_rng([args.seed, 0]))
+    if "generation" in sections:
+        generation_section(pipe, args, result, source, held_pairs, train_pairs, np.random.default_rng([args.seed, 1]))
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    result["command"] = "python -m bench.emoji_eval " + " ".join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "eval.json").write_text(json.dumps(result, indent=1))
+    for name, entry in result.get("search", {}).items():
+        print(f"search {name}: top-1 {format_rate(entry['top1'])}, top-5 {format_rate(entry['top5'])}")
+    if "zero_shot_heldout" in result:
+        print(f"zero-shot skin tone {format_rate(result['zero_shot_heldout']['skin_tone'])}, "
+              f"group {format_rate(result['zero_shot_heldout']['group'])}")
+    for split, g in result.get("generation", {}).items():
+        if isinstance(g, dict) and "k1" in g:
+            sad = (f", SAD {format_rate(g['sad'])}, SAD - K=1 {format_difference(g['sad_minus_k1'])}"
+                   if "sad" in g else "")
+            print(f"generation {split}: K=1 {format_rate(g['k1'])}{sad}, VAE ceiling {format_rate(g['vae_ceiling'])}")
+
+
+def search_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
+                   held_pairs: np.ndarray, train_pairs: np.ndarray, bank_emb: torch.Tensor,
+                   rng: np.random.Generator) -> None:
+    """Reverse search (held-out, seen, unseen style) and the zero-shot labels, into `result`."""
+    recs, images, om = source.records, source.images, STYLES.index("openmoji")
+    held_e = held_pairs[:, 0]
+    t1, t5 = top_k_hits(pipe, images[held_e, om], held_e, bank_emb)
+    seen = train_pairs[rng.choice(len(train_pairs), min(args.n_search_seen, len(train_pairs)), replace=False)]
+    s1, s5 = top_k_hits(pipe, images[seen[:, 0], seen[:, 1]], seen[:, 0], bank_emb)
+    picks = rng.choice(len(recs), min(args.n_unseen_style, len(recs)), replace=False)
+    u1, u5 = top_k_hits(pipe, unseen_style(args.data, recs, picks), picks, bank_emb)
+    result["search"] = {
+        "heldout_openmoji": {"top1": rate_with_interval(t1.sum(), len(t1)), "top5": rate_with_interval(t5.sum(), len(t5))},
+        "seen": {"top1": rate_with_interval(s1.sum(), len(s1)), "top5": rate_with_interval(s5.sum(), len(s5))},
+        "unseen_style_openmoji_line_art": {"top1": rate_with_interval(u1.sum(), len(u1)),
+                                           "top5": rate_with_interval(u5.sum(), len(u5))},
+    }
+    result["zero_shot_heldout"] = zero_shot_rates(pipe, source, held_e)
+    print(json.dumps(result["search"]), flush=True)
+
+
+def judged(images: np.ndarray, pairs: np.ndarray, refs: torch.Tensor) -> np.ndarray:
+    """The judge's verdict per (emoji, style) pair: is the image nearest its own reference?"""
+    ok = np.zeros(len(pairs), bool)
+    for st in range(refs.shape[1]):
+        rows = pairs[:, 1] == st
+        if rows.any():
+            ok[rows] = judge_ranks(images[rows], pairs[rows, 0], refs[:, st]) == 1
+    return ok
+
+
+def generation_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
+                       held_pairs: np.ndarray, train_pairs: np.ndarray, rng: np.random.Generator) -> None:
+    """K = 1 and SAD on seen and held-out pairs, with the VAE ceiling, into `result`; the sheet."""
+    recs, images = source.records, source.images
+    steps = default_steps(pipe.config.seq_len)
+    decision = default_decision_step(pipe.config, steps)
+    settings = {"k1": Setting(1)}
+    if args.candidates > 1:
+        settings["sad"] = Setting(args.candidates, decision)
+    sampler = SamplerSettings(guidance_scale=args.guidance_scale, temperature=args.temperature)
+    refs = thumbs(images.reshape(-1, 64, 64, 3)).reshape(len(recs), len(STYLES), -1)
+    result["generation"] = {"steps": steps, "decision_step": decision, "candidates": args.candidates,
+                            "guidance_scale": args.guidance_scale or pipe.config.default_guidance_scale,
+                            "temperature": args.temperature or pipe.config.default_temperature, "prompt": PROMPT,
+                            "judge": f"rank 1 among the style's {len(recs)} images, L2 on {THUMB}x{THUMB} "
+                                     f"area-averaged thumbnails"}
+    sheet = []
+    for split, pairs in (("seen", train_pairs[rng.choice(len(train_pairs), args.n_seen, replace=False)]),
+                         ("heldout", held_pairs[rng.permutation(len(held_pairs))[:args.n_heldout]])):
+        if not len(pairs):
+            continue
+        prompts = [PROMPT.format(name=recs[e]["name"], style=STYLES[s]) for e, s in pairs]
+        seeds = [args.seed * 100_003 + i for i in range(len(pairs))]
+        start = time.time()
+        run = pipe.generate_batch(prompts, seeds, list(settings.values()), sampler=sampler, progress=True)
+        entry: dict = {"n": len(pairs), "seconds": round(time.time() - start, 1)}
+        verdicts, chosen = {}, {}
+        for name, s in settings.items():
+            chosen[name] = run.results[s].images
+            verdicts[name] = judged(np.stack([np.asarray(im.convert("RGB")) for im in chosen[name]]), pairs, refs)
+            entry[name] = rate_with_interval(int(verdicts[name].sum()), len(pairs))
+        if "sad" in settings:
+            entry["sad_minus_k1"] = paired_difference(verdicts["sad"].tolist(), verdicts["k1"].tolist())
+        entry["vae_ceiling"] = rate_with_interval(
+            int(judged(vae_round_trip(pipe, images[pairs[:, 0], pairs[:, 1]]), pairs, refs).sum()), len(pairs))
+        result["generation"][split] = entry
+        last = chosen.get("sad", chosen["k1"])
+        sheet += [(images[e, s], chosen["k1"][i], last[i]) for i, (e, s) in enumerate(pairs[:32])]
+        print(split, json.dumps({k: v for k, v in entry.items() if k != "n"}), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    contact_sheet(np.stack([r for r, _, _ in sheet]), [k for _, k, _ in sheet], [s for _, _, s in sheet],
+                  args.out / "contact_sheet.png")
+
+if __name__ == "__main__":
+    main()

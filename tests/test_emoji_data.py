@@ -1,0 +1,206 @@
+"""The emoji data (training.data.emoji) on a tiny fake npm cache, and the general commands the emoji
+model is built with: the VAE on any file source and the text vocabulary from captions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import emoji
+from training.data.emoji import (CAPTION_TEMPLATES, PACKAGE_OF_STYLE, STYLES, EmojiSource, base_key, build_emoji_set,
+                                 caption, emoji_key, is_heldout, normalise, package_dir)
+
+ROOT = Path(__file__).resolve().parents[1]
+SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="72" height="72" viewBox="0 0 72 72">'
+       '<rect x="16" y="16" width="40" height="40" fill="{colour}"/></svg>')
+# (hexcode as OpenMoji writes it, name, keywords, colour); the second is a skin-tone variant of the first.
+EMOJI = [("1F44B", "waving hand", "hand, wave, waving", "#ff0000"),
+         ("1F44B-1F3FB", "waving hand: light skin tone", "", "#00ff00"),
+         ("2764-FE0F", "red heart", "heart, love", "#0000ff"),
+         ("1F600", "grinning face", "face, grin", "#ffff00")]
+
+
+def heldout_base() -> str:
+    """A 4-hex-digit codepoint whose OpenMoji images the fixed split holds out."""
+    return next(f"{c:04X}" for c in range(0x2000, 0x3000) if is_heldout(f"{c:04X}"))
+
+
+def fake_cache(root: Path) -> Path:
+    """The three unpacked packages, as `fetch_packages` leaves them, with a held-out emoji added."""
+    held = heldout_base()
+    rows = EMOJI + [(held, "held out thing", "thing", "#ff00ff")]
+    meta = []
+    for pkg in PACKAGE_OF_STYLE.values():
+        folder = package_dir(root, pkg) / "package" / pkg.images
+        folder.mkdir(parents=True)
+        (package_dir(root, pkg) / "package" / "package.json").write_text("{}")
+        for hexcode, _, _, colour in rows:
+            if pkg.suffix == ".svg":
+                (folder / f"{hexcode}.svg").write_text(SVG.format(colour=colour))
+            else:  # emoji-datasource names files in lower case with FE0F kept
+                im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+                im.paste(Image.new("RGBA", (30, 40), colour), (10, 5))
+                im.save(folder / f"{hexcode.lower()}.png")
+    for hexcode, name, tags, _ in rows:
+        meta.append({"hexcode": hexcode, "annotation": name, "tags": tags, "group": "people-body",
+                     "subgroups": "hand", "skintone": ""})
+    data = package_dir(root, PACKAGE_OF_STYLE["openmoji"]) / "package" / "data"
+    data.mkdir()
+    (data / "openmoji.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_keys_drop_fe0f_and_pad_codepoints():
+    assert emoji_key("2764-fe0f") == "2764"
+    assert emoji_key("23-fe0f-20e3") == "0023-20E3"
+    assert base_key("1F44B-1F3FB") == "1F44B"
+    assert base_key("1F9D1-1F3FB-200D-1F91D-200D-1F9D1-1F3FC") == "1F9D1-200D-1F91D-200D-1F9D1"
+
+
+def test_split_is_the_published_sha256_rule():
+    for key in ("1F600", "1F44B", "2764", heldout_base()):
+        assert is_heldout(key) == (int(hashlib.sha256(key.encode()).hexdigest(), 16) % 10 == 0)
+
+
+def test_normalise_fills_the_box_whatever_the_art_size():
+    small = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    small.paste(Image.new("RGBA", (20, 20), (255, 0, 0, 255)), (22, 22))
+    out = normalise(small)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    red = (out[..., 0] > 200) & (out[..., 1] < 60)
+    rows, cols = np.where(red)
+    # a square of art becomes a square filling the box but for the margin, on white
+    assert rows.min() <= emoji.MARGIN + 1 and rows.max() >= 63 - emoji.MARGIN - 1
+    assert cols.min() <= emoji.MARGIN + 1 and cols.max() >= 63 - emoji.MARGIN - 1
+    assert (out[0, 0] == 255).all()
+
+
+def test_captions_are_a_pure_function_of_the_sample():
+    rec = {"key": "1F600", "name": "grinning face", "keywords": ["face", "grin", "smile", "happy", "cheerful"]}
+    texts = [caption(rec, "twemoji", t) for t in range(len(CAPTION_TEMPLATES))]
+    assert texts[0] == "grinning face"
+    assert texts[1] == "grinning face, twemoji style"
+    assert texts[2] == "a grinning face emoji in twemoji style"
+    assert texts[3].startswith("grinning face, ") and "style" not in texts[3]
+    assert texts[3].count(",") == emoji.MAX_KEYWORDS  # the name, then 3 keywords
+    assert "face" not in texts[3][len("grinning face"):]  # a keyword inside the name is not repeated
+    assert texts == [caption(rec, "twemoji", t) for t in range(len(CAPTION_TEMPLATES))]
+    # no keyword to add: the name and the style
+    assert caption({**rec, "keywords": []}, "noto", 3) == "grinning face, noto style"
+
+
+def test_build_and_source_on_a_fake_cache(tmp_path):
+    pytest.importorskip("cairosvg")
+    cache = fake_cache(tmp_path / "cache")
+    path = build_emoji_set(cache)
+    assert path.name == "emoji-64.npz" and not list(cache.glob("*.partial*"))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    names = [r["name"] for r in meta["records"]]
+    assert names[:4] == [e[1] for e in EMOJI] and len(names) == 5
+    tone = meta["records"][1]
+    assert tone["skin_tone"] == "light skin tone" and tone["keywords"] == ["hand", "wave", "waving"]  # inherited
+    assert meta["records"][2]["key"] == "2764"
+    train, held, every = (EmojiSource(cache, s) for s in ("train", "heldout", "all"))
+    assert len(every.pairs) == 15 and len(held.pairs) == 1 and len(train.pairs) == 14
+    assert held.pairs.tolist() == [[4, STYLES.index("openmoji")]]
+    assert len(train) == 14 * len(CAPTION_TEMPLATES) and len(held) == 1
+    image, text = train.read(0)
+    assert image.size == (64, 64) and text == "waving hand"
+    assert train.read(14)[1] == "waving hand, noto style"  # sample i: image i % P, template i // P
+    assert train.caption_bank() == names  # reverse search's bank: every name, every split
+    assert len(train.captions()) == len(train)
+    # the first image of each style is its package's art in the emoji's colour, on white
+    assert tuple(every.images[0, 0, 32, 32]) == (255, 0, 0)
+    assert tuple(every.images[0, 2, 32, 32]) == (255, 0, 0)
+    # built once: a second call reads nothing from the packages
+    assert build_emoji_set(cache) == path
+
+
+def test_missing_npm_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="npm, which is not installed"):
+        emoji.fetch_packages(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_missing_cairo_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cairosvg", None)  # import fails as without the package
+    with pytest.raises(RuntimeError, match="libcairo2"):
+        emoji.svg_renderer()
+
+
+def test_source_refuses_an_unbuilt_folder(tmp_path):
+    with pytest.raises(ValueError, match="python -m training.data.emoji --cache"):
+        EmojiSource(tmp_path)
+    with pytest.raises(ValueError, match="recipe.data must be one of"):
+        from training.recipes import TrainRecipe
+
+        TrainRecipe(data="emojis").validate()
+
+
+def image_folder(root: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+        (root / f"im{i}.txt").write_text(f"a picture of a {['zebra', 'kettle', 'violin'][i % 3]} number {i}")
+    return root
+
+
+def test_vae_trains_on_an_image_folder(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    out = tmp_path / "vae"
+    proc = subprocess.run([sys.executable, "-m", "training.vae", "--out", str(out), "--steps", "2", "--batch-size", "4",
+                           "--data", "folder", "--data-path", str(folder), "--channels", "8,16", "--image-size", "32",
+                           "--object-boost", "0", "--threads", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["data"] == "folder" and summary["steps"] == 2 and summary["decoder_channels"] == [8, 16]
+    assert (out / "config.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "training.vae", "--out", str(out), "--data", "folder"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--data folder needs --data-path" in bad.stderr
+
+
+def test_text_vocab_from_a_folder_spells_new_words_in_pieces(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    out = tmp_path / "text"
+    proc = subprocess.run([sys.executable, "-m", "training.text_vocab", "--out", str(out), "--data", "folder",
+                           "--data-path", str(folder), "--vocab-size", "60"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["captions"] == 12 and report["tokens_longest"] >= 6
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    ids = tok("a picture of a blue kite")["input_ids"]  # two words the captions never use
+    assert tok.unk_token_id not in ids  # a unigram vocabulary spells an unseen word in known pieces
+    none = subprocess.run([sys.executable, "-m", "training.text_vocab", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert none.returncode == 2 and "--captions FILE or as --data" in none.stderr
+
+
+def test_the_bundled_emoji_model_carries_its_bank_examples_and_attributions():
+    from app.models import card_body, model_examples
+    from dream_core.pipeline import DreamPipeline
+
+    model = ROOT / "assets" / "dream-emoji"
+    pipe = DreamPipeline.from_pretrained(model, device="cpu")
+    assert len(pipe.captions) == 3786 and pipe.captions[0] == "grinning face"
+    assert pipe.config.t5_max_length >= 34 and pipe.config.image_size == 64
+    card = (model / "README.md").read_text()
+    assert card.startswith("---\nlicense: cc-by-sa-4.0\n")
+    for pkg in PACKAGE_OF_STYLE.values():  # every source's licence and attribution, as the data module states it
+        assert pkg.licence.replace("-", " ").split()[0] in card.replace("-", " ")
+    assert "Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0" in card
+    assert "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0" in card
+    assert "Apache" in card_body(card) and not card_body(card).startswith("---")
+    examples = model_examples(model)
+    assert examples and all(any(name in e for name in pipe.captions) for e in examples)

@@ -1,0 +1,322 @@
+"""Three open emoji sets as training data: Noto, Twemoji and OpenMoji, fetched from npm at build time.
+
+The images are never committed (OpenMoji's share-alike licence applies to arrays derived from it):
+`fetch_packages` runs `npm pack NAME@VERSION` into a cache folder and `build_emoji_set` decodes the
+emoji present in all three sets to 64 x 64 RGB on white, each cropped to its alpha extent and padded
+evenly to a square (OpenMoji's art fills ~78 % of its box, the others ~100 %: without this the size
+alone would give the style away). The result is one `emoji-64.npz` (uint8 images, no pickle) and an
+`emoji-64.json` with each emoji's key, name, keywords, group and skin tone.
+
+Keys: the codepoints with FE0F dropped and each padded to 4 hex digits (this matches 3,786 emoji
+across the three packages). The split is fixed and reproducible: the OpenMoji images (base and skin
+tones) of every base emoji with int(sha256(base_key), 16) % 10 == 0 are held out of training.
+
+    python -m training.data.emoji --cache runs/emoji-data        # fetch + build (idempotent)
+
+`EmojiSource` is a map-style source like the others in `training.data.sources`: sample i is
+(image i % P, caption template i // P) of the split's P images, so a pass visits every image with
+every template, and the stream resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 64
+MARGIN = 2  # pixels of white left around the art on each side after normalising its scale
+STYLES = ("noto", "twemoji", "openmoji")  # the style words of the captions, in the arrays' style order
+SKIN_TONES = {"1F3FB": "light skin tone", "1F3FC": "medium-light skin tone", "1F3FD": "medium skin tone",
+              "1F3FE": "medium-dark skin tone", "1F3FF": "dark skin tone"}
+HELDOUT_MODULUS = 10  # a base emoji whose key hashes to 0 mod this has its OpenMoji images held out
+
+
+@dataclass(frozen=True)
+class EmojiPackage:
+    style: str
+    name: str
+    version: str
+    images: str  # folder of the images inside the package
+    suffix: str
+    licence: str
+    attribution: str
+
+
+PACKAGES = (
+    EmojiPackage("noto", "emoji-datasource-google", "16.0.0", "img/google/64", ".png", "Apache-2.0",
+                 "Noto Emoji by Google Inc., Apache License 2.0 (via emoji-datasource-google); images "
+                 "cropped, padded and resized to 64 x 64"),
+    EmojiPackage("twemoji", "emoji-datasource-twitter", "16.0.0", "img/twitter/64", ".png", "CC-BY-4.0",
+                 "Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0 (via emoji-datasource-twitter); "
+                 "images cropped, padded and resized to 64 x 64"),
+    EmojiPackage("openmoji", "openmoji", "17.0.0", "color/svg", ".svg", "CC-BY-SA-4.0",
+                 "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0; "
+                 "images rendered, cropped, padded and resized to 64 x 64"),
+)
+PACKAGE_OF_STYLE = {p.style: p for p in PACKAGES}
+OPENMOJI_DATA = "data/openmoji.json"  # names (CLDR short names), keywords, groups, skin tones
+
+
+def emoji_key(codepoints: str) -> str:
+    """'1f44b-fe0f' or '1F44B' -> '1F44B': FE0F dropped, each codepoint upper case, 4+ hex digits."""
+    parts = [c.upper().zfill(4) for c in codepoints.replace("_", "-").split("-") if c and c.upper() != "FE0F"]
+    return "-".join(parts)
+
+
+def base_key(key: str) -> str:
+    """The key without skin-tone modifiers: every skin variant shares its base's split."""
+    return "-".join(c for c in key.split("-") if c not in SKIN_TONES)
+
+
+def is_heldout(base: str) -> bool:
+    return int(hashlib.sha256(base.encode()).hexdigest(), 16) % HELDOUT_MODULUS == 0
+
+
+def package_dir(cache: Path, pkg: EmojiPackage) -> Path:
+    return cache / f"{pkg.name}-{pkg.version}"
+
+
+def fetch_packages(cache: Path) -> None:
+    """`npm pack` each package into `cache` and unpack it; a package already unpacked is kept."""
+    cache.mkdir(parents=True, exist_ok=True)
+    for pkg in PACKAGES:
+        dest = package_dir(cache, pkg)
+        if (dest / "package" / "package.json").is_file():
+            continue
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("the emoji data is fetched with npm, which is not installed: install Node.js "
+                               "and npm (Debian: apt-get install npm)")
+        spec = f"{pkg.name}@{pkg.version}"
+        proc = subprocess.run([npm, "pack", spec, "--pack-destination", str(cache), "--silent"],
+                              capture_output=True, text=True)
+        tgz = cache / f"{pkg.name}-{pkg.version}.tgz"
+        if proc.returncode or not tgz.is_file():
+            raise RuntimeError(f"npm pack {spec} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(tgz) as tar:
+            tar.extractall(partial, filter="data")
+        partial.rename(dest)  # only a complete unpack gets the final name
+        tgz.unlink()
+
+
+def svg_renderer():
+    """cairosvg, or a RuntimeError that names what to install."""
+    try:
+        import cairosvg
+    except (ImportError, OSError) as err:  # cairocffi raises OSError when libcairo2 is missing
+        raise RuntimeError("OpenMoji's SVGs are rendered with cairosvg, which needs the cairo library: "
+                           "pip install cairosvg and apt-get install libcairo2") from err
+    return cairosvg
+
+
+def normalise(rgba: Image.Image, size: int = IMAGE_SIZE, margin: int = MARGIN) -> np.ndarray:
+    """Crop to the alpha extent, pad evenly to a square, resize to `size` - 2 * margin, put on white:
+    [size, size, 3] uint8. Every style then fills its box alike."""
+    rgba = rgba.convert("RGBA")
+    box = rgba.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
+    if box is not None:
+        rgba = rgba.crop(box)
+    side = max(rgba.size)
+    square = Image.new("RGBA", (side, side), (255, 255, 255, 0))
+    square.paste(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
+    inner = size - 2 * margin
+    square = square.resize((inner, inner), Image.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (255, 255, 255, 255))
+    canvas.alpha_composite(square, (margin, margin))
+    return np.asarray(canvas.convert("RGB"), dtype=np.uint8)
+
+
+def render_svg(path: Path) -> np.ndarray:
+    """An SVG rendered at 4x the set's size, then normalised like every image of the set."""
+    png = svg_renderer().svg2png(url=str(path), output_width=4 * IMAGE_SIZE, output_height=4 * IMAGE_SIZE)
+    return normalise(Image.open(io.BytesIO(png)))
+
+
+def read_package_image(cache: Path, pkg: EmojiPackage, filename: str) -> np.ndarray:
+    path = package_dir(cache, pkg) / "package" / pkg.images / filename
+    if pkg.suffix == ".svg":
+        return render_svg(path)
+    with Image.open(path) as im:
+        return normalise(im)
+
+
+def _files(cache: Path, pkg: EmojiPackage) -> dict[str, str]:
+    folder = package_dir(cache, pkg) / "package" / pkg.images
+    return {emoji_key(f[: -len(pkg.suffix)]): f for f in sorted(os.listdir(folder)) if f.endswith(pkg.suffix)}
+
+
+def emoji_records(cache: Path) -> list[dict]:
+    """One record per emoji present in all three packages, in OpenMoji's order: key, base, name,
+    keywords (CLDR; a skin-tone variant inherits its base's), group, subgroup, skin tone, files."""
+    files = {pkg.style: _files(cache, pkg) for pkg in PACKAGES}
+    meta = json.loads((package_dir(cache, PACKAGE_OF_STYLE["openmoji"]) / "package" / OPENMOJI_DATA).read_text())
+    by_key = {emoji_key(r["hexcode"]): r for r in meta}
+    records = []
+    for r in meta:
+        key = emoji_key(r["hexcode"])
+        if not all(key in files[s] for s in STYLES):
+            continue
+        base = base_key(key)
+        tags = r["tags"] or (by_key.get(base) or {}).get("tags", "")
+        tones = [SKIN_TONES[c] for c in key.split("-") if c in SKIN_TONES]
+        records.append({
+            "key": key, "base": base, "name": r["annotation"], "keywords": [t.strip() for t in tags.split(",") if t.strip()],
+            "group": r["group"], "subgroup": r["subgroups"], "skin_tone": tones[0] if len(set(tones)) == 1 else
+            ("mixed" if tones else "none"), "files": {s: files[s][key] for s in STYLES},
+        })
+    return records
+
+
+def build_emoji_set(cache: Path) -> Path:
+    """Fetch the packages and write cache/emoji-64.npz + emoji-64.json (skipped when both exist).
+    Both are written under temporary names and renamed at the end: never half-written."""
+    cache = Path(cache)
+    out = cache / "emoji-64.npz"
+    meta_path = out.with_suffix(".json")
+    if out.is_file() and meta_path.is_file():
+        return out
+    fetch_packages(cache)
+    svg_renderer()  # fail before the long loop, not in the middle of it
+    records = emoji_records(cache)
+    if len(records) != len({r["name"] for r in records}):
+        raise RuntimeError("two emoji share a name: the captions would not tell them apart")
+    images = np.zeros((len(records), len(STYLES), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i, r in enumerate(records):
+        for s, style in enumerate(STYLES):
+            images[i, s] = read_package_image(cache, PACKAGE_OF_STYLE[style], r["files"][style])
+    tmp = cache / "emoji-64.partial.npz"
+    np.savez_compressed(tmp, images=images)
+    tmp_meta = cache / "emoji-64.partial.json"
+    tmp_meta.write_text(json.dumps({"styles": list(STYLES), "image_size": IMAGE_SIZE, "margin": MARGIN,
+                                    "packages": [f"{p.name}@{p.version}" for p in PACKAGES],
+                                    "records": records}, indent=0))
+    tmp.rename(out)
+    tmp_meta.rename(meta_path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+# What a person would type: the name alone (any style), the name with a style word, the name with a
+# few keywords. Sample i of a pass uses template i // P, so every image meets every template.
+CAPTION_TEMPLATES = (
+    "{name}",
+    "{name}, {style} style",
+    "a {name} emoji in {style} style",
+    "{name}, {keywords}",
+    "{name} emoji, {keywords}, {style} style",
+)
+MAX_KEYWORDS = 3
+
+
+def caption(record: dict, style: str, template: int, salt: int = 0) -> str:
+    """Caption `template` of (record, style); the keywords are a few of the emoji's CLDR keywords,
+    chosen by a hash of (key, style, template, salt) so a caption is a pure function of its sample."""
+    words = [w for w in record["keywords"] if w.lower() not in record["name"].lower()]
+    text = CAPTION_TEMPLATES[template]
+    if "{keywords}" in text and not words:
+        text = CAPTION_TEMPLATES[1]  # no keyword to add: the name and the style
+    h = int(hashlib.sha256(f"{record['key']}|{style}|{template}|{salt}".encode()).hexdigest(), 16)
+    rng = np.random.default_rng(h % (1 << 63))
+    picked = [words[j] for j in sorted(rng.permutation(len(words))[:MAX_KEYWORDS])] if words else []
+    return text.format(name=record["name"], style=style, keywords=", ".join(picked))
+
+
+def bank_entry(record: dict) -> str:
+    """The caption bank line of an emoji (reverse search answers with these): its name alone, the
+    prompt a person would type, with every style's image matching it."""
+    return record["name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The source
+# ---------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "heldout", "all")
+
+
+class EmojiSource:
+    """Map-style source over the built emoji set (see the module doc): `read(i)` -> (PIL RGB 64 x 64,
+    caption). `split` train: every image but the held-out OpenMoji ones; heldout: those only; all."""
+
+    def __init__(self, root: str | Path, split: str = "train") -> None:
+        root = Path(root)
+        path = root / "emoji-64.npz" if root.is_dir() else root
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise ValueError(f"{root} holds no built emoji set (emoji-64.npz + emoji-64.json): build it with "
+                             f"python -m training.data.emoji --cache {root}")
+        if split not in SPLITS:
+            raise ValueError(f"emoji split must be one of {', '.join(SPLITS)}, got {split!r}")
+        meta = json.loads(path.with_suffix(".json").read_text())
+        self.root, self.split = root, split
+        self.styles: list[str] = meta["styles"]
+        self.records: list[dict] = meta["records"]
+        with np.load(path, allow_pickle=False) as z:
+            self.images = z["images"]
+        om = self.styles.index("openmoji")
+        pairs = []
+        for e, r in enumerate(self.records):
+            held = is_heldout(r["base"])
+            for s in range(len(self.styles)):
+                in_heldout = held and s == om
+                if split == "all" or (split == "heldout") == in_heldout:
+                    pairs.append((e, s))
+        self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        self.templates = 1 if split == "heldout" else len(CAPTION_TEMPLATES)
+
+    def __len__(self) -> int:
+        return len(self.pairs) * self.templates
+
+    def pair(self, i: int) -> tuple[int, int, int]:
+        """(emoji index, style index, template) of sample i."""
+        e, s = self.pairs[i % len(self.pairs)]
+        return int(e), int(s), i // len(self.pairs)
+
+    def describe(self, i: int) -> str:
+        e, s, t = self.pair(i)
+        return f"emoji {self.records[e]['key']} ({self.styles[s]}, template {t})"
+
+    def captions(self) -> list[str]:
+        """Every sample's caption (a text vocabulary's corpus)."""
+        return [caption(self.records[e], self.styles[s], t) for e, s, t in map(self.pair, range(len(self)))]
+
+    def caption_bank(self) -> list[str]:
+        """Reverse search's bank: every emoji's name, in the set's order (all splits: a held-out image
+        is searched among all 3,786 names)."""
+        return [bank_entry(r) for r in self.records]
+
+    def read(self, i: int) -> tuple[Image.Image, str]:
+        e, s, t = self.pair(i)
+        return Image.fromarray(self.images[e, s]), caption(self.records[e], self.styles[s], t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, required=True, help="folder for the npm packages and the built set")
+    args = ap.parse_args()
+    try:
+        path = build_emoji_set(args.cache)
+    except RuntimeError as err:
+        ap.exit(2, f"error: {err}\n")
+    counts = {split: len(EmojiSource(args.cache, split).pairs) for split in SPLITS}
+    print(json.dumps({"set": str(path), "images": counts,
+                      "emoji": len(EmojiSource(args.cache, "all").records)}))
+
+
+if __name__ == "__main__":
+    main()

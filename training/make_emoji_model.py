@@ -1,0 +1,121 @@
+"""Build the bundled emoji model from nothing, on CPU: `make model-emoji`.
+
+Every stage is a general command a user runs on their own data too (README, "Your own data"):
+
+1. fetch the three emoji packages with npm and build the 64 x 64 set (training.data.emoji);
+2. train a VAE on it (training.vae --data emoji);
+3. build the frozen T5 with a vocabulary of its captions (training.text_vocab --data emoji);
+4. train DREAM with the `emoji` recipe (Masking Warmup over MASKING_WARMUP_SHARE of the run) and
+   export the EMA weights; the caption bank is the set's 3,786 names;
+5. rebuild the joint space's heads on whole images, generation frozen (recipe `emoji-heads`), into
+   the model directory, whose config carries the sampler defaults;
+6. distil the preview decoder for the app's live candidates (training.preview_decoder).
+
+Each stage is skipped when its output exists, so a killed build resumes (training resumes from its
+last checkpoint; on Ctrl-C the build lets it save one first). WORK/build_timings.json holds each
+stage's wall time summed over every run of the build. bench/emoji_eval.py measures the result.
+
+    python -m training.make_emoji_model --work runs/emoji --out assets/dream-emoji
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from dream_core.config import DreamConfig
+from dream_core.pipeline import PREVIEW_DIR
+from training.make_shapes_model import dream_schedule, run, timed, timed_build
+from training.recipes import EMOJI_DATA, get_recipe
+
+# The VAE: the Shapes World's architecture (16/32/64 channels, stride 4, 4 latent channels), plain
+# L1 + MSE (an emoji fills its box: no object weighting).
+VAE_ARGS = ["--steps", "1200", "--batch-size", "32", "--lr", "2e-3", "--channels", "16,32,64", "--object-boost", "0"]
+# DREAM: 4,000 steps of 64 (4.65 passes over the 55,040 samples), Masking Warmup's mean reaching 1
+# at step 3,000 and held there for the last quarter.
+DREAM_STEPS = 4000
+MASKING_WARMUP_SHARE = 0.75
+HEADS_ROUNDS = 1
+# The app's example prompts (examples.txt), worded as a person would ask.
+EXAMPLES = (
+    "a red heart emoji in twemoji style",
+    "grinning face, noto style",
+    "a cat face emoji in openmoji style",
+    "thumbs up: dark skin tone",
+    "rocket, twemoji style",
+    "a pizza emoji in noto style",
+    "face with tears of joy",
+    "rainbow, openmoji style",
+    "a ghost emoji in twemoji style",
+    "sunflower",
+    "birthday cake, noto style",
+    "flag: Japan",
+)
+# The sampler defaults written into the model's config (a request may still set its own). CFG and
+# temperature from K = 1 on 100 seen development prompts (seed 7): 16 % judged right at CFG 1.5 /
+# temperature 0.7, 13 % at 1.5 / 1.0, 15 % at 3.0 / 0.7, all within one another's intervals
+# (docs/experiments/emoji.md); the SAD decision share is not tuned.
+SAMPLER_DEFAULTS = dict(sad_decision_share=0.5, default_guidance_scale=1.5, default_temperature=0.7)
+
+
+def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Path) -> None:
+    """The stages, each skipped when its output exists; their wall times summed into `timings`."""
+    work, py, data = args.work, sys.executable, str(args.data)
+    vae_dir, text_dir, run_dir = work / "vae", work / "text", work / "dream"
+    with timed(timings, "data_seconds", timings_path):
+        run([py, "-m", "training.data.emoji", "--cache", data])  # idempotent: skips a built set
+    if not (vae_dir / "config.json").exists():
+        with timed(timings, "vae_seconds", timings_path):
+            run([py, "-m", "training.vae", "--out", str(vae_dir), "--data", "emoji", "--data-path", data, *VAE_ARGS])
+    if not (text_dir / "config.json").exists():
+        run([py, "-m", "training.text_vocab", "--out", str(text_dir), "--data", "emoji", "--data-path", data])
+    recipe = get_recipe("emoji")
+    dream_export = work / "dream-export"
+    common = [f"vae_path={vae_dir}", f"t5_path={text_dir}", f"data_path={data}"]
+    with timed(timings, "dream_seconds", timings_path):  # resumes from its checkpoint-last
+        run([py, "-m", "training.train", "--recipe", "emoji", "--out", str(run_dir), "--max-steps", str(args.steps),
+             "--export", str(dream_export), *common, *dream_schedule(recipe, args.steps, MASKING_WARMUP_SHARE), *args.overrides])
+    with timed(timings, "heads_seconds", timings_path):
+        # VAE, T5, bank (each round replaces the weights); a model card already in --out is kept
+        keep_card = shutil.ignore_patterns("README.md") if (args.out / "README.md").exists() else None
+        shutil.copytree(dream_export, args.out, dirs_exist_ok=True, ignore=keep_card)
+        (args.out / "examples.txt").write_text("\n".join(EXAMPLES) + "\n")
+        init = dream_export
+        for r in range(1, HEADS_ROUNDS + 1):
+            heads_run = work / "heads" / f"round{r}"
+            if not (heads_run / "export" / "model.safetensors").exists():
+                run([py, "-m", "training.train", "--recipe", "emoji-heads", "--out", str(heads_run), "--export",
+                     str(heads_run / "export"), f"init_from={init}", f"data_path={data}",
+                     f"max_steps={args.heads_steps}"])
+            shutil.copy2(heads_run / "export" / "model.safetensors", args.out / "model.safetensors")
+            pre = DreamConfig.load(dream_export / "config.json")
+            DreamConfig.load(heads_run / "export" / "config.json").replace(
+                diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight, **SAMPLER_DEFAULTS,
+            ).save(args.out / "config.json")
+            init = args.out
+    preview = work / "preview_vae"
+    with timed(timings, "preview_decoder_seconds", timings_path):
+        if not (preview / "config.json").exists():
+            run([py, "-m", "training.preview_decoder", "--model", str(args.out), "--out", str(preview), "--data", "emoji",
+                 "--data-path", data])
+        shutil.copytree(preview, args.out / PREVIEW_DIR, dirs_exist_ok=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/emoji"))
+    ap.add_argument("--out", type=Path, default=Path("assets/dream-emoji"))
+    ap.add_argument("--data", type=Path, default=Path(EMOJI_DATA), help="where the emoji set is fetched and built")
+    ap.add_argument("--steps", type=int, default=DREAM_STEPS, help="DREAM optimizer steps")
+    ap.add_argument("--heads-steps", type=int, default=400, help="optimizer steps of each heads round")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides key=value for the DREAM stage")
+    args = ap.parse_args()
+    if args.steps < 1 or args.heads_steps < 1:
+        ap.error("--steps and --heads-steps must be >= 1")
+    timed_build(args, build)
+
+
+if __name__ == "__main__":
+    main()
