@@ -202,5 +202,8 @@ def test_the_bundled_emoji_model_carries_its_bank_examples_and_attributions():
     assert "Twemoji by Twitter, Inc. and other contributors, CC-BY 4.0" in card
     assert "All emojis designed by OpenMoji - the open-source emoji and icon project. License: CC BY-SA 4.0" in card
     assert "Apache" in card_body(card) and not card_body(card).startswith("---")
+    measured = json.loads((ROOT / "bench" / "results" / "emoji" / "eval.json").read_text())
+    assert measured["weights"] == pipe.weights_fingerprint()  # the card's table measured these weights
+    assert f"`{measured['weights']}`" in card  # and the card names them
     examples = model_examples(model)
     assert examples and all(any(name in e for name in pipe.captions) for e in examples)
