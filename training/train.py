@@ -456,8 +456,10 @@ class Trainer:
         trained, how to load it. Its evaluation section says it is not evaluated."""
         r = self.recipe
         data = describe_source(self.source) if self.source is not None else f"data={r.data}"
-        overrides = {k: v for k, v in r.to_dict().items() if v != getattr(get_recipe(r.name), k, v)} \
-            if r.name in RECIPES else r.to_dict()
+        settings = r.to_dict()
+        if r.name in RECIPES:  # only what the run changed from its named recipe
+            base = get_recipe(r.name).to_dict()
+            settings = {k: v for k, v in settings.items() if base[k] != v}
         return "\n".join([
             "---", "license: other", "library_name: dream-studio", "tags: [dream, text-to-image, image-retrieval]",
             "---", f"# {self.config.name} (recipe `{r.name}`)", "",
@@ -467,7 +469,7 @@ class Trainer:
             "pipe = DreamPipeline.from_pretrained(\"path/to/this/folder\")",
             "image = pipe(\"a caption like the training captions\", seed=0).images[0]", "```", "",
             "## Training", "", f"`python -m training.train --recipe {r.name} ...` with these settings changed from "
-            f"the recipe: `{json.dumps(overrides, default=str)}`.", "",
+            f"the recipe: `{json.dumps(settings, default=str)}`.", "",
             "## Evaluation", "", "Not evaluated: measure it with `python -m training.evaluate` before relying on it.", "",
             "## Licence", "", "The weights follow the licence of the data they were trained on.", ""])
 
@@ -629,13 +631,7 @@ class Trainer:
                     "a large green triangle at the bottom right on a gray background",
                     "a yellow cross on the left and a purple diamond on the right"]
         if self.source is not None and len(self.source):  # captions of the data, spread over it
-            n = len(self.source)
-            prompts = []
-            for q in range(4):
-                try:
-                    prompts.append(self.source.read(q * n // 4)[1])
-                except Exception:  # an unreadable sample: sampling is a check, never a crash
-                    continue
+            prompts = caption_sample(self.recipe, self.source, limit=4)
             if prompts:
                 return prompts
         return ["a photo of a dog", "a red car parked on a street"]
