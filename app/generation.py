@@ -119,13 +119,15 @@ def _display_copy(ctx: AppContext, path: Path, image, record: ImageRecord) -> Pa
 
 def settings_from_inputs(prompt: Any, negative_prompt: Any, num_candidates: Any, decision_step: Any,
                          num_inference_steps: Any, head_steps: Any, guidance_scale: Any, guidance_schedule: Any,
-                         temperature: Any, seed: int | None, num_images: Any) -> GenerationSettings:
+                         temperature: Any, seed: int | None, num_images: Any,
+                         head_sampler: Any = None) -> GenerationSettings:
+    """The inputs of the Generate controls and the API (`head_sampler` None or "": the model's)."""
     return GenerationSettings(
         prompt="" if prompt is None else prompt,  # anything else as sent: the request names a wrong type
         negative_prompt="" if negative_prompt is None else negative_prompt,
         num_candidates=num_candidates, decision_step=decision_step, num_inference_steps=num_inference_steps,
-        head_steps=head_steps, guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
-        temperature=temperature, seed=seed, num_images=num_images)
+        head_steps=head_steps, head_sampler=head_sampler, guidance_scale=guidance_scale,
+        guidance_schedule=guidance_schedule, temperature=temperature, seed=seed, num_images=num_images)
 
 
 def generate_stream(ctx: AppContext, session: SessionState, settings: GenerationSettings,

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from dream_core.config import DreamConfig
-from dream_core.request import APP_MAX_CANDIDATES, DEFAULT_GUIDANCE_SCHEDULE, GUIDANCE_SCHEDULES, default_decision_step
+from dream_core.request import (APP_MAX_CANDIDATES, DEFAULT_GUIDANCE_SCHEDULE, GUIDANCE_SCHEDULES, HEAD_SAMPLERS,
+                                default_decision_step, sampler_defaults)
 
 from .images import read_record
 from .params import ImageRecord
@@ -54,14 +55,19 @@ def read_parameters(path: str | None) -> ImageRecord:
 
 def controls_from_record(record: ImageRecord, config: DreamConfig) -> dict[str, Any]:
     """Values for the Generate controls that reproduce a record, fitted to what the loaded model's
-    widgets can show (a record from a longer model is cut to its token count: the UI shows that)."""
+    widgets can show (a record from a longer model is cut to its token count: the UI shows that).
+    A record without the head's sampler or steps (written before there was a choice, or by
+    another tool) gets the loaded model's defaults."""
     steps = max(1, min(int(record.num_inference_steps), config.seq_len))
     k = max(1, min(int(record.num_candidates), APP_MAX_CANDIDATES))
     decision = record.decision_step if record.decision_step is not None else (
         default_decision_step(config, steps) if steps > 1 else 1)
     decision = max(1, min(int(decision or 1), max(1, steps - 1)))
+    defaults = sampler_defaults(config)  # for a record without the head's settings
+    head_steps = defaults["head_steps"] if record.head_steps is None else int(record.head_steps)
+    head_sampler = record.head_sampler if record.head_sampler in HEAD_SAMPLERS else defaults["head_sampler"]
     return dict(prompt=record.prompt, negative_prompt=record.negative_prompt, num_candidates=k,
-                decision_step=decision, num_inference_steps=steps, head_steps=int(record.head_steps),
+                decision_step=decision, num_inference_steps=steps, head_steps=head_steps, head_sampler=head_sampler,
                 guidance_scale=float(record.guidance_scale), guidance_schedule=record.guidance_schedule
                 if record.guidance_schedule in GUIDANCE_SCHEDULES else DEFAULT_GUIDANCE_SCHEDULE,
                 temperature=float(record.temperature), seed=int(record.seed), randomize=False, num_images=1)

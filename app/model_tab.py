@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dream_core.config import DreamConfig
-from dream_core.request import default_decision_step, default_steps
+from dream_core.request import default_decision_step, default_steps, sampler_defaults
 
 from .models import card_body
 from .session import AppContext, fail
@@ -30,10 +30,13 @@ def switch_model(ctx: AppContext, name: Any) -> None:
 
 def default_controls(ctx: AppContext) -> dict[str, Any]:
     """Slider ranges and defaults for the loaded model, from the engine's request: steps <= its
-    number of tokens, the default steps, the model's default decision step, guidance and temperature."""
+    number of tokens, the default steps, the model's default decision step, guidance, temperature,
+    head sampler and head steps."""
     pipe = ctx.manager.pipe
     config = pipe.config if pipe is not None else DreamConfig.preset("shapes")
     steps = default_steps(config.seq_len)
     decision = default_decision_step(config, steps) if steps > 1 else 1
+    defaults = sampler_defaults(config)
     return dict(seq_len=config.seq_len, steps=steps, decision=decision, head_steps_max=config.num_train_timesteps,
-                guidance_scale=config.default_guidance_scale, temperature=config.default_temperature)
+                guidance_scale=defaults["guidance_scale"], temperature=defaults["temperature"],
+                head_steps=defaults["head_steps"], head_sampler=defaults["head_sampler"])

@@ -14,8 +14,7 @@ from typing import Any
 
 from dream_core.masking import fraction_decided
 from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, DEFAULT_GUIDANCE_SCALE,
-                                DEFAULT_GUIDANCE_SCHEDULE, DEFAULT_HEAD_STEPS, DEFAULT_STEPS, DEFAULT_TEMPERATURE,
-                                GenerationRequest)
+                                DEFAULT_GUIDANCE_SCHEDULE, DEFAULT_STEPS, DEFAULT_TEMPERATURE, GenerationRequest)
 
 PARAMS_KEY = "dream-studio"
 INFOTEXT_KEY = "parameters"
@@ -33,7 +32,8 @@ def _whole(value: Any) -> Any:
 @dataclass
 class GenerationSettings:
     """What a user asks for in the app. `seed=None` means "draw a random seed" (the drawn seed is
-    recorded); `decision_step=None` and `num_inference_steps=None` mean the model's defaults.
+    recorded); `decision_step=None`, `num_inference_steps=None`, `head_steps=None` and
+    `head_sampler=None` mean the model's defaults.
     Checked by dream_core's GenerationRequest (the one source of every limit)."""
 
     prompt: str
@@ -41,7 +41,8 @@ class GenerationSettings:
     num_candidates: int = APP_DEFAULT_CANDIDATES
     decision_step: int | None = None
     num_inference_steps: int | None = None
-    head_steps: int = GenerationRequest.head_steps
+    head_steps: int | None = GenerationRequest.head_steps  # None: the model's default
+    head_sampler: str | None = GenerationRequest.head_sampler  # None: the model's default
     guidance_scale: float | None = GenerationRequest.guidance_scale  # None: the model's default
     guidance_schedule: str = GenerationRequest.guidance_schedule
     temperature: float | None = GenerationRequest.temperature  # None: the model's default
@@ -56,7 +57,8 @@ class GenerationSettings:
             num_candidates=_whole(self.num_candidates), decision_step=_whole(self.decision_step),
             num_inference_steps=_whole(self.num_inference_steps), guidance_scale=self.guidance_scale,
             guidance_schedule=self.guidance_schedule, temperature=self.temperature,
-            head_steps=_whole(self.head_steps), seed=_whole(self.seed), num_images=_whole(self.num_images))
+            head_steps=_whole(self.head_steps), head_sampler=self.head_sampler or None, seed=_whole(self.seed),
+            num_images=_whole(self.num_images))
 
     def validated(self, config) -> "GenerationSettings":
         """Checked against the model `config` by the engine's request (app limit on K: the
@@ -69,8 +71,8 @@ class GenerationSettings:
         return GenerationSettings(
             prompt=r.prompt, negative_prompt=r.negative_prompt, num_candidates=r.num_candidates,
             decision_step=r.decision_step, num_inference_steps=r.num_inference_steps, head_steps=r.head_steps,
-            guidance_scale=r.guidance_scale, guidance_schedule=r.guidance_schedule, temperature=r.temperature,
-            seed=r.seed, num_images=r.num_images)
+            head_sampler=r.head_sampler, guidance_scale=r.guidance_scale, guidance_schedule=r.guidance_schedule,
+            temperature=r.temperature, seed=r.seed, num_images=r.num_images)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class ImageRecord:
     decision_step: int | None
     fraction_decided: float | None  # share of tokens decided when the candidates were scored
     num_inference_steps: int
-    head_steps: int
+    head_steps: int | None  # None: a record without it (another tool's): the model's default
     guidance_scale: float
     guidance_schedule: str
     temperature: float
@@ -95,6 +97,9 @@ class ImageRecord:
     width: int
     height: int
     image_index: int = 0
+    # The diffusion head's sampler; None in records written before there was a choice (and in
+    # other tools'), which re-run with the model's default.
+    head_sampler: str | None = None
     created: str = ""
     app: str = PARAMS_KEY
     version: int = RECORD_VERSION
@@ -116,7 +121,8 @@ class ImageRecord:
             prompt=settings.prompt, negative_prompt=settings.negative_prompt,
             num_candidates=settings.num_candidates, decision_step=settings.decision_step, fraction_decided=share,
             num_inference_steps=settings.num_inference_steps, head_steps=settings.head_steps,
-            guidance_scale=settings.guidance_scale, guidance_schedule=settings.guidance_schedule,
+            head_sampler=settings.head_sampler, guidance_scale=settings.guidance_scale,
+            guidance_schedule=settings.guidance_schedule,
             temperature=settings.temperature, seed=seed, chosen_candidate=chosen, chosen_seed=seed + chosen,
             candidate_scores=[None if s is None else round(float(s), 6) for s in scores], model=model,
             width=size[0], height=size[1], image_index=image_index, created=created,
@@ -134,9 +140,10 @@ class ImageRecord:
         if missing:
             raise ValueError(f"parameters lack {', '.join(missing)}")
         # A record written by another tool may lack sampler settings: the engine's defaults then
-        # (steps: the usual 64, cut to the model's tokens when sent to Generate).
+        # (steps: the usual 64, cut to the model's tokens when sent to Generate; the head's steps
+        # and sampler: the model's, left None).
         defaults = dict(negative_prompt="", num_candidates=1, decision_step=None, fraction_decided=None,
-                        num_inference_steps=DEFAULT_STEPS, head_steps=DEFAULT_HEAD_STEPS,
+                        num_inference_steps=DEFAULT_STEPS, head_steps=None,
                         guidance_scale=DEFAULT_GUIDANCE_SCALE, guidance_schedule=DEFAULT_GUIDANCE_SCHEDULE,
                         temperature=DEFAULT_TEMPERATURE, chosen_candidate=0, chosen_seed=None, candidate_scores=[],
                         model="", width=0, height=0)
@@ -152,7 +159,7 @@ class ImageRecord:
         return GenerationSettings(
             prompt=self.prompt, negative_prompt=self.negative_prompt, num_candidates=self.num_candidates,
             decision_step=self.decision_step, num_inference_steps=self.num_inference_steps,
-            head_steps=self.head_steps, guidance_scale=self.guidance_scale,
+            head_steps=self.head_steps, head_sampler=self.head_sampler, guidance_scale=self.guidance_scale,
             guidance_schedule=self.guidance_schedule, temperature=self.temperature, seed=self.seed, num_images=1,
         )
 
@@ -171,8 +178,11 @@ class ImageRecord:
         if self.decision_step is not None:
             share = f" ({100 * self.fraction_decided:.1f}% decided)" if self.fraction_decided is not None else ""
             pairs.append(("Decision step", f"{self.decision_step}{share}"))
+        if self.head_steps is not None:
+            pairs.append(("Head steps", self.head_steps))
+        if self.head_sampler is not None:
+            pairs.append(("Head sampler", self.head_sampler))
         pairs += [
-            ("Head steps", self.head_steps),
             ("Temperature", self.temperature),
             ("Chosen candidate", self.chosen_candidate),
             ("Chosen seed", self.chosen_seed),
@@ -227,6 +237,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     conv = {"Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float),
             "CFG schedule": ("guidance_schedule", str), "Seed": ("seed", int), "Model": ("model", str),
             "Candidates": ("num_candidates", int), "Head steps": ("head_steps", int),
+            "Head sampler": ("head_sampler", str),
             "Temperature": ("temperature", float), "Chosen candidate": ("chosen_candidate", int),
             "Chosen seed": ("chosen_seed", int), "Edit": ("edit", str), "Source SHA256": ("source_sha256", str),
             "Strength": ("strength", float)}
@@ -255,7 +266,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     if v in ("True", "False"):
         out["paste_back"] = v == "True"
     known = {"Steps", "Sampler", "CFG scale", "CFG schedule", "Seed", "Size", "Model", "Candidates", "Decision step",
-             "Head steps", "Temperature", "Chosen candidate", "Chosen seed", "Candidate scores", "Edit",
+             "Head steps", "Head sampler", "Temperature", "Chosen candidate", "Chosen seed", "Candidate scores", "Edit",
              "Source SHA256", "Strength", "Regenerated tokens", "Paste back"}
     extra = {k: value(k) for k in pairs if k not in known}
     if extra:

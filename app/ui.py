@@ -26,8 +26,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, MAX_GUIDANCE_SCALE,
-                                MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, request_defaults)
+from dream_core.request import (APP_DEFAULT_CANDIDATES, APP_MAX_CANDIDATES, GUIDANCE_SCHEDULES, HEAD_SAMPLERS,
+                                MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, MAX_TEMPERATURE, request_defaults)
 
 from . import handlers as h
 from .history import History
@@ -189,8 +189,8 @@ def build_app(model: str | Path | None = None, *, models_dirs: list[Path] | None
                 vars(ui).update(vars(part))
         ui.tabs = tabs
         vars(ui).update(vars(_api_components(controls, defaults)))
-        ui.gen_controls = [ui.prompt, ui.negative, ui.k, ui.decision, ui.steps, ui.head_steps, ui.cfg, ui.schedule,
-                           ui.temperature, ui.seed, ui.randomize, ui.n_images]
+        ui.gen_controls = [ui.prompt, ui.negative, ui.k, ui.decision, ui.steps, ui.head_steps, ui.head_sampler, ui.cfg,
+                           ui.schedule, ui.temperature, ui.seed, ui.randomize, ui.n_images]
         for wire in (_wire_generate, _wire_edit, _wire_history, _wire_search, _wire_model, _wire_api,
                      _wire_page_load):
             wire(ctx, ui, controls, defaults)
@@ -240,9 +240,13 @@ def _generate_tab(controls: dict, defaults: dict) -> SimpleNamespace:
                                         info="linear ramps guidance up as tokens get decided")
                     temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=controls["temperature"], step=0.05,
                                             label="Temperature")
-                    head_steps = gr.Slider(1, controls["head_steps_max"], value=defaults["head_steps"], step=1,
+                    head_steps = gr.Slider(1, controls["head_steps_max"], value=controls["head_steps"], step=1,
                                            label="Diffusion-head steps",
                                            info="denoising steps of the per-token head at every decoding step")
+                    head_sampler = gr.Dropdown(list(HEAD_SAMPLERS), value=controls["head_sampler"],
+                                               label="Diffusion-head sampler",
+                                               info="ancestral: as trained; ddim, dpm-solver++: deterministic, "
+                                                    "meant for fewer head steps")
                 preview_mode = gr.Radio(list(h.PREVIEW_MODES), value=h.PREVIEW_MARKED, label="Live view",
                                         info="hatched = not decided yet; partial decode = the VAE's view "
                                              "of the half-filled latent")
@@ -278,7 +282,8 @@ def _generate_tab(controls: dict, defaults: dict) -> SimpleNamespace:
     return SimpleNamespace(prompt=prompt, negative=negative, gen_btn=gen_btn, stop_btn=stop_btn, k=k, steps=steps,
                            decision=decision, decision_md=decision_md, seed=seed, randomize=randomize,
                            reuse_btn=reuse_btn, n_images=n_images, cfg=cfg, schedule=schedule,
-                           temperature=temperature, head_steps=head_steps, preview_mode=preview_mode, status=status,
+                           temperature=temperature, head_steps=head_steps, head_sampler=head_sampler,
+                           preview_mode=preview_mode, status=status,
                            grid=grid, final=final, download=download, scores_plot=scores_plot, infotext=infotext,
                            run_gallery=run_gallery, to_edit_btn=to_edit_btn, examples=examples)
 
@@ -381,17 +386,18 @@ def _search_tab() -> SimpleNamespace:
                                           height=300, elem_id="ds-search-img", elem_classes="pixelated")
                 mode = gr.Radio([(h.SEARCH_MODE_LABELS[m], m) for m in h.SEARCH_MODES], value=h.SEARCH_BANK,
                                 label="Search in")
-                caption_file = gr.File(label="Caption bank: a .txt file, one caption per line",
+                caption_file = gr.File(label="Caption bank: a .txt file, one caption per line (or caption<TAB>details)",
                                        file_types=[".txt"], type="filepath", visible=False)
                 labels = gr.Textbox(label="Labels, one per line (or comma-separated)", lines=4,
                                     visible=False, placeholder="circle\nsquare\ntriangle")
                 top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
                 search_btn = gr.Button("Search", variant="primary", elem_id="ds-search")
             with gr.Column(scale=3):
-                # Captions shown whole and wrapped (an emoji bank's lines carry their keywords).
-                results = gr.Dataframe(headers=["rank", "caption", "score"], interactive=False,
+                # Captions and their details (an emoji bank's: the emoji and its keywords) shown
+                # whole and wrapped.
+                results = gr.Dataframe(headers=list(h.SEARCH_COLUMNS), interactive=False,
                                        label="Best captions", elem_id="ds-results", wrap=True,
-                                       column_widths=["10%", "72%", "18%"])
+                                       column_widths=["8%", "38%", "12%", "42%"])
                 results_note = gr.Markdown("")
                 use_caption_btn = gr.Button("Use the best caption as the prompt", size="sm")
     return SimpleNamespace(search_img=search_img, mode=mode, caption_file=caption_file, labels=labels, top_k=top_k,
@@ -433,7 +439,7 @@ def _api_components(controls: dict, defaults: dict) -> SimpleNamespace:
         a_k = WholeNumber(label="num_candidates", value=APP_DEFAULT_CANDIDATES)
         a_decision = WholeNumber(label="decision_step", value=0)
         a_steps = WholeNumber(label="num_inference_steps", value=controls["steps"])
-        a_head = WholeNumber(label="head_steps", value=defaults["head_steps"])
+        a_head = WholeNumber(label="head_steps", value=controls["head_steps"])
         a_cfg = as_sent(gr.Number(label="guidance_scale", value=controls["guidance_scale"]))
         # Dropdowns as sent: a value that is not a choice is refused by the handlers, by name.
         a_sched = as_sent(gr.Dropdown(list(GUIDANCE_SCHEDULES), value=defaults["guidance_schedule"],
@@ -441,6 +447,8 @@ def _api_components(controls: dict, defaults: dict) -> SimpleNamespace:
         a_temp = as_sent(gr.Number(label="temperature", value=controls["temperature"]))
         a_seed = WholeNumber(label="seed", value=-1)
         a_n = WholeNumber(label="num_images", value=defaults["num_images"])
+        a_head_sampler = as_sent(gr.Dropdown(list(HEAD_SAMPLERS), value=controls["head_sampler"],
+                                             label="head_sampler"))
         a_files = gr.File(label="images", file_count="multiple")
         a_records = gr.JSON(label="parameters")
         a_gen = gr.Button("api-generate")
@@ -463,7 +471,8 @@ def _api_components(controls: dict, defaults: dict) -> SimpleNamespace:
         a_search = gr.Button("api-search")
     return SimpleNamespace(a_prompt=a_prompt, a_negative=a_negative, a_k=a_k, a_decision=a_decision,
                            a_steps=a_steps, a_head=a_head, a_cfg=a_cfg, a_sched=a_sched, a_temp=a_temp,
-                           a_seed=a_seed, a_n=a_n, a_files=a_files, a_records=a_records, a_gen=a_gen,
+                           a_seed=a_seed, a_n=a_n, a_head_sampler=a_head_sampler, a_files=a_files,
+                           a_records=a_records, a_gen=a_gen,
                            e_image=e_image, e_mask=e_mask, e_strength=e_strength, e_paste=e_paste,
                            e_prompt=e_prompt, e_paste_var=e_paste_var,
                            e_explain=e_explain, e_explanations=e_explanations, a_inpaint=a_inpaint,
@@ -478,12 +487,13 @@ def _wire_generate(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defau
     # Generation handlers are async generators over a worker thread (app.jobs): a cancel or a
     # closed page stops the decoding within one step and frees the queue slot only after it.
     async def ui_generate(session, prompt, negative_prompt, num_candidates, decision_step, num_steps, head_steps,
-                          guidance_scale, guidance_schedule, temperature, seed, random_seed, num_images, preview_mode):
+                          head_sampler, guidance_scale, guidance_schedule, temperature, seed, random_seed, num_images,
+                          preview_mode):
         job = h.next_job(session)
         try:
             settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates, decision_step, num_steps,
                                               head_steps, guidance_scale, guidance_schedule, temperature,
-                                              h.resolve_seed(seed, random_seed), num_images)
+                                              h.resolve_seed(seed, random_seed), num_images, head_sampler)
             views = h.generate_stream(ctx, session, settings, preview_mode, job=job)
             async for v in iterate_in_thread(views, job):
                 yield (
@@ -533,9 +543,9 @@ def _wire_edit(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults:
         job = h.next_job(session)
         try:
             edit = h.edit_input(editor, mode, strength, paste_back)
-            # The Edit tab shows no sampler controls: steps, CFG and temperature are the model's.
+            # The Edit tab shows no sampler controls: steps, CFG, temperature and the head's are the model's.
             settings = h.settings_from_inputs(h.edit_prompt(ctx, prompt, edit), "", num_candidates,
-                                              decision_step or None, None, defaults["head_steps"], None,
+                                              decision_step or None, None, None, None,
                                               defaults["guidance_schedule"], None,
                                               h.resolve_seed(seed, random_seed), 1)
             views = h.generate_stream(ctx, session, settings, job=job, edit=edit, explain=bool(explain))
@@ -583,7 +593,8 @@ def _wire_history(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaul
         return (c["prompt"], c["negative_prompt"], c["num_candidates"],
                 gr.Slider(maximum=max(2, c["num_inference_steps"] - 1), value=c["decision_step"],
                           interactive=c["num_inference_steps"] >= 2 and c["num_candidates"] > 1),
-                c["num_inference_steps"], c["head_steps"], c["guidance_scale"], c["guidance_schedule"],
+                c["num_inference_steps"], c["head_steps"], c["head_sampler"], c["guidance_scale"],
+                c["guidance_schedule"],
                 c["temperature"], gr.Number(value=c["seed"], interactive=True), False, 1,
                 h.decision_info(c["num_inference_steps"], c["decision_step"], seq_len, c["num_candidates"]),
                 gr.Tabs(selected="generate"))
@@ -646,10 +657,12 @@ def _wire_model(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults
                 gr.Slider(maximum=loaded["seq_len"], value=loaded["steps"],
                           info=f"at most one step per token ({loaded['seq_len']} tokens)"),
                 gr.Slider(maximum=max(2, loaded["steps"] - 1), value=loaded["decision"]), loaded["guidance_scale"],
-                loaded["temperature"], _examples(ctx))
+                loaded["temperature"], gr.Slider(maximum=loaded["head_steps_max"], value=loaded["head_steps"]),
+                loaded["head_sampler"], _examples(ctx))
 
     ui.load_btn.click(ui_switch, [ui.model_dd], [ui.model_info, ui.card, ui.banner, ui.steps, ui.decision,
-                                                 ui.cfg, ui.temperature, ui.examples],
+                                                 ui.cfg, ui.temperature, ui.head_steps, ui.head_sampler,
+                                                 ui.examples],
                       concurrency_id="model", api_visibility="private")
     ui.rescan_btn.click(lambda: gr.Dropdown(choices=list(ctx.manager.choices())), None, [ui.model_dd],
                         queue=False, api_visibility="private")
@@ -659,39 +672,41 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: 
     """The two public endpoints, typed by the hidden components."""
     async def generate(sess: h.SessionState, prompt: str, negative_prompt: str = "",
                  num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
-                 num_inference_steps: int = controls["steps"], head_steps: int = defaults["head_steps"],
+                 num_inference_steps: int = controls["steps"], head_steps: int = controls["head_steps"],
                  guidance_scale: float = controls["guidance_scale"], guidance_schedule: str = defaults["guidance_schedule"],
-                 temperature: float = controls["temperature"], seed: int = -1, num_images: int = defaults["num_images"]):
+                 temperature: float = controls["temperature"], seed: int = -1, num_images: int = defaults["num_images"],
+                 head_sampler: str = controls["head_sampler"]):
         """Generate images; returns the PNG files (parameters in their text chunks) and the parameters."""
         job = h.next_job(sess)
         try:
             settings = h.settings_from_inputs(prompt, negative_prompt, num_candidates,
                                               None if not decision_step else decision_step, num_inference_steps,
                                               head_steps, guidance_scale, guidance_schedule, temperature,
-                                              h.resolve_seed(seed, False), num_images)
+                                              h.resolve_seed(seed, False), num_images, head_sampler)
             async for out in iterate_in_thread(h.generate_api_stream(ctx, sess, settings, job=job), job):
                 yield (gr.skip(), gr.skip()) if out is None else out
         finally:
             h.end_job(sess, job)
 
     ui.a_gen.click(generate, [ui.session, ui.a_prompt, ui.a_negative, ui.a_k, ui.a_decision, ui.a_steps, ui.a_head,
-                              ui.a_cfg, ui.a_sched, ui.a_temp, ui.a_seed, ui.a_n], [ui.a_files, ui.a_records],
+                              ui.a_cfg, ui.a_sched, ui.a_temp, ui.a_seed, ui.a_n, ui.a_head_sampler],
+                   [ui.a_files, ui.a_records],
                    api_name="generate", concurrency_id="model")
 
     def search(image: str, top_k: int = 5, mode: str = "bank", captions_file: str | None = None,
                labels: str = ""):
-        """Reverse search: the best captions for an image, [{rank, caption, score}]."""
+        """Reverse search: the best captions for an image, [{rank, caption, score, details}]."""
         return h.search(ctx, image, top_k, mode, captions_file, labels)
 
     async def run_edit(sess: h.SessionState, edit_args: tuple, prompt, negative_prompt, num_candidates, decision_step,
-                       head_steps, guidance_scale, guidance_schedule, temperature, seed, explain):
+                       head_steps, guidance_scale, guidance_schedule, temperature, seed, explain, head_sampler):
         job = h.next_job(sess)
         try:
             edit = h.edit_input_from_files(*edit_args)
             settings = h.settings_from_inputs(h.edit_prompt(ctx, prompt, edit), negative_prompt, num_candidates,
                                               None if not decision_step else decision_step, None, head_steps,
                                               guidance_scale, guidance_schedule, temperature,
-                                              h.resolve_seed(seed, False), 1)
+                                              h.resolve_seed(seed, False), 1, head_sampler)
             stream = h.generate_api_stream(ctx, sess, settings, job=job, edit=edit, explain=explain)
             async for out in iterate_in_thread(stream, job):
                 yield (gr.skip(), gr.skip(), gr.skip()) if out is None else out
@@ -700,37 +715,38 @@ def _wire_api(ctx: h.AppContext, ui: SimpleNamespace, controls: dict, defaults: 
 
     async def inpaint(sess: h.SessionState, image: str, mask: str, prompt: str, negative_prompt: str = "",
                       num_candidates: int = APP_DEFAULT_CANDIDATES, decision_step: int = 0,
-                      head_steps: int = defaults["head_steps"], guidance_scale: float = controls["guidance_scale"],
+                      head_steps: int = controls["head_steps"], guidance_scale: float = controls["guidance_scale"],
                       guidance_schedule: str = defaults["guidance_schedule"], temperature: float = controls["temperature"],
-                      seed: int = -1, paste_back: bool = True, explain: bool = False):
+                      seed: int = -1, paste_back: bool = True, explain: bool = False,
+                      head_sampler: str = controls["head_sampler"]):
         """Inpaint: regenerate the region a mask image marks (white = regenerate; the size of the image) for
         the prompt (the whole picture as it should be); returns the PNG, its parameters (with the source's
         SHA-256) and, with explain, why the candidate won (per-token leave-one-out contributions)."""
         async for out in run_edit(sess, (image, mask, None, paste_back, h.EDIT_INPAINT), prompt, negative_prompt, num_candidates,
                                   decision_step, head_steps, guidance_scale, guidance_schedule, temperature, seed,
-                                  explain):
+                                  explain, head_sampler):
             yield out
 
     async def variations(sess: h.SessionState, image: str, prompt: str = "", strength: float = 0.5,
                          negative_prompt: str = "", num_candidates: int = APP_DEFAULT_CANDIDATES,
-                         decision_step: int = 0, head_steps: int = defaults["head_steps"],
+                         decision_step: int = 0, head_steps: int = controls["head_steps"],
                          guidance_scale: float = controls["guidance_scale"], guidance_schedule: str = defaults["guidance_schedule"],
                          temperature: float = controls["temperature"], seed: int = -1, paste_back: bool = False,
-                         explain: bool = False):
+                         explain: bool = False, head_sampler: str = controls["head_sampler"]):
         """Variations: regenerate a `strength` share of the image's tokens (chosen by the seed) for the prompt
         (empty: the model's own best caption of the image); returns the PNG, its parameters and, with
         explain, why the candidate won."""
         async for out in run_edit(sess, (image, None, strength, paste_back, h.EDIT_VARIATIONS), prompt, negative_prompt,
                                   num_candidates, decision_step, head_steps, guidance_scale, guidance_schedule,
-                                  temperature, seed, explain):
+                                  temperature, seed, explain, head_sampler):
             yield out
 
     settings = [ui.a_negative, ui.a_k, ui.a_decision, ui.a_head, ui.a_cfg, ui.a_sched, ui.a_temp, ui.a_seed]
     outputs = [ui.a_files, ui.a_records, ui.e_explanations]
-    ui.a_inpaint.click(inpaint, [ui.session, ui.e_image, ui.e_mask, ui.a_prompt, *settings, ui.e_paste, ui.e_explain],
-                       outputs, api_name="inpaint", concurrency_id="model")
+    ui.a_inpaint.click(inpaint, [ui.session, ui.e_image, ui.e_mask, ui.a_prompt, *settings, ui.e_paste, ui.e_explain,
+                                 ui.a_head_sampler], outputs, api_name="inpaint", concurrency_id="model")
     ui.a_variations.click(variations, [ui.session, ui.e_image, ui.e_prompt, ui.e_strength, *settings,
-                                       ui.e_paste_var, ui.e_explain], outputs, api_name="variations",
+                                       ui.e_paste_var, ui.e_explain, ui.a_head_sampler], outputs, api_name="variations",
                           concurrency_id="model")
 
     ui.a_search.click(search, [ui.s_image, ui.s_top, ui.s_mode, ui.s_file, ui.s_labels], [ui.s_out],

@@ -82,6 +82,16 @@ def machine_info(device: torch.device | str = "cpu") -> str:
     return f"torch {torch.__version__}, {device.type}: {what}{load}"
 
 
+def weights_line(path: str | Path) -> str:
+    """The markdown header line naming the weights a benchmark measured, `- weights: FINGERPRINT
+    (PATH)` (`training.evaluate.cli.model_record`): how tests/test_results_fresh.py tells a table
+    measured on older weights from the bundled model."""
+    from training.evaluate.cli import model_record
+
+    record = model_record(path)
+    return f"- weights: {record['fingerprint']} ({record['path']})"
+
+
 # --------------------------------------------------------------------------- clocks and timing
 
 

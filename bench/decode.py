@@ -6,7 +6,8 @@ Prints markdown tables:
      transformer (encoder + decoder, SAD scoring included), diffusion head and the rest, FLOPs
      per image (torch's FlopCounterMode: matmuls and attention) and the achieved FLOP/s as a share
      of this machine's measured fp32 matmul peak;
-  2. the decoding-steps x head-steps grid at K = 1 (steps capped at the model's token count);
+  2. the decoding-steps x head-steps grid at K = 1 (steps capped at the model's token count), for
+     each head sampler of `--head-samplers` (default: the model's own);
   3. (models with a VAE) latency of the app path: first candidate preview, final image; and the
      cost of UI previews as a share of decoding time: after every step (pipeline.decode_tokens on
      the K partial states), and in the app itself (app.handlers.generate_stream's own timers);
@@ -20,6 +21,7 @@ from timers wrapped around the model's encoder, decoder and head inside the real
     python -m bench.decode --random-mar-size --quick --sections candidates
     python -m bench.decode --model runs/x/export --sections latency,previews,memory
     python -m bench.decode --random-mar-size --device cuda --bf16 --cuda-graphs
+    python -m bench.decode --sections grid --head-samplers ancestral,ddim,dpm-solver++ --head-steps 10,25,100
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ import torch
 
 from bench.common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info, mar_size_config,
                           markdown_table, matmul_peak, median, patched, random_model, random_text, resolve_device,
-                          setup_threads, time_runs)
+                          setup_threads, time_runs, weights_line)
 from dream_core.model import DreamModel
-from dream_core.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_HEAD_STEPS, DEFAULT_STEPS, default_decision_step
+from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_HEAD_STEPS, DEFAULT_STEPS, HEAD_SAMPLERS,
+                                default_decision_step)
 from dream_core.sampling import TextCondition, candidate_generators
 from dream_core.semantic_decoding import semantic_decode
 from training.evaluate.cli import run_cli
@@ -67,14 +70,16 @@ class Target:
     bf16: bool = False  # the random model only: a pipeline autocasts to bf16 on CUDA by itself
 
     def decode(self, k: int, steps: int, head_steps: int, seed: int = 0,
-               on_event: Callable | None = None):
-        """One generation; returns the last StepEvent. K > 1 uses SAD at the default decision step."""
+               on_event: Callable | None = None, head_sampler: str | None = None):
+        """One generation; returns the last StepEvent. K > 1 uses SAD at the default decision step;
+        `head_sampler` None is the model's default."""
         decision = default_decision_step(self.model.config, steps) if k > 1 else None
         if self.pipe is not None:
             events = self.pipe.stream(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
-                                      guidance_scale=self.cfg, seed=seed, head_steps=head_steps)
+                                      guidance_scale=self.cfg, seed=seed, head_steps=head_steps,
+                                      head_sampler=head_sampler)
         else:
-            events = self._random_stream(k, steps, head_steps, seed, decision)
+            events = self._random_stream(k, steps, head_steps, seed, decision, head_sampler)
         last = None
         for last in events:
             if on_event is not None:
@@ -82,16 +87,14 @@ class Target:
         return last
 
     @torch.inference_mode()
-    def _random_stream(self, k, steps, head_steps, seed, decision):
-        c = self.model.config
-        cfg = self.cfg != 1.0
+    def _random_stream(self, k, steps, head_steps, seed, decision, head_sampler):
         if self.bf16 and self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                yield from self._random_events(k, steps, head_steps, seed, decision)
+                yield from self._random_events(k, steps, head_steps, seed, decision, head_sampler)
             return
-        yield from self._random_events(k, steps, head_steps, seed, decision)
+        yield from self._random_events(k, steps, head_steps, seed, decision, head_sampler)
 
-    def _random_events(self, k, steps, head_steps, seed, decision):
+    def _random_events(self, k, steps, head_steps, seed, decision, head_sampler):
         c = self.model.config
         cfg = self.cfg != 1.0
         hidden, mask = random_text(c, cfg=cfg)
@@ -99,7 +102,7 @@ class Target:
         clip_tokens = torch.randint(1, 400, (1, c.clip_context_length), generator=torch.Generator().manual_seed(seed))
         text_emb = self.model.encode_text(clip_tokens.to(self.device)).float()
         yield from semantic_decode(self.model, text, text_emb, candidate_generators(seed, k), steps,
-                                   [decision] if decision else [], self.cfg, None, None, head_steps,
+                                   [decision] if decision else [], self.cfg, None, None, head_steps, head_sampler,
                                    device=self.device)
 
 
@@ -133,7 +136,8 @@ class Timing:
     flops: float | None
 
 
-def measure(target: Target, k: int, steps: int, head_steps: int, args: argparse.Namespace) -> Timing:
+def measure(target: Target, k: int, steps: int, head_steps: int, args: argparse.Namespace,
+            head_sampler: str | None = None) -> Timing:
     """Median wall time of a generation, with the transformer/head split of the median run."""
     model = target.model
     sw = Stopwatch(args.clock, target.device)
@@ -141,7 +145,7 @@ def measure(target: Target, k: int, steps: int, head_steps: int, args: argparse.
 
     def run() -> None:
         sw.reset()
-        target.decode(k, steps, head_steps, seed=args.seed)
+        target.decode(k, steps, head_steps, seed=args.seed, head_sampler=head_sampler)
         splits.append((sw.totals["encoder"] + sw.totals["decoder"], sw.totals["head"]))
 
     if target.device.type == "cuda":
@@ -156,7 +160,8 @@ def measure(target: Target, k: int, steps: int, head_steps: int, args: argparse.
         med = median(runs)
         split = splits[1:][min(range(len(runs)), key=lambda j: abs(runs[j] - med))]
     med = median(runs)
-    flops = None if args.no_flops else count_flops(lambda: target.decode(k, steps, head_steps, seed=args.seed))
+    flops = None if args.no_flops else count_flops(
+        lambda: target.decode(k, steps, head_steps, seed=args.seed, head_sampler=head_sampler))
     return Timing(med, runs, split[0], split[1], flops)
 
 
@@ -217,13 +222,15 @@ def candidates_section(target: Target, args: argparse.Namespace, peak: float) ->
 def grid_section(target: Target, args: argparse.Namespace, peak: float) -> str:
     L = target.model.config.seq_len
     steps_list = sorted({min(s, L) for s in args.steps})
+    samplers = args.head_samplers or [target.model.config.default_head_sampler]
     rows = []
-    for steps in steps_list:
-        for hs in args.head_steps:
-            t = measure(target, 1, steps, hs, args)
-            rows.append([str(steps), str(hs)] + timing_row(t, peak))
-            print(f"  steps={steps} head={hs}: {fmt_s(t.seconds)}", file=sys.stderr, flush=True)
-    headers = ["steps", "head steps", "per image"] + SPLIT_HEADERS + FLOP_HEADERS
+    for sampler in samplers:
+        for steps in steps_list:
+            for hs in args.head_steps:
+                t = measure(target, 1, steps, hs, args, head_sampler=sampler)
+                rows.append([sampler, str(steps), str(hs)] + timing_row(t, peak))
+                print(f"  {sampler} steps={steps} head={hs}: {fmt_s(t.seconds)}", file=sys.stderr, flush=True)
+    headers = ["head sampler", "steps", "head steps", "per image"] + SPLIT_HEADERS + FLOP_HEADERS
     return "## Decoding steps x head steps (K = 1)\n\n" + markdown_table(headers, rows)
 
 
@@ -394,6 +401,15 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _samplers(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in HEAD_SAMPLERS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected comma-separated head samplers of {', '.join(HEAD_SAMPLERS)}, "
+                                         f"got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -412,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--candidate-head-steps", type=int, default=DEFAULT_HEAD_STEPS)
     ap.add_argument("--steps", type=_ints, default=list(GRID_STEPS), help="decoding steps of the grid")
     ap.add_argument("--head-steps", type=_ints, default=list(GRID_HEAD_STEPS), help="head steps of the grid")
+    ap.add_argument("--head-samplers", type=_samplers, default=None,
+                    help=f"head samplers of the grid, comma-separated of {','.join(HEAD_SAMPLERS)} "
+                         "(default: the model's default_head_sampler)")
     ap.add_argument("--app-steps", type=int, default=DEFAULT_STEPS,
                     help="decoding steps of the latency/preview/memory sections (at most one per token, as the app)")
     ap.add_argument("--app-head-steps", type=int, default=DEFAULT_HEAD_STEPS)
@@ -451,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     c = target.model.config
     print("# DREAM decoding benchmark\n")
     print(f"- model: {target.name}, {sum(p.numel() for p in target.model.parameters()) / 1e6:.2f} M parameters")
+    if target.pipe is not None:
+        print(weights_line(target.pipe.path))
     print(f"- machine: {machine_info(device)}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3)")
     print(f"- CFG {args.cfg} constant, the model's default temperature, median of {args.repeats} after 1 warm-up, clock {args.clock}; "
           f"{c.seq_len} tokens")

@@ -12,6 +12,9 @@ Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against
   thumbnails (rank 1). At K = 1 and with SAD K = 9 (the model's default decision step), paired;
   the VAE round trip of the reference image under the same judge is the ceiling.
 - A contact sheet of 64 prompts: reference, K = 1, SAD.
+- The paper's Fig. 7 on real images (`masked`): reverse search top-1 over the 3,786 names and the
+  zero-shot group when the encoder sees only part of an image's tokens (a random share hidden),
+  on the held-out OpenMoji images and on seen images. SAD scores exactly such partial latents.
 
     python -m bench.emoji_eval --model assets/dream-emoji --data runs/emoji-data --out bench/results/emoji
 """
@@ -32,6 +35,10 @@ from dream_core.pipeline import DreamPipeline
 from dream_core.request import SamplerSettings, default_decision_step, default_steps
 from dream_core.semantic_decoding import Setting
 from training.data.emoji import PACKAGE_OF_STYLE, STYLES, EmojiSource, package_dir, render_svg
+from training.evaluate.cli import run_metadata, write_json
+from training.evaluate.plotting import plot_panels
+from training.evaluate.scoring import image_tokens
+from training.evaluate.zero_shot_masking import accuracy_vs_mask_ratio
 from training.evaluate.stats import format_difference, format_rate, paired_difference, rate_with_interval
 
 THUMB = 16  # the judge's thumbnail side: the art's layout and colours, not its pixels
@@ -41,6 +48,8 @@ GROUPS = {  # CLDR group -> the words a person would use
     "activities": "activities", "objects": "objects", "symbols": "symbols", "flags": "flags",
 }
 PROMPT = "a {name} emoji in {style} style"  # how a person would ask
+SECTIONS = ("search", "generation", "masked")
+MASK_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.875, 0.95)  # 0.5 and 0.875: the SAD decision shares in use
 
 
 def thumbs(images: np.ndarray) -> torch.Tensor:
@@ -128,11 +137,11 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=None, help="head temperature (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--sections", default="search,generation", help="comma-separated: search, generation")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = ap.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if not sections or sections - {"search", "generation"}:
-        ap.error(f"--sections takes search and/or generation, got {args.sections!r}")
+    if not sections or sections - set(SECTIONS):
+        ap.error(f"--sections takes a subset of {', '.join(SECTIONS)}, got {args.sections!r}")
     if args.candidates < 1:
         ap.error("--candidates must be >= 1")
     if args.threads:
@@ -147,17 +156,19 @@ def main() -> None:
     if pipe.captions and pipe.captions != bank:
         raise SystemExit("the model's caption bank is not the emoji set's names in order: was it trained on this set?")
     bank_emb = pipe.embed_texts(bank).cpu()
-    result: dict = {"model": str(args.model), "weights": pipe.weights_fingerprint(), "bank": len(bank)}
+    meta = run_metadata(pipe, args)
+    result: dict = {"model": str(args.model), "weights": meta["weights"], "meta": meta, "bank": len(bank)}
 
     if "search" in sections:
         search_section(pipe, args, result, source, held_pairs, train_pairs, bank_emb,
                        np.random.default_rng([args.seed, 0]))
     if "generation" in sections:
         generation_section(pipe, args, result, source, held_pairs, train_pairs, np.random.default_rng([args.seed, 1]))
+    if "masked" in sections:
+        masked_section(pipe, args, result, source, held_pairs, train_pairs, bank_emb, np.random.default_rng([args.seed, 2]))
     result["wall_seconds"] = round(time.time() - t0, 1)
     result["command"] = "python -m bench.emoji_eval " + " ".join(sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out / "eval.json", result)
     for name, entry in result.get("search", {}).items():
         print(f"search {name}: top-1 {format_rate(entry['top1'])}, top-5 {format_rate(entry['top5'])}")
     if "zero_shot_heldout" in result:
@@ -168,6 +179,10 @@ def main() -> None:
             sad = (f", SAD {format_rate(g['sad'])}, SAD - K=1 {format_difference(g['sad_minus_k1'])}"
                    if "sad" in g else "")
             print(f"generation {split}: K=1 {format_rate(g['k1'])}{sad}, VAE ceiling {format_rate(g['vae_ceiling'])}")
+    for split, m in result.get("masked", {}).get("splits", {}).items():
+        for label, rates in m.items():
+            print(f"masked {split} {label}: " + ", ".join(f"r={r:g} {format_rate(e)}"
+                                                          for r, e in zip(result["masked"]["ratios"], rates)))
 
 
 def search_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
@@ -243,6 +258,36 @@ def generation_section(pipe: DreamPipeline, args: argparse.Namespace, result: di
     args.out.mkdir(parents=True, exist_ok=True)
     contact_sheet(np.stack([r for r, _, _ in sheet]), [k for _, k, _ in sheet], [s for _, _, s in sheet],
                   args.out / "contact_sheet.png")
+
+def masked_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
+                   held_pairs: np.ndarray, train_pairs: np.ndarray, bank_emb: torch.Tensor,
+                   rng: np.random.Generator) -> None:
+    """Fig. 7 on emoji: name top-1 (among all names) and group (among ten) against the share of an
+    image's tokens hidden from the encoder, held-out OpenMoji and seen images; plot in --out."""
+    recs, om = source.records, STYLES.index("openmoji")
+    group_keys = list(GROUPS)
+    class_emb = {"name": bank_emb, "group": pipe.embed_texts([f"{GROUPS[g]} emoji" for g in group_keys]).cpu()}
+    seen = train_pairs[rng.choice(len(train_pairs), min(args.n_search_seen, len(train_pairs)), replace=False)]
+    out: dict = {"ratios": list(MASK_RATIOS), "chance": {"name": 1 / len(recs), "group": 1 / len(group_keys)},
+                 "splits": {}}
+    for split, (emoji, styles) in (("heldout_openmoji", (held_pairs[:, 0], np.full(len(held_pairs), om))),
+                                   ("seen", (seen[:, 0], seen[:, 1]))):
+        tokens = image_tokens(pipe, [Image.fromarray(im) for im in source.images[emoji, styles]]).cpu()
+        labels = {"name": torch.from_numpy(emoji).long(),
+                  "group": torch.tensor([group_keys.index(recs[e]["group"]) for e in emoji])}
+        acc = accuracy_vs_mask_ratio(pipe, tokens, labels, class_emb, MASK_RATIOS, seed=args.seed)
+        out["splits"][split] = {k: [rate_with_interval(round(v * len(emoji)), len(emoji)) for v in vals]
+                                for k, vals in acc.items()}
+    result["masked"] = out
+    args.out.mkdir(parents=True, exist_ok=True)
+    panels = {f"{split} {k}": {"dream": [e["rate"] for e in rates]} for split, m in out["splits"].items()
+              for k, rates in m.items()}
+    bands = {f"{split} {k}": {"dream": [e["ci95"] for e in rates]} for split, m in out["splits"].items()
+             for k, rates in m.items()}
+    plot_panels(args.out / "masked.png", list(MASK_RATIOS), panels, "mask ratio (share of tokens hidden)",
+                "top-1", "Reverse search and zero-shot group of partially masked emoji (DREAM Fig. 7)",
+                intervals=bands, chance={f"{s} {k}": c for s in out["splits"] for k, c in out["chance"].items()})
+
 
 if __name__ == "__main__":
     main()

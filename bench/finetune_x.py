@@ -116,6 +116,7 @@ def measure(model: str, out: Path, n_x: int = 16, n_faith: int = 100, seed: int 
     from dream_core.pipeline import DreamPipeline
     from dream_core.request import SamplerSettings
     from dream_core.semantic_decoding import Setting
+    from training.evaluate.cli import run_metadata
     from training.evaluate.plotting import image_grid
     from training.evaluate.sets import prompt_seeds
     from training.evaluate.faithfulness import judge_images, prompt_set
@@ -133,7 +134,7 @@ def measure(model: str, out: Path, n_x: int = 16, n_faith: int = 100, seed: int 
     run = pipe.generate_batch(prompts, prompt_seeds(n_faith), [Setting(1)], sampler)
     report = judge_images(run.results[Setting(1)].images, prompts)
     image_grid(run.results[Setting(1)].images[:32], cols=8, marks=report.verdicts[:32]).save(out / "faithfulness.png")
-    result = {"model": str(model), "x_present": sum(v[0] for v in verdicts), "x_n": n_x,
+    result = {"model": str(model), "meta": run_metadata(pipe), "x_present": sum(v[0] for v in verdicts), "x_n": n_x,
               "x_iou_mean": float(np.mean([v[1] for v in verdicts])),
               "faithful_1obj": report.faithful, "faithful_n": report.n, "failures": report.failures,
               "x_prompts": x_prompts}

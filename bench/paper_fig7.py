@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from bench.common import RESULTS, command_line, markdown_table
-from training.evaluate.cli import load_pipeline, parse_fractions, run_cli, write_json
+from training.evaluate.cli import load_pipeline, parse_fractions, run_cli, run_metadata, write_json
 from training.evaluate.plotting import plot_panels
 from training.evaluate.scoring import image_tokens
 from training.evaluate.sets import EVAL_SEED, STREAM_ZERO_SHOT, rendered_scenes
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--n-images must be >= 1, got {args.n_images}")
     images, scenes = rendered_scenes(args.n_images, args.seed, STREAM_ZERO_SHOT, num_objects=1)
     results: dict = {"command": command_line(__file__, argv), "models": {k: str(v) for k, v in models.items()},
+                     "meta": run_metadata(None, args, models=list(models.values())),
                      "ratios": ratios, "n_images": args.n_images, "seed": args.seed, "accuracy": {}}
     for name, path in models.items():
         pipe = load_pipeline(path, args.device, args.threads)

@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     if reranker is not None:
         settings += [Setting(k, rerank=True) for k in ks if k > 1]
 
+    measured = [pipe] if args.reranker_model is None else [pipe, args.reranker_model]
     results: dict = {"command": command_line(__file__, argv), "model": str(pipe.path),
-                     "reranker": reranker_description(args), "meta": run_metadata(pipe, args),
+                     "reranker": reranker_description(args), "meta": run_metadata(pipe, args, models=measured),
                      "num_inference_steps": steps, "budget": budget, "decision_rule": args.decision_rule, "ks": ks,
                      "nfe": "decoder forwards x candidate rows per image: K = 1: S; SAD: K x d + (S - d); "
                             "reranker: K x S", "rows": []}

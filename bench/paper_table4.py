@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.common import RESULTS, command_line, markdown_table
 from bench.shapes_eval import (SAD_K, faithfulness_section, probe_section, reverse_search_section)
 from dream_core.request import GenerationRequest, SamplerSettings
-from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, write_json
+from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, run_metadata, write_json
 from training.evaluate.linear_probe import SHAPES_ATTRIBUTES
 from training.evaluate.plotting import plot_bars
 from training.evaluate.sets import EVAL_SEED
@@ -131,7 +131,8 @@ def evaluate_model(model_dir: Path, args: argparse.Namespace) -> dict:
     pipe = load_pipeline(model_dir, args.device, args.threads)
     steps = args.eval_steps if args.eval_steps is not None else pipe.config.seq_len
     sampler = SamplerSettings(steps, args.cfg, "constant", args.temperature, args.head_steps)
-    out = {"model": str(model_dir), "probe": probe_section(pipe, args.probe_train, args.probe_val, args.eval_seed),
+    out = {"model": str(model_dir), "meta": run_metadata(pipe),
+           "probe": probe_section(pipe, args.probe_train, args.probe_val, args.eval_seed),
            "search": reverse_search_section(pipe, args.search_n, args.eval_seed)}
     for objects in (1, 2):
         out[f"{objects}-object"] = faithfulness_section(pipe, objects, args.n_prompts, sampler, args.eval_seed,
@@ -226,10 +227,12 @@ def main(argv: list[str] | None = None) -> dict:
         evals[sched][seed] = ev
         status[name] = "done"
 
-    results: dict = {"command": command_line(__file__, argv), "steps": args.steps, "seeds": seeds,
+    model_dirs = {f"{s}-s{seed}": args.out / "runs" / f"{s}-s{seed}" / "model" for s in schedules for seed in seeds}
+    trained = [d for d in model_dirs.values() if (d / "model.safetensors").is_file()]
+    results: dict = {"command": command_line(__file__, argv), "meta": run_metadata(None, args, models=trained),
+                     "steps": args.steps, "seeds": seeds,
                      "schedules": {s: SCHEDULES[s] for s in schedules}, "overrides": args.overrides,
-                     "models": {f"{s}-s{seed}": str(args.out / "runs" / f"{s}-s{seed}" / "model")
-                                for s in schedules for seed in seeds},
+                     "models": {name: str(d) for name, d in model_dirs.items()},
                      "status": status, "complete": all(v.startswith("done") for v in status.values()),
                      "minutes": (time.time() - start) / 60}
     done = {s: per for s, per in evals.items() if len(per) == len(seeds)}

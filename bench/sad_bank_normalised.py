@@ -24,7 +24,7 @@ import torch
 from bench.common import command_line, markdown_table, patched, setup_threads
 from dream_core.request import SamplerSettings
 from dream_core.semantic_decoding import Setting
-from training.evaluate.cli import load_pipeline, write_json
+from training.evaluate.cli import load_pipeline, run_metadata, write_json
 from training.evaluate.critic import JudgeReranker
 from training.evaluate.faithfulness import prompt_set
 from training.evaluate.sets import EVAL_SEED, prompt_seeds
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {f"decision step {d}": pick_rates(torch.cat(partial[d]), text, bank, scale, verdicts) for d in steps}
     rows["finished images"] = pick_rates(torch.stack(judge.finished), text, bank, scale, verdicts)
     n = args.n
-    res = {"command": command_line("bench/sad_bank_normalised.py", argv), "model": args.model, "n": n,
+    res = {"command": command_line("bench/sad_bank_normalised.py", argv), "model": args.model,
+           "meta": run_metadata(pipe, args), "n": n,
            "objects": args.objects, "k": args.k, "random_candidate": float(verdicts.mean()),
            "best_of_k": float((verdicts.sum(1) > 0).float().mean()), "picks": rows,
            "seconds": time.perf_counter() - t}

@@ -62,7 +62,7 @@ def decode_and_score(pipe, prompts: list[str], seeds: list[int], k: int, decisio
         (all are decoded to the end and judged)."""
         guess_gens = [torch.Generator().manual_seed(GUESS_SEED + 1000 * state.step + r) for r in range(n * k)]
         guess = complete_in_one_step(model, state, text, guess_gens, req.guidance_scale, req.guidance_schedule,
-                                     req.temperature, req.head_steps)
+                                     req.temperature, req.head_steps, req.head_sampler)
         completed = alignment_scores(model, guess, torch.zeros_like(state.mask), row_emb)
         with torch.autocast(pipe.device.type, enabled=False):  # the judge sees full-precision pixels
             judged = judge_images(pipe.decode_tokens(guess), row_text).verdicts
@@ -74,8 +74,8 @@ def decode_and_score(pipe, prompts: list[str], seeds: list[int], k: int, decisio
     with pipe.autocast():
         for done in semantic_decode(model, text, row_emb, gens, req.num_inference_steps, decision_steps,
                                     req.guidance_scale, req.guidance_schedule, req.temperature, req.head_steps,
-                                    device=pipe.device, shared_order=req.shared_order, keep=critics, order_groups=n,
-                                    step_events=False):
+                                    req.head_sampler, device=pipe.device, shared_order=req.shared_order, keep=critics,
+                                    order_groups=n, step_events=False):
             pass
     verdicts = judge_images(pipe.decode_tokens(done.tokens), row_text).verdicts
     return {"scores": scores, "verdicts": torch.tensor(verdicts).view(n, k)}

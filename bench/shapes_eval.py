@@ -55,7 +55,7 @@ from dream_core.request import GenerationRequest, SamplerSettings, decision_step
 from dream_core.semantic_decoding import Setting
 from training.data.shapes_world import (COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Scene, caption,
                                         judge, parse_caption, read_image, render)
-from training.evaluate.cli import load_pipeline, run_cli, write_json
+from training.evaluate.cli import load_pipeline, run_cli, run_metadata, write_json
 from training.evaluate.critic import JudgeReranker, critic_stats
 from training.evaluate.faithfulness import judge_images, prompt_set
 from training.evaluate.scoring import vae_round_trip
@@ -351,7 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="model directory (default: the bundled assets/dream-shapes)")
     ap.add_argument("--n-prompts", type=int, default=500, help="prompts per faithfulness set (>= 500 for the card)")
     ap.add_argument("--steps", type=int, default=None, help="decoding steps (default: one per token; <= tokens)")
-    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps)
+    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps,
+                    help="default: the model's default_head_steps")
     ap.add_argument("--cfg", type=float, default=GenerationRequest.guidance_scale, help="default: the model's")
     ap.add_argument("--temperature", type=float, default=GenerationRequest.temperature,
                     help="default: the model's default_temperature")
@@ -376,7 +377,8 @@ def evaluate(pipe, args: argparse.Namespace, sections: set[int], n: int) -> dict
     steps = args.steps if args.steps is not None else pipe.config.seq_len
     sampler = SamplerSettings(steps, args.cfg, "constant", args.temperature, args.head_steps)
     used = sampler.request("x").validate(pipe.config)  # the model's defaults where no flag was given
-    res: dict = {"settings": {"num_inference_steps": steps, "head_steps": args.head_steps, "cfg": used.guidance_scale,
+    res: dict = {"settings": {"num_inference_steps": steps, "head_steps": used.head_steps,
+                              "head_sampler": used.head_sampler, "cfg": used.guidance_scale,
                               "temperature": used.temperature, "eval_seed": args.eval_seed, "n_prompts": n,
                               "sad_k": SAD_K, "sad_steps": sad_steps(pipe.config, steps)},
                  "seconds": {}}
@@ -429,15 +431,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     pipe = load_pipeline(args.model, args.device, args.threads)
-    out: dict = {"model": str(pipe.path), "device": str(pipe.device)}
+    measured = [pipe, *compare.values()] if 5 in sections else [pipe]
+    out: dict = {"model": str(pipe.path), "device": str(pipe.device),
+                 "meta": run_metadata(pipe, args, models=measured)}
     main_sections = sections & {1, 2, 3, 4, 6, 7}
     if main_sections:
         out["main"] = evaluate(pipe, args, main_sections, args.n_prompts)
         print(f"\n## Shapes World evaluation of {pipe.path}\n")
         s = out["main"]["settings"]
-        print(f"steps {s['num_inference_steps']}, head steps {s['head_steps']}, CFG {s['cfg']}, temperature "
-              f"{s['temperature']}; fixed evaluation set, seed {s['eval_seed']}, {s['n_prompts']} prompts per set; "
-              f"device {pipe.device}\n")
+        print(f"steps {s['num_inference_steps']}, head {s['head_sampler']} x {s['head_steps']} steps, CFG {s['cfg']}, "
+              f"temperature {s['temperature']}; fixed evaluation set, seed {s['eval_seed']}, {s['n_prompts']} prompts "
+              f"per set; device {pipe.device}\n")
         print(main_table(out["main"]))
     if 8 in sections:
         if args.edit_n < 1:
@@ -448,9 +452,9 @@ def main(argv: list[str] | None = None) -> dict:
         out["edit"]["seconds"] = time.perf_counter() - t
         used = sampler.request("x").validate(pipe.config)
         print(f"\n## Editing: inpaint one object of a two-object scene (section 8)\n")
-        print(f"head steps {args.head_steps}, CFG {used.guidance_scale}, temperature {used.temperature}, one decoding step per "
-              f"regenerated token, fixed scenes (seed {args.eval_seed}, stream {STREAM_EDITS}); device {pipe.device}; "
-              f"{out['edit']['seconds']:.0f} s\n")
+        print(f"head {used.head_sampler} x {used.head_steps} steps, CFG {used.guidance_scale}, temperature "
+              f"{used.temperature}, one decoding step per regenerated token, fixed scenes (seed {args.eval_seed}, "
+              f"stream {STREAM_EDITS}); device {pipe.device}; {out['edit']['seconds']:.0f} s\n")
         print(edit_table(out["edit"]))
     if 5 in sections and compare:
         cn = args.compare_n_prompts or args.n_prompts

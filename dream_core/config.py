@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .request import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE
+from .request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_HEAD_SAMPLER, DEFAULT_HEAD_STEPS, DEFAULT_TEMPERATURE,
+                      HEAD_SAMPLERS, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE)
 
 CLIP_POOLINGS = ("all", "image", "buffer", "attention")
 CLIP_PROJECTIONS = ("post", "pre")
@@ -91,6 +92,12 @@ class DreamConfig:
     # faithful elsewhere (the bundled toy model: model card) carries its own.
     default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     default_temperature: float = DEFAULT_TEMPERATURE
+    # The diffusion head's sampler (one of request.HEAD_SAMPLERS) and steps when a request names
+    # none: MAR's ancestral sampler over 100 respaced steps unless a model was measured faster at
+    # equal faithfulness with a fewer-step sampler (bench.speed_front). Files written before these
+    # fields existed load with these values, so they sample as they always did.
+    default_head_sampler: str = DEFAULT_HEAD_SAMPLER
+    default_head_steps: int = DEFAULT_HEAD_STEPS
 
     # ----- training losses (read by dream_core.losses / model.forward_train and training/) -----
     # Loss weights and filters (per sample).
@@ -174,6 +181,13 @@ class DreamConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
                 raise ValueError(f"config.{key} must be in [0, {high}], got {value!r}")
+        if self.default_head_sampler not in HEAD_SAMPLERS:
+            raise ValueError(f"config.default_head_sampler must be one of {', '.join(HEAD_SAMPLERS)}, "
+                             f"got {self.default_head_sampler!r}")
+        value = self.default_head_steps
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.num_train_timesteps:
+            raise ValueError(f"config.default_head_steps must be an integer in [1, num_train_timesteps="
+                             f"{self.num_train_timesteps}], got {value!r}")
         for key in ("diffusion_weight", "clip_weight", "repa_weight", "vae_scaling_factor", "clip_denoised"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

@@ -13,7 +13,8 @@ weights load as is.
 What differs on purpose: the masked mean is per sample and never NaN, loss is computed only on
 masked tokens, all sampling noise comes from the caller, and the network offers a premodulated
 fast path (`DiffusionMLP.trunk_premodulated`) so the sampler precomputes everything that does not
-depend on x_t.
+depend on x_t. Beside the ancestral sampler, the same network can be sampled by DDIM (eta = 0) or
+DPM-Solver++(2M), which reach the data in fewer steps.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .diffusion_sampler import CudaGraphs, ancestral_sample
+from .diffusion_sampler import SAMPLERS, CudaGraphs
 from .noise_schedule import GaussianDiffusion, ReverseSchedule
+from .request import DEFAULT_HEAD_SAMPLER
 
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT/MAR
 LN_EPS = 1e-6
@@ -255,13 +257,17 @@ class DiffusionHead(nn.Module):
 
     @torch.inference_mode()
     def sample(self, z: torch.Tensor, noise: torch.Tensor, guidance_scale: float | torch.Tensor = 1.0,
-               temperature: float = 1.0, clip_denoised: float | None = None) -> torch.Tensor:
-        """Ancestral DDPM with learned variance; returns x_0 [N, C].
+               temperature: float = 1.0, clip_denoised: float | None = None,
+               sampler: str = DEFAULT_HEAD_SAMPLER) -> torch.Tensor:
+        """Reverse diffusion over S respaced steps; returns x_0 [N, C].
 
         z: [N, D], or [2N, D] laid out as [conditional; unconditional] for classifier-free guidance.
         noise: [S+1, N, C]; noise[0] is x_T, noise[i] the noise injected at reverse step i
-            (S = number of respaced steps; noise[S], at t = 0, is unused). Temperature scales only
-            the injected noise.
+            (S = number of respaced steps; noise[S], at t = 0, is unused). The deterministic
+            samplers read only x_T, so a seed gives every sampler the same x_T.
+        sampler: "ancestral" (DDPM with the learned variance; temperature scales the injected
+            noise), "ddim" (eta = 0) or "dpm-solver++" (2M), the last two deterministic given x_T,
+            which temperature scales (see `dream_core.diffusion_sampler`).
         guidance_scale: scalar or per-row [N]; eps = eps_u + s (eps_c - eps_u). The variance
             channels come from the conditional half (the official code keeps each half's own,
             which for the kept conditional half is the same). Ignored when z has N rows.
@@ -284,31 +290,33 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"noise must be [S+1, N, {net.token_dim}] with S >= 1, got {tuple(noise.shape)}")
         if z.shape[0] not in (n, 2 * n):
             raise ValueError(f"z has {z.shape[0]} rows, expected {n} or {2 * n}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if self.cuda_graphs and z.is_cuda:
-            return self._sample_graphed(z, noise, guidance_scale, temperature, clip_denoised)
-        return self._sample_loop(z, noise, guidance_scale, temperature, clip_denoised)
+            return self._sample_graphed(z, noise, guidance_scale, temperature, clip_denoised, sampler)
+        return self._sample_loop(z, noise, guidance_scale, temperature, clip_denoised, sampler)
 
     def _sample_loop(self, z: torch.Tensor, noise: torch.Tensor, guidance_scale: float | torch.Tensor,
-                     temperature: float, clip_denoised: float | None) -> torch.Tensor:
+                     temperature: float, clip_denoised: float | None, sampler: str) -> torch.Tensor:
         """The sampler itself (inputs already validated by `sample`)."""
-        return ancestral_sample(self.net, self._schedule(noise.shape[0] - 1), z, noise, guidance_scale, temperature,
-                                clip_denoised, modulation_chunk_bytes=self.modulation_chunk_bytes,
-                                loop_threads=self.loop_threads, loop_threads_max_rows=self.loop_threads_max_rows)
+        return SAMPLERS[sampler](self.net, self._schedule(noise.shape[0] - 1), z, noise, guidance_scale, temperature,
+                                 clip_denoised, modulation_chunk_bytes=self.modulation_chunk_bytes,
+                                 loop_threads=self.loop_threads, loop_threads_max_rows=self.loop_threads_max_rows)
 
     def _sample_graphed(self, z: torch.Tensor, noise: torch.Tensor, guidance_scale: float | torch.Tensor,
-                        temperature: float, clip_denoised: float | None) -> torch.Tensor:
-        """`_sample_loop` replayed from a CUDA graph (`diffusion_sampler.CudaGraphs`); the
-        schedule's tensors are put on the device before the capture."""
+                        temperature: float, clip_denoised: float | None, sampler: str) -> torch.Tensor:
+        """`_sample_loop` replayed from a CUDA graph (`diffusion_sampler.CudaGraphs`, one per
+        sampler among its other keys); the schedule's tensors are put on the device before the capture."""
         schedule = self._schedule(noise.shape[0] - 1)
 
         def prepare() -> None:
             schedule.device_tensors(z.device, self.net.input_proj.weight.dtype)
 
         def sample_fn(zs: torch.Tensor, ns: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return self._sample_loop(zs, ns, scale, temperature, clip_denoised)
+            return self._sample_loop(zs, ns, scale, temperature, clip_denoised, sampler)
 
         return self._graphs.sample(sample_fn, prepare, z, noise, guidance_scale, temperature, clip_denoised,
-                                   self.max_cuda_graphs)
+                                   self.max_cuda_graphs, sampler)
 
     def reset_cuda_graphs(self) -> None:
         """Drop the captured sampling graphs (and their memory)."""

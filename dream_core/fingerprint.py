@@ -1,5 +1,6 @@
-"""Content fingerprints of frozen weights: what derived data (a latent cache, cached T5 states) was
-computed with, so a trainer can refuse data made by other weights instead of training on it silently.
+"""Content fingerprints of weights: what derived data (a latent cache, cached T5 states, a results
+table) was computed with, so a trainer can refuse data made by other weights instead of training on it
+silently, and a test can tell a results table measured on older weights from the bundled model.
 
 A fingerprint hashes tensors (name, dtype, shape, bytes) read from safetensors files, not the files
 themselves: a re-saved copy of the same weights (a model directory's `vae/` and `text/` after
@@ -9,6 +10,7 @@ themselves: a re-saved copy of the same weights (a model directory's `vae/` and 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -17,6 +19,29 @@ import torch
 # Bytes hashed per tensor when a cap is asked for: a retrained or different model differs in the
 # first MiB of every tensor, and a T5-XXL encoder is read in pieces of 1 MiB, not its ~19 GB.
 TENSOR_PREFIX_BYTES = 2**20
+
+
+# model.safetensors up to this size is hashed whole; a larger one by its path, size and mtime, so
+# fingerprinting a paper-size model does not read gigabytes.
+WHOLE_FILE_HASH_MAX_BYTES = 512 * 2**20
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """The fingerprint of a model directory (`DreamPipeline.weights_fingerprint()` of the model loaded
+    from it), without loading it: sha256 (16 hex digits) of its config.json and model.safetensors.
+    The config is hashed as the file holds it, not as `DreamConfig` reads it with today's defaults:
+    a config field added later (which loads with the value old models always used) leaves every
+    recorded fingerprint valid, while an edit of the file changes it."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    weights = path / "model.safetensors"
+    st = weights.stat()
+    if st.st_size < WHOLE_FILE_HASH_MAX_BYTES:
+        h.update(hashlib.sha256(weights.read_bytes()).digest())
+    else:
+        h.update(f"{weights.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def safetensors_files(directory: str | Path) -> list[Path]:

@@ -3,8 +3,8 @@
 The cosine alpha-bar schedule over 1000 training steps, respacing to fewer evenly kept steps
 (the network always sees the *original* timestep), the hybrid MSE + VLB training loss (VLB with
 the mean detached, in bits, discretised Gaussian NLL at t = 0), and the per-step coefficients of
-the ancestral sampler in `dream_core.diffusion_sampler`. All tables are float64, like the NumPy
-originals, so MAR/DiT/IDDPM numbers carry over.
+the samplers in `dream_core.diffusion_sampler` (ancestral, DDIM, DPM-Solver++(2M)). All tables
+are float64, like the NumPy originals, so MAR/DiT/IDDPM numbers carry over.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class GaussianDiffusion:
         mean = a * x_t - b * eps     (posterior mean of x0_hat = sqrt(1/ab) x_t - sqrt(1/ab - 1) eps)
         std  = exp(p + q * v)         (exp(0.5 * logvar) with the learned-range interpolation)
 
-        plus the unfolded c1, c2, sra, srm1 for the optional clipped-x0 path.
+        plus the unfolded c1, c2, sra, srm1 for the optional clipped-x0 path, and the
+        deterministic steps of `ode_coefficients`.
         """
         c1, c2 = self.posterior_mean_coef1, self.posterior_mean_coef2
         lo, hi = self.posterior_log_variance_clipped, self.log_betas
@@ -132,7 +133,36 @@ class GaussianDiffusion:
             "c2": c2,
             "sra": self.sqrt_recip_alphas_cumprod,
             "srm1": self.sqrt_recipm1_alphas_cumprod,
+            **self.ode_coefficients(),
         }
+
+    def ode_coefficients(self) -> dict[str, torch.Tensor]:
+        """Per-step float64 scalars of the deterministic samplers, in data-prediction form.
+
+        With alpha = sqrt(ab), sigma = sqrt(1 - ab) and lambda = log(alpha / sigma), the exact
+        solution of the probability-flow ODE from t to t-1 with the data prediction D held
+        constant is (Lu et al. 2022, DPM-Solver++, eq. 9 with h = lambda_{t-1} - lambda_t):
+
+            x_{t-1} = ode_a * x_t + ode_b * D,   ode_a = sigma_{t-1} / sigma_t,
+                                                  ode_b = alpha_{t-1} - alpha_t * ode_a  (= alpha_{t-1} (1 - e^-h))
+
+        D = x0_hat is DDIM with eta = 0 (= DPM-Solver++ of order 1). DPM-Solver++(2M) uses
+        D = x0_hat + dpm_w * (x0_hat - x0_hat of the step before), dpm_w = h / (2 h_before)
+        (1 / 2r in the paper); dpm_w is 0 at the first step (no step before) and at the last, whose
+        target alpha = 1, sigma = 0 has lambda = inf (a first-order step there lands on x0_hat, as
+        diffusers' lower_order_final does). Written without lambda where it can be infinite.
+        """
+        ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        sigma, sigma_prev = (1.0 - ab).sqrt(), (1.0 - ab_prev).sqrt()
+        ode_a = sigma_prev / sigma
+        ode_b = ab_prev.sqrt() - ab.sqrt() * ode_a
+        lam = 0.5 * (ab.log() - (1.0 - ab).log())  # increasing as t decreases
+        dpm_w = torch.zeros_like(ab)
+        if self.num_steps >= 3:  # t = 1 .. S-2: a step before (t + 1) and a finite lambda after (t - 1)
+            h = lam[:-2] - lam[1:-1]  # h of step t = 1 .. S-2: lambda_{t-1} - lambda_t
+            h_before = lam[1:-1] - lam[2:]  # lambda_t - lambda_{t+1}
+            dpm_w[1:-1] = h / (2.0 * h_before)
+        return {"ode_a": ode_a, "ode_b": ode_b, "dpm_w": dpm_w}
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         tabs = self.tables(x0.device)
@@ -175,7 +205,7 @@ class GaussianDiffusion:
 @dataclass
 class ReverseSchedule:
     """A respaced schedule in sampling order (reverse step i is respaced t = S-1-i): the original
-    timestep the network sees at each step, and the per-step scalars of one ancestral step
+    timestep the network sees at each step, and the per-step scalars of one step of each sampler
     (`GaussianDiffusion.sampler_coefficients`) as Python floats, which the sampler hands to
     kernels as scalars. The few per-step tensors it needs are made once per device and dtype
     (`device_tensors`), so a CUDA graph captured after a first call copies nothing from the host.

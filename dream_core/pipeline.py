@@ -7,11 +7,13 @@
     pipe.stream(request, image_index=i, decode_image=True)   # image i of a request; its last event
                                                      # (an ImageEvent) carries the finished picture
     pipe.search(image, top_k=5)                      # reverse search over the caption bank
+    pipe.caption_detail(caption)                     # what the bank shows beside a caption ("" if none)
 
 A model directory holds config.json, model.safetensors (EMA weights), vae/ (diffusers
-AutoencoderKL), text/ (the T5 encoder and its tokenizer, transformers format), captions.txt,
-README.md (the model card) and optionally preview_vae/ (a diffusers AutoencoderTiny for cheap
-live previews). Nothing is ever unpickled.
+AutoencoderKL), text/ (the T5 encoder and its tokenizer, transformers format), captions.txt
+(one caption a line, or `caption<TAB>detail`: dream_core.retrieval), README.md (the model card)
+and optionally preview_vae/ (a diffusers AutoencoderTiny for cheap live previews). Nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from .editing import as_rgb_image, paste_back, resize_square
 from .image_tokenizer import ImageTokenizer, save_preview_decoder, save_vae
 from .model import DreamModel
 from .request import MAX_CANDIDATES, MAX_SEED, EditRequest, GenerationRequest, SamplerSettings, check_int
-from .retrieval import CaptionBank
+from .retrieval import CaptionBank, check_caption_details, read_caption_bank, write_caption_bank
 from .sampling import DecisionExplanation, DecodeState, EditStart, StepEvent, TextCondition, candidate_generators
 from .semantic_decoding import (GenerationRun, Generated, Setting, is_reranker, rank_candidates, rows_needed,
-                                semantic_decode)
+                                semantic_decode, setting_outcome)
 from .text import ClipTokenizer, ConditioningTextEncoder, validate_prompts
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "dream-shapes"
@@ -108,13 +110,17 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 class DreamPipeline:
     def __init__(self, model: DreamModel, image_tokenizer: ImageTokenizer, text_encoder: ConditioningTextEncoder,
                  captions: Sequence[str] | None = None, model_card: str = "", path: Path | None = None,
-                 vae_dir: Path | None = None, text_dir: Path | None = None) -> None:
+                 vae_dir: Path | None = None, text_dir: Path | None = None,
+                 caption_details: Sequence[str] | None = None) -> None:
         self.model = model.eval()
         self.config = model.config
         self.image_tokenizer = image_tokenizer
         self.text_encoder = text_encoder
         self.clip_tokenizer = ClipTokenizer(self.config.clip_context_length)
         self.captions = list(captions or [])
+        # Shown beside each caption by reverse search, never embedded: the bank's cache key and
+        # ranking are the captions' alone.
+        self.caption_details = check_caption_details(self.captions, caption_details)
         self.model_card = model_card
         self.path = path
         self._vae_dir, self._text_dir = vae_dir, text_dir
@@ -170,9 +176,10 @@ class DreamPipeline:
         if text_encoder.dim != config.t5_dim:
             raise ValueError(f"text/ holds a T5 of width {text_encoder.dim} but config.t5_dim={config.t5_dim}")
         captions_file = path / "captions.txt"
-        captions = [c.strip() for c in captions_file.read_text().splitlines() if c.strip()] if captions_file.exists() else []
+        captions, details = read_caption_bank(captions_file) if captions_file.exists() else ([], [])
         card = (path / "README.md").read_text() if (path / "README.md").exists() else ""
-        pipe = cls(model, image_tokenizer, text_encoder, captions, card, path, path / "vae", path / "text")
+        pipe = cls(model, image_tokenizer, text_encoder, captions, card, path, path / "vae", path / "text",
+                   caption_details=details)
         return pipe.to(device)
 
     def save_pretrained(self, path: str | Path, model_card: str | None = None) -> None:
@@ -189,7 +196,7 @@ class DreamPipeline:
         text_dir = path / "text"
         self.text_encoder.model.save_pretrained(text_dir, safe_serialization=True)
         self.text_encoder.tokenizer.save_pretrained(text_dir)
-        (path / "captions.txt").write_text("\n".join(self.captions) + ("\n" if self.captions else ""))
+        write_caption_bank(path / "captions.txt", self.captions, self.caption_details)
         card = model_card if model_card is not None else self.model_card
         if card:
             (path / "README.md").write_text(card)
@@ -267,8 +274,9 @@ class DreamPipeline:
         with self.autocast():
             yield from semantic_decode(self.model, text, text_emb, gens, req.num_inference_steps, req.decision_steps,
                                        req.guidance_scale, req.guidance_schedule, req.temperature, req.head_steps,
-                                       should_stop=should_stop, device=self.device, shared_order=req.shared_order,
-                                       start=start, explain=explain)
+                                       req.head_sampler, should_stop=should_stop, device=self.device,
+                                       shared_order=req.shared_order, start=start, explain=explain,
+                                       num_kept=req.num_kept)
 
     def __call__(self, prompt: str | GenerationRequest, generator: torch.Generator | None = None,
                  explain: bool = False, **settings: Any) -> DreamOutput:
@@ -360,11 +368,12 @@ class DreamPipeline:
         """One image per prompt for every setting, the settings sharing the candidates' decoding.
 
         For prompt i with seed s_i this gives what `pipe(prompt_i, num_candidates=K,
-        decision_step=d, seed=s_i)` gives (up to floating-point batch effects): candidate k of
-        prompt i is seeded s_i + k, rows never interact, and SAD keeps the best-scored of the first
-        K candidates at step d. So one decoding trunk of K_max candidates per prompt serves every
-        setting: all rows run together up to the last decision step, then only the rows some
-        setting keeps run to the end.
+        decision_step=d, num_kept=..., seed=s_i)` gives (up to floating-point batch effects):
+        candidate k of prompt i is seeded s_i + k, rows never interact, and SAD keeps the
+        best-scored of the first K candidates at step d (in stages: at each of its steps, among
+        those it kept before). So one decoding trunk of K_max candidates per prompt serves every
+        setting: all rows run together up to the first decision step, and after each decision only
+        the rows some setting still needs run on.
 
         Args:
             seeds: per-prompt seeds.
@@ -419,8 +428,8 @@ class DreamPipeline:
             if s.num_candidates > 1 and not s.rerank and s.decision_step is None:
                 raise ValueError(f"setting {s.name} needs a decision_step")
             # The request's own checks, so a sweep rejects exactly what a single call would.
-            req = sampler.request(prompts[0], s.num_candidates, None if s.rerank else s.decision_step).validate(
-                self.config)
+            req = sampler.request(prompts[0], s.num_candidates, None if s.rerank else s.decision_step,
+                                  num_kept=None if s.rerank else s.num_kept).validate(self.config)
         for seed in seeds:
             check_int("seed", seed, 0, MAX_SEED)
         return prompts, req
@@ -449,29 +458,33 @@ class DreamPipeline:
     def _generate_chunk(self, prompts: list[str], seeds: Sequence[int], settings: list[Setting],
                         sp: GenerationRequest, kmax: int, reranker: Any) -> tuple[dict[Setting, Generated], int]:
         n, steps = len(prompts), sp.num_inference_steps
-        sad_steps = sorted({s.decision_step for s in settings if s.num_candidates > 1 and not s.rerank})
+        sad_steps = sorted({d for s in settings if s.num_candidates > 1 for d in s.decision_steps})
 
         # 1. Text: once per prompt. Candidate rows are prompt-major, candidate k of prompt i seeded seeds[i] + k.
         text, text_emb = self.batch_conditions(prompts, sp.negative_prompt, sp.guidance_scale != 1.0, kmax)
         gens = [g for s in seeds for g in candidate_generators(int(s), kmax)]
-        scores: dict[int, torch.Tensor] = {}
+        scores: dict[int, torch.Tensor] = {}  # step -> [n, kmax], NaN where a row was pruned before
+        alive = [(0, n * kmax)]  # (step, rows decoding from there on)
 
         def keep(state: DecodeState, step_scores: torch.Tensor) -> Sequence[int]:
-            """Every row until the last decision step, then only the rows some setting needs."""
-            scores[state.step] = step_scores.view(n, kmax)
-            if state.step < sad_steps[-1]:
-                return range(len(step_scores))
-            return rows_needed(settings, scores, n, kmax)
+            """Only the rows some setting still needs after this decision."""
+            full = torch.full((n * kmax,), float("nan"))
+            full[torch.tensor(state.candidate_ids)] = step_scores.float()
+            scores[state.step] = full.view(n, kmax)
+            needed = set(rows_needed(settings, scores, n, kmax, state.step))
+            kept = [row for row, cid in enumerate(state.candidate_ids) if cid in needed]
+            alive.append((state.step, len(kept)))
+            return kept
 
         # 2. Decode, scoring at every decision step.
         with self.autocast():
             for done in semantic_decode(self.model, text, text_emb[text.row_prompt.to(self.device)], gens, steps,
                                         sad_steps, sp.guidance_scale, sp.guidance_schedule, sp.temperature,
-                                        sp.head_steps, device=self.device, shared_order=sp.shared_order, keep=keep,
-                                        order_groups=n, step_events=False):
+                                        sp.head_steps, sp.head_sampler, device=self.device,
+                                        shared_order=sp.shared_order, keep=keep, order_groups=n, step_events=False):
                 pass
-        prune_at = sad_steps[-1] if sad_steps else 0
-        spent = prune_at * n * kmax + (steps - prune_at) * len(done.candidate_ids)  # decoder forwards x rows
+        bounds = [step for step, _ in alive[1:]] + [steps]
+        spent = sum((end - step) * rows for (step, rows), end in zip(alive, bounds))  # decoder forwards x rows
 
         # 3. Decode the surviving rows to pixels and assemble every setting.
         final: dict[tuple[int, int], Image.Image] = {}
@@ -487,11 +500,14 @@ class DreamPipeline:
                 if k == 1:
                     res.chosen.append(0)
                     res.scores.append([])
-                else:
-                    sc = (reranker.scores([final[(p, c)] for c in range(k)], prompts[p]) if s.rerank
-                          else scores[s.decision_step][p, :k])
+                elif s.rerank:
+                    sc = reranker.scores([final[(p, c)] for c in range(k)], prompts[p])
                     res.chosen.append(rank_candidates(sc)[0])
                     res.scores.append([float(v) for v in sc])
+                else:
+                    kept, last_scores = setting_outcome(s, scores, p)
+                    res.chosen.append(kept[0])
+                    res.scores.append(last_scores)
                 res.images.append(final[(p, res.chosen[-1])])
         return out, spent
 
@@ -542,6 +558,14 @@ class DreamPipeline:
         top_k = check_int("top_k", top_k, 1, 1000)
         return self.caption_bank(captions).search(self.embed_images([image])[0], top_k)
 
+    def caption_detail(self, caption: str) -> str:
+        """The detail the model's bank shows beside `caption` (captions.txt's `caption<TAB>detail`,
+        e.g. the emoji model's emoji and keywords); "" where it has none or is not in the bank."""
+        try:
+            return self.caption_details[self.captions.index(caption)]
+        except (ValueError, IndexError):
+            return ""
+
     @torch.inference_mode()
     def zero_shot(self, image: Image.Image | np.ndarray, labels: Sequence[str],
                   template: str = "{}") -> list[tuple[str, float]]:
@@ -557,16 +581,13 @@ class DreamPipeline:
         return [(labels[i], float(probs[i])) for i in order]
 
     def weights_fingerprint(self) -> str:
-        """Identifies the weights for on-disk caches (content hash of model.safetensors when small)."""
+        """Identifies the weights for on-disk caches and results files (`model_fingerprint` of the
+        model directory; a model without one hashes the first bytes of each of its tensors)."""
+        from .fingerprint import model_fingerprint
+
+        if self.path is not None and (self.path / "model.safetensors").exists():
+            return model_fingerprint(self.path)
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        weights = self.path / "model.safetensors" if self.path else None
-        if weights is not None and weights.exists():
-            st = weights.stat()
-            if st.st_size < 512 * 2**20:
-                h.update(hashlib.sha256(weights.read_bytes()).digest())
-            else:
-                h.update(f"{weights.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        else:
-            for v in self.model.state_dict().values():
-                h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
+        for v in self.model.state_dict().values():
+            h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
         return h.hexdigest()[:16]

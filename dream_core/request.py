@@ -48,8 +48,15 @@ MAX_GUIDANCE_SCALE = 10.0
 MAX_TEMPERATURE = 2.0
 #: Default decoding steps: 64 as MAR/DREAM, or one step per token for shorter sequences.
 DEFAULT_STEPS = 64
-#: Diffusion-head denoising steps at every decoding step (MAR's respaced sampler uses 100).
+#: Diffusion-head denoising steps at every decoding step (MAR's respaced sampler uses 100), for a
+#: model without its own `DreamConfig.default_head_steps`.
 DEFAULT_HEAD_STEPS = 100
+#: The diffusion head's samplers (`dream_core.diffusion_sampler`): MAR's ancestral DDPM with the
+#: learned variance, and the deterministic DDIM (eta = 0) and DPM-Solver++(2M) on the same
+#: respaced steps, which reach the data in fewer steps.
+HEAD_SAMPLERS = ("ancestral", "ddim", "dpm-solver++")
+#: The sampler of a model without its own `DreamConfig.default_head_sampler`: the trained one.
+DEFAULT_HEAD_SAMPLER = "ancestral"
 #: What a model without its own sampler defaults uses (`DreamConfig.default_guidance_scale`,
 #: `default_temperature`): the paper's CFG 3 and the trained distribution's temperature.
 DEFAULT_GUIDANCE_SCALE = 3.0
@@ -105,9 +112,10 @@ def validate_prompts(prompts: str | Sequence[str], name: str = "prompt") -> list
 
 def sampler_defaults(config) -> dict[str, Any]:
     """What the sampler uses for a setting left None, for the model `config` (a DreamConfig): the
-    model's guidance scale and temperature, the request's guidance schedule and head steps."""
+    model's guidance scale, temperature, head sampler and head steps, the request's guidance schedule."""
     return {"guidance_scale": config.default_guidance_scale, "guidance_schedule": DEFAULT_GUIDANCE_SCHEDULE,
-            "temperature": config.default_temperature, "head_steps": DEFAULT_HEAD_STEPS}
+            "temperature": config.default_temperature, "head_sampler": config.default_head_sampler,
+            "head_steps": config.default_head_steps}
 
 
 def default_decision_step(config, num_steps: int, num_tokens: int | None = None) -> int:
@@ -158,18 +166,24 @@ def check_float(name: str, value: Any, low: float, high: float) -> float:
 class GenerationRequest:
     """Everything one generation asks for. `None` defaults are resolved by `validate` from the
     model: `num_inference_steps` (min(64, tokens)), `decision_step` (the model's
-    `sad_decision_share`, for K > 1), `guidance_scale` and `temperature` (the model's
-    `default_guidance_scale`, `default_temperature`); `seed=None` means "draw one"."""
+    `sad_decision_share`, for K > 1), `guidance_scale`, `temperature`, `head_steps` and
+    `head_sampler` (the model's `default_guidance_scale`, `default_temperature`,
+    `default_head_steps`, `default_head_sampler`); `seed=None` means "draw one". `num_kept=None`
+    stays None: successive halving over the decision steps (see `semantic_decoding.keep_plan`)."""
 
     prompt: str
     negative_prompt: str = ""  # replaces the empty prompt in classifier-free guidance
     num_candidates: int = 1  # K; 1 = plain MAR decoding
-    decision_step: int | tuple[int, ...] | None = None  # a step, or increasing steps (successive halving)
+    decision_step: int | tuple[int, ...] | None = None  # a step, or increasing steps (SAD in stages)
+    # Staged SAD: candidates kept after each decision step, strictly decreasing, ending at 1
+    # (e.g. K = 9, steps (3, 6), kept (3, 1)); None = halve at each, keep one after the last.
+    num_kept: tuple[int, ...] | None = None
     num_inference_steps: int | None = None  # 1 .. the model's number of tokens
     guidance_scale: float | None = None  # 0 .. MAX_GUIDANCE_SCALE
     guidance_schedule: str = DEFAULT_GUIDANCE_SCHEDULE  # one of GUIDANCE_SCHEDULES
     temperature: float | None = None  # 0 .. MAX_TEMPERATURE
-    head_steps: int = DEFAULT_HEAD_STEPS  # diffusion-head steps, 1 .. the model's num_train_timesteps
+    head_steps: int | None = None  # diffusion-head steps, 1 .. the model's num_train_timesteps
+    head_sampler: str | None = None  # one of HEAD_SAMPLERS
     seed: int | None = None  # 0 .. MAX_SEED
     num_images: int = 1  # 1 .. MAX_IMAGES
     shared_order: bool = True  # the K candidates share one generation order (the official SAD)
@@ -202,24 +216,41 @@ class GenerationRequest:
             raise ValueError("with more than one candidate, num_inference_steps must be at least 2 "
                              "(the decision happens before the last step)")
         decision = self._checked_decision(steps)
+        kept = self._checked_kept(max_candidates)
         if k == 1:
-            decision = None  # nothing to decide (an impossible value was still refused above)
+            decision, kept = None, None  # nothing to decide (an impossible value was still refused above)
         elif decision is None:
+            if kept is not None and len(kept) > 1:
+                raise ValueError(f"num_kept gives {len(kept)} counts but the model's default is one decision step; "
+                                 "name the decision steps with decision_step (one count per step)")
             decision = default_decision_step(config, steps, seq_len)
+        if kept is not None:
+            count = len(decision) if isinstance(decision, tuple) else 1
+            if len(kept) != count:
+                raise ValueError(f"num_kept must give one count per decision step: {len(kept)} "
+                                 f"count{'s' * (len(kept) > 1)} for {count} decision step{'s' * (count > 1)}")
+            if kept[0] >= k:
+                raise ValueError(f"num_kept must start below num_candidates={k} (the first decision prunes), "
+                                 f"got {list(kept)}")
         schedule = self.guidance_schedule
         if schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {schedule!r}")
         if not isinstance(self.shared_order, bool):
             raise ValueError(f"shared_order must be true or false, got {self.shared_order!r}")
         defaults = sampler_defaults(config)
+        head_sampler = defaults["head_sampler"] if self.head_sampler is None else self.head_sampler
+        if not isinstance(head_sampler, str) or head_sampler not in HEAD_SAMPLERS:
+            raise ValueError(f"head_sampler must be one of {', '.join(HEAD_SAMPLERS)}, got {head_sampler!r}")
         return dataclasses.replace(
-            self, prompt=prompt[0], negative_prompt=neg, num_candidates=k, decision_step=decision,
+            self, prompt=prompt[0], negative_prompt=neg, num_candidates=k, decision_step=decision, num_kept=kept,
             num_inference_steps=steps,
             guidance_scale=(defaults["guidance_scale"] if self.guidance_scale is None
                             else check_float("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE)),
             temperature=(defaults["temperature"] if self.temperature is None
                          else check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)),
-            head_steps=check_int("head_steps", self.head_steps, 1, config.num_train_timesteps),
+            head_steps=(defaults["head_steps"] if self.head_steps is None
+                        else check_int("head_steps", self.head_steps, 1, config.num_train_timesteps)),
+            head_sampler=head_sampler,
             seed=None if self.seed is None else check_int("seed", self.seed, 0, MAX_SEED),
             num_images=check_int("num_images", self.num_images, 1, MAX_IMAGES),
         )
@@ -239,6 +270,22 @@ class GenerationRequest:
         if sorted(set(out)) != out:
             raise ValueError(f"decision_step list must be strictly increasing, got {out}")
         return tuple(out) if many else out[0]
+
+    def _checked_kept(self, max_candidates: int) -> tuple[int, ...] | None:
+        """num_kept on its own: counts of candidates, strictly decreasing, ending at 1."""
+        kept = self.num_kept
+        if kept is None:
+            return None
+        if not isinstance(kept, (list, tuple)):
+            raise ValueError(f"num_kept must be a list of candidate counts (one per decision step), got {kept!r}")
+        if not kept:
+            raise ValueError("num_kept must give at least one count (or be None for successive halving)")
+        out = [check_int("num_kept", v, 1, max_candidates) for v in kept]
+        if any(b >= a for a, b in zip(out, out[1:])):
+            raise ValueError(f"num_kept must be strictly decreasing (every decision prunes), got {out}")
+        if out[-1] != 1:
+            raise ValueError(f"num_kept must end at 1 (the last decision picks the image), got {out}")
+        return tuple(out)
 
     # ----- derived (on a validated request) -----
     @property
@@ -271,8 +318,9 @@ class GenerationRequest:
         if unknown:
             raise ValueError(f"unknown generation setting {', '.join(unknown)}; the settings are "
                              f"{', '.join(cls.field_names()[1:])}")
-        if isinstance(settings.get("decision_step"), list):
-            settings["decision_step"] = tuple(settings["decision_step"])
+        for name in ("decision_step", "num_kept"):
+            if isinstance(settings.get(name), list):
+                settings[name] = tuple(settings[name])
         return cls(prompt, **settings)
 
 
@@ -295,7 +343,8 @@ def sampler_limits(config) -> dict[str, tuple[float, float]]:
 
 
 __all__ = ["APP_DEFAULT_CANDIDATES", "APP_MAX_CANDIDATES", "DEFAULT_GUIDANCE_SCALE", "DEFAULT_GUIDANCE_SCHEDULE",
-           "DEFAULT_HEAD_STEPS", "DEFAULT_STEPS", "DEFAULT_TEMPERATURE", "GUIDANCE_SCHEDULES", "GenerationRequest",
+           "DEFAULT_HEAD_SAMPLER", "DEFAULT_HEAD_STEPS", "DEFAULT_STEPS", "DEFAULT_TEMPERATURE", "GUIDANCE_SCHEDULES",
+           "GenerationRequest", "HEAD_SAMPLERS",
            "MAX_CANDIDATES", "MAX_GUIDANCE_SCALE", "MAX_IMAGES", "MAX_PROMPT_CHARS", "MAX_SEED", "MAX_TEMPERATURE",
            "check_float", "check_int", "decision_step_for_share", "default_decision_step", "default_steps",
            "has_visible_text", "request_defaults", "sampler_defaults", "sampler_limits", "validate_prompts"]
@@ -310,16 +359,18 @@ class SamplerSettings:
     guidance_scale: float | None = GenerationRequest.guidance_scale
     guidance_schedule: str = GenerationRequest.guidance_schedule
     temperature: float | None = GenerationRequest.temperature
-    head_steps: int = GenerationRequest.head_steps
+    head_steps: int | None = GenerationRequest.head_steps
+    head_sampler: str | None = GenerationRequest.head_sampler
     negative_prompt: str = GenerationRequest.negative_prompt
     shared_order: bool = GenerationRequest.shared_order
 
-    def request(self, prompt: str, num_candidates: int = 1, decision_step: int | None = None,
-                seed: int | None = None) -> GenerationRequest:
+    def request(self, prompt: str, num_candidates: int = 1, decision_step: int | tuple[int, ...] | None = None,
+                seed: int | None = None, num_kept: tuple[int, ...] | None = None) -> GenerationRequest:
         return GenerationRequest(prompt, negative_prompt=self.negative_prompt, num_candidates=num_candidates,
-                                 decision_step=decision_step, num_inference_steps=self.num_inference_steps,
-                                 guidance_scale=self.guidance_scale, guidance_schedule=self.guidance_schedule,
-                                 temperature=self.temperature, head_steps=self.head_steps, seed=seed,
+                                 decision_step=decision_step, num_kept=num_kept,
+                                 num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                                 guidance_schedule=self.guidance_schedule, temperature=self.temperature,
+                                 head_steps=self.head_steps, head_sampler=self.head_sampler, seed=seed,
                                  shared_order=self.shared_order)
 
 

@@ -9,6 +9,10 @@ bank is embedded once (a second request for it waits and reads the first one's r
 one never holds up searches in other banks. The disk cache keeps the MAX_CACHED_BANKS most
 recently used banks within MAX_CACHE_BYTES: every distinct upload writes a bank, and nothing else
 would ever remove one.
+
+A bank file (a model's captions.txt, an uploaded caption file) holds one caption a line, or
+`caption<TAB>detail`: the detail is free text shown beside the caption (the emoji model's: the
+emoji and its keywords) and never embedded, so it changes neither the ranking nor the cache key.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ MAX_CACHE_BYTES = 256 * 2**20
 #: A temporary bank file older than this is what a killed process left behind.
 STALE_TMP_SECONDS = 600.0
 TMP_SUFFIX = ".tmp"
+#: Between a bank line's caption and its detail (text shown beside the caption, never embedded).
+DETAIL_SEPARATOR = "\t"
 
 _building: dict[str, threading.Lock] = {}  # cache key -> the lock of the thread embedding that bank
 _building_guard = threading.Lock()
@@ -56,11 +62,51 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("dream-studio", appauthor=False)) / "caption-banks"
 
 
+def parse_caption_bank(text: str) -> tuple[list[str], list[str]]:
+    """(captions, details) of a bank file's text: each line is `caption` or `caption<TAB>detail`.
+    Captions and details are stripped, a detail is "" where a line has none and a further tab in it
+    reads as a space; blank lines and lines with an empty caption are skipped. Every bank is read here,
+    so a model's bank and an uploaded file mean the same thing."""
+    captions, details = [], []
+    for line in text.splitlines():
+        caption, _, detail = line.partition(DETAIL_SEPARATOR)
+        if caption.strip():
+            captions.append(caption.strip())
+            details.append(detail.replace(DETAIL_SEPARATOR, " ").strip())
+    return captions, details
+
+
+def read_caption_bank(path: str | Path) -> tuple[list[str], list[str]]:
+    """(captions, details) of a model's captions.txt (UTF-8; see parse_caption_bank)."""
+    return parse_caption_bank(Path(path).read_text(encoding="utf-8"))
+
+
+def check_caption_details(captions: Sequence[str], details: Sequence[str] | None) -> list[str]:
+    """The details of a bank, one per caption ("" for each when None). ValueError when the lengths
+    differ or a caption or detail holds a tab or a line break: written out, it would not read back
+    as the same bank."""
+    details = [""] * len(captions) if details is None else list(details)
+    if len(details) != len(captions):
+        raise ValueError(f"{len(details)} caption details for {len(captions)} captions")
+    for text in (*captions, *details):
+        if DETAIL_SEPARATOR in text or text != "".join(text.splitlines()):
+            raise ValueError(f"a caption or its detail holds a tab or a line break: {text[:80]!r}")
+    return details
+
+
+def write_caption_bank(path: str | Path, captions: Sequence[str], details: Sequence[str] | None = None) -> None:
+    """Write a bank as read_caption_bank reads it: `caption<TAB>detail` where there is a detail."""
+    details = check_caption_details(captions, details)
+    lines = [c + DETAIL_SEPARATOR + d if d else c for c, d in zip(captions, details)]
+    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
 def read_caption_file(path: str | Path | None, max_lines: int = MAX_CAPTION_FILE_LINES,
-                      max_bytes: int = MAX_CAPTION_FILE_BYTES) -> list[str]:
-    """The distinct captions of a UTF-8 text file, one a line (whitespace collapsed, blank lines
-    skipped). ValueError with a message for the user when the file is missing, not text, empty,
-    or beyond the limits (checked before anything is embedded)."""
+                      max_bytes: int = MAX_CAPTION_FILE_BYTES) -> tuple[list[str], list[str]]:
+    """(captions, details) of an uploaded UTF-8 text file, one caption a line or `caption<TAB>detail`
+    as in a model's bank (whitespace in a caption collapsed, blank lines skipped, a repeated caption
+    kept once with its first detail). ValueError with a message for the user when the file is
+    missing, not text, empty, or beyond the limits (checked before anything is embedded)."""
     if path is None:
         raise ValueError("upload a caption file: a .txt with one caption per line")
     path = Path(path)
@@ -76,13 +122,15 @@ def read_caption_file(path: str | Path | None, max_lines: int = MAX_CAPTION_FILE
         raise ValueError("the caption file is not UTF-8 text (a .txt with one caption per line is expected)") from None
     if "\x00" in text:
         raise ValueError("the caption file is not a text file (a .txt with one caption per line is expected)")
-    captions = list(dict.fromkeys(" ".join(line.split()) for line in text.splitlines() if line.strip()))
-    if not captions:
+    detail_of: dict[str, str] = {}
+    for caption, detail in zip(*parse_caption_bank(text)):
+        detail_of.setdefault(" ".join(caption.split()), detail)
+    if not detail_of:
         raise ValueError("the caption file holds no captions (one caption per line is expected)")
-    if len(captions) > max_lines:
-        raise ValueError(f"the caption file holds {len(captions):,} captions; the app embeds at most "
+    if len(detail_of) > max_lines:
+        raise ValueError(f"the caption file holds {len(detail_of):,} captions; the app embeds at most "
                          f"{max_lines:,} captions from a file (a few seconds of work)")
-    return captions
+    return list(detail_of), list(detail_of.values())
 
 
 def _cached(path: Path, rows: int) -> torch.Tensor | None:

@@ -195,9 +195,11 @@ def init_state(seq_len: int, token_dim: int, generators: list[torch.Generator], 
 
 @torch.inference_mode()
 def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, schedule: list[int],
-                guidance_scale: float, guidance_schedule: str, temperature: float, head_steps: int) -> None:
+                guidance_scale: float, guidance_schedule: str, temperature: float, head_steps: int,
+                head_sampler: str | None = None) -> None:
     """Advance every row by one MAR step: encode visible tokens, decode with the text, sample the
-    tokens of this step with the diffusion head, write them in."""
+    tokens of this step with the diffusion head (`head_sampler`, None = the model's default),
+    write them in."""
     k = state.step
     rows, seq_len, c = state.tokens.shape
     device = state.tokens.device
@@ -222,7 +224,9 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
     noise = torch.cat([torch.randn(head_steps + 1, m, c, generator=g) for g in state.generators], dim=1)
     scale = guidance_at(guidance_scale, guidance_schedule, masked_after, seq_len)
     clip = model.config.clip_denoised or None
-    x = model.head.sample(zz, noise.to(device), guidance_scale=scale, temperature=temperature, clip_denoised=clip)
+    sampler = sampler_defaults(model.config)["head_sampler"] if head_sampler is None else head_sampler
+    x = model.head.sample(zz, noise.to(device), guidance_scale=scale, temperature=temperature, clip_denoised=clip,
+                          sampler=sampler)
     state.tokens.scatter_(1, pos[:, :, None].expand(-1, -1, c), x.view(rows, m, c).to(state.tokens.dtype))
     state.mask = next_mask
     state.step = k + 1
@@ -231,7 +235,7 @@ def decode_step(model: DreamModel, state: DecodeState, text: TextCondition, sche
 @torch.inference_mode()
 def complete_in_one_step(model: DreamModel, state: DecodeState, text: TextCondition, generators: list[torch.Generator],
                          guidance_scale: float, guidance_schedule: str, temperature: float,
-                         head_steps: int) -> torch.Tensor:
+                         head_steps: int, head_sampler: str | None = None) -> torch.Tensor:
     """Every row's undecided tokens sampled at once, as if the next step were the last: the
     model's one-shot guess of each candidate's finished latent (what a critic could read of a
     candidate's future at this step). `state` is left untouched and the guess draws its noise
@@ -243,7 +247,7 @@ def complete_in_one_step(model: DreamModel, state: DecodeState, text: TextCondit
         return state.tokens.clone()
     guess = DecodeState(state.tokens.clone(), state.mask.clone(), state.orders, list(generators),
                         list(state.candidate_ids))
-    decode_step(model, guess, text, [0], guidance_scale, guidance_schedule, temperature, head_steps)
+    decode_step(model, guess, text, [0], guidance_scale, guidance_schedule, temperature, head_steps, head_sampler)
     return guess.tokens
 
 
@@ -259,7 +263,7 @@ def make_event(kind: str, state: DecodeState, num_steps: int, num_candidates: in
 
 def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Generator], num_steps: int,
                guidance_scale: float | None = None, guidance_schedule: str | None = None,
-               temperature: float | None = None, head_steps: int | None = None,
+               temperature: float | None = None, head_steps: int | None = None, head_sampler: str | None = None,
                before_step: Callable[[DecodeState], list[StepEvent]] | None = None,
                should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu",
                shared_order: bool = True, start: EditStart | None = None, order_groups: int = 1,
@@ -277,6 +281,7 @@ def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Ge
     guidance_schedule = defaults["guidance_schedule"] if guidance_schedule is None else guidance_schedule
     temperature = defaults["temperature"] if temperature is None else temperature
     head_steps = defaults["head_steps"] if head_steps is None else head_steps
+    head_sampler = defaults["head_sampler"] if head_sampler is None else head_sampler
     schedule = decoding_schedule(num_steps, c.seq_len if start is None else start.num_regenerated)
     state = init_state(c.seq_len, c.token_dim, generators, torch.device(device), order_groups=order_groups,
                        shared_order=shared_order, start=start)
@@ -286,7 +291,8 @@ def mar_decode(model: DreamModel, text: TextCondition, generators: list[torch.Ge
             return
         if before_step is not None:
             yield from before_step(state)
-        decode_step(model, state, text, schedule, guidance_scale, guidance_schedule, temperature, head_steps)
+        decode_step(model, state, text, schedule, guidance_scale, guidance_schedule, temperature, head_steps,
+                    head_sampler)
         if step_events or state.step == num_steps:
             yield make_event("step" if state.step < num_steps else "done", state, num_steps, k_total)
 

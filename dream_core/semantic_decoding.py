@@ -3,11 +3,11 @@
 K candidate trajectories are decoded together (one batched forward per step) up to a decision
 step; there the model's own encoder embeds each candidate's partially decoded latent (visible =
 decided tokens) and the contrastive text tower embeds the prompt; the candidates are ranked by
-cosine similarity and only the best continues. Beyond the paper: several decision steps
-(successive halving: keep half at each, one after the last), a batch of prompts decoded together
-(evaluation: `DreamPipeline.generate_batch` keeps the rows its settings need), and an
-external-reranker mode that scores finished candidates with another model (the paper's
-comparison; the rerankers are in `dream_core.rerankers`).
+cosine similarity and only the best continues. Beyond the paper: several decision steps (SAD in
+stages: keep a given number of candidates at each, by default half, one after the last), a batch
+of prompts decoded together (evaluation: `DreamPipeline.generate_batch` keeps the rows its
+settings need), and an external-reranker mode that scores finished candidates with another model
+(the paper's comparison; the rerankers are in `dream_core.rerankers`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ from .model import DreamModel
 from .sampling import DecisionExplanation, DecodeState, EditStart, StepEvent, TextCondition, make_event, mar_decode
 
 
-def halving_plan(num_candidates: int, decision_steps: Sequence[int]) -> list[int]:
-    """How many candidates survive each decision: halve, and keep exactly one after the last."""
+def keep_plan(num_candidates: int, decision_steps: Sequence[int], num_kept: Sequence[int] | None = None) -> list[int]:
+    """How many candidates survive each decision: `num_kept`, one count per decision step (as
+    `GenerationRequest.num_kept`, which checks them), or by default successive halving: half at
+    each decision, exactly one after the last."""
+    if num_kept is not None:
+        if len(num_kept) != len(decision_steps):
+            raise ValueError(f"num_kept must give one count per decision step, got {len(num_kept)} for "
+                             f"{len(decision_steps)}")
+        return [int(v) for v in num_kept]
     keep, plan = num_candidates, []
     for i in range(len(decision_steps)):
         keep = 1 if i == len(decision_steps) - 1 else max(1, math.ceil(keep / 2))
@@ -74,12 +81,24 @@ def rank_candidates(scores: torch.Tensor | Sequence[float]) -> list[int]:
 @dataclass(frozen=True)
 class Setting:
     """How the final image is chosen among K candidates in batched generation: K = 1 (plain MAR
-    decoding), SAD at `decision_step`, or (`rerank`) all K decoded to the end and the best kept by
-    an external model."""
+    decoding), SAD at `decision_step` (a step, or increasing steps: SAD in stages keeping
+    `num_kept` candidates after each, by default half, one after the last), or (`rerank`) all K
+    decoded to the end and the best kept by an external model."""
 
     num_candidates: int = 1
-    decision_step: int | None = None
+    decision_step: int | tuple[int, ...] | None = None
     rerank: bool = False
+    num_kept: tuple[int, ...] | None = None
+
+    @property
+    def decision_steps(self) -> list[int]:
+        d = self.decision_step
+        return [] if d is None or self.rerank else list(d) if isinstance(d, tuple) else [d]
+
+    def stages(self) -> list[tuple[int, int]]:
+        """(decision step, candidates kept after it) of a SAD setting, in order ([] otherwise)."""
+        steps = self.decision_steps if self.num_candidates > 1 else []
+        return list(zip(steps, keep_plan(self.num_candidates, steps, self.num_kept))) if steps else []
 
     @property
     def name(self) -> str:
@@ -87,7 +106,10 @@ class Setting:
             return "K=1"
         if self.rerank:
             return f"K={self.num_candidates} external reranker"
-        return f"SAD K={self.num_candidates} step={self.decision_step}"
+        if not isinstance(self.decision_step, tuple) and self.num_kept is None:
+            return f"SAD K={self.num_candidates} step={self.decision_step}"
+        steps, kept = zip(*self.stages())
+        return f"SAD K={self.num_candidates} steps={','.join(map(str, steps))} kept={','.join(map(str, kept))}"
 
 
 @dataclass
@@ -96,7 +118,8 @@ class Generated:
 
     images: list = field(default_factory=list)  # PIL images, one per prompt
     chosen: list[int] = field(default_factory=list)  # candidate id kept, per prompt
-    scores: list[list[float]] = field(default_factory=list)  # per prompt, the K candidates' scores
+    # per prompt, the K candidates' scores (in stages: each one's at the last decision it took part in)
+    scores: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -106,18 +129,33 @@ class GenerationRun:
     row_steps: int  # decoder forwards x rows: the compute actually spent
 
 
-def rows_needed(settings: Sequence[Setting], scores: dict[int, torch.Tensor], n: int, kmax: int) -> list[int]:
-    """Rows (prompt-major, kmax per prompt) some setting still needs after the last decision."""
-    need: set[tuple[int, int]] = set()
-    for s in settings:
-        for p in range(n):
-            if s.num_candidates == 1:
-                need.add((p, 0))
-            elif s.rerank:
-                need.update((p, c) for c in range(s.num_candidates))
-            else:
-                need.add((p, rank_candidates(scores[s.decision_step][p, :s.num_candidates])[0]))
-    return sorted(p * kmax + c for p, c in need)
+def setting_outcome(setting: Setting, scores: dict[int, torch.Tensor], prompt: int,
+                    step: int | None = None) -> tuple[list[int], list[float | None]]:
+    """A setting's candidates of `prompt` still alive after its decisions up to `step` (all of
+    them by default), increasing, and each candidate's score at the last of those decisions it
+    was part of (None before any): K = 1 keeps candidate 0, a reranker all K (it chooses at the
+    end), SAD the best-scored `keep_plan` count at each decision among those alive, as
+    `semantic_decode` prunes. `scores[d]`: [prompts, kmax] SAD scores at decision step d."""
+    k = setting.num_candidates
+    alive = [0] if k == 1 else list(range(k))
+    last: list[float | None] = [None] * k
+    for d, count in setting.stages():
+        if step is not None and d > step:
+            break
+        sc = scores[d][prompt]
+        for c in alive:
+            last[c] = float(sc[c])
+        order = rank_candidates(sc[alive])
+        alive = sorted(alive[i] for i in order[:count])
+    return alive, last
+
+
+def rows_needed(settings: Sequence[Setting], scores: dict[int, torch.Tensor], n: int, kmax: int,
+                step: int | None = None) -> list[int]:
+    """Rows (prompt-major, kmax per prompt) some setting still needs after the decision at
+    `step` (default: after every decision)."""
+    need = {p * kmax + c for s in settings for p in range(n) for c in setting_outcome(s, scores, p, step)[0]}
+    return sorted(need)
 
 
 #: Which rows continue after a decision: (the state at the decision step, the active rows'
@@ -127,9 +165,10 @@ def rows_needed(settings: Sequence[Setting], scores: dict[int, torch.Tensor], n:
 KeepRule = Callable[[DecodeState, torch.Tensor], Sequence[int]]
 
 
-def halving(num_candidates: int, decision_steps: Sequence[int]) -> KeepRule:
-    """The default rule: the best-scored half at each decision step, the best one at the last."""
-    plan = dict(zip(decision_steps, halving_plan(num_candidates, decision_steps)))
+def keep_best(num_candidates: int, decision_steps: Sequence[int], num_kept: Sequence[int] | None = None) -> KeepRule:
+    """The default rule: the best-scored `keep_plan` count at each decision step (by default half,
+    the best one at the last)."""
+    plan = dict(zip(decision_steps, keep_plan(num_candidates, decision_steps, num_kept)))
 
     def keep(state: DecodeState, scores: torch.Tensor) -> list[int]:
         return rank_candidates(scores)[:plan[state.step]]
@@ -140,13 +179,14 @@ def halving(num_candidates: int, decision_steps: Sequence[int]) -> KeepRule:
 def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tensor | None,
                     generators: list[torch.Generator], num_steps: int, decision_steps: Sequence[int],
                     guidance_scale: float | None = None, guidance_schedule: str | None = None,
-                    temperature: float | None = None, head_steps: int | None = None,
+                    temperature: float | None = None, head_steps: int | None = None, head_sampler: str | None = None,
                     should_stop: Callable[[], bool] | None = None, device: torch.device | str = "cpu",
                     shared_order: bool = True, start: EditStart | None = None, explain: bool = False,
-                    keep: KeepRule | None = None, order_groups: int = 1,
+                    keep: KeepRule | None = None, num_kept: Sequence[int] | None = None, order_groups: int = 1,
                     step_events: bool = True) -> Iterator[StepEvent]:
     """Decode len(generators) candidates, scoring them at each decision step (while more than one
-    is left) and keeping those `keep` picks (default: `halving`). Yields every step's event and a
+    is left) and keeping those `keep` picks (default: `keep_best` with `num_kept`, one count per
+    decision step; None = successive halving). Yields every step's event and a
     "decision" event carrying every candidate's score, rank and pruned flag (and, with `explain`, a
     DecisionExplanation of the scores). `text_emb`: the prompt's joint-space embedding [1, E], or one
     per candidate [R, E] (a batch of prompts, with `text.row_prompt` and `order_groups`); None only
@@ -157,7 +197,8 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
     decisions = set(decision_steps) if k_total > 1 else set()
     if decisions and text_emb is None:
         raise ValueError("semantic_decode needs the prompt's embedding (text_emb) to score candidates")
-    keep = keep or halving(k_total, sorted(decisions))
+    if keep is None and decisions:
+        keep = keep_best(k_total, sorted(decisions), num_kept)
     scores: list[float | None] = [None] * k_total
     ranks: list[int | None] = [None] * k_total
     pruned = [False] * k_total
@@ -183,7 +224,7 @@ def semantic_decode(model: DreamModel, text: TextCondition, text_emb: torch.Tens
         return [event]
 
     for event in mar_decode(model, text, generators, num_steps, guidance_scale, guidance_schedule, temperature,
-                            head_steps, before_step=decide, should_stop=should_stop, device=device,
+                            head_steps, head_sampler, before_step=decide, should_stop=should_stop, device=device,
                             shared_order=shared_order, start=start, order_groups=order_groups,
                             step_events=step_events):
         event.scores, event.ranks, event.pruned = list(scores), list(ranks), list(pruned)

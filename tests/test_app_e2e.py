@@ -45,7 +45,9 @@ def test_api_lists_the_typed_endpoints(client):
     assert set(api) == {"/generate", "/inpaint", "/variations", "/search"}
     params = {p["parameter_name"]: p for p in api["/generate"]["parameters"]}
     assert list(params) == ["prompt", "negative_prompt", "num_candidates", "decision_step", "num_inference_steps",
-                            "head_steps", "guidance_scale", "guidance_schedule", "temperature", "seed", "num_images"]
+                            "head_steps", "guidance_scale", "guidance_schedule", "temperature", "seed", "num_images",
+                            "head_sampler"]  # appended: callers that pass the others by position still work
+    assert params["head_sampler"]["parameter_default"] == "ancestral"
     assert params["num_candidates"]["python_type"]["type"] == "int"
     assert params["seed"]["parameter_default"] == -1
 
@@ -70,15 +72,16 @@ def test_search_returns_ranked_captions(client, tiny_pipe, tmp_path):
     Image.new("RGB", (40, 40), (30, 30, 220)).save(img)
     results = client.predict(image=handle_file(str(img)), top_k=4, api_name="/search")
     assert [r["rank"] for r in results] == [1, 2, 3, 4]
-    assert all(r["caption"] in tiny_pipe.captions for r in results)
+    assert all(r["caption"] in tiny_pipe.captions and r["details"] == "" for r in results)  # a bank without details
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     labels = client.predict(image=handle_file(str(img)), mode="labels", labels="circle\nsquare", api_name="/search")
     assert sorted(r["caption"] for r in labels) == ["circle", "square"]
     bank = tmp_path / "bank.txt"
-    bank.write_text("a blue square\na red circle\na green triangle\n")
+    bank.write_text("a blue square\ta square, blue\na red circle\na green triangle\n")
     mine = client.predict(image=handle_file(str(img)), mode="file", captions_file=handle_file(str(bank)), top_k=2,
                           api_name="/search")
-    assert len(mine) == 2 and {r["caption"] for r in mine} <= {"a blue square", "a red circle", "a green triangle"}
+    details = {"a blue square": "a square, blue", "a red circle": "", "a green triangle": ""}
+    assert len(mine) == 2 and all(details[r["caption"]] == r["details"] for r in mine)
 
 
 def test_bad_inputs_return_error_messages(client, tmp_path):
@@ -184,7 +187,7 @@ def test_edit_endpoints_are_typed(client):
     inpaint = {p["parameter_name"]: p for p in api["/inpaint"]["parameters"]}
     assert list(inpaint) == ["image", "mask", "prompt", "negative_prompt", "num_candidates", "decision_step",
                              "head_steps", "guidance_scale", "guidance_schedule", "temperature", "seed", "paste_back",
-                             "explain"]
+                             "explain", "head_sampler"]
     variations = {p["parameter_name"]: p for p in api["/variations"]["parameters"]}
     assert list(variations)[:4] == ["image", "prompt", "strength", "negative_prompt"]
     assert inpaint["num_candidates"]["python_type"]["type"] == "int"

@@ -69,11 +69,35 @@ def test_record_infotext_round_trip():
     assert "Decision step: 2 (31.2% decided)" in text  # 2 of 4 steps: 5 of 16 tokens and "Chosen candidate: 2" in text
     back = ImageRecord.from_dict(parse_infotext(text))
     for name in ("prompt", "negative_prompt", "num_candidates", "decision_step", "num_inference_steps", "head_steps",
-                 "guidance_scale", "guidance_schedule", "temperature", "seed", "chosen_candidate", "chosen_seed",
-                 "candidate_scores", "model", "width", "height"):
+                 "head_sampler", "guidance_scale", "guidance_schedule", "temperature", "seed", "chosen_candidate",
+                 "chosen_seed", "candidate_scores", "model", "width", "height"):
         assert getattr(back, name) == getattr(rec, name), name
     assert ImageRecord.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
     assert rec.chosen_seed == 13 and rec.settings().seed == 11
+
+
+def test_the_head_sampler_round_trips_and_old_texts_read_as_the_models_default():
+    """The head sampler is recorded ("Head sampler: ddim" in the parameters text) and sent back;
+    a text or record without it (written before there was a choice) re-runs with the model's."""
+    s = GenerationSettings("a red circle", seed=11, head_sampler="ddim", **FAST).validated(TINY)
+    rec = ImageRecord.build(s, 11, 0, [0.1, 0.2, 0.3], "tiny", (32, 32), 16)
+    text = rec.infotext()
+    assert "Head steps: 2, Head sampler: ddim," in text
+    back = ImageRecord.from_dict(parse_infotext(text))
+    assert back.head_sampler == "ddim" and back.settings().head_sampler == "ddim"
+    assert h.controls_from_record(back, TINY)["head_sampler"] == "ddim"
+    assert GenerationSettings.from_request(back.settings().request().validate(TINY)).head_sampler == "ddim"
+
+    old_text = text.replace(" Head sampler: ddim,", "")
+    old = ImageRecord.from_dict(parse_infotext(old_text))
+    assert old.head_sampler is None and "Head sampler" not in old.infotext()
+    fast = TINY.replace(default_head_sampler="dpm-solver++", default_head_steps=20)
+    assert old.settings().request().validate(fast).head_sampler == "dpm-solver++"
+    assert h.controls_from_record(old, fast)["head_sampler"] == "dpm-solver++"
+    foreign = ImageRecord.from_dict(parse_infotext("a cat\nSteps: 8, Sampler: Euler a, Seed: 42"))
+    assert foreign.head_steps is None and h.controls_from_record(foreign, fast)["head_steps"] == 20
+    legacy = {k: v for k, v in rec.to_dict().items() if k != "head_sampler"}  # a JSON record of before
+    assert ImageRecord.from_dict(legacy).head_sampler is None
 
 
 def test_parse_a1111_infotext_keeps_unknown_keys():
@@ -201,6 +225,18 @@ def test_generate_stream_shows_candidates_decision_and_saves_png(ctx, tiny_pipe)
     assert (record.seed, record.chosen_seed, record.decision_step, record.fraction_decided) == (7, 7 + out.chosen[0], 2, 0.3125)
     assert session.last_seed == 7 and session.paths == [str(saved)] and not session.running
     assert final.infotext == record.infotext()
+
+
+def test_controls_take_the_models_head_sampler_and_steps(ctx, tiny_pipe, monkeypatch):
+    c = h.default_controls(ctx)
+    assert (c["head_sampler"], c["head_steps"]) == ("ancestral", 100)
+    monkeypatch.setattr(tiny_pipe, "config", tiny_pipe.config.replace(default_head_sampler="ddim",
+                                                                      default_head_steps=3))
+    c = h.default_controls(ctx)
+    assert (c["head_sampler"], c["head_steps"]) == ("ddim", 3)
+    views = run(ctx, GenerationSettings("a red circle", seed=7, **{**FAST, "head_steps": None}))
+    record = read_record(Path(views[-1].download))
+    assert (record.head_sampler, record.head_steps) == ("ddim", 3)  # the values used, not "default"
 
 
 def test_controls_and_records_take_the_models_default_temperature(ctx, tiny_pipe, monkeypatch):
@@ -335,6 +371,26 @@ def test_search_modes_rank_best_first(ctx, tmp_path, tiny_pipe):
     labels = h.search(ctx, str(img), 5, h.SEARCH_LABELS, labels="circle, square, triangle")
     assert sorted(r["caption"] for r in labels) == ["circle", "square", "triangle"]
     assert abs(sum(r["score"] for r in labels) - 1.0) < 1e-3
+
+
+def test_search_shows_each_captions_details(ctx, tmp_path, tiny_pipe, monkeypatch):
+    img = tmp_path / "q.png"
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(img)
+    monkeypatch.setattr(tiny_pipe, "caption_details", [f"detail of {c}" for c in tiny_pipe.captions])
+    bank = h.search(ctx, str(img), 3)
+    assert [list(r) for r in bank] == [list(h.SEARCH_COLUMNS)] * 3
+    assert [r["details"] for r in bank] == [f"detail of {r['caption']}" for r in bank]
+    table = h.search_table(bank)
+    assert list(table.columns) == list(h.SEARCH_COLUMNS) and table["details"].tolist() == [r["details"] for r in bank]
+    # An uploaded file's `caption<TAB>detail` lines: the detail is shown, only the caption embedded.
+    captions = tmp_path / "bank.txt"
+    captions.write_text("a red circle\t🔴  red, round\na blue square\n", encoding="utf-8")
+    mine = h.search(ctx, str(img), 5, h.SEARCH_FILE, str(captions))
+    assert {r["caption"]: r["details"] for r in mine} == {"a red circle": "🔴  red, round", "a blue square": ""}
+    plain = tiny_pipe.search(Image.open(img), top_k=5, captions=["a red circle", "a blue square"])
+    assert [(r["caption"], r["score"]) for r in mine] == [(c, round(v, 4)) for c, v in plain]
+    labels = h.search(ctx, str(img), 5, h.SEARCH_LABELS, labels="circle, square")
+    assert [r["details"] for r in labels] == ["", ""]
 
 
 def test_search_refuses_bad_inputs_with_messages(ctx, tmp_path):

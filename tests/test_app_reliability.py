@@ -158,10 +158,10 @@ def raw_queue(url: str, fn: int, data_json: str, session: str, on_message=None, 
 
 
 def generate_json(**overrides) -> str:
-    """The /generate inputs as JSON text: the session state (null) first, then the API's 11 values."""
+    """The /generate inputs as JSON text: the session state (null) first, then the API's 12 values."""
     values = dict(prompt='"a red circle"', negative_prompt='""', num_candidates="3", decision_step="2",
                   num_inference_steps="4", head_steps="2", guidance_scale="3.0", guidance_schedule='"constant"',
-                  temperature="1.0", seed="5", num_images="1")
+                  temperature="1.0", seed="5", num_images="1", head_sampler="null")
     values.update(overrides)
     return "[null, " + ", ".join(values.values()) + "]"
 
@@ -261,7 +261,7 @@ def test_stop_button_stops_the_ui_generation(served):
     probe.gate = True
     try:
         call("begin_job")
-        inputs = '[null, "a red circle", "", 3, 2, 4, 2, 3.0, "constant", 1.0, 6000, false, 2, "' + \
+        inputs = '[null, "a red circle", "", 3, 2, 4, 2, "ancestral", 3.0, "constant", 1.0, 6000, false, 2, "' + \
             h.PREVIEW_MARKED + '"]'
         msg = raw_queue(url, fn_index(demo, "ui_generate"), inputs, session, on_message=stop_after_first_step)
     finally:
@@ -320,7 +320,7 @@ def test_malformed_raw_requests_read_clearly(served):
         (generate_json(seed="NaN"), "seed must be a whole number"),
         (generate_json(num_candidates="NaN"), "num_candidates"),
         (generate_json(num_candidates='"four"'), "num_candidates"),
-        ("[]", "/generate takes 12 input values (session state (send null), prompt, negative_prompt"),
+        ("[]", "/generate takes 13 input values (session state (send null), prompt, negative_prompt"),
     ]
     for i, (data, expected) in enumerate(cases):
         msg = raw_queue(url, gen, data, f"raw-{i}")
@@ -569,16 +569,16 @@ def test_prompts_of_only_invisible_characters_are_empty(served):
 
 def test_extra_or_shifted_values_are_refused(served):
     url, ctx, probe, demo = served
-    eleven = generate_json()[len("[null, "):-1]  # the API's 11 values, without the session state
+    twelve = generate_json()[len("[null, "):-1]  # the API's 12 values, without the session state
     cases = [
-        ("generate", generate_json()[:-1] + ", 7]", "/generate takes 12 input values", "the request sent 13"),
-        ("generate", "[" + eleven + ", 7]", "/generate: value 1 is the session state", "send null"),
-        ("inpaint", '[null, null, null, "a", "", 3, 0, 2, 3.0, "constant", 1.0, 5, true, false, 9]',
-         "/inpaint takes 14 input values", "the request sent 15"),
-        ("inpaint", '["a", null, null, "a", "", 3, 0, 2, 3.0, "constant", 1.0, 5, true, false]',
+        ("generate", generate_json()[:-1] + ", 7]", "/generate takes 13 input values", "the request sent 14"),
+        ("generate", "[" + twelve + ", 7]", "/generate: value 1 is the session state", "send null"),
+        ("inpaint", '[null, null, null, "a", "", 3, 0, 2, 3.0, "constant", 1.0, 5, true, false, null, 9]',
+         "/inpaint takes 15 input values", "the request sent 16"),
+        ("inpaint", '["a", null, null, "a", "", 3, 0, 2, 3.0, "constant", 1.0, 5, true, false, null]',
          "/inpaint: value 1 is the session state", "send null"),
-        ("variations", '[null, null, "", 0.5, "", 3, 0, 2, 3.0, "constant", 1.0, 5, false, false, 1]',
-         "/variations takes 14 input values", "the request sent 15"),
+        ("variations", '[null, null, "", 0.5, "", 3, 0, 2, 3.0, "constant", 1.0, 5, false, false, null, 1]',
+         "/variations takes 15 input values", "the request sent 16"),
         ("search", '[null, 5, "bank", null, "", 1]', "/search takes 5 input values", "the request sent 6"),
     ]
     for i, (name, data, *expected) in enumerate(cases):
@@ -770,8 +770,8 @@ def test_the_bank_cache_is_bounded_and_cleaned(tmp_path, monkeypatch):
 
 
 # ----- the second bundled model: menu, examples, search display, card -----
-EMOJI_LINES = ["grinning face — keywords: face, grin, smile",
-               "red heart — keywords: " + ", ".join(f"love {i}" for i in range(60))]  # a long line
+EMOJI_LINES = ["grinning face\t😀  face, grin, smile",
+               "red heart\t❤️  " + ", ".join(f"love {i}" for i in range(60))]  # caption<TAB>detail, a long detail
 
 
 @pytest.fixture
@@ -783,7 +783,7 @@ def two_models(tmp_path, tiny_model_dir):
     emoji = shutil.copytree(tiny_model_dir, assets / "dream-emoji")
     (shapes / "examples.txt").write_text("a red circle\n\na blue square at the top\n")
     (emoji / "examples.txt").write_text("grinning face\nred heart\nthumbs up\n")
-    (emoji / "captions.txt").write_text("\n".join(EMOJI_LINES) + "\n")
+    (emoji / "captions.txt").write_text("\n".join(EMOJI_LINES) + "\n", encoding="utf-8")
     (emoji / "README.md").write_text("---\nlicense: cc-by-4.0\ntags:\n- emoji\n---\n\n# dream-emoji\n\nEmoji.\n")
     return assets
 
@@ -808,6 +808,8 @@ def test_the_model_menu_examples_and_card_follow_the_model(two_models, tmp_path,
     ok = tmp_path / "ok.png"
     Image.new("RGB", (8, 8)).save(ok)
     found = h.search(ctx, str(ok), 5)
-    assert sorted(r["caption"] for r in found) == sorted(EMOJI_LINES)  # the bank's entries as they are
+    # each name, with its emoji and keywords beside it, shown whole in a column of their own
+    assert {r["caption"]: r["details"] for r in found} == dict(line.split("\t") for line in EMOJI_LINES)
     results = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ds-results")
-    assert results.wrap and results.column_widths and results.column_widths[1] not in (None, "auto")
+    assert results.headers == list(h.SEARCH_COLUMNS) and results.wrap
+    assert len(results.column_widths) == len(h.SEARCH_COLUMNS) and "auto" not in results.column_widths

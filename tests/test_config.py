@@ -123,6 +123,11 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
     (dict(clip_pooling="attention", clip_projection="pre"), "it needs clip_projection='post'"),
     (dict(default_temperature=2.5), r"config.default_temperature must be in [0, 2.0], got 2.5"),
     (dict(default_temperature=True), "config.default_temperature"),
+    (dict(default_head_sampler="euler"),
+     r"config.default_head_sampler must be one of ancestral, ddim, dpm-solver\+\+, got 'euler'"),
+    (dict(default_head_steps=0), r"config.default_head_steps must be an integer in [1, num_train_timesteps=1000], got 0"),
+    (dict(default_head_steps=1001), "config.default_head_steps"),
+    (dict(default_head_steps=25.0), "config.default_head_steps"),
 ])
 def test_impossible_values_raise_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -167,3 +172,24 @@ def test_load_rejects_non_json_and_non_objects(tmp_path):
     bad.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="num_heads=3"):
         DreamConfig.load(bad)
+
+
+def test_head_sampler_defaults_round_trip_and_old_files_load_as_before(tmp_path):
+    """The head's sampler and steps are saved with the model; a config.json written before they
+    existed loads with the ancestral sampler over 100 steps, the only sampler it knew."""
+    from dream_core.request import DEFAULT_HEAD_SAMPLER, DEFAULT_HEAD_STEPS
+
+    fast = DreamConfig.preset("tiny").replace(default_head_sampler="ddim", default_head_steps=25)
+    fast.save(tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["default_head_sampler"], saved["default_head_steps"]) == ("ddim", 25)
+    assert DreamConfig.load(tmp_path / "config.json") == fast
+    old = {k: v for k, v in DreamConfig.preset("tiny").to_dict().items()
+           if k not in ("default_head_sampler", "default_head_steps")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = DreamConfig.load(tmp_path / "old.json")
+    assert (loaded.default_head_sampler, loaded.default_head_steps) == (DEFAULT_HEAD_SAMPLER, DEFAULT_HEAD_STEPS) \
+        == ("ancestral", 100)
+    bundled = json.loads((REPO / "assets" / "dream-shapes" / "config.json").read_text())
+    if "default_head_sampler" not in bundled:  # the shipped model samples as it was measured
+        assert DreamConfig.load(REPO / "assets" / "dream-shapes" / "config.json").default_head_sampler == "ancestral"

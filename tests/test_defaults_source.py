@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 # setting -> the request's default (what a literal copy would repeat)
 DEFAULTS = {"guidance_scale": rq.DEFAULT_GUIDANCE_SCALE, "temperature": rq.DEFAULT_TEMPERATURE,
             "head_steps": rq.DEFAULT_HEAD_STEPS, "guidance_schedule": rq.DEFAULT_GUIDANCE_SCHEDULE,
-            "num_inference_steps": rq.DEFAULT_STEPS}
+            "num_inference_steps": rq.DEFAULT_STEPS, "head_sampler": rq.DEFAULT_HEAD_SAMPLER}
 # command-line flags of those settings, as the evaluation commands and the benches spell them
 FLAGS = {"--cfg": "guidance_scale", "--temperature": "temperature", "--head-steps": "head_steps",
-         "--candidate-head-steps": "head_steps", "--app-head-steps": "head_steps",
+         "--candidate-head-steps": "head_steps", "--app-head-steps": "head_steps", "--sad-head-steps": "head_steps",
+         "--head-sampler": "head_sampler", "--sad-head-sampler": "head_sampler", "--head-samplers": "head_sampler",
          "--cfg-schedule": "guidance_schedule", "--steps": "num_inference_steps",
          "--app-steps": "num_inference_steps", "--decode-steps": "num_inference_steps"}
 SAMPLER_MODULES = ["dream_core/sampling.py", "dream_core/semantic_decoding.py"]

@@ -370,9 +370,9 @@ def test_cuda_graph_capture_copies_nothing_from_the_host(monkeypatch):
     z, noise = torch.empty(6, D, device="meta"), torch.empty(11, 3, C, device="meta")
     with torch.inference_mode():
         for scale in (2.5, torch.full((3,), 2.0, device="meta")):
-            out = head._sample_graphed(z, noise, scale, 0.9, None)
+            out = head._sample_graphed(z, noise, scale, 0.9, None, "ancestral")
             assert out.shape == (3, C) and out.device.type == "meta"
     assert len(captures) == 2  # a float and a per-row scale: two shapes of the scale buffer
     with torch.inference_mode():
-        head._sample_graphed(z, noise, 3.0, 0.9, None)
+        head._sample_graphed(z, noise, 3.0, 0.9, None, "ancestral")
     assert len(captures) == 2  # replayed

@@ -96,6 +96,20 @@ def test_captions_are_a_pure_function_of_the_sample():
     assert caption({**rec, "keywords": []}, "noto", 3) == "grinning face, noto style"
 
 
+def test_the_bank_shows_each_emoji_and_its_keywords():
+    records = [{"key": "1F600", "name": "grinning face", "keywords": ["face", "grin"],
+                "files": {"noto": "1f600.png", "twemoji": "1f600.png", "openmoji": "1F600.svg"}},
+               {"key": "2764", "name": "red heart", "keywords": ["heart", "love"],  # the key drops FE0F
+                "files": {"noto": "2764-fe0f.png", "twemoji": "2764-fe0f.png", "openmoji": "2764.svg"}},
+               {"key": "1F44D-1F3FF", "name": "thumbs up: dark skin tone", "keywords": ["hand", "thumb\tup"],
+                "files": {"noto": "1f44d-1f3ff.png"}},
+               {"key": "1F680", "name": "rocket", "keywords": []}]  # no file: the key's codepoints
+    bank = emoji.caption_bank_with_details(records)
+    assert bank == [("grinning face", "😀  face, grin"), ("red heart", "\u2764\ufe0f  heart, love"),
+                    ("thumbs up: dark skin tone", "👍🏿  hand, thumb up"), ("rocket", "🚀")]
+    assert [c for c, _ in bank] == [emoji.bank_entry(r) for r in records]  # the captions: the names alone
+
+
 def test_build_and_source_on_a_fake_cache(tmp_path):
     try:
         emoji.svg_renderer()
@@ -118,6 +132,9 @@ def test_build_and_source_on_a_fake_cache(tmp_path):
     assert image.size == (64, 64) and text == "waving hand"
     assert train.read(14)[1] == "waving hand, noto style"  # sample i: image i % P, template i // P
     assert train.caption_bank() == names  # reverse search's bank: every name, every split
+    bank = train.caption_bank_with_details()
+    assert [c for c, _ in bank] == names and bank[2] == ("red heart", "\u2764\ufe0f  heart, love")
+    assert bank[1] == ("waving hand: light skin tone", "\U0001f44b\U0001f3fb  hand, wave, waving")  # the base's
     assert len(train.captions()) == len(train)
     # the first image of each style is its package's art in the emoji's colour, on white
     assert tuple(every.images[0, 0, 32, 32]) == (255, 0, 0)
@@ -197,6 +214,8 @@ def test_the_bundled_emoji_model_carries_its_bank_examples_and_attributions():
     model = ROOT / "assets" / "dream-emoji"
     pipe = DreamPipeline.from_pretrained(model, device="cpu")
     assert len(pipe.captions) == 3786 and pipe.captions[0] == "grinning face"
+    assert pipe.caption_detail("grinning face").startswith("😀  ") and "grin" in pipe.caption_detail("grinning face")
+    assert pipe.caption_detail("red heart").startswith("\u2764\ufe0f  ")  # FE0F kept: shown as an emoji
     assert pipe.config.t5_max_length >= 34 and pipe.config.image_size == 64
     card = (model / "README.md").read_text()
     assert card.startswith("---\nlicense: cc-by-sa-4.0\n")

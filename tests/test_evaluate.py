@@ -96,6 +96,46 @@ def test_batched_generation_equals_the_pipeline(tiny_pipe):
                 np.testing.assert_allclose(got.scores[i], ref.scores[0], atol=1e-5)
 
 
+def test_batched_staged_sad_equals_the_pipeline_and_prunes_at_every_stage(tiny_pipe):
+    """SAD in stages through the shared trunk gives what a single call gives (the same winner,
+    image and each candidate's last score), with a fewer-step head sampler; alone, the staged
+    setting decodes only the rows each stage keeps."""
+    prompts = ["a small red circle at the top left on a white background", "a big green triangle on the right"]
+    seeds = prompt_seeds(2, 9)
+    sampler = SamplerSettings(num_inference_steps=6, guidance_scale=2.0, head_steps=3, head_sampler="ddim")
+    staged = Setting(5, (1, 3), num_kept=(2, 1))
+    assert staged.name == "SAD K=5 steps=1,3 kept=2,1" and staged.stages() == [(1, 2), (3, 1)]
+    settings = [Setting(1), Setting(5, 3), staged]
+    run = tiny_pipe.generate_batch(prompts, seeds, settings, sampler, batch_size=2)
+    for s in settings:
+        for i, p in enumerate(prompts):
+            ref = tiny_pipe(p, num_candidates=s.num_candidates, decision_step=s.decision_step, num_kept=s.num_kept,
+                            num_inference_steps=6, guidance_scale=2.0, head_steps=3, head_sampler="ddim",
+                            seed=seeds[i])
+            got = run.results[s]
+            assert got.chosen[i] == ref.chosen[0], (s, i)
+            diff = np.abs(np.asarray(got.images[i], dtype=int) - np.asarray(ref.images[0], dtype=int)).max()
+            assert diff <= 1, (s, i, diff)
+            if s.num_candidates > 1:
+                np.testing.assert_allclose(got.scores[i], ref.scores[0], atol=1e-5)
+    alone = tiny_pipe.generate_batch(prompts, seeds, [staged], sampler)
+    assert alone.row_steps == 2 * (5 * 1 + 2 * 2 + 1 * 3)  # 5 rows to step 1, 2 rows to step 3, then 1
+    assert alone.results[staged].chosen == run.results[staged].chosen
+
+
+def test_staged_settings_parse_from_shares():
+    from dream_core.request import decision_step_for_share
+
+    s = cli.parse_staged("9:0.25/3,0.75/1", 16, 16)
+    assert s == Setting(9, (decision_step_for_share(0.25, 16, 16), decision_step_for_share(0.75, 16, 16)),
+                        num_kept=(3, 1))
+    for bad in ("9", "9:", "x:0.25/3", "9:0.25", "9:0.25/x", "9:1.5/1", "9:0/1"):
+        with pytest.raises(ValueError, match="--staged looks like K:share/kept"):
+            cli.parse_staged(bad, 16, 16)
+    with pytest.raises(ValueError, match="increasing decision steps"):
+        cli.parse_staged("9:0.30/3,0.31/1", 16, 16)
+
+
 def test_generation_rejects_bad_settings(tiny_pipe):
     sampler = SamplerSettings(num_inference_steps=4, head_steps=2)
     with pytest.raises(ValueError, match="decision_step"):
@@ -320,6 +360,22 @@ def test_sad_sweep_cli(tiny_model_dir, tmp_path):
         assert 0 <= r["faithfulness"] <= 1 and r["seconds_per_image"] > 0
     # Cost per image: K = 1 decodes 3 steps; SAD K=2 at step d decodes 2 rows for d steps, then 1.
     assert [r["row_steps_per_image"] for r in data["rows"]] == [3, 4, 5]
+
+
+def test_sad_sweep_measures_staged_sad_and_a_head_sampler(tiny_model_dir, tmp_path):
+    from dream_core.request import decision_step_for_share
+
+    out = tmp_path / "staged"
+    sad_sweep.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--quick", "--objects", "1",
+                    "--k", "1", "--decision-steps", "1", "--staged", "3:0.1/2,0.6/1", "--timing-prompts", "2",
+                    "--steps", "4", "--head-steps", "2", "--head-sampler", "dpm-solver++"])
+    data = read_results(out)
+    assert data["meta"]["args"]["head_sampler"] == "dpm-solver++"
+    staged = data["rows"][-1]
+    d1, d2 = decision_step_for_share(0.1, 4, 16), decision_step_for_share(0.6, 4, 16)
+    assert staged["setting"] == f"SAD K=3 steps={d1},{d2} kept=2,1" and staged["num_kept"] == [2, 1]
+    assert [st["decision_step"] for st in staged["stages"]] == staged["decision_step"] == [d1, d2]
+    assert staged["row_steps_per_image"] == 3 * d1 + 2 * (d2 - d1) + (4 - d2)
 
 
 def test_sad_sweep_missing_reranker_weights(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dream_core.fingerprint import model_fingerprint
 from dream_core.request import SamplerSettings
 from dream_core.rerankers import DreamReranker
 from dream_core.semantic_decoding import Setting, rank_candidates
@@ -165,6 +166,9 @@ def test_table17_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     data = read_out(out)
     assert data["command"].startswith("python -m bench.paper_table17 --model ")
     assert data["reranker"] == {"kind": "dream", "model": str(tiny_model_dir)} and data["model"] == str(tiny_model_dir)
+    # The weights of both models it measured: the generator's and the reranker's
+    record = {"path": str(tiny_model_dir), "fingerprint": model_fingerprint(tiny_model_dir)}
+    assert data["meta"]["models"] == [record, record]
     got = [(r["setting"], r["decision_step"], r["nfe_per_image"], r["row_steps_per_image"]) for r in data["rows"]]
     assert got == [("K=1", None, 4, 4), ("SAD K=2 step=2", 2, 6, 6), ("SAD K=4 step=1", 1, 7, 7),
                    ("K=2 external reranker", None, 8, 8), ("K=4 external reranker", None, 16, 16)]
@@ -307,6 +311,9 @@ def test_fig7_cli_compares_models_on_the_same_renders_and_masks(tiny_model_dir, 
                "--ratios", "0,0.5,0.95", "--n-images", "12"])
     data = read_out(out)
     assert data["models"] == {"a": str(tiny_model_dir), "b": str(tiny_model_dir)}
+    # Each model's weights, so a table citing it can be checked (tests/test_results_fresh.py)
+    record = {"path": str(tiny_model_dir), "fingerprint": model_fingerprint(tiny_model_dir)}
+    assert data["meta"]["models"] == [record, record]
     assert data["accuracy"]["a"] == data["accuracy"]["b"]  # one model twice: identical renders and masks
     for attr, chance in (("shape", 0.2), ("color", 0.125), ("position", 1 / 9)):
         assert data["chance"][attr] == pytest.approx(chance)

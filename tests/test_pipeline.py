@@ -57,6 +57,30 @@ def test_call_returns_images_scores_and_the_chosen_candidate(tiny_pipe):
     assert out.chosen == [int(np.argmax(out.scores[0]))]
 
 
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm-solver++"])
+def test_generate_with_each_head_sampler(tiny_pipe, sampler):
+    out = tiny_pipe(PROMPT, seed=3, head_sampler=sampler, **FAST)
+    size = tiny_pipe.config.image_size
+    assert out.images[0].size == (size, size)
+    again = tiny_pipe(PROMPT, seed=3, head_sampler=sampler, **FAST)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0]))
+    assert tiny_pipe.request(PROMPT, head_sampler=sampler).head_sampler == sampler
+
+
+def test_the_models_head_defaults_are_the_samplers(tiny_model_dir, tiny_pipe, tmp_path):
+    """A model whose config names a head sampler and steps decodes with them when a request names
+    none: the same image as asking for them."""
+    from dream_core import DreamConfig
+
+    path = _copy(tiny_model_dir, tmp_path)
+    config = DreamConfig.load(path / "config.json").replace(default_head_sampler="ddim", default_head_steps=5)
+    config.save(path / "config.json")
+    fast = DreamPipeline.from_pretrained(path, device="cpu")
+    by_default = fast(PROMPT, seed=4, num_inference_steps=4)
+    asked = tiny_pipe(PROMPT, seed=4, num_inference_steps=4, head_sampler="ddim", head_steps=5)
+    assert np.array_equal(np.asarray(by_default.images[0]), np.asarray(asked.images[0]))
+
+
 def test_image_i_is_streamed_alone_with_seed_plus_i_times_k(tiny_pipe):
     """The app streams a request one image at a time; image i decodes candidates seed + i*K ...,
     the same picture as the whole call's image i and as a call of its own with that seed."""
@@ -330,6 +354,47 @@ def test_search_rejects_bad_arguments(tiny_pipe, picture):
         tiny_pipe.search(picture, captions=["ok", ""])
     with pytest.raises(ValueError, match="captions"):
         tiny_pipe.search(picture, captions=[])
+
+
+def test_a_bank_line_is_a_caption_or_a_caption_tab_detail():
+    text = ("a red circle\n\n  a blue square\t🟦  blue, square  \na green triangle\t\n   \n\tonly a detail\n"
+            "a b\tc\td\r\n")
+    captions, details = retrieval.parse_caption_bank(text)
+    assert captions == ["a red circle", "a blue square", "a green triangle", "a b"]  # blank and caption-less skipped
+    assert details == ["", "🟦  blue, square", "", "c d"]  # none, stripped, empty, a further tab read as a space
+    assert retrieval.parse_caption_bank("") == ([], [])
+
+
+def test_a_bank_refuses_what_would_not_read_back(tmp_path):
+    for captions, details in ((["a"], ["one\ntwo"]), (["a"], ["one\ttwo"]), (["a\tb"], None), (["a", "b"], ["x"])):
+        with pytest.raises(ValueError, match="tab or a line break|caption details"):
+            retrieval.write_caption_bank(tmp_path / "captions.txt", captions, details)
+    assert not (tmp_path / "captions.txt").exists()
+
+
+def test_bank_details_round_trip_and_are_never_embedded(tiny_model_dir, tmp_path, picture, _cache_in_tmp):
+    import hashlib
+
+    model = _copy(tiny_model_dir, tmp_path)
+    plain = (model / "captions.txt").read_bytes()
+    captions = plain.decode().splitlines()
+    assert plain == ("\n".join(captions) + "\n").encode()  # a bank without details: one caption a line, as ever
+    assert DreamPipeline.from_pretrained(model, device="cpu").caption_details == [""] * len(captions)
+    details = ["😀  face, grin, grinning face"] + [""] * (len(captions) - 2) + ["❤️  heart, love"]
+    retrieval.write_caption_bank(model / "captions.txt", captions, details)
+    pipe = DreamPipeline.from_pretrained(model, device="cpu")
+    assert pipe.captions == captions and pipe.caption_details == details
+    assert pipe.caption_detail(captions[0]) == details[0] and pipe.caption_detail(captions[1]) == ""
+    assert pipe.caption_detail("not in the bank") == ""
+    pipe.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "captions.txt").read_bytes() == (model / "captions.txt").read_bytes()
+    again = DreamPipeline.from_pretrained(tmp_path / "again", device="cpu")
+    assert again.captions == captions and again.caption_details == details
+    # The cache key is the weights' and the captions' alone, as for a bank without details.
+    pipe.caption_bank()
+    key = hashlib.sha256((pipe.weights_fingerprint() + "\n" + "\n".join(captions)).encode()).hexdigest()[:24]
+    assert [p.name for p in _cache_in_tmp.glob("*.safetensors")] == [f"{key}.safetensors"]
+    assert pipe.search(picture, top_k=3) == _bank(pipe, captions).search(pipe.embed_images([picture])[0], 3)
 
 
 def _bank(pipe, captions):

@@ -51,6 +51,28 @@ BAD = [
     (dict(temperature=float("inf")), "temperature must be a number, got inf"),
     (dict(head_steps=0), "head_steps must be between 1 and 1000, got 0"),
     (dict(head_steps=1001), "head_steps must be between 1 and 1000, got 1001"),
+    (dict(head_sampler="euler"), "head_sampler must be one of ancestral, ddim, dpm-solver++, got 'euler'"),
+    (dict(head_sampler=3), "head_sampler must be one of ancestral, ddim, dpm-solver++, got 3"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=3),
+     "num_kept must be a list of candidate counts (one per decision step), got 3"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=()),
+     "num_kept must give at least one count (or be None for successive halving)"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=(2.5, 1)), "num_kept must be an integer, got 2.5"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=(0, 1)), "num_kept must be between 1 and 64, got 0"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=(3, 3)),
+     "num_kept must be strictly decreasing (every decision prunes), got [3, 3]"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=(4, 2)),
+     "num_kept must end at 1 (the last decision picks the image), got [4, 2]"),
+    (dict(num_candidates=9, decision_step=(2, 4), num_kept=(1,)),
+     "num_kept must give one count per decision step: 1 count for 2 decision steps"),
+    (dict(num_candidates=9, decision_step=4, num_kept=(3, 1)),
+     "num_kept must give one count per decision step: 2 counts for 1 decision step"),
+    (dict(num_candidates=3, decision_step=(2, 4), num_kept=(3, 1)),
+     "num_kept must start below num_candidates=3 (the first decision prunes), got [3, 1]"),
+    (dict(num_candidates=9, num_kept=(3, 1)), "num_kept gives 2 counts but the model's default is one decision "
+                                              "step; name the decision steps with decision_step (one count per step)"),
+    (dict(num_candidates=1, num_kept=(2, 2)), "num_kept must be strictly decreasing (every decision prunes), "
+                                              "got [2, 2]"),  # even for K = 1
     (dict(seed=-5), "seed must be between 0 and 4294967295, got -5"),
     (dict(seed=2**32), "seed must be between 0 and 4294967295, got 4294967296"),
     (dict(seed=7.0), "seed must be an integer, got 7.0"),
@@ -127,7 +149,8 @@ def test_keyword_settings_build_a_request_and_unknown_ones_are_named():
 def test_sampler_settings_share_the_request_defaults():
     s = SamplerSettings()
     req = GenerationRequest("x")
-    for name in ("guidance_scale", "guidance_schedule", "temperature", "head_steps", "negative_prompt", "shared_order"):
+    for name in ("guidance_scale", "guidance_schedule", "temperature", "head_steps", "head_sampler", "negative_prompt",
+                 "shared_order"):
         assert getattr(s, name) == getattr(req, name), name
     assert s.request("y", 3, 2, seed=5) == GenerationRequest("y", num_candidates=3, decision_step=2, seed=5)
     assert rq.request_defaults()["guidance_schedule"] in GUIDANCE_SCHEDULES
@@ -145,3 +168,30 @@ def test_the_app_and_evaluation_read_their_limits_from_the_request():
     assert GenerationSettings("x", num_candidates=4.0, **OK).validated(TINY).num_candidates == 4
     with pytest.raises(ValueError, match="^num_candidates must be an integer, got 2.5$"):
         GenerationSettings("x", num_candidates=2.5).validated(TINY)
+
+
+def test_head_sampler_and_steps_default_to_the_models():
+    """None resolves to the model's `default_head_sampler` / `default_head_steps` (ancestral over
+    100 steps unless the model says otherwise); a request's own value wins."""
+    plain = GenerationRequest("x", **OK).validate(TINY)
+    assert (plain.head_sampler, plain.head_steps) == (rq.DEFAULT_HEAD_SAMPLER, rq.DEFAULT_HEAD_STEPS) == ("ancestral", 100)
+    fast = TINY.replace(default_head_sampler="dpm-solver++", default_head_steps=20)
+    resolved = GenerationRequest("x", **OK).validate(fast)
+    assert (resolved.head_sampler, resolved.head_steps) == ("dpm-solver++", 20)
+    assert rq.sampler_defaults(fast)["head_sampler"] == "dpm-solver++"
+    own = GenerationRequest("x", head_sampler="ddim", head_steps=7, **OK).validate(fast)
+    assert (own.head_sampler, own.head_steps) == ("ddim", 7)
+    for name in rq.HEAD_SAMPLERS:
+        assert GenerationRequest("x", head_sampler=name, **OK).validate(TINY).head_sampler == name
+
+
+def test_num_kept_schedules_staged_sad():
+    staged = GenerationRequest.from_settings("x", num_candidates=9, decision_step=[2, 4, 6], num_kept=[4, 2, 1],
+                                             **OK).validate(TINY)
+    assert staged.num_kept == (4, 2, 1) and staged.decision_steps == [2, 4, 6]
+    assert staged.fraction_decided(TINY) == fraction_decided(6, 8, 16)
+    halving = GenerationRequest("x", num_candidates=9, decision_step=(2, 4), **OK).validate(TINY)
+    assert halving.num_kept is None  # successive halving, as before
+    single = GenerationRequest("x", num_candidates=9, num_kept=(1,), **OK).validate(TINY)  # the model's step
+    assert single.decision_step == default_decision_step(TINY, 8) and single.num_kept == (1,)
+    assert GenerationRequest("x", decision_step=(2, 4), num_kept=(3, 1), **OK).validate(TINY).num_kept is None  # K = 1

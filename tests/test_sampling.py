@@ -1,5 +1,6 @@
 """MAR decoding and Semantically Aligned Decoding on the tiny model: the CFG schedule, seeds,
-batched candidates following their solo trajectories, SAD's choice and successive halving."""
+batched candidates following their solo trajectories, SAD's choice, successive halving and SAD
+in stages with given counts."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dream_core.sampling import (
     mar_decode,
 )
 from dream_core.request import GenerationRequest, decision_step_for_share, default_decision_step
-from dream_core.semantic_decoding import alignment_scores, halving_plan
+from dream_core.semantic_decoding import alignment_scores, keep_plan
 
 PROMPT = "a large blue square in the middle on a black background"
 FAST = dict(num_inference_steps=8, head_steps=8)
@@ -58,12 +59,15 @@ def test_guidance_schedule_formula():
         guidance_at(3.0, "cosine", 0, 16)
 
 
-def test_halving_plan_keeps_half_then_one():
-    assert halving_plan(9, [4]) == [1]
-    assert halving_plan(5, [2, 4]) == [3, 1]
-    assert halving_plan(8, [1, 2, 3]) == [4, 2, 1]
-    assert halving_plan(9, [1, 2, 3]) == [5, 3, 1]
-    assert halving_plan(2, [1, 2, 3]) == [1, 1, 1]
+def test_keep_plan_halves_by_default_and_follows_given_counts():
+    assert keep_plan(9, [4]) == [1]
+    assert keep_plan(5, [2, 4]) == [3, 1]
+    assert keep_plan(8, [1, 2, 3]) == [4, 2, 1]
+    assert keep_plan(9, [1, 2, 3]) == [5, 3, 1]
+    assert keep_plan(2, [1, 2, 3]) == [1, 1, 1]
+    assert keep_plan(9, [2, 5], (3, 1)) == [3, 1]
+    with pytest.raises(ValueError, match="one count per decision step, got 1 for 2"):
+        keep_plan(9, [2, 5], (1,))
 
 
 def test_decision_steps_are_validated():
@@ -352,3 +356,38 @@ def test_default_decision_step_is_used_for_several_candidates(tiny_pipe):
     (d,) = [e for e in events if e.kind == "decision"]
     assert d.step == default_decision_step(tiny_pipe.config, 8)
     assert d.fraction_decided >= tiny_pipe.config.min_visible_for_clip
+
+
+def test_staged_sad_keeps_the_scheduled_counts(tiny_pipe):
+    """num_kept (4, 2, 1) at steps (2, 4, 6) of K = 9: each decision keeps that many of the
+    survivors, the best-scored, and the winner decodes as it would alone."""
+    seed, k_total = 400, 9
+    events = _events(tiny_pipe, seed=seed, num_candidates=k_total, decision_step=(2, 4, 6), num_kept=(4, 2, 1),
+                     shared_order=False)
+    decisions = [e for e in events if e.kind == "decision"]
+    assert [d.step for d in decisions] == [2, 4, 6]
+    alive = list(range(k_total))
+    for d, count in zip(decisions, (4, 2, 1)):
+        assert d.candidate_ids == alive
+        best = sorted(alive, key=lambda c: -d.scores[c])[:count]
+        alive = sorted(best)
+        assert [c for c in range(k_total) if not d.pruned[c]] == alive
+        assert k_total - sum(d.pruned) == count
+    assert decisions[-1].chosen == alive[0]
+    steps = _steps(events)
+    assert [steps[s].tokens.shape[0] for s in range(1, 9)] == [9, 9, 4, 4, 2, 2, 1, 1]  # pruned after step d
+    solo = _events(tiny_pipe, seed=seed + alive[0])[-1]
+    torch.testing.assert_close(events[-1].tokens[0], solo.tokens[0], **TOL)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++"])
+def test_each_head_sampler_decodes_and_candidates_follow_their_solo_trajectories(tiny_pipe, sampler):
+    events = _events(tiny_pipe, seed=7, num_candidates=3, decision_step=3, head_sampler=sampler, head_steps=4,
+                     shared_order=False)
+    last = events[-1]
+    assert last.kind == "done" and not last.mask.any() and torch.isfinite(last.tokens).all()
+    solo = _events(tiny_pipe, seed=7 + last.candidate_ids[0], head_sampler=sampler, head_steps=4)[-1]
+    torch.testing.assert_close(last.tokens[0], solo.tokens[0], **TOL)
+    ancestral = _events(tiny_pipe, seed=7, head_steps=4)[-1]
+    assert not torch.allclose(_events(tiny_pipe, seed=7, head_sampler=sampler, head_steps=4)[-1].tokens,
+                              ancestral.tokens)

@@ -1173,6 +1173,42 @@ def test_bad_input_fails_early_with_exit_code_2(data, trained, tmp_path, capsys)
     assert file_digest(run) == before
 
 
+def test_an_export_writes_the_data_sources_caption_details(trained, tmp_path, monkeypatch):
+    """A source that offers (caption, detail) pairs (the emoji set: each name with its emoji and
+    keywords) gets them into captions.txt as caption<TAB>detail; a repeated caption keeps its first."""
+    class WithDetails:
+        def __len__(self) -> int:
+            return 3
+
+        def caption_bank_with_details(self):
+            return [("grinning face", "\U0001f600  face, grin"), ("red heart", "\u2764\ufe0f  love"),
+                    ("grinning face", "a second detail")]
+
+    monkeypatch.setattr(trained.trainer, "source", WithDetails())
+    trained.trainer.export(tmp_path / "model")
+    lines = (tmp_path / "model" / "captions.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == ["grinning face\t\U0001f600  face, grin", "red heart\t\u2764\ufe0f  love"]
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(data, trained, tmp_path):
+    """A field added to DreamConfig later (loading as the value old models always used) leaves an
+    older run resumable: the saved config is read through today's DreamConfig before comparing."""
+    import dream_core.request as request
+    from training.train import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained.out, run)
+    state_path = run / "checkpoint-last" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["config"]["default_head_sampler"] == request.DEFAULT_HEAD_SAMPLER
+    del state["config"]["default_head_sampler"], state["config"]["default_head_steps"]
+    state_path.write_text(json.dumps(state))
+    trainer = Trainer(tiny_recipe(data, masking="fx", max_steps=32, ckpt_every=10), run)
+    assert trainer.step == 30  # resumed, not refused and not restarted
+    trainer.fit()
+    assert json.loads(state_path.read_text())["step"] == 32
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from dream_core.retrieval import read_caption_bank
 from training.init_from import lora_target_names  # noqa: F401  (re-exported: the CLI's LoRA targets)
 
 PRESERVE_DEFAULT = 100  # keeps 89-91 of 100 prompts where none keeps 29-33: docs/experiments/finetuning.md
@@ -63,7 +64,7 @@ MODEL_ENTRIES = ("config.json", "model.safetensors", "vae", "text", "captions.tx
 
 def has_caption_bank(model_dir: Path) -> bool:
     path = Path(model_dir) / "captions.txt"
-    return path.is_file() and any(line.strip() for line in path.read_text().splitlines())
+    return path.is_file() and bool(read_caption_bank(path)[0])
 
 
 def write_preservation_set(model_dir: Path, folder: Path, n: int, seed: int) -> Path:
@@ -192,8 +193,9 @@ def export_into(trainer, out: Path, recipe, steps: int) -> Path:
     beside the training state; the model card is named after the run."""
     base = Path(recipe.init_from)
     base_card = (base / "README.md").read_text() if (base / "README.md").is_file() else ""
-    base_captions = [c.strip() for c in (base / "captions.txt").read_text().splitlines() if c.strip()] \
-        if (base / "captions.txt").is_file() else []
+    base_captions, base_details = (read_caption_bank(base / "captions.txt") if (base / "captions.txt").is_file()
+                                   else ([], []))
+    detail_of = dict(zip(base_captions, base_details))  # the base bank's details stay with its captions
     source = trainer.source.sources[0] if hasattr(trainer.source, "sources") else trainer.source
     captions = list(dict.fromkeys(base_captions + source.captions()))
     how = f"LoRA (rank {recipe.lora_rank}, merged)" if recipe.lora_rank else "Full fine-tuning"
@@ -205,7 +207,7 @@ def export_into(trainer, out: Path, recipe, steps: int) -> Path:
     card = fine_tuned_card(base_card, base, about)
     tmp = out / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.export(tmp, captions, card)
+    trainer.export(tmp, captions, card, caption_details=[detail_of.get(c, "") for c in captions])
     if (base / "preview_vae").is_dir():
         shutil.copytree(base / "preview_vae", tmp / "preview_vae")
     for entry in sorted(tmp.iterdir()):

@@ -44,6 +44,7 @@ import torch
 from dream_core.config import DreamConfig
 from dream_core.masking import random_token_mask
 from dream_core.model import DreamModel, drop_captions
+from dream_core.retrieval import read_caption_bank
 from dream_core.text import ClipTokenizer, ConditioningTextEncoder, unknown_words
 from dream_core.image_tokenizer import ImageTokenizer, patchify
 from training.checkpoint import (find_checkpoint, load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta,
@@ -234,7 +235,13 @@ class Trainer:
             return
         meta = read_checkpoint_meta(ckpt_dir)
         check_resume_settings(meta, self.recipe, ckpt_dir)  # fine-tuning: same base model, adapters, data
-        if meta.get("config") != self.config.to_dict():
+        # Read through today's DreamConfig, so a field added since (loading as the value older
+        # models always used) does not make an unchanged run look like another model.
+        try:
+            saved = DreamConfig.from_dict(meta.get("config") or {}).to_dict()
+        except (TypeError, ValueError):
+            saved = None
+        if saved != self.config.to_dict():
             raise ValueError(f"checkpoint {ckpt_dir} was written for another model config; use a new --out")
         check_resume(meta, run_layout(self.recipe, self.world), str(ckpt_dir))
         if self.sharded:  # this rank's shards only
@@ -416,16 +423,18 @@ class Trainer:
         """The EMA weights as a plain DreamModel state dict (LoRA adapters merged)."""
         return plain_state(self.ema.state_dict(self.acc.unwrap_model(self.model)), self.recipe, self.config)
 
-    def export(self, model_dir: Path, captions: list[str] | None = None, card: str | None = None) -> None:
+    def export(self, model_dir: Path, captions: list[str] | None = None, card: str | None = None,
+               caption_details: list[str] | None = None) -> None:
         """Write a model directory (EMA weights) that `DreamPipeline.from_pretrained` loads. Every
-        rank calls it (under FSDP the EMA shards are gathered once); rank 0 writes."""
+        rank calls it (under FSDP the EMA shards are gathered once); rank 0 writes. `caption_details`:
+        the text reverse search shows beside each caption (captions.txt's `caption<TAB>detail`)."""
         from dream_core.pipeline import DreamPipeline
 
         state = {k: v.cpu() for k, v in self.export_state().items()}
         if not self.acc.is_main_process:
             return
         if captions is None:
-            captions = self.default_caption_bank()
+            captions, caption_details = self.default_caption_bank()
         if not captions:
             warnings.warn(f"the export {model_dir} has an empty caption bank: reverse search will refuse until "
                           f"one is given (--captions FILE, one caption per line)", stacklevel=2)
@@ -435,21 +444,29 @@ class Trainer:
         export_model.load_state_dict(state)
         t5 = self.t5 if self.t5 is not None else self.conditioning_encoder("cpu")
         pipe = DreamPipeline(export_model, self.tokenizer, t5, captions=captions or [],
-                             vae_dir=Path(self.recipe.vae_path), text_dir=Path(self.recipe.t5_path))
+                             vae_dir=Path(self.recipe.vae_path), text_dir=Path(self.recipe.t5_path),
+                             caption_details=caption_details if captions else None)
         pipe.save_pretrained(model_dir, model_card=card)
 
-    def default_caption_bank(self) -> list[str]:
-        """Reverse search's bank when none is given: the data's own (the emoji set's names, an image
-        folder's distinct captions; the Shapes World's full bank), else none."""
+    def default_caption_bank(self) -> tuple[list[str], list[str] | None]:
+        """Reverse search's bank when none is given, (captions, details or None): the data's own (the
+        emoji set's names, each with its emoji and keywords; an image folder's distinct captions; the
+        Shapes World's full bank), else none. A source offers details by `caption_bank_with_details`."""
         if self.recipe.data == "shapes":
             from training.data.shapes_world import full_caption_bank
 
-            return full_caption_bank()
+            return full_caption_bank(), None
+        with_details = getattr(self.source, "caption_bank_with_details", None)
+        if with_details is not None:
+            detail_of: dict[str, str] = {}
+            for caption, detail in with_details():
+                detail_of.setdefault(caption, detail)
+            return list(detail_of), list(detail_of.values())
         for name in ("caption_bank", "captions"):
             read = getattr(self.source, name, None)
             if read is not None:
-                return list(dict.fromkeys(read()))
-        return []
+                return list(dict.fromkeys(read())), None
+        return [], None
 
     def default_card(self) -> str:
         """A short hub-style model card for an export that was given none: what it is, how it was
@@ -737,7 +754,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="run directory (checkpoints, logs)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     ap.add_argument("--export", type=Path, default=None, help="write a model directory (EMA weights) at the end")
-    ap.add_argument("--captions", type=Path, default=None, help="caption bank (one per line) for the exported model")
+    ap.add_argument("--captions", type=Path, default=None,
+                    help="caption bank for the exported model: one caption per line, or caption<TAB>detail")
     ap.add_argument("--list-recipes", action="store_true")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (default: torch's choice; 1 is fastest beside another busy job)")
@@ -763,11 +781,11 @@ def main(argv: list[str] | None = None) -> None:
             if recipe.max_steps and any(o.startswith("max_steps=") for o in args.overrides):
                 print(f"--max-steps {args.max_steps} replaces the override max_steps={recipe.max_steps}", flush=True)
             recipe = recipe.overrides([f"max_steps={args.max_steps}"])
-        captions = None
+        captions = caption_details = None
         if args.captions is not None:
             if not args.captions.is_file():
                 raise ValueError(f"--captions file {args.captions} does not exist")
-            captions = [line.strip() for line in args.captions.read_text().splitlines() if line.strip()]
+            captions, caption_details = read_caption_bank(args.captions)
         trainer = Trainer(recipe, args.out)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -783,7 +801,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.interrupted:
         raise SystemExit(130)
     if args.export:
-        trainer.export(args.export, captions)
+        trainer.export(args.export, captions, caption_details=caption_details)
     trainer.acc.print(json.dumps(last))
 
 

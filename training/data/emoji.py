@@ -15,7 +15,8 @@ tones) of every base emoji with int(sha256(base_key), 16) % 10 == 0 are held out
 
 `EmojiSource` is a map-style source like the others in `training.data.sources`: sample i is
 (image i % P, caption template i // P) of the split's P images, so a pass visits every image with
-every template, and the stream resumes exactly.
+every template, and the stream resumes exactly. Its caption bank (reverse search's) is every
+emoji's name, each with a detail shown beside it and never embedded: the emoji and its keywords.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ PACKAGES = (
 )
 PACKAGE_OF_STYLE = {p.style: p for p in PACKAGES}
 OPENMOJI_DATA = "data/openmoji.json"  # names (CLDR short names), keywords, groups, skin tones
+# The style whose files are named by emoji-datasource's `unified` sequence: FE0F kept where the
+# emoji needs it to be shown as an emoji (a record's key drops it).
+QUALIFIED_STYLE = "noto"
 
 
 def emoji_key(codepoints: str) -> str:
@@ -243,6 +247,27 @@ def bank_entry(record: dict) -> str:
     return record["name"]
 
 
+def emoji_text(record: dict) -> str:
+    """The emoji itself, as text that renders as an emoji: the codepoints of its emoji-datasource
+    file name (FE0F kept where needed), or of its key for a record without that file."""
+    file = record.get("files", {}).get(QUALIFIED_STYLE)
+    codepoints = file.rsplit(".", 1)[0] if file else record["key"]
+    return "".join(chr(int(c, 16)) for c in codepoints.split("-"))
+
+
+def bank_detail(record: dict) -> str:
+    """What reverse search shows beside an emoji's name, never embedded: the emoji and all its CLDR
+    keywords (a skin-tone variant's are its base's), e.g. "😀  face, grin, grinning"."""
+    keywords = ", ".join(" ".join(w.split()) for w in record["keywords"])
+    return f"{emoji_text(record)}  {keywords}" if keywords else emoji_text(record)
+
+
+def caption_bank_with_details(records: list[dict]) -> list[tuple[str, str]]:
+    """(caption, detail) of every bank line, in the set's order: what a model's captions.txt holds
+    (dream_core.retrieval.write_caption_bank)."""
+    return [(bank_entry(r), bank_detail(r)) for r in records]
+
+
 # ---------------------------------------------------------------------------------------------
 # The source
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +324,10 @@ class EmojiSource:
         """Reverse search's bank: every emoji's name, in the set's order (all splits: a held-out image
         is searched among all 3,786 names)."""
         return [bank_entry(r) for r in self.records]
+
+    def caption_bank_with_details(self) -> list[tuple[str, str]]:
+        """The bank's (caption, detail) pairs: caption_bank() with the emoji and its keywords beside each."""
+        return caption_bank_with_details(self.records)
 
     def read(self, i: int) -> tuple[Image.Image, str]:
         e, s, t = self.pair(i)

@@ -9,13 +9,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from dream_core.fingerprint import model_fingerprint
 from dream_core.pipeline import DreamPipeline
-from dream_core.request import GUIDANCE_SCHEDULES, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE, GenerationRequest, SamplerSettings
+from dream_core.request import (GUIDANCE_SCHEDULES, HEAD_SAMPLERS, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE, GenerationRequest,
+                                SamplerSettings, decision_step_for_share)
+from dream_core.semantic_decoding import Setting
 
 from .sets import EVAL_SEED
 
@@ -37,7 +40,10 @@ def add_sampler_args(ap: argparse.ArgumentParser, steps_default: int | None = No
     ap.add_argument("--cfg-schedule", default=GenerationRequest.guidance_schedule, choices=GUIDANCE_SCHEDULES)
     ap.add_argument("--temperature", type=float, default=GenerationRequest.temperature,
                     help=f"0 .. {MAX_TEMPERATURE} (default: the model's default_temperature)")
-    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps, help="diffusion-head sampling steps")
+    ap.add_argument("--head-steps", type=int, default=GenerationRequest.head_steps,
+                    help="diffusion-head sampling steps (default: the model's default_head_steps)")
+    ap.add_argument("--head-sampler", default=GenerationRequest.head_sampler, choices=HEAD_SAMPLERS,
+                    help="diffusion-head sampler (default: the model's default_head_sampler)")
     ap.add_argument("--batch-size", type=int, default=0, help="prompts decoded together (0 = automatic)")
     ap.add_argument("--seed", type=int, default=EVAL_SEED, help="generation seed base (prompt i: seed + 64 i)")
 
@@ -74,10 +80,32 @@ def parse_fractions(text: str, name: str, allow_zero: bool) -> list[float]:
     return values
 
 
+def parse_staged(text: str, num_steps: int, seq_len: int, name: str = "--staged") -> Setting:
+    """SAD in stages from `K:share/kept,share/kept,...`: K candidates; at the first step with each
+    share of the tokens decided (`request.decision_step_for_share`), keep that many, the last
+    count 1. `9:0.25/3,0.75/1` = K = 9, keep 3 at 25 % decided, the best one at 75 %. The counts
+    are checked as a request's `num_kept` when the setting is generated."""
+    message = (f"{name} looks like K:share/kept,share/kept (e.g. 9:0.25/3,0.75/1: shares in (0, 1), "
+               f"kept counts decreasing to 1), got {text!r}")
+    head, sep, body = str(text).partition(":")
+    try:
+        k = int(head)
+        stages = [(float(share), int(kept)) for share, kept in (item.split("/") for item in body.split(","))]
+    except ValueError as err:
+        raise ValueError(message) from err
+    if not sep or not stages or any(not 0.0 < share < 1.0 for share, _ in stages):
+        raise ValueError(message)
+    steps = [decision_step_for_share(share, num_steps, seq_len) for share, _ in stages]
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{name} {text}: the shares must fall on increasing decision steps of {num_steps} "
+                         f"({', '.join(f'{share:g} -> step {d}' for (share, _), d in zip(stages, steps))})")
+    return Setting(k, tuple(steps), num_kept=tuple(kept for _, kept in stages))
+
+
 def sampler_from_args(args: argparse.Namespace, pipe: DreamPipeline) -> SamplerSettings:
     """The sampler of `add_sampler_args` flags (steps default: one token per step)."""
     steps = args.steps if args.steps is not None else pipe.config.seq_len
-    return SamplerSettings(steps, args.cfg, args.cfg_schedule, args.temperature, args.head_steps)
+    return SamplerSettings(steps, args.cfg, args.cfg_schedule, args.temperature, args.head_steps, args.head_sampler)
 
 
 def load_pipeline(model: str | Path | None = None, device: str = "auto", threads: int = 0) -> DreamPipeline:
@@ -115,7 +143,20 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def run_metadata(pipe: DreamPipeline | None, args: argparse.Namespace | dict | None = None) -> dict[str, Any]:
+def model_record(model: DreamPipeline | str | Path) -> dict[str, str | None]:
+    """What a results file records of a model it measured: its directory and weights fingerprint, so
+    tests/test_results_fresh.py can tell a table measured on other weights from the bundled model."""
+    if isinstance(model, DreamPipeline):
+        return {"path": str(model.path) if model.path else None, "fingerprint": model.weights_fingerprint()}
+    return {"path": str(model), "fingerprint": model_fingerprint(model)}
+
+
+def run_metadata(pipe: DreamPipeline | None, args: argparse.Namespace | dict | None = None,
+                 models: Sequence[DreamPipeline | str | Path] | None = None) -> dict[str, Any]:
+    """Date, torch, command, `pipe`'s settings and weights, the arguments, and a `model_record` of
+    every model the run measured (`models`; default: `pipe`)."""
+    if models is None:
+        models = [pipe] if pipe is not None else []
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -125,6 +166,7 @@ def run_metadata(pipe: DreamPipeline | None, args: argparse.Namespace | dict | N
         meta.update(model=str(pipe.path) if pipe.path else None, preset=pipe.config.name,
                     image_size=pipe.config.image_size, tokens=pipe.config.seq_len, device=str(pipe.device),
                     weights=pipe.weights_fingerprint())
+    meta["models"] = [model_record(m) for m in models]
     if args is not None:
         meta["args"] = {k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items()}
     return meta

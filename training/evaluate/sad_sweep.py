@@ -6,6 +6,8 @@ faithfulness with the exact judge (`--shapes`, the default without `--prompts`) 
 `--reranker-weights` (open_clip) or `--reranker-model DIR` (another DREAM model directory, e.g. the
 contrastive-only `shapes-clip` recipe), the paper's external-reranker comparison is added: all K
 candidates decoded to the end, the best kept by that model (`dream_core.semantic_decoding`).
+`--staged K:share/kept,...` (repeatable) adds SAD in stages: at the first step with each share of
+the tokens decided, keep that many candidates, the last count 1.
 
 Quality comes from one shared decoding trunk per prompt (see `DreamPipeline.generate_batch`:
 candidate k of a prompt is the same trajectory in every setting, so this equals separate runs). Speed is measured
@@ -15,6 +17,7 @@ this device, plus `row_steps_per_image` (decoder forwards x candidate rows), the
 
     python -m training.evaluate.sad_sweep --model assets/dream-shapes --out runs/eval/sad \
         --k 1,3,9 --decision-steps 1,2,4,8 --n-prompts 200
+    python -m training.evaluate.sad_sweep --out runs/eval/sad-staged --k 1,9 --staged 9:0.25/3,0.75/1
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from dream_core.masking import fraction_decided
 from dream_core.rerankers import DreamReranker
 from dream_core.semantic_decoding import GenerationRun, Reranker, Setting
 
-from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,
-                  sampler_from_args, write_json)
+from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, parse_staged, run_cli,
+                  run_metadata, sampler_from_args, write_json)
 from .plotting import plot_lines
 from .scoring import clip_scores, load_open_clip
 from .sets import EVAL_SEED, prompt_seeds, read_prompts
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clip-arch", default="")
     ap.add_argument("--clip-weights", type=Path, default=None)
     add_reranker_args(ap)
+    ap.add_argument("--staged", action="append", default=[], metavar="K:SHARE/KEPT,...",
+                    help="SAD in stages, e.g. 9:0.25/3,0.75/1 = K = 9, keep 3 at 25 %% decided, the best at 75 %% "
+                         "(repeatable)")
     ap.add_argument("--timing-prompts", type=int, default=16, help="prompts decoded per setting for timing (0 = skip)")
     ap.add_argument("--quick", action="store_true", help="8 prompts, 4 timing prompts (smoke runs)")
     return ap.parse_args(argv)
@@ -70,6 +76,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Shares of decided tokens swept by default: from the contrastive floor (25 % visible, what the
 # encoder was trained on) up; the curve is what chooses a model's `sad_decision_share`.
 SWEEP_SHARES = (0.25, 0.375, 0.5, 0.625, 0.75)
+
+
+def setting_fields(s: Setting, num_steps: int, seq_len: int) -> dict:
+    """A setting's decision as a results row states it: its decision step(s), the share of tokens
+    decided when the winner is picked, and for SAD in stages every stage (step, share, kept)."""
+    stages = s.stages()
+    out = {"decision_step": s.decision_step if stages else None,
+           "fraction_decided": fraction_decided(stages[-1][0], num_steps, seq_len) if stages else None,
+           "num_kept": None, "stages": None}
+    if isinstance(s.decision_step, tuple) or s.num_kept is not None:
+        out["num_kept"] = [kept for _, kept in stages]
+        out["stages"] = [{"decision_step": d, "fraction_decided": fraction_decided(d, num_steps, seq_len), "kept": kept}
+                         for d, kept in stages]
+    return out
 
 
 def decision_steps_for_shares(num_steps: int, seq_len: int, shares=SWEEP_SHARES) -> list[int]:
@@ -151,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     decision_steps = (parse_int_list(args.decision_steps, "--decision-steps") if args.decision_steps
                       else decision_steps_for_shares(steps, seq_len))
     settings = sweep_settings(ks, decision_steps, reranker is not None)
+    settings += [parse_staged(text, steps, seq_len) for text in args.staged]
 
     if args.prompts is not None:
         sets = {"prompts": read_prompts(args.prompts)[:n]}
@@ -165,10 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         run, timing = run_settings(pipe, prompts, settings, sampler, args.seed, args.batch_size, reranker, n_timing)
         for s in settings:
             images = run.results[s].images
-            row = {"set": set_name, "setting": s.name, "k": s.num_candidates,
-                   "decision_step": s.decision_step if s.num_candidates > 1 and not s.rerank else None,
-                   "fraction_decided": (fraction_decided(s.decision_step, steps, seq_len)
-                                        if s.num_candidates > 1 and not s.rerank else None),
+            row = {"set": set_name, "setting": s.name, "k": s.num_candidates, **setting_fields(s, steps, seq_len),
                    "external_reranker": s.rerank, "n": len(prompts)}
             if args.prompts is None:
                 report = judge_images(images, prompts)

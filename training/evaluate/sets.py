@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dream_core.request import MAX_CANDIDATES
+from dream_core.retrieval import read_caption_bank
 from dream_core.text import validate_prompts
 
 EVAL_SEED = 20261123
@@ -83,10 +84,12 @@ def prompt_seeds(n: int, base: int = EVAL_SEED) -> list[int]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
+    """One prompt a line; read as a caption bank, so a model's captions.txt serves as is (the detail
+    after a line's tab is not part of the prompt)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts, _ = read_caption_bank(path)
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return validate_prompts(prompts, "prompts")
