@@ -15,6 +15,9 @@ Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against
 - The paper's Fig. 7 on real images (`masked`): reverse search top-1 over the 3,786 names and the
   zero-shot group when the encoder sees only part of an image's tokens (a random share hidden),
   on the held-out OpenMoji images and on seen images. SAD scores exactly such partial latents.
+- The paper's Table 17 on real images (`budget`): K = 1, 2, 4, 9, 16 under a fixed budget of S
+  network evaluations (decision step = S // K, `bench.paper_table17`'s rule) on the seen pairs,
+  judged as above, with NFE per image. No external reranker: no other emoji model exists here.
 
     python -m bench.emoji_eval --model assets/dream-emoji --data runs/emoji-data --out bench/results/emoji
 """
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.paper_table17 import budget_settings, nfe_per_image
 from dream_core.pipeline import DreamPipeline
 from dream_core.request import SamplerSettings, default_decision_step, default_steps
 from dream_core.semantic_decoding import Setting
@@ -48,7 +52,8 @@ GROUPS = {  # CLDR group -> the words a person would use
     "activities": "activities", "objects": "objects", "symbols": "symbols", "flags": "flags",
 }
 PROMPT = "a {name} emoji in {style} style"  # how a person would ask
-SECTIONS = ("search", "generation", "masked")
+SECTIONS = ("search", "generation", "masked", "budget")
+BUDGET_KS = (1, 2, 4, 9, 16)
 MASK_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.875, 0.95)  # 0.5 and 0.875: the SAD decision shares in use
 
 
@@ -164,6 +169,8 @@ def main() -> None:
                        np.random.default_rng([args.seed, 0]))
     if "generation" in sections:
         generation_section(pipe, args, result, source, held_pairs, train_pairs, np.random.default_rng([args.seed, 1]))
+    if "budget" in sections:
+        budget_section(pipe, args, result, source, train_pairs, np.random.default_rng([args.seed, 1]))
     if "masked" in sections:
         masked_section(pipe, args, result, source, held_pairs, train_pairs, bank_emb, np.random.default_rng([args.seed, 2]))
     result["wall_seconds"] = round(time.time() - t0, 1)
@@ -179,6 +186,9 @@ def main() -> None:
             sad = (f", SAD {format_rate(g['sad'])}, SAD - K=1 {format_difference(g['sad_minus_k1'])}"
                    if "sad" in g else "")
             print(f"generation {split}: K=1 {format_rate(g['k1'])}{sad}, VAE ceiling {format_rate(g['vae_ceiling'])}")
+    for row in result.get("budget", {}).get("rows", []):
+        print(f"budget {row['setting']}: NFE {row['nfe']}, {format_rate(row['rate'])}, vs K=1 {format_difference(row['vs_k1'])}"
+              if "vs_k1" in row else f"budget {row['setting']}: NFE {row['nfe']}, {format_rate(row['rate'])}")
     for split, m in result.get("masked", {}).get("splits", {}).items():
         for label, rates in m.items():
             print(f"masked {split} {label}: " + ", ".join(f"r={r:g} {format_rate(e)}"
@@ -258,6 +268,33 @@ def generation_section(pipe: DreamPipeline, args: argparse.Namespace, result: di
     args.out.mkdir(parents=True, exist_ok=True)
     contact_sheet(np.stack([r for r, _, _ in sheet]), [k for _, k, _ in sheet], [s for _, _, s in sheet],
                   args.out / "contact_sheet.png")
+
+def budget_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
+                   train_pairs: np.ndarray, rng: np.random.Generator) -> None:
+    """Table 17 on emoji: K under the budget S (decision step S // K) on --n-seen seen pairs (the
+    generation section's pairs and seeds: rng as there), judged; paired against K = 1."""
+    recs, images = source.records, source.images
+    steps = default_steps(pipe.config.seq_len)
+    settings = budget_settings(list(BUDGET_KS), steps, steps)
+    pairs = train_pairs[rng.choice(len(train_pairs), args.n_seen, replace=False)]
+    prompts = [PROMPT.format(name=recs[e]["name"], style=STYLES[s]) for e, s in pairs]
+    seeds = [args.seed * 100_003 + i for i in range(len(pairs))]
+    refs = thumbs(images.reshape(-1, 64, 64, 3)).reshape(len(recs), len(STYLES), -1)
+    sampler = SamplerSettings(guidance_scale=args.guidance_scale, temperature=args.temperature)
+    run = pipe.generate_batch(prompts, seeds, settings, sampler=sampler, progress=True)
+    verdicts = {s: judged(np.stack([np.asarray(im.convert("RGB")) for im in run.results[s].images]), pairs, refs)
+                for s in settings}
+    base = verdicts[settings[0]]
+    rows = []
+    for s in settings:
+        row = {"setting": s.name, "k": s.num_candidates, "decision_step": s.decision_step,
+               "nfe": nfe_per_image(s, steps), "rate": rate_with_interval(int(verdicts[s].sum()), len(pairs))}
+        if s.num_candidates > 1:
+            row["vs_k1"] = paired_difference(verdicts[s].tolist(), base.tolist())
+        rows.append(row)
+    result["budget"] = {"steps": steps, "budget": steps, "n": len(pairs), "rule": "decision step = budget // K",
+                        "rows": rows}
+
 
 def masked_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
                    held_pairs: np.ndarray, train_pairs: np.ndarray, bank_emb: torch.Tensor,
