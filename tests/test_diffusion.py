@@ -336,12 +336,9 @@ class _NoHostToDeviceCopies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_cuda_graph_capture_copies_nothing_from_the_host(monkeypatch):
-    """A capturing CUDA stream cannot wait for a host-to-device copy (the capture fails), so every
-    tensor the reverse process needs from the host must exist before `torch.cuda.graph`. The
-    graphed sampler runs here on the meta device (a device that is not the host), with
-    torch.cuda's stream and graph API replaced by stand-ins whose capture region fails on any
-    host-to-device copy; a second call replays without capturing again."""
+def stand_in_cuda_graphs(monkeypatch) -> list:
+    """Replace torch.cuda's stream and graph API by stand-ins whose capture region fails on any
+    host-to-device copy; returns the list every capture appends its graph to."""
     captures = []
 
     class Stream:
@@ -366,6 +363,16 @@ def test_cuda_graph_capture_copies_nothing_from_the_host(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    return captures
+
+
+def test_cuda_graph_capture_copies_nothing_from_the_host(monkeypatch):
+    """A capturing CUDA stream cannot wait for a host-to-device copy (the capture fails), so every
+    tensor the reverse process needs from the host must exist before `torch.cuda.graph`. The
+    graphed sampler runs here on the meta device (a device that is not the host), with
+    torch.cuda's stream and graph API replaced by stand-ins whose capture region fails on any
+    host-to-device copy; a second call replays without capturing again."""
+    captures = stand_in_cuda_graphs(monkeypatch)
     head = _perturbed_head().to("meta")
     z, noise = torch.empty(6, D, device="meta"), torch.empty(11, 3, C, device="meta")
     with torch.inference_mode():

@@ -5,7 +5,6 @@ shapes and the CUDA-graph path."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -17,7 +16,7 @@ from dream_core.diffusion import DiffusionHead
 from dream_core.noise_schedule import GaussianDiffusion, ReverseSchedule
 from dream_core.request import HEAD_SAMPLERS
 from reference import plain_ode_head_sample  # tests/reference.py
-from test_diffusion import C, D, _NoHostCopies, _NoHostToDeviceCopies, _perturbed_head
+from test_diffusion import C, D, _perturbed_head, stand_in_cuda_graphs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
@@ -232,30 +231,7 @@ def test_ode_coefficients_are_the_respaced_schedules():
 def test_cuda_graph_capture_copies_nothing_from_the_host(monkeypatch, sampler):
     """As the ancestral sampler's test in test_diffusion: the graphed path on the meta device with a
     capture that fails on any host-to-device copy; one graph per sampler."""
-    captures = []
-
-    class Stream:
-        def __init__(self, *args):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-    class Graph:
-        def replay(self):
-            pass
-
-    @contextlib.contextmanager
-    def capture(graph):
-        captures.append(graph)
-        with _NoHostCopies(), _NoHostToDeviceCopies():
-            yield
-
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
+    captures = stand_in_cuda_graphs(monkeypatch)
     head = _perturbed_head().to("meta")
     z, noise = torch.empty(6, D, device="meta"), torch.empty(11, 3, C, device="meta")
     with torch.inference_mode():
