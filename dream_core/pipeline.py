@@ -123,6 +123,7 @@ class DreamPipeline:
         self.caption_details = check_caption_details(self.captions, caption_details)
         self.model_card = model_card
         self.path = path
+        self._directory_fingerprint: str | None = None  # weights_fingerprint's, read once
         self._vae_dir, self._text_dir = vae_dir, text_dir
         self._bank: CaptionBank | None = None
 
@@ -582,11 +583,14 @@ class DreamPipeline:
 
     def weights_fingerprint(self) -> str:
         """Identifies the weights for on-disk caches and results files (`model_fingerprint` of the
-        model directory; a model without one hashes the first bytes of each of its tensors)."""
+        model directory, hashed once: every search with a custom bank asks for it; a model without a
+        directory hashes the first bytes of each of its tensors)."""
         from .fingerprint import model_fingerprint
 
         if self.path is not None and (self.path / "model.safetensors").exists():
-            return model_fingerprint(self.path)
+            if self._directory_fingerprint is None:
+                self._directory_fingerprint = model_fingerprint(self.path)
+            return self._directory_fingerprint
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for v in self.model.state_dict().values():
             h.update(v.detach().float().cpu().numpy().tobytes()[:4096])
