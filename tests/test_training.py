@@ -996,6 +996,29 @@ def test_a_run_folder_not_every_rank_sees_is_refused_before_step_1(data, tmp_pat
     assert not (run0 / "log.csv").exists() and not list(run0.glob(".shared-folder-check-*"))
 
 
+@pytest.mark.parametrize("command, argv", [
+    ("training.train", ["--recipe", "no-such-recipe", "--out", "{tmp}/run"]),
+    ("training.finetune", ["--model", "{tmp}/missing", "--data", "{tmp}/missing", "--out", "{tmp}/ft"]),
+    ("training.evaluate.fid_clip", ["--model", "{tmp}/missing", "--out", "{tmp}/fid"]),
+])
+def test_every_distributed_command_tears_its_process_group_down_on_an_error_exit(command, argv, tmp_path):
+    """A process group left to interpreter shutdown can abort the process (gloo: "terminate called
+    without an active exception", exit -6) after the command printed its error and chose exit 2; each
+    launched command destroys the group itself on every exit, errors included."""
+    import importlib
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # as a launcher leaves it
+    try:
+        with pytest.raises((SystemExit, ValueError)):
+            importlib.import_module(command).main([a.format(tmp=tmp_path) for a in argv])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_kill_and_resume_continues_the_same_run(data, tmp_path):
     """SIGKILL in the middle of writing step 5's checkpoint; the restart resumes from step 4 and its

@@ -72,6 +72,15 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def end_process_group() -> None:
+    """Tear the process group down before the interpreter exits, on success and on error alike.
+    Left to interpreter shutdown, gloo's worker threads can outlive the group and the process
+    aborts ("terminate called without an active exception", exit -6) after its own clear error,
+    so a launcher sees a crash instead of the exit code the command chose."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def mixed_precision_policy(param_dtype: torch.dtype | None):
     """FSDP2's policy for a bf16 run: parameters all-gathered and computed in `param_dtype`
     (half the traffic of fp32 all-gathers), gradients reduce-scattered and accumulated in fp32
@@ -372,7 +381,8 @@ def contrastive_negatives_note(recipe, world: int) -> str:
 
 __all__ = [
     "EMA", "RESUME_KEYS", "all_ranks_finite", "check_resume", "check_shared_folder", "clip_grad_norm",
-    "configure_cuda", "contrastive_negatives_note", "ensure_process_group", "frozen_autocast", "full", "is_sharded",
+    "configure_cuda", "contrastive_negatives_note", "end_process_group", "ensure_process_group", "frozen_autocast",
+    "full", "is_sharded",
     "load_local_model_state", "local", "local_model_state", "local_optimizer_state", "mixed_precision_policy",
     "run_layout", "shard_model", "shard_optimizer_state", "stop_if_not_finite", "sync_replicated_grads",
     "transformer_blocks",

@@ -220,10 +220,18 @@ def export_into(trainer, out: Path, recipe, steps: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
+    from training.distributed import end_process_group
+
+    try:
+        return run(parse_args(argv))
+    finally:
+        end_process_group()  # every rank, every exit: the exit code is the one chosen below
+
+
+def run(args: argparse.Namespace) -> Path | None:
     from training.data.sources import FolderSource
     from training.train import Trainer, caption_sample, check_vocabulary
 
-    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

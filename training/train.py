@@ -50,7 +50,8 @@ from dream_core.image_tokenizer import ImageTokenizer, patchify
 from training.checkpoint import (find_checkpoint, load_checkpoint, load_sharded_checkpoint, read_checkpoint_meta,
                                  save_checkpoint, save_sharded_checkpoint)
 from training.distributed import (EMA, all_ranks_finite, check_resume, check_shared_folder, clip_grad_norm,
-                                  configure_cuda, contrastive_negatives_note, frozen_autocast, load_local_model_state,
+                                  configure_cuda, contrastive_negatives_note, end_process_group,
+                                  frozen_autocast, load_local_model_state,
                                   local_model_state, local_optimizer_state, run_layout, shard_model,
                                   shard_optimizer_state, stop_if_not_finite, sync_replicated_grads)
 from training.data.loaders import build_dataloader
@@ -764,7 +765,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    try:
+        run(parse_args(argv))
+    finally:
+        end_process_group()  # every rank, every exit: the exit code is the one chosen below
+
+
+def run(args: argparse.Namespace) -> None:
     if args.list_recipes:
         for name, r in RECIPES.items():
             print(f"{name:18s} model={r.model:7s} masking={r.masking:7s} data={r.data}")

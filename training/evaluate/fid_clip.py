@@ -169,7 +169,15 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    args = parse_args(argv)
+    from training.distributed import end_process_group
+
+    try:
+        return run(parse_args(argv))
+    finally:
+        end_process_group()  # every rank, every exit
+
+
+def run(args: argparse.Namespace) -> dict | None:
     check_inputs(args)
     info = dist_info()
     distributed = init_distributed(info)
