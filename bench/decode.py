@@ -425,7 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale (constant schedule)")
     ap.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="candidate counts of section 1")
     ap.add_argument("--candidate-steps", type=int, default=0, help="decoding steps of section 1 (0 = one token per step)")
-    ap.add_argument("--candidate-head-steps", type=int, default=DEFAULT_HEAD_STEPS)
+    ap.add_argument("--candidate-head-steps", type=int, default=None,
+                    help="head steps of section 1 (default: the model's default_head_steps)")
     ap.add_argument("--steps", type=_ints, default=list(GRID_STEPS), help="decoding steps of the grid")
     ap.add_argument("--head-steps", type=_ints, default=list(GRID_HEAD_STEPS), help="head steps of the grid")
     ap.add_argument("--head-samplers", type=_samplers, default=None,
@@ -433,7 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(default: the model's default_head_sampler)")
     ap.add_argument("--app-steps", type=int, default=DEFAULT_STEPS,
                     help="decoding steps of the latency/preview/memory sections (at most one per token, as the app)")
-    ap.add_argument("--app-head-steps", type=int, default=DEFAULT_HEAD_STEPS)
+    ap.add_argument("--app-head-steps", type=int, default=None,
+                    help="head steps of the latency/preview/memory sections (default: the model's "
+                         "default_head_steps, as the app)")
     ap.add_argument("--latency-ks", type=_ints, default=[1, 9], help="candidate counts of the latency sections")
     ap.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for the random model "
                     "(a model directory's pipeline always uses it on CUDA)")
@@ -459,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     target = load_target(args, device)
     target.bf16 = args.bf16
     target.model.head.cuda_graphs = args.cuda_graphs  # a no-op off CUDA
+    for name in ("candidate_head_steps", "app_head_steps"):  # what the app would use for this model
+        if getattr(args, name) is None:
+            setattr(args, name, target.model.config.default_head_steps)
     if args.sections:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         bad = [s for s in sections if s not in SECTIONS]

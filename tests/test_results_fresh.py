@@ -22,6 +22,7 @@ from dream_core.fingerprint import model_fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ASSETS = ROOT / "assets"
+EXPERIMENTS = ROOT / "docs" / "experiments"
 BUNDLED = sorted(p.name for p in ASSETS.iterdir() if (p / "model.safetensors").is_file())
 
 CITATION = re.compile(r"bench/results/[\w./-]*")
@@ -113,6 +114,13 @@ def read_record(path: Path) -> tuple[list[tuple[str, str]], set[str], str]:
     return pairs, named, command
 
 
+def pins(doc: Path, fingerprints: list[str]) -> bool:
+    """An experiment record (docs/experiments/) that names the weights it measured is history, not a
+    claim about today's model: a decision measured on earlier weights stays valid as the record of
+    that decision. The README, the model cards and the guides always speak of the bundled weights."""
+    return doc.is_relative_to(EXPERIMENTS) and all(fp in doc.read_text() for fp in fingerprints)
+
+
 def staleness(path: Path, citers: list[Path]) -> list[str]:
     """Why a cited results file does not show it measured today's bundled weights (empty: it does)."""
     rel = shown(path)
@@ -125,7 +133,8 @@ def staleness(path: Path, citers: list[Path]) -> list[str]:
         if not recorded:
             problems.append(f"{rel} (cited by {by}) measured assets/{name} but records no fingerprint of it, so "
                             f"nothing shows it measured the bundled weights {current}; re-run: {command}")
-        elif recorded != [current]:
+        elif recorded != [current] and (unpinned := [d for d in citers if not pins(d, recorded)]):
+            by = ", ".join(shown(d) for d in unpinned)
             problems.append(f"{rel} (cited by {by}) measured assets/{name} on weights {', '.join(recorded)}, but "
                             f"assets/{name} is now {current}; re-run: {command}")
     # A model card citing a file presents it as a measurement of the card's own model, even where the
@@ -199,3 +208,25 @@ def test_a_stale_or_unfingerprinted_table_of_a_bundled_model_fails(tmp_path):
             assert problems == [], (data, problems)
         else:
             assert len(problems) == 1 and expected in problems[0], (data, problems)
+
+
+def test_an_experiment_record_naming_the_weights_it_measured_may_cite_older_weights(tmp_path, monkeypatch):
+    """A docs/experiments/ record that names the fingerprint it measured keeps its results file; the
+    same file cited by a record that does not name it, or by any other document, is stale."""
+    name = BUNDLED[0]
+    current = current_fingerprint(name)
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    monkeypatch.setitem(globals(), "EXPERIMENTS", experiments)  # what pins() reads
+    old = "2" * 16
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"command": "python -m bench.t", "meta": {"model": f"assets/{name}", "weights": old}}))
+    naming, silent, guide = experiments / "naming.md", experiments / "silent.md", tmp_path / "guide.md"
+    naming.write_text(f"Measured on weights `{old}`, before the default changed.")
+    silent.write_text("Measured on the bundled model.")
+    guide.write_text(f"Weights `{old}`.")
+    assert staleness(result, [naming]) == []
+    for citers, blamed in (([naming, silent], "silent.md"), ([guide], "guide.md")):
+        problems = staleness(result, citers)
+        assert len(problems) == 1 and blamed in problems[0] and "naming.md" not in problems[0], problems
+        assert f"now {current}; re-run: python -m bench.t" in problems[0]

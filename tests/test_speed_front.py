@@ -66,3 +66,24 @@ def test_decode_bench_grid_times_every_head_sampler(tiny_pipe):
     assert default.head_samplers is None  # the grid then times the model's own sampler only
     with pytest.raises(SystemExit):
         decode.parse_args(["--head-samplers", "euler"])
+
+
+def test_decode_bench_times_the_app_path_at_the_models_own_head_steps(tiny_model_dir, tmp_path, capsys):
+    """The latency section times what the app runs: the model's default_head_steps, not the
+    request's global default, unless --app-head-steps says otherwise."""
+    import json
+    import shutil
+
+    from bench import decode
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["default_head_steps"] = 3
+    (model / "config.json").write_text(json.dumps(config))
+    common = ["--model", str(model), "--sections", "latency", "--latency-ks", "1", "--repeats", "1",
+              "--no-flops", "--threads", "1", "--app-steps", "2"]
+    decode.main(common)
+    assert "| 1 | - | 2 | 3 |" in capsys.readouterr().out
+    decode.main(common + ["--app-head-steps", "4"])
+    assert "| 1 | - | 2 | 4 |" in capsys.readouterr().out
