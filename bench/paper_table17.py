@@ -32,8 +32,8 @@ from training.evaluate.cli import (add_model_args, add_sampler_args, load_pipeli
                                    run_cli, run_metadata, sampler_from_args, write_json)
 from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set
 from training.evaluate.plotting import plot_lines
-from training.evaluate.sad_sweep import (add_reranker_args, reranker_description, reranker_from_args,
-                                         run_settings)
+from training.evaluate.sad_sweep import (add_reranker_args, measured_models, reranker_description,
+                                         reranker_from_args, run_settings)
 from training.evaluate.sets import EVAL_SEED
 from training.evaluate.stats import compare, format_rate, rate_with_interval
 
@@ -126,9 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     if reranker is not None:
         settings += [Setting(k, rerank=True) for k in ks if k > 1]
 
-    measured = [pipe] if args.reranker_model is None else [pipe, args.reranker_model]
     results: dict = {"command": command_line(__file__, argv), "model": str(pipe.path),
-                     "reranker": reranker_description(args), "meta": run_metadata(pipe, args, models=measured),
+                     "reranker": reranker_description(args), "meta": run_metadata(pipe, args, models=measured_models(pipe, args)),
                      "num_inference_steps": steps, "budget": budget, "decision_rule": args.decision_rule, "ks": ks,
                      "nfe": "decoder forwards x candidate rows per image: K = 1: S; SAD: K x d + (S - d); "
                             "reranker: K x S", "rows": []}

@@ -353,13 +353,16 @@ def test_faithfulness_cli(tiny_model_dir, tmp_path):
 def test_sad_sweep_cli(tiny_model_dir, tmp_path):
     out = tmp_path / "sad"
     sad_sweep.main(["--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--quick", "--objects", "1",
-                    "--k", "1,2", "--decision-steps", "1,2", "--timing-prompts", "2", *TINY_SAMPLER])
+                    "--k", "1,2", "--decision-steps", "1,2", "--timing-prompts", "2", *TINY_SAMPLER,
+                    "--reranker-model", str(tiny_model_dir)])
     data = read_results(out)
-    assert [r["setting"] for r in data["rows"]] == ["K=1", "SAD K=2 step=1", "SAD K=2 step=2"]
+    # Both models the sweep measured are fingerprinted: the generator and the reranker.
+    assert [m["path"] for m in data["meta"]["models"]] == [str(tiny_model_dir)] * 2
+    assert [r["setting"] for r in data["rows"]][:3] == ["K=1", "SAD K=2 step=1", "SAD K=2 step=2"]
     for r in data["rows"]:
         assert 0 <= r["faithfulness"] <= 1 and r["seconds_per_image"] > 0
     # Cost per image: K = 1 decodes 3 steps; SAD K=2 at step d decodes 2 rows for d steps, then 1.
-    assert [r["row_steps_per_image"] for r in data["rows"]] == [3, 4, 5]
+    assert [r["row_steps_per_image"] for r in data["rows"]][:3] == [3, 4, 5]
 
 
 def test_sad_sweep_measures_staged_sad_and_a_head_sampler(tiny_model_dir, tmp_path):

@@ -26,7 +26,7 @@ import argparse
 from pathlib import Path
 
 from dream_core.masking import fraction_decided
-
+from dream_core.pipeline import DreamPipeline
 from dream_core.rerankers import DreamReranker
 from dream_core.semantic_decoding import GenerationRun, Reranker, Setting
 
@@ -110,6 +110,12 @@ def add_reranker_args(ap: argparse.ArgumentParser) -> None:
                          "with the contrastive-only shapes-clip recipe)")
 
 
+def measured_models(pipe: DreamPipeline, args: argparse.Namespace) -> list[DreamPipeline | Path]:
+    """The models a run measures, for its results' fingerprints: the generator, and the reranker
+    when it is a DREAM model directory (an open_clip reranker is named by its weights file)."""
+    return [pipe] if args.reranker_model is None else [pipe, args.reranker_model]
+
+
 def reranker_from_args(args: argparse.Namespace, device) -> Reranker | None:
     """The reranker the flags name (loaded, so a bad path fails before any generation), or None."""
     open_clip_flags = args.reranker_weights is not None or bool(args.reranker_arch)
@@ -179,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
         objects = parse_objects(args.objects)
         sets = {f"{o}-object": prompt_set(o, n, args.prompt_seed) for o in objects}
 
-    results: dict = {"meta": run_metadata(pipe, args), "reranker": reranker_description(args),
+    results: dict = {"meta": run_metadata(pipe, args, models=measured_models(pipe, args)),
+                     "reranker": reranker_description(args),
                      "decision_steps": decision_steps, "ks": ks,
                      "num_inference_steps": steps, "rows": []}
     for set_name, prompts in sets.items():
