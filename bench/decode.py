@@ -41,7 +41,7 @@ from bench.common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s
                           markdown_table, matmul_peak, median, patched, random_model, random_text, resolve_device,
                           setup_threads, time_runs, weights_line)
 from dream_core.model import DreamModel
-from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_HEAD_STEPS, DEFAULT_STEPS, HEAD_SAMPLERS,
+from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, HEAD_SAMPLERS,
                                 default_decision_step)
 from dream_core.sampling import TextCondition, candidate_generators
 from dream_core.semantic_decoding import semantic_decode
