@@ -45,7 +45,7 @@ from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, HEAD_SAMP
                                 default_decision_step)
 from dream_core.sampling import TextCondition, candidate_generators
 from dream_core.semantic_decoding import semantic_decode
-from training.evaluate.cli import run_cli
+from training.evaluate.cli import parse_head_samplers, run_cli
 
 SECTIONS = ("candidates", "grid", "latency", "previews", "memory")
 APP_ROW = "the app (generate_stream: preview decoder, 10 % budget)"
@@ -402,12 +402,10 @@ def _ints(text: str) -> list[int]:
 
 
 def _samplers(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in HEAD_SAMPLERS]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"expected comma-separated head samplers of {', '.join(HEAD_SAMPLERS)}, "
-                                         f"got {text!r}")
-    return values
+    try:
+        return parse_head_samplers(text, "--head-samplers")
+    except ValueError as err:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,8 +39,8 @@ from bench.shapes_eval import SAD_K
 from dream_core.request import (HEAD_SAMPLERS, MAX_GUIDANCE_SCALE, MAX_TEMPERATURE, SamplerSettings,
                                 decision_step_for_share, sampler_defaults)
 from dream_core.semantic_decoding import Setting
-from training.evaluate.cli import (add_model_args, load_pipeline, parse_fractions, parse_int_list, parse_staged,
-                                   run_cli, run_metadata, write_json)
+from training.evaluate.cli import (add_model_args, load_pipeline, parse_fractions, parse_head_samplers, parse_int_list,
+                                   parse_staged, run_cli, run_metadata, write_json)
 from training.evaluate.faithfulness import judge_images, parse_objects, prompt_set
 from training.evaluate.sad_sweep import run_settings, setting_fields
 from training.evaluate.sets import EVAL_SEED
@@ -117,10 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.n_prompts, args.timing_prompts = min(args.n_prompts, 8), min(args.timing_prompts, 2)
     if args.n_prompts < 1 or args.timing_prompts < 1:
         ap.error("--n-prompts and --timing-prompts must be >= 1")
-    args.head_samplers = [s.strip() for s in args.head_samplers.split(",") if s.strip()]
-    bad = [s for s in args.head_samplers if s not in HEAD_SAMPLERS]
-    if bad:
-        ap.error(f"--head-samplers takes {', '.join(HEAD_SAMPLERS)}, got {', '.join(bad)}")
+    try:
+        args.head_samplers = parse_head_samplers(args.head_samplers, "--head-samplers")
+    except ValueError as err:
+        ap.error(str(err))
     args.head_steps = parse_int_list(args.head_steps, "--head-steps")
     return args
 

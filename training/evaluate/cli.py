@@ -67,6 +67,15 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return values
 
 
+def parse_head_samplers(text: str, name: str) -> list[str]:
+    """A comma-separated list of the head's samplers, each one of `request.HEAD_SAMPLERS`."""
+    values = [v.strip() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in values if v not in HEAD_SAMPLERS]
+    if not values or bad:
+        raise ValueError(f"{name} takes comma-separated head samplers of {', '.join(HEAD_SAMPLERS)}, got {text!r}")
+    return values
+
+
 def parse_fractions(text: str, name: str, allow_zero: bool) -> list[float]:
     """A comma-separated list of shares below 1 (mask ratios: [0, 1); shares decided: (0, 1))."""
     where = "[0, 1)" if allow_zero else "(0, 1)"
