@@ -12,6 +12,9 @@ Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against
   thumbnails (rank 1). At K = 1 and with SAD K = 9 (the model's default decision step), paired;
   the VAE round trip of the reference image under the same judge is the ceiling.
 - A contact sheet of 64 prompts: reference, K = 1, SAD.
+- Each generation verdict is stored per prompt (a string of 0/1 in the prompts' order, beside a
+  digest of the prompts and seeds), so two models measured on the same prompts compare paired:
+  `--baseline OTHER/eval.json` adds each setting's paired difference from that file's.
 - The paper's Fig. 7 on real images (`masked`): reverse search top-1 over the 3,786 names and the
   zero-shot group when the encoder sees only part of an image's tokens (a random share hidden),
   on the held-out OpenMoji images and on seen images. SAD scores exactly such partial latents.
@@ -25,6 +28,7 @@ Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -143,12 +147,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another model's eval.json from the same prompts: paired differences from its verdicts")
     args = ap.parse_args()
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if not sections or sections - set(SECTIONS):
         ap.error(f"--sections takes a subset of {', '.join(SECTIONS)}, got {args.sections!r}")
     if args.candidates < 1:
         ap.error("--candidates must be >= 1")
+    baseline = read_baseline(args.baseline) if args.baseline else None
+    if baseline is not None and "generation" not in sections:
+        ap.error("--baseline pairs generation verdicts: --sections must include generation")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -169,6 +178,8 @@ def main() -> None:
                        np.random.default_rng([args.seed, 0]))
     if "generation" in sections:
         generation_section(pipe, args, result, source, held_pairs, train_pairs, np.random.default_rng([args.seed, 1]))
+        if baseline is not None:
+            result["generation"]["baseline"] = compare_to_baseline(result["generation"], baseline, args.baseline)
     if "budget" in sections:
         budget_section(pipe, args, result, source, train_pairs, np.random.default_rng([args.seed, 1]))
     if "masked" in sections:
@@ -186,6 +197,8 @@ def main() -> None:
             sad = (f", SAD {format_rate(g['sad'])}, SAD - K=1 {format_difference(g['sad_minus_k1'])}"
                    if "sad" in g else "")
             print(f"generation {split}: K=1 {format_rate(g['k1'])}{sad}, VAE ceiling {format_rate(g['vae_ceiling'])}")
+    for key, diff in result.get("generation", {}).get("baseline", {}).get("differences", {}).items():
+        print(f"generation {key} minus baseline: {format_difference(diff)}")
     for row in result.get("budget", {}).get("rows", []):
         print(f"budget {row['setting']}: NFE {row['nfe']}, {format_rate(row['rate'])}, vs K=1 {format_difference(row['vs_k1'])}"
               if "vs_k1" in row else f"budget {row['setting']}: NFE {row['nfe']}, {format_rate(row['rate'])}")
@@ -251,12 +264,14 @@ def generation_section(pipe: DreamPipeline, args: argparse.Namespace, result: di
         seeds = [args.seed * 100_003 + i for i in range(len(pairs))]
         start = time.time()
         run = pipe.generate_batch(prompts, seeds, list(settings.values()), sampler=sampler, progress=True)
-        entry: dict = {"n": len(pairs), "seconds": round(time.time() - start, 1)}
+        entry: dict = {"n": len(pairs), "seconds": round(time.time() - start, 1),
+                       "prompts_digest": prompts_digest(prompts, seeds)}
         verdicts, chosen = {}, {}
         for name, s in settings.items():
             chosen[name] = run.results[s].images
             verdicts[name] = judged(np.stack([np.asarray(im.convert("RGB")) for im in chosen[name]]), pairs, refs)
             entry[name] = rate_with_interval(int(verdicts[name].sum()), len(pairs))
+        entry["verdicts"] = {name: "".join("1" if v else "0" for v in verdicts[name]) for name in settings}
         if "sad" in settings:
             entry["sad_minus_k1"] = paired_difference(verdicts["sad"].tolist(), verdicts["k1"].tolist())
         entry["vae_ceiling"] = rate_with_interval(
@@ -264,10 +279,44 @@ def generation_section(pipe: DreamPipeline, args: argparse.Namespace, result: di
         result["generation"][split] = entry
         last = chosen.get("sad", chosen["k1"])
         sheet += [(images[e, s], chosen["k1"][i], last[i]) for i, (e, s) in enumerate(pairs[:32])]
-        print(split, json.dumps({k: v for k, v in entry.items() if k != "n"}), flush=True)
+        print(split, json.dumps({k: v for k, v in entry.items() if k not in ("n", "verdicts")}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     contact_sheet(np.stack([r for r, _, _ in sheet]), [k for _, k, _ in sheet], [s for _, _, s in sheet],
                   args.out / "contact_sheet.png")
+
+def prompts_digest(prompts: list[str], seeds: list[int]) -> str:
+    """Identifies a generation split's prompts and seeds: verdicts pair only on the same ones."""
+    return hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
+
+
+def read_baseline(path: Path) -> dict:
+    """Another eval.json; refused with the reason when it cannot pair."""
+    if not path.is_file():
+        raise SystemExit(f"--baseline {path}: no such file")
+    other = json.loads(path.read_text())
+    if not any(isinstance(g, dict) and "verdicts" in g for g in other.get("generation", {}).values()):
+        raise SystemExit(f"--baseline {path}: it stores no per-prompt verdicts (measured before they were "
+                         "recorded): measure the baseline model again with --sections generation")
+    return other
+
+
+def compare_to_baseline(generation: dict, baseline: dict, path: Path) -> dict:
+    """Paired differences (this model minus the baseline) per split and setting, on the prompts
+    and seeds both measured; a split whose prompts differ is refused, not compared unpaired."""
+    out: dict = {"path": str(path), "weights": baseline.get("weights"), "differences": {}}
+    for split, entry in generation.items():
+        if not (isinstance(entry, dict) and "verdicts" in entry) or split not in baseline["generation"]:
+            continue
+        other = baseline["generation"][split]
+        if other.get("prompts_digest") != entry["prompts_digest"]:
+            raise SystemExit(f"--baseline {path}: its {split} prompts or seeds differ from these "
+                             "(same --seed, --n-seen and --n-heldout needed)")
+        for name, mine in entry["verdicts"].items():
+            if name in other.get("verdicts", {}):
+                out["differences"][f"{split}_{name}"] = paired_difference(
+                    [c == "1" for c in mine], [c == "1" for c in other["verdicts"][name]])
+    return out
+
 
 def budget_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
                    train_pairs: np.ndarray, rng: np.random.Generator) -> None:

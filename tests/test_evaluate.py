@@ -569,3 +569,37 @@ def test_sad_bank_normalised_bench_runs_on_a_tiny_model(tiny_model_dir, tmp_path
             assert res["best_of_k"] >= rate >= 0.0
     with pytest.raises(SystemExit, match="--k must"):
         bench.main(["--model", str(tiny_model_dir), "--k", "1"])
+
+
+def _emoji_eval_file(path: Path, verdicts: dict[str, str], digest: str = "d1", weights: str = "w") -> Path:
+    split = {"n": len(next(iter(verdicts.values()))), "prompts_digest": digest, "verdicts": verdicts}
+    path.write_text(json.dumps({"weights": weights, "generation": {"steps": 16, "seen": split}}))
+    return path
+
+
+def test_emoji_eval_pairs_two_models_verdicts_on_the_same_prompts(tmp_path):
+    from bench import emoji_eval
+
+    base = emoji_eval.read_baseline(_emoji_eval_file(tmp_path / "base.json", {"k1": "0011", "sad": "0111"}))
+    mine = {"steps": 16, "seen": {"n": 4, "prompts_digest": "d1", "verdicts": {"k1": "1011", "sad": "0111"}}}
+    out = emoji_eval.compare_to_baseline(mine, base, tmp_path / "base.json")
+    assert out["weights"] == "w" and set(out["differences"]) == {"seen_k1", "seen_sad"}
+    k1 = out["differences"]["seen_k1"]
+    assert k1["difference"] == pytest.approx(0.25) and (k1["first_only"], k1["second_only"]) == (1, 0)
+    assert out["differences"]["seen_sad"]["difference"] == 0.0
+    assert emoji_eval.prompts_digest(["a"], [1]) != emoji_eval.prompts_digest(["a"], [2])
+
+
+def test_emoji_eval_refuses_a_baseline_it_cannot_pair(tmp_path):
+    from bench import emoji_eval
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"generation": {"seen": {"n": 4, "k1": {}}}}))
+    with pytest.raises(SystemExit, match="stores no per-prompt verdicts"):
+        emoji_eval.read_baseline(old)
+    with pytest.raises(SystemExit, match="no such file"):
+        emoji_eval.read_baseline(tmp_path / "missing.json")
+    base = emoji_eval.read_baseline(_emoji_eval_file(tmp_path / "base.json", {"k1": "0011"}, digest="other"))
+    mine = {"seen": {"n": 4, "prompts_digest": "d1", "verdicts": {"k1": "1011"}}}
+    with pytest.raises(SystemExit, match="seen prompts or seeds differ"):
+        emoji_eval.compare_to_baseline(mine, base, tmp_path / "base.json")
