@@ -229,3 +229,55 @@ def test_the_bundled_emoji_model_carries_its_bank_examples_and_attributions():
     assert f"`{measured['weights']}`" in card  # and the card names them
     examples = model_examples(model)
     assert examples and all(any(name in e for name in pipe.captions) for e in examples)
+
+
+def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_ships_the_last(tmp_path, monkeypatch):
+    """`make model-emoji`'s stages in order, each command as the build runs it (run faked: every
+    stage writes what it would): DREAM, a heads round, the continued pretraining from the model
+    directory that round wrote (fresh optimizer through init_from, masking fx), a second heads round
+    whose weights the model directory ends with, its config carrying the shipped sampler defaults."""
+    import argparse
+
+    from dream_core.config import DreamConfig
+    from training import make_emoji_model as build_mod
+
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str]) -> None:
+        calls.append(cmd)
+        opt = lambda name: Path(cmd[cmd.index(name) + 1])  # noqa: E731
+        keys = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
+        if cmd[2] in ("training.vae", "training.text_vocab", "training.preview_decoder"):
+            opt("--out").mkdir(parents=True)
+            (opt("--out") / "config.json").write_text("{}")
+        elif cmd[2] == "training.train":
+            export = opt("--export")
+            export.mkdir(parents=True, exist_ok=True)
+            DreamConfig.preset("tiny").replace(diffusion_weight=1.0, clip_weight=0.005).save(export / "config.json")
+            weights = f"heads from {keys['init_from']}" if "emoji-heads" in cmd else f"dream from {keys.get('init_from')}"
+            (export / "model.safetensors").write_text(weights)
+
+    monkeypatch.setattr(build_mod, "run", fake_run)
+    out, work = tmp_path / "model", tmp_path / "work"
+    args = argparse.Namespace(work=work, out=out, data=tmp_path / "data", steps=12000, heads_steps=400,
+                              continue_steps=build_mod.CONTINUE_STEPS, overrides=[])
+    build_mod.build(args, {}, tmp_path / "timings.json")
+
+    trains = [c for c in calls if c[2] == "training.train"]
+    assert [c[c.index("--recipe") + 1] for c in trains] == ["emoji", "emoji-heads", "emoji", "emoji-heads"]
+    continued = trains[2]
+    assert continued[continued.index("--max-steps") + 1] == str(build_mod.CONTINUE_STEPS)
+    assert f"init_from={out}" in continued and "masking=fx" in continued and "warmup_steps=86" in continued
+    assert f"init_from={work / 'dream-continued-export'}" in trains[3]
+    assert (out / "model.safetensors").read_text() == f"heads from {work / 'dream-continued-export'}"
+    config = DreamConfig.load(out / "config.json")
+    assert (config.diffusion_weight, config.clip_weight) == (1.0, 0.005)
+    shipped = DreamConfig.load(ROOT / "assets" / "dream-emoji" / "config.json")
+    for key, value in build_mod.SAMPLER_DEFAULTS.items():
+        assert getattr(config, key) == getattr(shipped, key) == value, key
+    # --continue-steps 0: the first heads round's model is the result.
+    calls.clear()
+    args = argparse.Namespace(**{**vars(args), "work": tmp_path / "w0", "out": tmp_path / "m0", "continue_steps": 0})
+    build_mod.build(args, {}, tmp_path / "t0.json")
+    assert [c[c.index("--recipe") + 1] for c in calls if c[2] == "training.train"] == ["emoji", "emoji-heads"]
+    assert (tmp_path / "m0" / "model.safetensors").read_text() == f"heads from {tmp_path / 'w0' / 'dream-export'}"
