@@ -70,7 +70,7 @@ EXAMPLES = (
 # temperature 0.7, 13 % at 1.5 / 1.0, 15 % at 3.0 / 0.7, all within one another's intervals
 # (docs/experiments/emoji.md); the SAD decision share is not tuned. The head: 15 ancestral steps
 # instead of 100, within noise of 100 on the evaluation's prompts (paired: seen K = 1 +0.3 points
-# [-3.6, +4.2], held-out -1.4 [-4.1, +1.1]) at 2.4x the generation throughput, the Shapes World's
+# [-3.6, +4.2], held-out -1.4 [-4.1, +1.1]) at 2.3x the generation throughput, the Shapes World's
 # head rule (docs/experiments/head-sampler.md).
 SAMPLER_DEFAULTS = dict(sad_decision_share=0.5, default_guidance_scale=1.5, default_temperature=0.7,
                         default_head_sampler="ancestral", default_head_steps=15)
