@@ -27,9 +27,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from dream_core.config import DreamConfig
 from dream_core.pipeline import PREVIEW_DIR
-from training.make_shapes_model import dream_schedule, run, timed, timed_build
+from training.make_shapes_model import bundled_config, dream_schedule, run, timed, timed_build
 from training.recipes import EMOJI_DATA, get_recipe
 
 # The VAE: the Shapes World's architecture (16/32/64 channels, stride 4, 4 latent channels), plain
@@ -126,10 +125,7 @@ def heads_round(args: argparse.Namespace, py: str, data: str, init: Path, pretra
         run([py, "-m", "training.train", "--recipe", "emoji-heads", "--out", str(run_dir), "--export",
              str(run_dir / "export"), f"init_from={init}", f"data_path={data}", f"max_steps={args.heads_steps}"])
     shutil.copy2(run_dir / "export" / "model.safetensors", args.out / "model.safetensors")
-    pre = DreamConfig.load(pretrained / "config.json")
-    DreamConfig.load(run_dir / "export" / "config.json").replace(
-        diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight, **SAMPLER_DEFAULTS,
-    ).save(args.out / "config.json")
+    bundled_config(pretrained, run_dir / "export", SAMPLER_DEFAULTS).save(args.out / "config.json")
 
 
 def main() -> None:

@@ -68,13 +68,14 @@ SAMPLER_DEFAULTS = dict(sad_decision_share=0.875, default_guidance_scale=1.5, de
                         default_head_sampler="ancestral", default_head_steps=15)
 
 
-def bundled_config(pretrained: Path, heads: Path) -> DreamConfig:
+def bundled_config(pretrained: Path, heads: Path, sampler_defaults: dict | None = None) -> DreamConfig:
     """The model directory's config: the heads stage's architecture (a model.* override there, such
     as clip_pooling=attention, carries over), the pretraining's loss weights (the heads stage trains
-    the contrastive loss alone), the measured sampler defaults."""
+    the contrastive loss alone), the measured sampler defaults (dream-shapes' unless given)."""
     pre = DreamConfig.load(pretrained / "config.json")
     return DreamConfig.load(heads / "config.json").replace(
-        diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight, **SAMPLER_DEFAULTS)
+        diffusion_weight=pre.diffusion_weight, clip_weight=pre.clip_weight,
+        **(SAMPLER_DEFAULTS if sampler_defaults is None else sampler_defaults))
 
 
 def dream_schedule(recipe: TrainRecipe, steps: int, share: float = MASKING_WARMUP_SHARE) -> list[str]:
