@@ -20,6 +20,10 @@ from .request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_HEAD_SAMPLER, DEFAULT_HEAD
 
 CLIP_POOLINGS = ("all", "image", "buffer", "attention")
 CLIP_PROJECTIONS = ("post", "pre")
+# The sampling defaults section of DreamConfig: what a request falls back on, not what the weights
+# are, so a training run resumes across a change of them (training.train) and takes the new values.
+SAMPLING_FIELDS = ("clip_denoised", "sad_decision_share", "default_guidance_scale", "default_temperature",
+                   "default_head_sampler", "default_head_steps")
 
 
 @dataclass
@@ -197,6 +201,10 @@ class DreamConfig:
     # ----- JSON round trip -----
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def weights_dict(self) -> dict[str, Any]:
+        """The fields that shape or train the weights: every field but the SAMPLING_FIELDS."""
+        return {k: v for k, v in self.to_dict().items() if k not in SAMPLING_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DreamConfig":

@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dream_core.config import SAMPLING_FIELDS
 from training.data import sources
 from training.data.sources import CacheSource, FolderSource, TarSource, adm_center_crop, to_tensor
 from training.recipes import get_recipe
@@ -415,6 +416,22 @@ def test_resume_refuses_another_world_size_accumulation_or_data(data, trained, t
     shutil.copytree(data.images, other)
     with pytest.raises(ValueError, match=r"data_path: checkpoint .* vs now"):
         Trainer(tiny_recipe(data, masking="fx", max_steps=40, data_path=str(other)), run_with())
+
+
+def test_resume_takes_new_sampling_defaults_but_refuses_another_architecture(data, trained, tmp_path):
+    """A run resumes after its init model's card changed a sampling default; a new width it refuses."""
+    from training.train import Trainer
+
+    out = tmp_path / "run"
+    shutil.copytree(trained.out / "checkpoint-last", out / "checkpoint-last")
+    resumed = Trainer(tiny_recipe(data, masking="fx", max_steps=40, **{"model.default_head_steps": 7,
+                                                                      "model.default_temperature": 0.3}), out)
+    assert resumed.step == 30 and resumed.config.default_head_steps == 7
+    assert resumed.config.default_temperature == 0.3
+    saved = json.loads((out / "checkpoint-last" / "state.json").read_text())["config"]
+    assert resumed.config.weights_dict() == {k: v for k, v in saved.items() if k not in SAMPLING_FIELDS}
+    with pytest.raises(ValueError, match="was written for another model config"):
+        Trainer(tiny_recipe(data, masking="fx", max_steps=40, **{"model.mlp_dim": 48}), out)
 
 
 def test_contrastive_negatives_are_stated_for_accumulation():

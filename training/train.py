@@ -237,12 +237,13 @@ class Trainer:
         meta = read_checkpoint_meta(ckpt_dir)
         check_resume_settings(meta, self.recipe, ckpt_dir)  # fine-tuning: same base model, adapters, data
         # Read through today's DreamConfig, so a field added since (loading as the value older
-        # models always used) does not make an unchanged run look like another model.
+        # models always used) does not make an unchanged run look like another model. Sampling
+        # defaults may differ (an init model whose card changed its head steps): the run's own win.
         try:
-            saved = DreamConfig.from_dict(meta.get("config") or {}).to_dict()
+            saved = DreamConfig.from_dict(meta.get("config") or {}).weights_dict()
         except (TypeError, ValueError):
             saved = None
-        if saved != self.config.to_dict():
+        if saved != self.config.weights_dict():
             raise ValueError(f"checkpoint {ckpt_dir} was written for another model config; use a new --out")
         check_resume(meta, run_layout(self.recipe, self.world), str(ckpt_dir))
         if self.sharded:  # this rank's shards only
