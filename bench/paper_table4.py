@@ -44,8 +44,10 @@ SCHEDULES = {"warmup": "shapes", "fx": "shapes-fx", "uni": "shapes-uni", "cd": "
 # < CD 5.80, FX N/A (unstable). Best first; a tuple is a tie. MAR is not in the paper's table.
 PAPER_ORDER = {"understanding": [("uni", "cd"), "warmup", "fx"], "generation": ["warmup", "uni", "cd", "fx"]}
 BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "dream-shapes"
-METRICS = ([f"probe {a}" for a in SHAPES_ATTRIBUTES] + ["search top-1", "1-object K=1", f"1-object SAD K={SAD_K}",
-                                                         "2-object K=1", f"2-object SAD K={SAD_K}"])
+METRICS = ([f"probe {a}" for a in SHAPES_ATTRIBUTES] + ["search top-1"] + [f"search {a}" for a in SHAPES_ATTRIBUTES]
+           + ["1-object K=1", f"1-object SAD K={SAD_K}", "2-object K=1", f"2-object SAD K={SAD_K}"])
+# Printed beside the metrics, never ranked: every run shares the bundled VAE and the same renders.
+CEILINGS = ["1-object VAE ceiling", "2-object VAE ceiling"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,7 +147,10 @@ def counts(ev: dict) -> dict[str, tuple[int, int]]:
     p, s = ev["probe"], ev["search"]
     out = {f"probe {a}": (round(p[a]["val_acc"] * p["n_val"]), p["n_val"]) for a in SHAPES_ATTRIBUTES}
     out["search top-1"] = (round(s["top1"] * s["n"]), s["n"])
+    out.update({f"search {a}": (round(s["per_attribute"][a] * s["n"]), s["n"]) for a in SHAPES_ATTRIBUTES})
     for o in (1, 2):
+        c = ev[f"{o}-object"]["vae_ceiling"]
+        out[f"{o}-object VAE ceiling"] = (c["faithful"], c["n"])
         for name, label in (("K=1", "K=1"), ("sad", f"SAD K={SAD_K}")):
             e = ev[f"{o}-object"]["settings"][name]
             out[f"{o}-object {label}"] = (e["faithful"], e["n"])
@@ -159,7 +164,7 @@ def aggregate(evals: dict[str, dict[int, dict]]) -> dict:
     for sched, per_seed in evals.items():
         table[sched] = {}
         seed_counts = {seed: counts(ev) for seed, ev in per_seed.items()}
-        for m in METRICS:
+        for m in METRICS + CEILINGS:
             k = sum(c[m][0] for c in seed_counts.values())
             n = sum(c[m][1] for c in seed_counts.values())
             table[sched][m] = {**rate_with_interval(k, n),
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 def table(results: dict) -> str:
     metrics = results["metrics"]
     rows = [[m] + [f"{format_rate(metrics[s][m])} ({', '.join(f'{100 * v:.1f}' for v in metrics[s][m]['per_seed'].values())})"
-                   for s in metrics] for m in METRICS]
+                   for s in metrics] for m in METRICS + CEILINGS]
     lines = [markdown_table(["metric"] + list(metrics), rows), ""]
     for m in METRICS:
         order = results["ordering"][m]

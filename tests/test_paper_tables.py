@@ -408,6 +408,7 @@ def test_table4_driver_trains_resumes_skips_and_aggregates(tiny_model_dir, tmp_p
     m = second["metrics"]["warmup"]["1-object K=1"]
     assert m["n"] == 4 and m["rate"] == pytest.approx(sum(m["per_seed"].values()) / 2)  # pooled = mean of seeds
     assert set(second["ordering"]["probe shape"]) == {"warmup", "fx"}
+    assert second["metrics"]["fx"]["search color"]["n"] == 8 and second["metrics"]["fx"]["1-object VAE ceiling"]["n"] == 4
     assert read_out(out)["command"].startswith("python -m bench.paper_table4 --steps 6")
 
     # 3. Once more: nothing is trained or evaluated again, and the table is the same.
@@ -420,6 +421,29 @@ def test_table4_driver_trains_resumes_skips_and_aggregates(tiny_model_dir, tmp_p
     assert set(third["status"].values()) == {"done (skipped)"} and third["metrics"] == second["metrics"]
     with pytest.raises(ValueError, match="was trained for 6 steps, not --steps 7"):
         t4.main([a if a != "6" else "7" for a in argv])
+
+
+def test_table4_aggregate_pools_seeds_per_attribute_and_keeps_the_vae_ceiling_out_of_the_ranking():
+    t4 = bench_module("paper_table4")
+    attrs = ("shape", "color", "size", "position", "background")
+
+    def ev(probe: float, search: float, k1: int, ceiling: int) -> dict:
+        objects = {"vae_ceiling": {"faithful": ceiling, "n": 10},
+                   "settings": {"K=1": {"faithful": k1, "n": 10}, "sad": {"faithful": k1, "n": 10}}}
+        return {"probe": {"n_val": 100, **{a: {"val_acc": probe} for a in attrs}},
+                "search": {"n": 50, "top1": search, "per_attribute": {a: search for a in attrs}},
+                "1-object": objects, "2-object": objects}
+
+    out = t4.aggregate({"warmup": {1: ev(0.9, 0.5, 8, 10), 2: ev(0.7, 0.3, 6, 10)},
+                        "fx": {1: ev(0.2, 0.1, 2, 10), 2: ev(0.4, 0.1, 4, 10)}})
+    m = out["metrics"]
+    assert m["warmup"]["search color"]["successes"] == 40 and m["warmup"]["search color"]["n"] == 100
+    assert m["warmup"]["search color"]["per_seed"] == {"1": 0.5, "2": 0.3}
+    assert m["fx"]["1-object K=1"]["rate"] == pytest.approx(0.3)
+    assert m["fx"]["2-object VAE ceiling"]["rate"] == 1.0
+    assert out["ordering"]["search position"] == ["warmup", "fx"]
+    assert not any("ceiling" in k for k in out["ordering"])
+    assert out["paper_comparison"]["understanding (mean probe accuracy)"]["matches"]
 
 
 def test_compare_claims_a_difference_only_beyond_noise():
