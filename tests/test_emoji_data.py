@@ -136,6 +136,12 @@ def test_build_and_source_on_a_fake_cache(tmp_path):
     assert [c for c, _ in bank] == names and bank[2] == ("red heart", "\u2764\ufe0f  heart, love")
     assert bank[1] == ("waving hand: light skin tone", "\U0001f44b\U0001f3fb  hand, wave, waving")  # the base's
     assert len(train.captions()) == len(train)
+    style_free = EmojiSource(cache, "train", "0,3")  # recipe.caption_templates: these templates only
+    assert len(style_free) == 14 * 2 and style_free.read(0)[1] == "waving hand"
+    assert style_free.read(14)[1] == train.read(14 * 3)[1] == "waving hand, wave"
+    for bad in ("5", "0,0", "name"):
+        with pytest.raises(ValueError, match=r"caption_templates must list distinct indices 0-4"):
+            EmojiSource(cache, "train", bad)
     # the first image of each style is its package's art in the emoji's colour, on white
     assert tuple(every.images[0, 0, 32, 32]) == (255, 0, 0)
     assert tuple(every.images[0, 2, 32, 32]) == (255, 0, 0)

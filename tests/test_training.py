@@ -444,6 +444,18 @@ def test_contrastive_negatives_are_stated_for_accumulation():
     assert "NOT" not in contrastive_negatives_note(recipe.overrides(["grad_accum=1"]), 8)
 
 
+def test_overrides_keep_a_text_key_as_text_and_check_the_others():
+    recipe = get_recipe("emoji").overrides(["caption_templates=0,3", "data_path=2024", "vae_path=null",
+                                            "batch_size=32", "blr=1", "flip=true"])
+    assert (recipe.caption_templates, recipe.data_path, recipe.vae_path) == ("0,3", "2024", "null")
+    assert recipe.batch_size == 32 and recipe.blr == 1.0 and isinstance(recipe.blr, float) and recipe.flip is True
+    assert get_recipe("emoji").overrides(["caption_templates=0"]).caption_templates == "0"
+    with pytest.raises(ValueError, match="recipe key batch_size expects int, got 'many'"):
+        get_recipe("emoji").overrides(["batch_size=many"])
+    with pytest.raises(ValueError, match="recipe key flip expects true/false, got '1'"):
+        get_recipe("emoji").overrides(["flip=1"])
+
+
 def _truncated_normal_mean(mu: float, sigma: float, lo: float = 0.0, hi: float = 1.0) -> float:
     pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)  # noqa: E731
     cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
@@ -784,6 +796,8 @@ def test_hard_negatives_from_a_shapes_cache(data, shapes_cache, tmp_path):
         _batches(tiny_recipe(data, data="cache", cache_path=str(folder_cache), hard_negatives=2), 1)
     with pytest.raises(ValueError, match="hard_negatives needs data=shapes or a Shapes World cache"):
         tiny_recipe(data, hard_negatives=2)  # an image folder
+    with pytest.raises(ValueError, match="caption_templates chooses among the emoji set's captions"):
+        tiny_recipe(data, caption_templates="0")  # an image folder
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class TrainRecipe:
     # Shapes World only (live, or a cache extracted from it): per image, this many captions that differ
     # from its own in one stated attribute, as extra contrastive negatives (docs/experiments/joint-space.md).
     hard_negatives: int = 0
+    # emoji data only: the caption templates trained on, comma-separated indices into
+    # training.data.emoji.CAPTION_TEMPLATES (e.g. "0,3": the style-free ones); "" = all of them.
+    caption_templates: str = ""
 
     # optimisation
     epochs: float = 49.0
@@ -111,7 +114,8 @@ class TrainRecipe:
     max_steps: int = 0  # 0 = run the full epochs
 
     def overrides(self, items: list[str]) -> "TrainRecipe":
-        """Apply `key=value` strings; values parse as JSON when they can (numbers, bools, null)."""
+        """Apply `key=value` strings; values parse as JSON when they can (numbers, bools, null), except
+        a text key's, which stays the text given."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         model_over = dict(self.model_overrides)
         updates: dict[str, Any] = {}
@@ -136,6 +140,8 @@ class TrainRecipe:
                 raise ValueError(f"unknown recipe key {key!r}{did_you_mean(key, sorted(fields))}; "
                                  f"known keys: {', '.join(sorted(fields))}")
             default = getattr(self, key)
+            if isinstance(default, str):  # a text key keeps its text: data_path=2024, caption_templates=0
+                value = raw
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ValueError(f"recipe key {key} expects true/false, got {raw!r}")
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -189,6 +195,9 @@ class TrainRecipe:
         if self.hard_negatives and self.data not in ("shapes", "cache"):
             raise ValueError("recipe.hard_negatives needs data=shapes or a Shapes World cache (data=cache): "
                              "negatives are made from the Shapes World grammar")
+        if self.caption_templates and self.data != "emoji":
+            raise ValueError(f"recipe.caption_templates chooses among the emoji set's captions (data=emoji), "
+                             f"not data={self.data}")
         if self.max_steps < 0:
             raise ValueError(f"recipe.max_steps must be >= 0, got {self.max_steps}")
         if not 0.0 <= self.max_unknown_share <= 1.0:

@@ -228,6 +228,20 @@ CAPTION_TEMPLATES = (
 MAX_KEYWORDS = 3
 
 
+def parse_templates(text: str) -> tuple[int, ...]:
+    """recipe.caption_templates ("0,3") as template indices; "" = every template."""
+    if not text.strip():
+        return tuple(range(len(CAPTION_TEMPLATES)))
+    try:
+        ids = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        ids = ()
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= t < len(CAPTION_TEMPLATES) for t in ids):
+        raise ValueError(f"caption_templates must list distinct indices 0-{len(CAPTION_TEMPLATES) - 1} of "
+                         f"{list(CAPTION_TEMPLATES)}, got {text!r}")
+    return ids
+
+
 def caption(record: dict, style: str, template: int, salt: int = 0) -> str:
     """Caption `template` of (record, style); the keywords are a few of the emoji's CLDR keywords,
     chosen by a hash of (key, style, template, salt) so a caption is a pure function of its sample."""
@@ -279,7 +293,7 @@ class EmojiSource:
     """Map-style source over the built emoji set (see the module doc): `read(i)` -> (PIL RGB 64 x 64,
     caption). `split` train: every image but the held-out OpenMoji ones; heldout: those only; all."""
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
+    def __init__(self, root: str | Path, split: str = "train", templates: str = "") -> None:
         root = Path(root)
         path = root / "emoji-64.npz" if root.is_dir() else root
         if not path.is_file() or not path.with_suffix(".json").is_file():
@@ -302,7 +316,9 @@ class EmojiSource:
                 if split == "all" or (split == "heldout") == in_heldout:
                     pairs.append((e, s))
         self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        self.templates = 1 if split == "heldout" else len(CAPTION_TEMPLATES)
+        # The caption templates of the samples, in order (held-out images: the name alone).
+        self.template_ids = (0,) if split == "heldout" else parse_templates(templates)
+        self.templates = len(self.template_ids)
 
     def __len__(self) -> int:
         return len(self.pairs) * self.templates
@@ -310,7 +326,7 @@ class EmojiSource:
     def pair(self, i: int) -> tuple[int, int, int]:
         """(emoji index, style index, template) of sample i."""
         e, s = self.pairs[i % len(self.pairs)]
-        return int(e), int(s), i // len(self.pairs)
+        return int(e), int(s), self.template_ids[i // len(self.pairs)]
 
     def describe(self, i: int) -> str:
         e, s, t = self.pair(i)

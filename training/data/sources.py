@@ -742,7 +742,7 @@ def open_source(recipe, verify: bool = True):
     if recipe.data == "emoji":
         from training.data.emoji import EmojiSource
 
-        return EmojiSource(recipe.data_path, "train")
+        return EmojiSource(recipe.data_path, "train", recipe.caption_templates)
     if recipe.data == "folder":
         folders = [FolderSource(recipe.data_path)]
         if getattr(recipe, "preserve_path", ""):
