@@ -36,7 +36,7 @@ from training.evaluate.cli import load_pipeline, parse_int_list, run_cli, run_me
 from training.evaluate.linear_probe import SHAPES_ATTRIBUTES
 from training.evaluate.plotting import plot_bars
 from training.evaluate.sets import EVAL_SEED
-from training.evaluate.stats import compare, format_rate, rate_with_interval
+from training.evaluate.stats import compare, differ, format_rate, rate_with_interval
 
 # schedule -> recipe (training/recipes.py): the same _SHAPES_COMMON, only the masking differs.
 SCHEDULES = {"warmup": "shapes", "fx": "shapes-fx", "uni": "shapes-uni", "cd": "shapes-cd", "mar": "shapes-mar"}
@@ -170,28 +170,33 @@ def aggregate(evals: dict[str, dict[int, dict]]) -> dict:
             table[sched][m] = {**rate_with_interval(k, n),
                                "per_seed": {str(seed): c[m][0] / c[m][1] for seed, c in seed_counts.items()}}
     order = {m: sorted(table, key=lambda s: -table[s][m]["rate"]) for m in METRICS}
-    understanding = {s: sum(table[s][f"probe {a}"]["rate"] for a in SHAPES_ATTRIBUTES) / len(SHAPES_ATTRIBUTES)
+    # The mean probe accuracy as one rate: the probes' validation verdicts pooled over attributes.
+    understanding = {s: rate_with_interval(sum(table[s][f"probe {a}"]["successes"] for a in SHAPES_ATTRIBUTES),
+                                           sum(table[s][f"probe {a}"]["n"] for a in SHAPES_ATTRIBUTES))
                      for s in table}
     return {"metrics": table, "ordering": order,
             "paper_comparison": {
                 "understanding (mean probe accuracy)": compare_order(understanding, PAPER_ORDER["understanding"]),
                 "generation (1-object K=1 faithfulness)": compare_order(
-                    {s: table[s]["1-object K=1"]["rate"] for s in table}, PAPER_ORDER["generation"])}}
+                    {s: table[s]["1-object K=1"] for s in table}, PAPER_ORDER["generation"])}}
 
 
-def compare_order(values: dict[str, float], paper: list) -> dict:
-    """The measured order of the paper's schedules present here, and whether it is the paper's
-    (a tie in the paper accepts either order)."""
+def compare_order(values: dict[str, dict], paper: list) -> dict:
+    """The measured order (`rate_with_interval` entries, best first) of the paper's schedules present
+    here, whether it is the paper's (a tie in the paper accepts either order), and whether any two
+    neighbours in it differ beyond noise (if none does, the order is noise, whichever it is)."""
     groups = [g if isinstance(g, tuple) else (g,) for g in paper]
     present = [tuple(s for s in g if s in values) for g in groups]
     present = [g for g in present if g]
-    measured = sorted((s for g in present for s in g), key=lambda s: -values[s])
+    measured = sorted((s for g in present for s in g), key=lambda s: -values[s]["rate"])
     i, matches = 0, True
     for g in present:
         if set(measured[i:i + len(g)]) != set(g):
             matches = False
         i += len(g)
-    return {"measured": measured, "paper": [list(g) if len(g) > 1 else g[0] for g in present], "matches": matches}
+    separated = [[a, b] for a, b in zip(measured, measured[1:]) if differ(values[a], values[b])]
+    return {"measured": measured, "paper": [list(g) if len(g) > 1 else g[0] for g in present], "matches": matches,
+            "rates": {s: values[s]["rate"] for s in measured}, "beyond_noise": separated}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -267,8 +272,10 @@ def table(results: dict) -> str:
         said = "" if len(order) < 2 else "; " + compare(order[0], metrics[order[0]][m], order[1], metrics[order[1]][m])
         lines.append(f"- {m}: " + " > ".join(order) + said)
     for what, c in results["paper_comparison"].items():
+        noise = ("; beyond noise: " + ", ".join(f"{a} > {b}" for a, b in c["beyond_noise"]) if c["beyond_noise"]
+                 else "; no two neighbours differ beyond noise")
         lines.append(f"- paper's order for {what}: measured {' > '.join(c['measured'])}; paper {c['paper']}; "
-                     f"{'matches' if c['matches'] else 'does not match'}")
+                     f"{'matches' if c['matches'] else 'does not match'}{noise}")
     return "\n".join(lines)
 
 

@@ -443,7 +443,11 @@ def test_table4_aggregate_pools_seeds_per_attribute_and_keeps_the_vae_ceiling_ou
     assert m["fx"]["2-object VAE ceiling"]["rate"] == 1.0
     assert out["ordering"]["search position"] == ["warmup", "fx"]
     assert not any("ceiling" in k for k in out["ordering"])
-    assert out["paper_comparison"]["understanding (mean probe accuracy)"]["matches"]
+    understanding = out["paper_comparison"]["understanding (mean probe accuracy)"]
+    assert understanding["matches"] and understanding["rates"] == {"warmup": 0.8, "fx": pytest.approx(0.3)}
+    assert understanding["beyond_noise"] == [["warmup", "fx"]]  # 800 / 1000 against 300 / 1000
+    generation = out["paper_comparison"]["generation (1-object K=1 faithfulness)"]
+    assert generation["measured"] == ["warmup", "fx"] and generation["beyond_noise"] == []  # 14 / 20 vs 6 / 20
 
 
 def test_compare_claims_a_difference_only_beyond_noise():
