@@ -255,8 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"[95 % Wilson interval of the pooled rate] (each seed)\n")
         print(table(results))
         cats = METRICS
+        title = f"Masking schedules at {args.steps} steps (mean of {len(seeds)} seed{'s' * (len(seeds) > 1)})"
         plot_bars(args.out / "plot.png", cats, {s: [results["metrics"][s][m]["rate"] for m in cats] for s in done},
-                  "accuracy / faithfulness", f"Masking schedules at {args.steps} steps (mean of {len(seeds)} seeds)",
+                  "accuracy / faithfulness", title,
                   ylim=(0, 1), intervals={s: [results["metrics"][s][m]["ci95"] for m in cats] for s in done})
     write_json(args.out / "results.json", results)
     return results
