@@ -275,6 +275,7 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
     assert continued[continued.index("--max-steps") + 1] == str(build_mod.CONTINUE_STEPS)
     assert f"init_from={out}" in continued and "masking=fx" in continued and "warmup_steps=86" in continued
     assert f"init_from={work / 'dream-continued-export'}" in trains[3]
+    assert "caption_templates=0" in trains[3] and not any("caption_templates" in a for a in trains[1])  # the last round
     assert (out / "model.safetensors").read_text() == f"heads from {work / 'dream-continued-export'}"
     config = DreamConfig.load(out / "config.json")
     assert (config.diffusion_weight, config.clip_weight) == (1.0, 0.005)
@@ -286,4 +287,5 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
     args = argparse.Namespace(**{**vars(args), "work": tmp_path / "w0", "out": tmp_path / "m0", "continue_steps": 0})
     build_mod.build(args, {}, tmp_path / "t0.json")
     assert [c[c.index("--recipe") + 1] for c in calls if c[2] == "training.train"] == ["emoji", "emoji-heads"]
+    assert "caption_templates=0" in calls[-2]  # the only heads round is the last (the preview decoder follows)
     assert (tmp_path / "m0" / "model.safetensors").read_text() == f"heads from {tmp_path / 'w0' / 'dream-export'}"
