@@ -363,10 +363,15 @@ def test_table4_recipes_and_paper_order():
     assert clip.masking == "none" and clip.data == "shapes" and clip.model_overrides == {
         "diffusion_weight": 0.0, "clip_weight": 1.0, "min_visible_for_clip": 0.0}
     paper = t4.PAPER_ORDER["understanding"]
-    assert t4.compare_order({"cd": 0.9, "uni": 0.8, "warmup": 0.7, "fx": 0.1}, paper)["matches"]  # a tie: any order
-    got = t4.compare_order({"warmup": 0.9, "uni": 0.8, "fx": 0.1}, t4.PAPER_ORDER["generation"])
-    assert got == {"measured": ["warmup", "uni", "fx"], "paper": ["warmup", "uni", "fx"], "matches": True}
-    assert not t4.compare_order({"fx": 0.9, "uni": 0.8, "warmup": 0.7}, t4.PAPER_ORDER["generation"])["matches"]
+
+    def rates(**per_100: int) -> dict:  # k of 100 per schedule
+        return {s: rate_with_interval(k, 100) for s, k in per_100.items()}
+
+    assert t4.compare_order(rates(cd=90, uni=80, warmup=70, fx=10), paper)["matches"]  # a tie: any order
+    got = t4.compare_order(rates(warmup=90, uni=80, fx=10), t4.PAPER_ORDER["generation"])
+    assert got == {"measured": ["warmup", "uni", "fx"], "paper": ["warmup", "uni", "fx"], "matches": True,
+                   "rates": {"warmup": 0.9, "uni": 0.8, "fx": 0.1}, "beyond_noise": [["uni", "fx"]]}
+    assert not t4.compare_order(rates(fx=90, uni=80, warmup=70), t4.PAPER_ORDER["generation"])["matches"]
 
 
 def test_table4_rejects_bad_arguments(tmp_path):
