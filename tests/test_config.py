@@ -134,6 +134,18 @@ def test_impossible_values_raise_naming_the_key(overrides, key):
         DreamConfig.preset("tiny").replace(**overrides)
 
 
+def test_sampling_fields_are_the_configs_sampling_section():
+    """SAMPLING_FIELDS (what a resume may change) names the config's sampling defaults, every one of
+    them and nothing that shapes or trains the weights."""
+    from dream_core.config import SAMPLING_FIELDS
+
+    source = (Path(__file__).resolve().parents[1] / "dream_core" / "config.py").read_text()
+    section = source.split("# ----- sampling defaults")[1].split("# ----- training losses")[0]
+    assert set(SAMPLING_FIELDS) == set(re.findall(r"^    (\w+): ", section, re.M))
+    config = DreamConfig.preset("tiny")
+    assert set(config.to_dict()) - set(config.weights_dict()) == set(SAMPLING_FIELDS)
+
+
 def test_config_files_written_before_the_regrouping_still_load(tmp_path):
     """Flat keys as every config.json so far holds them, with the retired `extra` catch-all."""
     bundled = DreamConfig.load(REPO / "assets" / "dream-shapes" / "config.json")

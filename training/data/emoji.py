@@ -318,10 +318,9 @@ class EmojiSource:
         self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         # The caption templates of the samples, in order (held-out images: the name alone).
         self.template_ids = (0,) if split == "heldout" else parse_templates(templates)
-        self.templates = len(self.template_ids)
 
     def __len__(self) -> int:
-        return len(self.pairs) * self.templates
+        return len(self.pairs) * len(self.template_ids)
 
     def pair(self, i: int) -> tuple[int, int, int]:
         """(emoji index, style index, template) of sample i."""

@@ -773,7 +773,7 @@ def describe_source(source) -> str:
     if isinstance(source, CacheSource):
         return f"{len(source)} cached samples in {source.root} (captions: the cache)"
     if hasattr(source, "styles"):  # training.data.emoji.EmojiSource
-        return (f"{len(source.pairs)} emoji images ({source.split} split) x {source.templates} caption templates "
+        return (f"{len(source.pairs)} emoji images ({source.split} split) x {len(source.template_ids)} caption templates "
                 f"in {source.root}")
     return f"{len(source)} samples"
 
