@@ -418,6 +418,22 @@ def test_resume_refuses_another_world_size_accumulation_or_data(data, trained, t
         Trainer(tiny_recipe(data, masking="fx", max_steps=40, data_path=str(other)), run_with())
 
 
+def test_resume_refuses_other_caption_templates_and_reads_an_older_layout_as_all_of_them():
+    """A resumed emoji run with another caption set would change its captions silently."""
+    from training.distributed import check_resume, run_layout
+
+    recipe = get_recipe("emoji")
+    name_only = recipe.overrides(["caption_templates=0"])
+    saved = {"layout": run_layout(name_only, 1), "recipe": {"caption_templates": "0"}}
+    check_resume(saved, run_layout(name_only, 1), "ckpt")
+    with pytest.raises(ValueError, match=r"cannot resume from ckpt.*caption_templates: checkpoint '0' vs now ''"):
+        check_resume(saved, run_layout(recipe, 1), "ckpt")
+    older = {"layout": {k: v for k, v in run_layout(recipe, 1).items() if k != "caption_templates"}, "recipe": {}}
+    check_resume(older, run_layout(recipe, 1), "ckpt")  # recorded before the key: every template
+    with pytest.raises(ValueError, match=r"caption_templates: checkpoint '' vs now '0'"):
+        check_resume(older, run_layout(name_only, 1), "ckpt")
+
+
 def test_resume_takes_new_sampling_defaults_but_refuses_another_architecture(data, trained, tmp_path):
     """A run resumes after its init model's card changed a sampling default; a new width it refuses."""
     from training.train import Trainer
