@@ -21,6 +21,10 @@ Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against
 - The paper's Table 17 on real images (`budget`): K = 1, 2, 4, 9, 16 under a fixed budget of S
   network evaluations (decision step = S // K, `bench.paper_table17`'s rule) on the seen pairs,
   judged as above, with NFE per image. No external reranker: no other emoji model exists here.
+- Across styles (`crossstyle`): each held-out OpenMoji image (and as many seen ones) searches the
+  3,786 Noto and the 3,786 Twemoji images for the same emoji, by the joint embedding, by the
+  encoder's pooled states and by the judge's thumbnails (pixels alone): where reverse search fails,
+  whether the model's image side carries the emoji's identity across styles at all.
 
     python -m bench.emoji_eval --model assets/dream-emoji --data runs/emoji-data --out bench/results/emoji
 """
@@ -56,7 +60,7 @@ GROUPS = {  # CLDR group -> the words a person would use
     "activities": "activities", "objects": "objects", "symbols": "symbols", "flags": "flags",
 }
 PROMPT = "a {name} emoji in {style} style"  # how a person would ask
-SECTIONS = ("search", "generation", "masked", "budget")
+SECTIONS = ("search", "generation", "masked", "budget", "crossstyle")
 BUDGET_KS = (1, 2, 4, 9, 16)
 MASK_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.875, 0.95)  # 0.5 and 0.875: the SAD decision shares in use
 
@@ -67,23 +71,30 @@ def thumbs(images: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(x, THUMB).flatten(1)
 
 
+def nearest_ranks(queries: torch.Tensor, gallery: torch.Tensor, targets: np.ndarray, metric: str) -> np.ndarray:
+    """Rank (1 = nearest; ties count in the query's favour) of each query's own gallery row
+    `targets[i]` among all rows, by cosine similarity ("cosine") or L2 distance ("l2")."""
+    if metric == "cosine":
+        score = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(gallery, dim=-1).T
+    elif metric == "l2":
+        score = -torch.cdist(queries, gallery)
+    else:
+        raise ValueError(f"metric must be cosine or l2, got {metric!r}")
+    own = score[torch.arange(len(targets)), torch.as_tensor(targets)]
+    return (score > own[:, None]).sum(1).numpy() + 1
+
+
 def judge_ranks(generated: np.ndarray, wanted: np.ndarray, references: torch.Tensor) -> np.ndarray:
     """Rank (1 = nearest) of the wanted emoji among all `references` of one style for each image."""
-    d = torch.cdist(thumbs(generated), references)
-    own = d[torch.arange(len(wanted)), torch.from_numpy(wanted)]
-    return (d < own[:, None]).sum(1).numpy() + 1
+    return nearest_ranks(thumbs(generated), references, wanted, "l2")
 
 
 def top_k_hits(pipe: DreamPipeline, images: np.ndarray, targets: np.ndarray, bank_emb: torch.Tensor,
                batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 and top-5 hits of reverse search for images whose right bank entry is `targets`."""
-    ranks = []
-    for i in range(0, len(images), batch):
-        emb = pipe.embed_images([Image.fromarray(im) for im in images[i:i + batch]]).cpu()
-        sims = emb @ bank_emb.T
-        own = sims[torch.arange(len(emb)), torch.from_numpy(targets[i:i + batch])]
-        ranks.append((sims > own[:, None]).sum(1) + 1)
-    r = torch.cat(ranks).numpy()
+    emb = torch.cat([pipe.embed_images([Image.fromarray(im) for im in images[i:i + batch]]).cpu()
+                     for i in range(0, len(images), batch)])
+    r = nearest_ranks(emb, bank_emb, targets, "cosine")
     return r <= 1, r <= 5
 
 
@@ -182,6 +193,8 @@ def main() -> None:
             result["generation"]["baseline"] = compare_to_baseline(result["generation"], baseline, args.baseline)
     if "budget" in sections:
         budget_section(pipe, args, result, source, train_pairs, np.random.default_rng([args.seed, 1]))
+    if "crossstyle" in sections:
+        cross_style_section(pipe, args, result, source, held_pairs, train_pairs, np.random.default_rng([args.seed, 3]))
     if "masked" in sections:
         masked_section(pipe, args, result, source, held_pairs, train_pairs, bank_emb, np.random.default_rng([args.seed, 2]))
     result["wall_seconds"] = round(time.time() - t0, 1)
@@ -202,6 +215,9 @@ def main() -> None:
     for row in result.get("budget", {}).get("rows", []):
         print(f"budget {row['setting']}: NFE {row['nfe']}, {format_rate(row['rate'])}, vs K=1 {format_difference(row['vs_k1'])}"
               if "vs_k1" in row else f"budget {row['setting']}: NFE {row['nfe']}, {format_rate(row['rate'])}")
+    for name, row in result.get("crossstyle", {}).get("rows", {}).items():
+        print(f"cross-style {name}: " + "; ".join(f"{rep} top-1 {format_rate(e['top1'])}, top-5 {format_rate(e['top5'])}"
+                                                  for rep, e in row.items()))
     for split, m in result.get("masked", {}).get("splits", {}).items():
         for label, rates in m.items():
             print(f"masked {split} {label}: " + ", ".join(f"r={r:g} {format_rate(e)}"
@@ -343,6 +359,48 @@ def budget_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, 
         rows.append(row)
     result["budget"] = {"steps": steps, "budget": steps, "n": len(pairs), "rule": "decision step = budget // K",
                         "rows": rows}
+
+
+def style_features(pipe: DreamPipeline, images: np.ndarray, batch: int = 256) -> dict[str, torch.Tensor]:
+    """Each image's three representations (REPRESENTATIONS): the joint-space embedding, the
+    encoder's hidden states mean-pooled over every token (before the heads), the judge's thumbnail."""
+    tokens = image_tokens(pipe, [Image.fromarray(im) for im in images], batch)
+    joint, pooled = [], []
+    with torch.inference_mode(), pipe.autocast():
+        for i in range(0, len(tokens), batch):
+            t = tokens[i:i + batch]
+            out = pipe.model.encoder(t, torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device))
+            joint.append(pipe.model.embed_image(out).float().cpu())
+            pooled.append(out.pooled("all").float().cpu())
+    return {"joint": torch.cat(joint), "encoder": torch.cat(pooled), "thumbnail": thumbs(images)}
+
+
+# (representation, metric) of the cross-style section: the model's two, and pixels as the floor.
+REPRESENTATIONS = {"joint": "cosine", "encoder": "cosine", "thumbnail": "l2"}
+
+
+def cross_style_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,
+                        held_pairs: np.ndarray, train_pairs: np.ndarray, rng: np.random.Generator) -> None:
+    """Does the model carry an emoji's identity across styles? An OpenMoji image (the held-out ones,
+    and as many seen ones) searches the 3,786 images of another style for the same emoji, by the
+    joint embedding, by the encoder's pooled states and by blurred thumbnails (what pixels alone
+    give). Held-out images far below seen ones: the model learned images, not the emoji."""
+    om = STYLES.index("openmoji")
+    seen_om = np.unique(train_pairs[train_pairs[:, 1] == om, 0])
+    queries = {"heldout_openmoji": held_pairs[:, 0],
+               "seen_openmoji": np.sort(rng.choice(seen_om, min(len(held_pairs), len(seen_om)), replace=False))}
+    every = np.arange(len(source.records))
+    rows: dict = {}
+    query_features = {split: style_features(pipe, source.images[e, om]) for split, e in queries.items()}
+    for style in (s for s in STYLES if s != "openmoji"):
+        gallery = style_features(pipe, source.images[every, STYLES.index(style)])
+        for split, emoji in queries.items():
+            rows[f"{split} -> {style}"] = {}
+            for rep, metric in REPRESENTATIONS.items():
+                r = nearest_ranks(query_features[split][rep], gallery[rep], emoji, metric)
+                rows[f"{split} -> {style}"][rep] = {"top1": rate_with_interval(int((r <= 1).sum()), len(r)),
+                                                    "top5": rate_with_interval(int((r <= 5).sum()), len(r))}
+    result["crossstyle"] = {"gallery": len(every), "metrics": REPRESENTATIONS, "rows": rows}
 
 
 def masked_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, source: EmojiSource,

@@ -603,3 +603,21 @@ def test_emoji_eval_refuses_a_baseline_it_cannot_pair(tmp_path):
     mine = {"seen": {"n": 4, "prompts_digest": "d1", "verdicts": {"k1": "1011"}}}
     with pytest.raises(SystemExit, match="seen prompts or seeds differ"):
         emoji_eval.compare_to_baseline(mine, base, tmp_path / "base.json")
+
+
+def test_nearest_ranks_by_cosine_and_by_distance():
+    from bench.emoji_eval import judge_ranks, nearest_ranks
+
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    queries = torch.tensor([[2.0, 0.1], [2.0, 0.1], [0.0, 4.0]])
+    # cosine: query 0 points along row 0 (rank 1), query 1 asks for row 2 (behind row 0), query 2 for row 1
+    assert nearest_ranks(queries, gallery, np.array([0, 2, 1]), "cosine").tolist() == [1, 2, 1]
+    # L2: [0, 4] is nearest [0, 1] (3.0), then [3, 3] (3.16), then [1, 0] (4.1)
+    assert nearest_ranks(queries[2:], gallery, np.array([0]), "l2").tolist() == [3]
+    with pytest.raises(ValueError, match="metric must be cosine or l2"):
+        nearest_ranks(queries, gallery, np.array([0, 0, 0]), "dot")
+    white, black = np.full((1, 64, 64, 3), 255, np.uint8), np.zeros((1, 64, 64, 3), np.uint8)
+    from bench.emoji_eval import thumbs
+    refs = thumbs(np.concatenate([white, black]))
+    assert judge_ranks(black, np.array([1]), refs).tolist() == [1]
+    assert judge_ranks(black, np.array([0]), refs).tolist() == [2]
