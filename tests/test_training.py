@@ -249,6 +249,27 @@ def test_flip_is_seeded_and_only_when_asked(data):
         assert all(torch.equal(x, ref[c]) for x, c in zip(b["image"], b["caption"]))
 
 
+def test_random_crops_are_seeded_resume_exactly_and_are_refused_where_captions_name_positions(data):
+    from training.data.sources import Crop
+
+    quadrants = Image.fromarray(np.kron(np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 255]]],
+                                                 np.uint8), np.ones((8, 8, 1), np.uint8)))
+    assert np.array_equal(np.asarray(Crop(1.0, 0.0, 0.0).apply(quadrants)), np.asarray(quadrants))
+    corner = np.asarray(Crop(0.5, 0.5, 0.5).apply(quadrants))  # the bottom-right quadrant, enlarged
+    assert corner.shape == (16, 16, 3) and (corner[2:-2, 2:-2] == 255).all()
+    ref = {c: to_tensor(adm_center_crop(Image.open(data.images / f"{i:03d}.png").convert("RGB"), 32))
+           for i, c in enumerate(data.captions)}
+    recipe = tiny_recipe(data, flip=False, crop_min=0.5, batch_size=8)
+    fresh = _batches(recipe, 3)
+    assert sum(not torch.equal(x, ref[c]) for b in fresh for x, c in zip(b["image"], b["caption"])) >= 20
+    again = _batches(recipe, 2, start_step=1)  # a resumed stream draws the same crops
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, fresh[1:]))
+    with pytest.raises(ValueError, match=r"recipe.crop_min must be in \(0, 1\], got 0.0"):
+        tiny_recipe(data, crop_min=0.0)
+    with pytest.raises(ValueError, match="crop_min crops images read from files .* not data=shapes: its captions name"):
+        get_recipe("shapes").overrides(["crop_min=0.8"])
+
+
 def _jpeg(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")

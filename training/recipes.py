@@ -49,6 +49,9 @@ class TrainRecipe:
     data_path: str = ""
     cache_path: str = ""  # latent/T5 cache written by training.cache (read instead of images when set)
     flip: bool = True  # random horizontal flip (off for the Shapes World: captions name left/right)
+    # Random crop of each image read from files: its side drawn in [crop_min, 1] of the (centre-
+    # cropped) image, placed at random, resized back to the model's size; 1 = the whole image.
+    crop_min: float = 1.0
     num_workers: int = 8  # capped by the cores this process may use
     samples_per_epoch: int = 0  # defines the fractional epoch; 0 = the size of the data (file sources)
     vae_path: str = ""  # a diffusers AutoencoderKL directory (default with init_from: <init_from>/vae)
@@ -195,6 +198,12 @@ class TrainRecipe:
         if self.hard_negatives and self.data not in ("shapes", "cache"):
             raise ValueError("recipe.hard_negatives needs data=shapes or a Shapes World cache (data=cache): "
                              "negatives are made from the Shapes World grammar")
+        if not 0.0 < self.crop_min <= 1.0:
+            raise ValueError(f"recipe.crop_min must be in (0, 1], got {self.crop_min}")
+        if self.crop_min < 1.0 and self.data not in FILE_DATA_KINDS:
+            raise ValueError(f"recipe.crop_min crops images read from files ({', '.join(FILE_DATA_KINDS)}), not "
+                             f"data={self.data}" + (": a cache holds latents of whole images" if self.data == "cache"
+                                                    else ": its captions name positions"))
         if self.caption_templates and self.data != "emoji":
             raise ValueError(f"recipe.caption_templates chooses among the emoji set's captions (data=emoji), "
                              f"not data={self.data}")

@@ -4,8 +4,8 @@ Every source is map-style (a sample index -> raw sample) so that the stream is a
 (seed, position): pass p visits the samples in the order of a permutation seeded by (seed, p), rank r
 takes global micro-batches r, r + W, ..., and DataLoader worker w builds every K-th of the rank's
 micro-batches. A resumed run (start_step) therefore continues exactly where it stopped, whatever
-the number of workers. Flips are drawn per global batch from the same seed, never from the global
-RNG. An unreadable sample is replaced by the next readable one in the pass's order and counted
+the number of workers. Flips, and the random crops of `recipe.crop_min`, are drawn per global
+batch from the same seed, never from the global RNG. An unreadable sample is replaced by the next readable one in the pass's order and counted
 (`SKIPPED`, `batch["skipped"]`), with a warning every `WARN_EVERY` skips: never a crash.
 
     webdataset  a directory of uncompressed img2dataset tars: <key>.jpg|jpeg|png|webp + <key>.txt,
@@ -34,6 +34,7 @@ import os
 import tarfile
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -601,12 +602,13 @@ class SampleStream(IterableDataset):
     round-robin puts back in order. Hard negatives (Shapes World captions only) are drawn per
     global micro-batch from (seed, g), like the flips."""
 
-    def __init__(self, source, make: Callable[[Any, int, bool], dict], batch_size: int, rank: int, world: int,
-                 start_batch: int, seed: int, flip: bool, hard_negatives: int = 0) -> None:
+    def __init__(self, source, make: Callable[..., dict], batch_size: int, rank: int, world: int,
+                 start_batch: int, seed: int, flip: bool, hard_negatives: int = 0, crop_min: float = 1.0) -> None:
         super().__init__()
         self.source, self.make = source, make
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.start_batch, self.seed, self.flip = start_batch, seed, flip
+        self.crop_min = crop_min
         self.hard_negatives = hard_negatives
         self.skipped = 0  # in this process (see SKIPPED for the module-wide count)
         self._perm: tuple[int, np.ndarray] | None = None
@@ -624,7 +626,7 @@ class SampleStream(IterableDataset):
         n = len(self.source)
         return int(self.permutation(q // n)[q % n])
 
-    def sample_at(self, q: int, flip: bool) -> tuple[dict, int]:
+    def sample_at(self, q: int, flip: bool, crop: Crop | None = None) -> tuple[dict, int]:
         """The sample at stream position q (or the next readable one of its pass), and the skips."""
         n = len(self.source)
         skipped = 0
@@ -632,7 +634,8 @@ class SampleStream(IterableDataset):
             # the next readable sample of the pass (replacements stay inside pass q // n)
             idx = self.index_at((q // n) * n + (q + k) % n)
             try:
-                return self.make(self.source, idx, flip), skipped
+                # only the image sources' sample maker takes a crop (the recipe refuses it for others)
+                return self.make(self.source, idx, flip, *([crop] if crop else [])), skipped
             except CorruptSample as err:
                 skipped += 1
                 self.skipped += 1
@@ -645,9 +648,11 @@ class SampleStream(IterableDataset):
         g = j * self.world + self.rank
         b = self.batch_size
         flips = np.random.default_rng([self.seed, 0xF11F, g]).random(b) < 0.5 if self.flip else np.zeros(b, bool)
+        crops = random_crops(np.random.default_rng([self.seed, 0xC209, g]), b, self.crop_min) \
+            if self.crop_min < 1.0 else [None] * b
         samples, skipped = [], 0
         for t in range(b):
-            s, k = self.sample_at(g * b + t, bool(flips[t]))
+            s, k = self.sample_at(g * b + t, bool(flips[t]), crops[t])
             samples.append(s)
             skipped += k
         out: dict = {"caption": [s.pop("caption") for s in samples]}
@@ -670,10 +675,32 @@ class SampleStream(IterableDataset):
             j += k
 
 
-def _image_sample(size: int) -> Callable[[Any, int, bool], dict]:
-    def make(source, idx: int, flip: bool) -> dict:
+@dataclass(frozen=True)
+class Crop:
+    """A random view of a square image: side and top-left corner as shares of its side."""
+    side: float
+    left: float
+    top: float
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        n = image.width
+        box = (self.left * n, self.top * n, (self.left + self.side) * n, (self.top + self.side) * n)
+        return image.resize((n, n), Image.BICUBIC, box=box)
+
+
+def random_crops(rng: np.random.Generator, n: int, crop_min: float) -> list[Crop]:
+    """n crops, each side uniform in [crop_min, 1], placed uniformly inside the image."""
+    sides = rng.uniform(crop_min, 1.0, n)
+    corners = rng.random((n, 2)) * (1.0 - sides)[:, None]
+    return [Crop(float(s), float(x), float(y)) for s, (x, y) in zip(sides, corners)]
+
+
+def _image_sample(size: int) -> Callable[..., dict]:
+    def make(source, idx: int, flip: bool, crop: Crop | None = None) -> dict:
         image, text = source.read(idx)
         image = adm_center_crop(image, size)
+        if crop is not None:
+            image = crop.apply(image)
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return {"image": to_tensor(image), "caption": text}
@@ -821,7 +848,7 @@ def build_dataloader(recipe, config, rank: int = 0, world: int = 1, start_step: 
                  len(source), recipe.samples_per_epoch)
     start_batch = start_step * max(1, getattr(recipe, "grad_accum", 1))
     stream = SampleStream(source, make, recipe.batch_size, rank, world, start_batch, recipe.seed, recipe.flip,
-                          hard_negatives=recipe.hard_negatives)
+                          hard_negatives=recipe.hard_negatives, crop_min=recipe.crop_min)
     workers = data_workers(recipe.num_workers)
     return DataLoader(
         stream, batch_size=None, num_workers=workers, collate_fn=_identity,
