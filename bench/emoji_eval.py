@@ -384,7 +384,7 @@ def cross_style_section(pipe: DreamPipeline, args: argparse.Namespace, result: d
     """Does the model carry an emoji's identity across styles? An OpenMoji image (the held-out ones,
     and as many seen ones) searches the 3,786 images of another style for the same emoji, by the
     joint embedding, by the encoder's pooled states and by blurred thumbnails (what pixels alone
-    give). Held-out images far below seen ones: the model learned images, not the emoji."""
+    give). Held-out images far below seen ones mean the model learned its pictures, not the emoji."""
     om = STYLES.index("openmoji")
     seen_om = np.unique(train_pairs[train_pairs[:, 1] == om, 0])
     queries = {"heldout_openmoji": held_pairs[:, 0],

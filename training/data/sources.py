@@ -5,8 +5,9 @@ Every source is map-style (a sample index -> raw sample) so that the stream is a
 takes global micro-batches r, r + W, ..., and DataLoader worker w builds every K-th of the rank's
 micro-batches. A resumed run (start_step) therefore continues exactly where it stopped, whatever
 the number of workers. Flips, and the random crops of `recipe.crop_min`, are drawn per global
-batch from the same seed, never from the global RNG. An unreadable sample is replaced by the next readable one in the pass's order and counted
-(`SKIPPED`, `batch["skipped"]`), with a warning every `WARN_EVERY` skips: never a crash.
+batch from the same seed, never from the global RNG. An unreadable sample is replaced by the next
+readable one in the pass's order and counted (`SKIPPED`, `batch["skipped"]`), with a warning every
+`WARN_EVERY` skips: never a crash.
 
     webdataset  a directory of uncompressed img2dataset tars: <key>.jpg|jpeg|png|webp + <key>.txt,
                 or <key>.json with "caption" (or the first of "captions"); read with tarfile by
