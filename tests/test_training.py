@@ -440,7 +440,7 @@ def test_resume_refuses_another_world_size_accumulation_or_data(data, trained, t
 
 
 def test_resume_refuses_other_caption_templates_and_reads_an_older_layout_as_all_of_them():
-    """A resumed emoji run with another caption set would change its captions silently."""
+    """A resumed emoji run with another caption set or crop would change its data silently."""
     from training.distributed import check_resume, run_layout
 
     recipe = get_recipe("emoji")
@@ -453,6 +453,8 @@ def test_resume_refuses_other_caption_templates_and_reads_an_older_layout_as_all
     check_resume(older, run_layout(recipe, 1), "ckpt")  # recorded before the key: every template
     with pytest.raises(ValueError, match=r"caption_templates: checkpoint '' vs now '0'"):
         check_resume(older, run_layout(name_only, 1), "ckpt")
+    with pytest.raises(ValueError, match=r"crop_min: checkpoint 1.0 vs now 0.8"):
+        check_resume(older, run_layout(recipe.overrides(["crop_min=0.8"]), 1), "ckpt")
 
 
 def test_resume_takes_new_sampling_defaults_but_refuses_another_architecture(data, trained, tmp_path):

@@ -267,9 +267,10 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
 # Resume guards
 # ---------------------------------------------------------------------------------------------
 
-# Settings that position the data stream, choose its captions or scale the LR: a resume must use the same ones.
+# Settings that position the data stream, choose its captions and views, or scale the LR: a resume
+# must use the same ones.
 RESUME_KEYS = ("world_size", "grad_accum", "batch_size", "global_batch", "data", "data_path", "cache_path",
-               "caption_templates", "seed", "fsdp")
+               "caption_templates", "crop_min", "seed", "fsdp")
 
 
 def run_layout(recipe, world: int) -> dict[str, Any]:
@@ -277,13 +278,14 @@ def run_layout(recipe, world: int) -> dict[str, Any]:
     return {"world_size": world, "grad_accum": recipe.grad_accum, "batch_size": recipe.batch_size,
             "global_batch": recipe.batch_size * recipe.grad_accum * world, "data": recipe.data,
             "data_path": recipe.data_path, "cache_path": recipe.cache_path,
-            "caption_templates": recipe.caption_templates, "seed": recipe.seed, "fsdp": bool(recipe.fsdp)}
+            "caption_templates": recipe.caption_templates, "crop_min": recipe.crop_min, "seed": recipe.seed,
+            "fsdp": bool(recipe.fsdp)}
 
 
 def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
-    """Refuse to resume with another world size, accumulation, batch, data source, caption set or
-    sharding: each would silently shift the data stream (positions are a function of them), change
-    what the captions say, or change the LR."""
+    """Refuse to resume with another world size, accumulation, batch, data source, caption set, crop
+    or sharding: each would silently shift the data stream (positions are a function of them),
+    change what the captions say or the images show, or change the LR."""
     saved = dict(meta.get("layout") or {})
     if not saved:  # checkpoints written before the layout was recorded
         r = meta.get("recipe", {})
@@ -293,9 +295,10 @@ def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
                  "seed": r.get("seed"), "fsdp": bool(r.get("fsdp"))}
         if r.get("batch_size") and r.get("grad_accum"):
             saved["global_batch"] = r["batch_size"] * r["grad_accum"] * world
-    # Layouts recorded before caption_templates existed trained on every template (""), unless
-    # the recipe saved beside them names a choice.
-    saved.setdefault("caption_templates", meta.get("recipe", {}).get("caption_templates", ""))
+    # Layouts recorded before these keys existed trained on every template ("") and whole images
+    # (1.0), unless the recipe saved beside them names a choice.
+    for key, before in (("caption_templates", ""), ("crop_min", 1.0)):
+        saved.setdefault(key, meta.get("recipe", {}).get(key, before))
     diff = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved[k]!r} vs now {current[k]!r}" for k in diff)
