@@ -39,8 +39,8 @@ model: $(STAMP)
 	$(BIN)/python -m training.make_shapes_model --work $(MODEL_RUN) --out assets/dream-shapes
 
 # Fetch the three emoji sets with npm, then train the emoji model (VAE, T5 vocabulary, DREAM, heads,
-# continued DREAM, heads) on 2 CPU cores and export it to assets/dream-emoji. Resumable: run it again
-# after an interruption.
+# then continued DREAM and heads in two stages) on 2 CPU cores and export it to assets/dream-emoji.
+# Resumable: run it again after an interruption.
 model-emoji: $(STAMP)
 	$(BIN)/python -m training.make_emoji_model --work $(EMOJI_RUN) --out assets/dream-emoji
 

@@ -15,6 +15,7 @@ Every figure comes with a 95 % interval (Wilson; paired Newcombe for SAD against
 - Each generation verdict is stored per prompt (a string of 0/1 in the prompts' order, beside a
   digest of the prompts and seeds), so two models measured on the same prompts compare paired:
   `--baseline OTHER/eval.json` adds each setting's paired difference from that file's.
+  `--paired NEW/eval.json OLD/eval.json` prints the same for two files already measured.
 - The paper's Fig. 7 on real images (`masked`): reverse search top-1 over the 3,786 names and the
   zero-shot group when the encoder sees only part of an image's tokens (a random share hidden),
   on the held-out OpenMoji images and on seen images. SAD scores exactly such partial latents.
@@ -143,7 +144,7 @@ def contact_sheet(refs: np.ndarray, k1: list, sad: list, path: Path) -> None:
     Image.fromarray(np.concatenate(rows, 0)).save(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("assets/dream-emoji"))
     ap.add_argument("--data", type=Path, default=Path("runs/emoji-data"))
@@ -160,7 +161,17 @@ def main() -> None:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="another model's eval.json from the same prompts: paired differences from its verdicts")
-    args = ap.parse_args()
+    ap.add_argument("--paired", type=Path, nargs=2, metavar=("NEW", "OLD"), default=None,
+                    help="measure nothing: print the paired generation differences of two eval.json files "
+                         "(NEW minus OLD, on the prompts both measured)")
+    args = ap.parse_args(argv)
+    if args.paired:
+        new, old = args.paired
+        differences = compare_to_baseline(read_baseline(new, "--paired")["generation"], read_baseline(old, "--paired"),
+                                          old, "--paired")["differences"]
+        for key, diff in differences.items():
+            print(f"generation {key}, {new} minus {old}: {format_difference(diff)}")
+        return
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if not sections or sections - set(SECTIONS):
         ap.error(f"--sections takes a subset of {', '.join(SECTIONS)}, got {args.sections!r}")
@@ -305,18 +316,18 @@ def prompts_digest(prompts: list[str], seeds: list[int]) -> str:
     return hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
 
 
-def read_baseline(path: Path) -> dict:
+def read_baseline(path: Path, flag: str = "--baseline") -> dict:
     """Another eval.json; refused with the reason when it cannot pair."""
     if not path.is_file():
-        raise SystemExit(f"--baseline {path}: no such file")
+        raise SystemExit(f"{flag} {path}: no such file")
     other = json.loads(path.read_text())
     if not any(isinstance(g, dict) and "verdicts" in g for g in other.get("generation", {}).values()):
-        raise SystemExit(f"--baseline {path}: it stores no per-prompt verdicts (measured before they were "
+        raise SystemExit(f"{flag} {path}: it stores no per-prompt verdicts (measured before they were "
                          "recorded): measure the baseline model again with --sections generation")
     return other
 
 
-def compare_to_baseline(generation: dict, baseline: dict, path: Path) -> dict:
+def compare_to_baseline(generation: dict, baseline: dict, path: Path, flag: str = "--baseline") -> dict:
     """Paired differences (this model minus the baseline) per split and setting, on the prompts
     and seeds both measured; a split whose prompts differ is refused, not compared unpaired."""
     out: dict = {"path": str(path), "weights": baseline.get("weights"), "differences": {}}
@@ -325,7 +336,7 @@ def compare_to_baseline(generation: dict, baseline: dict, path: Path) -> dict:
             continue
         other = baseline["generation"][split]
         if other.get("prompts_digest") != entry["prompts_digest"]:
-            raise SystemExit(f"--baseline {path}: its {split} prompts or seeds differ from these "
+            raise SystemExit(f"{flag} {path}: its {split} prompts or seeds differ from these "
                              "(same --seed, --n-seen and --n-heldout needed)")
         for name, mine in entry["verdicts"].items():
             if name in other.get("verdicts", {}):

@@ -239,9 +239,10 @@ def test_the_bundled_emoji_model_carries_its_bank_examples_and_attributions():
 
 def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_ships_the_last(tmp_path, monkeypatch):
     """`make model-emoji`'s stages in order, each command as the build runs it (run faked: every
-    stage writes what it would): DREAM, a heads round, the continued pretraining from the model
-    directory that round wrote (fresh optimizer through init_from, masking fx), a second heads round
-    whose weights the model directory ends with, its config carrying the shipped sampler defaults."""
+    stage writes what it would): DREAM, a heads round, then each stage of continued pretraining from
+    the model directory the last heads round wrote (fresh optimizer through init_from, masking fx,
+    the next data order) and its own heads round; the model directory ends with the last round's
+    weights, its config carrying the shipped sampler defaults."""
     import argparse
 
     from dream_core.config import DreamConfig
@@ -266,26 +267,33 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
     monkeypatch.setattr(build_mod, "run", fake_run)
     out, work = tmp_path / "model", tmp_path / "work"
     args = argparse.Namespace(work=work, out=out, data=tmp_path / "data", steps=12000, heads_steps=400,
-                              continue_steps=build_mod.CONTINUE_STEPS, overrides=[])
+                              continue_steps=[18000, 2500], overrides=[])
     build_mod.build(args, {}, tmp_path / "timings.json")
 
     trains = [c for c in calls if c[2] == "training.train"]
-    assert [c[c.index("--recipe") + 1] for c in trains] == ["emoji", "emoji-heads", "emoji", "emoji-heads"]
-    continued = trains[2]
-    assert continued[continued.index("--max-steps") + 1] == str(build_mod.CONTINUE_STEPS)
-    assert f"init_from={out}" in continued and "masking=fx" in continued and "warmup_steps=86" in continued
-    assert f"init_from={work / 'dream-continued-export'}" in trains[3]
-    assert "caption_templates=0" in trains[3] and not any("caption_templates" in a for a in trains[1])  # the last round
-    assert (out / "model.safetensors").read_text() == f"heads from {work / 'dream-continued-export'}"
+    assert [c[c.index("--recipe") + 1] for c in trains] == ["emoji", "emoji-heads"] * 3
+    for stage, (steps, seed, name) in enumerate([(18000, 2, "continued"), (2500, 3, "continued2")]):
+        continued, heads = trains[2 + 2 * stage], trains[3 + 2 * stage]
+        assert continued[continued.index("--max-steps") + 1] == str(steps)
+        assert continued[continued.index("--out") + 1] == str(work / f"dream-{name}")
+        assert f"init_from={out}" in continued and "masking=fx" in continued and "warmup_steps=86" in continued
+        assert f"seed={seed}" in continued and sum(a.startswith("seed=") for a in continued) == 1
+        assert f"init_from={work / f'dream-{name}-export'}" in heads and "caption_templates=0" in heads
+    assert not any("caption_templates" in a for a in trains[1])  # the first round trains on every template
+    assert (out / "model.safetensors").read_text() == f"heads from {work / 'dream-continued2-export'}"
     config = DreamConfig.load(out / "config.json")
     assert (config.diffusion_weight, config.clip_weight) == (1.0, 0.005)
     shipped = DreamConfig.load(ROOT / "assets" / "dream-emoji" / "config.json")
     for key, value in build_mod.SAMPLER_DEFAULTS.items():
         assert getattr(config, key) == getattr(shipped, key) == value, key
-    # --continue-steps 0: the first heads round's model is the result.
+    # --continue-steps 0 (no stage): the first heads round's model is the result.
     calls.clear()
-    args = argparse.Namespace(**{**vars(args), "work": tmp_path / "w0", "out": tmp_path / "m0", "continue_steps": 0})
+    args = argparse.Namespace(**{**vars(args), "work": tmp_path / "w0", "out": tmp_path / "m0", "continue_steps": []})
     build_mod.build(args, {}, tmp_path / "t0.json")
     assert [c[c.index("--recipe") + 1] for c in calls if c[2] == "training.train"] == ["emoji", "emoji-heads"]
     assert "caption_templates=0" in calls[-2]  # the only heads round is the last (the preview decoder follows)
     assert (tmp_path / "m0" / "model.safetensors").read_text() == f"heads from {tmp_path / 'w0' / 'dream-export'}"
+    assert build_mod.stage_steps("18000,2500") == [18000, 2500] and build_mod.stage_steps("0") == []
+    for bad in ("0,2500", "-5", "many", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="step"):
+            build_mod.stage_steps(bad)

@@ -590,6 +590,21 @@ def test_emoji_eval_pairs_two_models_verdicts_on_the_same_prompts(tmp_path):
     assert emoji_eval.prompts_digest(["a"], [1]) != emoji_eval.prompts_digest(["a"], [2])
 
 
+def test_emoji_eval_pairs_two_measured_files_without_a_model(tmp_path, capsys):
+    from bench import emoji_eval
+
+    old = _emoji_eval_file(tmp_path / "old.json", {"k1": "0011"})
+    new = _emoji_eval_file(tmp_path / "new.json", {"k1": "1111"})
+    emoji_eval.main(["--paired", str(new), str(old), "--model", str(tmp_path / "no-model")])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"generation seen_k1, {new} minus {old}: ") and "+50.0" in line
+    with pytest.raises(SystemExit, match="--paired .*missing.json: no such file"):
+        emoji_eval.main(["--paired", str(new), str(tmp_path / "missing.json")])
+    other = _emoji_eval_file(tmp_path / "other.json", {"k1": "0011"}, digest="d2")
+    with pytest.raises(SystemExit, match="--paired .*other.json: its seen prompts or seeds differ"):
+        emoji_eval.main(["--paired", str(new), str(other)])
+
+
 def test_emoji_eval_refuses_a_baseline_it_cannot_pair(tmp_path):
     from bench import emoji_eval
 
