@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from dream_core.pipeline import PREVIEW_DIR
+from training.evaluate.cli import parse_int_list
 from training.make_shapes_model import bundled_config, dream_schedule, run, timed, timed_build
 from training.recipes import EMOJI_DATA, get_recipe
 
@@ -146,12 +147,12 @@ def heads_round(args: argparse.Namespace, py: str, data: str, init: Path, pretra
 def stage_steps(text: str) -> list[int]:
     """--continue-steps: '18000,2500' -> [18000, 2500]; '0' -> no continued stage."""
     try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"comma-separated step counts, got {text!r}") from None
+        steps = parse_int_list(text, "--continue-steps")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     if steps == [0]:
         return []
-    if not steps or min(steps) < 1:
+    if min(steps) < 1:
         raise argparse.ArgumentTypeError(f"each stage needs >= 1 step (or 0 alone for none), got {text!r}")
     return steps
 
