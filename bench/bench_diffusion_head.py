@@ -12,11 +12,10 @@ precomputation buys. Random weights (perturbed so nothing is zero); timings only
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench.common import median, time_interleaved
 from dream_core.diffusion import DiffusionHead, DiffusionMLP
 from dream_core.noise_schedule import GaussianDiffusion
 
@@ -45,17 +44,8 @@ def naive_sample(net: DiffusionMLP, diff: GaussianDiffusion, z: torch.Tensor, no
 
 
 def median_ms(fns: list, repeats: int) -> list[float]:
-    """Median wall time of each callable; the callables are interleaved per round so that a
-    machine whose load drifts biases them alike."""
-    for fn in fns:
-        fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(ts) for ts in times]
+    """Median wall time of each callable in ms, interleaved per round (`time_interleaved`)."""
+    return [1e3 * median(times) for times in time_interleaved(fns, repeats)]
 
 
 def main() -> None:

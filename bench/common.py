@@ -106,19 +106,37 @@ def clock_fn(clock: str) -> Callable[[], float]:
 def time_runs(fn: Callable[[], object], repeats: int, warmup: int = 1, clock: str = "wall",
               device: torch.device | str = "cpu") -> list[float]:
     """Seconds of each of `repeats` calls of fn, after `warmup` untimed calls."""
+    return time_interleaved([fn], repeats, warmup, clock, device)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1, clock: str = "wall",
+                     device: torch.device | str = "cpu") -> list[list[float]]:
+    """Seconds of `repeats` calls of every fn, one call of each per round (after `warmup` untimed
+    rounds). A shared machine's speed drifts within minutes (the measured matmul peak here moves
+    by a third); timed round by round, the drift falls on every fn alike, so their ratios hold."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     now = clock_fn(clock)
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     synchronize(device)
-    out = []
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = now()
-        fn()
-        synchronize(device)
-        out.append(now() - t0)
+        for fn, times in zip(fns, out):
+            t0 = now()
+            fn()
+            synchronize(device)
+            times.append(now() - t0)
     return out
+
+
+def paired_ratio(runs: Sequence[float], base: Sequence[float]) -> float:
+    """Median over rounds of runs[r] / base[r]: the ratio of two interleaved timings, each round's
+    drift cancelled in its own quotient."""
+    if len(runs) != len(base) or not runs:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty timings, got {len(runs)} and {len(base)}")
+    return median([r / b for r, b in zip(runs, base)])
 
 
 def median(values: Sequence[float]) -> float:

@@ -39,13 +39,13 @@ import torch
 
 from bench.common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info, mar_size_config,
                           markdown_table, matmul_peak, median, patched, random_model, random_text, resolve_device,
-                          setup_threads, time_runs, weights_line)
+                          setup_threads, paired_ratio, time_interleaved, weights_line)
 from dream_core.model import DreamModel
 from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, HEAD_SAMPLERS,
                                 default_decision_step)
 from dream_core.sampling import TextCondition, candidate_generators
 from dream_core.semantic_decoding import semantic_decode
-from training.evaluate.cli import parse_head_samplers, run_cli
+from training.evaluate.cli import parse_head_samplers, parse_int_list, run_cli
 
 SECTIONS = ("candidates", "grid", "latency", "previews", "memory")
 APP_ROW = "the app (generate_stream: preview decoder, 10 % budget)"
@@ -127,42 +127,61 @@ def load_target(args: argparse.Namespace, device: torch.device) -> Target:
 # --------------------------------------------------------------------------- measurements
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One timed decoding: K candidates, decoding steps, head steps and sampler (None: the model's)."""
+    k: int
+    steps: int
+    head_steps: int
+    head_sampler: str | None = None
+
+
 @dataclass
 class Timing:
     seconds: float  # median per image
     runs: list[float]
+    ratio: float  # to the first setting timed with it: the median of the rounds' ratios
     transformer: float  # of the median run
     head: float
     flops: float | None
 
 
-def measure(target: Target, k: int, steps: int, head_steps: int, args: argparse.Namespace,
-            head_sampler: str | None = None) -> Timing:
-    """Median wall time of a generation, with the transformer/head split of the median run."""
+def measure(target: Target, settings: list[Setting], args: argparse.Namespace) -> list[Timing]:
+    """Median wall time of each setting's generation, the settings interleaved round by round (so
+    that the machine's drift cancels in their ratios), with the transformer/head split of the
+    median run."""
     model = target.model
     sw = Stopwatch(args.clock, target.device)
-    splits: list[tuple[float, float]] = []
+    splits: list[list[tuple[float, float]]] = [[] for _ in settings]
 
-    def run() -> None:
-        sw.reset()
-        target.decode(k, steps, head_steps, seed=args.seed, head_sampler=head_sampler)
-        splits.append((sw.totals["encoder"] + sw.totals["decoder"], sw.totals["head"]))
+    def runner(i: int, s: Setting) -> Callable[[], None]:
+        def run() -> None:
+            sw.reset()
+            target.decode(s.k, s.steps, s.head_steps, seed=args.seed, head_sampler=s.head_sampler)
+            splits[i].append((sw.totals["encoder"] + sw.totals["decoder"], sw.totals["head"]))
+        return run
 
+    fns = [runner(i, s) for i, s in enumerate(settings)]
     if target.device.type == "cuda":
         # The timers synchronise the GPU, which would distort the headline time: split separately.
-        runs = time_runs(run, args.repeats, warmup=1, clock=args.clock, device=target.device)
+        runs = time_interleaved(fns, args.repeats, warmup=1, clock=args.clock, device=target.device)
         with _timers(model, sw):
-            run()
-        split = splits[-1]
+            for fn in fns:
+                fn()
+        split_of = [sp[-1] for sp in splits]
     else:
         with _timers(model, sw):
-            runs = time_runs(run, args.repeats, warmup=1, clock=args.clock, device=target.device)
-        med = median(runs)
-        split = splits[1:][min(range(len(runs)), key=lambda j: abs(runs[j] - med))]
-    med = median(runs)
-    flops = None if args.no_flops else count_flops(
-        lambda: target.decode(k, steps, head_steps, seed=args.seed, head_sampler=head_sampler))
-    return Timing(med, runs, split[0], split[1], flops)
+            runs = time_interleaved(fns, args.repeats, warmup=1, clock=args.clock, device=target.device)
+        split_of = []
+        for times, sp in zip(runs, splits):  # sp[0] is the warm-up's
+            med = median(times)
+            split_of.append(sp[1:][min(range(len(times)), key=lambda j: abs(times[j] - med))])
+    out = []
+    for s, times, split in zip(settings, runs, split_of):
+        flops = None if args.no_flops else count_flops(
+            lambda: target.decode(s.k, s.steps, s.head_steps, seed=args.seed, head_sampler=s.head_sampler))
+        out.append(Timing(median(times), times, paired_ratio(times, runs[0]), split[0], split[1], flops))
+    return out
 
 
 class _timers:
@@ -186,12 +205,10 @@ class _timers:
         self.ctx.clear()
 
 
-def timing_row(t: Timing, peak: float, base: float | None = None) -> list[str]:
+def timing_row(t: Timing, peak: float) -> list[str]:
     other = max(0.0, t.seconds - t.transformer - t.head)
     share = (lambda x: f"{fmt_s(x)} ({100 * x / t.seconds:.0f} %)")
-    row = [fmt_s(t.seconds)]
-    if base is not None:
-        row.append(f"{t.seconds / base:.2f}x")
+    row = [fmt_s(t.seconds), f"{t.ratio:.2f}x"]
     row += [share(t.transformer), share(t.head), share(other)]
     if t.flops is None:
         row += ["-", "-", "-"]
@@ -208,30 +225,35 @@ FLOP_HEADERS = ["FLOPs / image", "FLOP/s", "of peak"]
 def candidates_section(target: Target, args: argparse.Namespace, peak: float) -> str:
     L = target.model.config.seq_len
     steps = min(args.candidate_steps or L, L)
-    rows, base = [], None
-    for k in args.ks:
-        t = measure(target, k, steps, args.candidate_head_steps, args)
-        base = base or t.seconds
-        decision = f"{default_decision_step(target.model.config, steps)}/{steps}" if k > 1 else "-"
-        rows.append([str(k), decision, str(steps), str(args.candidate_head_steps)] + timing_row(t, peak, base))
-        print(f"  K={k}: {fmt_s(t.seconds)} (runs {', '.join(f'{r:.3f}' for r in t.runs)})", file=sys.stderr, flush=True)
-    headers = ["K", "decision", "steps", "head steps", "per image", "vs K=1"] + SPLIT_HEADERS + FLOP_HEADERS
-    return "## Candidates (SAD at the model's default decision step)\n\n" + markdown_table(headers, rows)
+    settings = [Setting(k, steps, args.candidate_head_steps) for k in args.ks]
+    rows = []
+    for s, t in zip(settings, measure(target, settings, args)):
+        decision = f"{default_decision_step(target.model.config, steps)}/{steps}" if s.k > 1 else "-"
+        rows.append([str(s.k), decision, str(steps), str(s.head_steps)] + timing_row(t, peak))
+        print(f"  K={s.k}: {fmt_s(t.seconds)} (runs {', '.join(f'{r:.3f}' for r in t.runs)})", file=sys.stderr,
+              flush=True)
+    headers = ["K", "decision", "steps", "head steps", "per image", f"vs K={args.ks[0]}"] + SPLIT_HEADERS + FLOP_HEADERS
+    return ("## Candidates (SAD at the model's default decision step)\n\n" + markdown_table(headers, rows)
+            + f"\n\n{INTERLEAVED}")
 
 
 def grid_section(target: Target, args: argparse.Namespace, peak: float) -> str:
     L = target.model.config.seq_len
     steps_list = sorted({min(s, L) for s in args.steps})
     samplers = args.head_samplers or [target.model.config.default_head_sampler]
+    settings = [Setting(1, steps, hs, sampler)
+                for sampler in samplers for steps in steps_list for hs in args.head_steps]
     rows = []
-    for sampler in samplers:
-        for steps in steps_list:
-            for hs in args.head_steps:
-                t = measure(target, 1, steps, hs, args, head_sampler=sampler)
-                rows.append([sampler, str(steps), str(hs)] + timing_row(t, peak))
-                print(f"  {sampler} steps={steps} head={hs}: {fmt_s(t.seconds)}", file=sys.stderr, flush=True)
-    headers = ["head sampler", "steps", "head steps", "per image"] + SPLIT_HEADERS + FLOP_HEADERS
-    return "## Decoding steps x head steps (K = 1)\n\n" + markdown_table(headers, rows)
+    for s, t in zip(settings, measure(target, settings, args)):
+        rows.append([s.head_sampler, str(s.steps), str(s.head_steps)] + timing_row(t, peak))
+        print(f"  {s.head_sampler} steps={s.steps} head={s.head_steps}: {fmt_s(t.seconds)}", file=sys.stderr,
+              flush=True)
+    headers = ["head sampler", "steps", "head steps", "per image", "vs first row"] + SPLIT_HEADERS + FLOP_HEADERS
+    return "## Decoding steps x head steps (K = 1)\n\n" + markdown_table(headers, rows) + f"\n\n{INTERLEAVED}"
+
+
+INTERLEAVED = ("(The settings are timed round by round, one generation of each per round; a ratio is the "
+               "median of the rounds' ratios, so the machine's drift cancels in it.)")
 
 
 def latency_section(target: Target, args: argparse.Namespace) -> str:
@@ -241,11 +263,11 @@ def latency_section(target: Target, args: argparse.Namespace) -> str:
     if pipe is None:
         return "## Latency\n\n(needs a model directory with a VAE; skipped for the random model)"
     steps, hs = min(args.app_steps, pipe.config.seq_len), args.app_head_steps
-    rows = []
-    for k in args.latency_ks:
-        decision = default_decision_step(pipe.config, steps) if k > 1 else None
-        firsts, finals = [], []
-        for r in range(args.repeats + 1):
+    decisions = [default_decision_step(pipe.config, steps) if k > 1 else None for k in args.latency_ks]
+    firsts: list[list[float]] = [[] for _ in args.latency_ks]
+    finals: list[list[float]] = [[] for _ in args.latency_ks]
+    for r in range(args.repeats + 1):  # round by round, every K once a round (see INTERLEAVED)
+        for i, (k, decision) in enumerate(zip(args.latency_ks, decisions)):
             t0 = time.perf_counter()
             stream = pipe.stream(PROMPT, num_candidates=k, decision_step=decision, num_inference_steps=steps,
                                  guidance_scale=target.cfg, seed=args.seed + r, head_steps=hs)
@@ -260,12 +282,15 @@ def latency_section(target: Target, args: argparse.Namespace) -> str:
                  guidance_scale=target.cfg, seed=args.seed + r, head_steps=hs)
             t3 = time.perf_counter()
             if r:  # the first round is the warm-up
-                firsts.append(t1 - t0)
-                finals.append(t3 - t2)
-        rows.append([str(k), f"{decision}/{steps}" if decision else "-", str(steps), str(hs),
-                     fmt_s(median(firsts)), fmt_s(median(finals))])
-    headers = ["K", "decision", "steps", "head steps", "first candidate preview", "final image (pipe(...))"]
-    return ("## Latency of the app path (wall clock, T5 + decoding + VAE)\n\n" + markdown_table(headers, rows))
+                firsts[i].append(t1 - t0)
+                finals[i].append(t3 - t2)
+    rows = [[str(k), f"{decision}/{steps}" if decision else "-", str(steps), str(hs), fmt_s(median(first)),
+             fmt_s(median(final)), f"{paired_ratio(final, finals[0]):.2f}x"]
+            for k, decision, first, final in zip(args.latency_ks, decisions, firsts, finals)]
+    headers = ["K", "decision", "steps", "head steps", "first candidate preview", "final image (pipe(...))",
+               f"final vs K={args.latency_ks[0]}"]
+    return ("## Latency of the app path (wall clock, T5 + decoding + VAE)\n\n" + markdown_table(headers, rows)
+            + f"\n\n{INTERLEAVED}")
 
 
 def previews_section(target: Target, args: argparse.Namespace) -> str:
@@ -391,21 +416,27 @@ def memory_section(target: Target, args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _positive_ints(name: str) -> Callable[[str], list[int]]:
+    """argparse type: a comma-separated list of positive integers, errors naming the flag."""
+    def parse(text: str) -> list[int]:
+        values = _argument(parse_int_list, name)(text)
+        if min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{name} takes positive integers, got {text!r}")
+        return values
+
+    return parse
 
 
-def _samplers(text: str) -> list[str]:
-    try:
-        return parse_head_samplers(text, "--head-samplers")
-    except ValueError as err:  # argparse shows an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _argument(parse: Callable[[str, str], list], name: str) -> Callable[[str], list]:
+    """argparse type from one of the project's `parse_*(text, name)` parsers: argparse shows an
+    ArgumentTypeError's own message (a ValueError's would read only "invalid value")."""
+    def convert(text: str) -> list:
+        try:
+            return parse(text, name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -421,13 +452,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--clock", default="wall", choices=CLOCKS,
                     help="wall (report this) or process CPU time (rough comparisons on a busy machine, 1 thread)")
     ap.add_argument("--cfg", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale (constant schedule)")
-    ap.add_argument("--ks", type=_ints, default=list(DEFAULT_KS), help="candidate counts of section 1")
+    ap.add_argument("--ks", type=_positive_ints("--ks"), default=list(DEFAULT_KS), help="candidate counts of section 1")
     ap.add_argument("--candidate-steps", type=int, default=0, help="decoding steps of section 1 (0 = one token per step)")
     ap.add_argument("--candidate-head-steps", type=int, default=None,
                     help="head steps of section 1 (default: the model's default_head_steps)")
-    ap.add_argument("--steps", type=_ints, default=list(GRID_STEPS), help="decoding steps of the grid")
-    ap.add_argument("--head-steps", type=_ints, default=list(GRID_HEAD_STEPS), help="head steps of the grid")
-    ap.add_argument("--head-samplers", type=_samplers, default=None,
+    ap.add_argument("--steps", type=_positive_ints("--steps"), default=list(GRID_STEPS),
+                    help="decoding steps of the grid")
+    ap.add_argument("--head-steps", type=_positive_ints("--head-steps"), default=list(GRID_HEAD_STEPS),
+                    help="head steps of the grid")
+    ap.add_argument("--head-samplers", type=_argument(parse_head_samplers, "--head-samplers"), default=None,
                     help=f"head samplers of the grid, comma-separated of {','.join(HEAD_SAMPLERS)} "
                          "(default: the model's default_head_sampler)")
     ap.add_argument("--app-steps", type=int, default=DEFAULT_STEPS,
@@ -435,7 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--app-head-steps", type=int, default=None,
                     help="head steps of the latency/preview/memory sections (default: the model's "
                          "default_head_steps, as the app)")
-    ap.add_argument("--latency-ks", type=_ints, default=[1, 9], help="candidate counts of the latency sections")
+    ap.add_argument("--latency-ks", type=_positive_ints("--latency-ks"), default=[1, 9],
+                    help="candidate counts of the latency sections")
     ap.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast for the random model "
                     "(a model directory's pipeline always uses it on CUDA)")
     ap.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay the head's reverse loop from CUDA graphs")

@@ -53,6 +53,19 @@ def test_speed_front_refuses_a_bad_setting_before_generating(tiny_model_dir, tmp
         speed_front.parse_args(["--head-samplers", "euler"])
 
 
+def test_interleaved_timing_runs_every_setting_once_a_round_and_pairs_the_rounds():
+    from bench.common import paired_ratio, time_interleaved
+
+    calls = []
+    runs = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # the warm-up round, then three timed rounds
+    assert [len(r) for r in runs] == [3, 3]
+    # each round's quotient first, then the median: a slow round slows both settings alike
+    assert paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+    with pytest.raises(ValueError, match="paired_ratio needs two equally long, non-empty timings, got 2 and 3"):
+        paired_ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
 def test_decode_bench_grid_times_every_head_sampler(tiny_pipe):
     from bench import decode
 
@@ -66,6 +79,22 @@ def test_decode_bench_grid_times_every_head_sampler(tiny_pipe):
     assert default.head_samplers is None  # the grid then times the model's own sampler only
     with pytest.raises(SystemExit):
         decode.parse_args(["--head-samplers", "euler"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ks", "1,x"], "--ks must be a comma-separated list of integers, got '1,x'"),
+    (["--head-steps", ","], "--head-steps must not be empty"),
+    (["--latency-ks", "1,0"], "--latency-ks takes positive integers, got '1,0'"),
+    (["--head-samplers", "euler"], "--head-samplers takes comma-separated head samplers of "),
+])
+def test_decode_bench_names_the_flag_of_a_bad_list(argv, message, capsys):
+    """The lists are parsed by the project's own parsers; argparse prints their message, which names the flag."""
+    from bench import decode
+
+    with pytest.raises(SystemExit):
+        decode.parse_args(argv)
+    assert message in capsys.readouterr().err
+    assert decode.parse_args(["--steps", "4, 8", "--ks", "1"]).steps == [4, 8]
 
 
 def test_decode_bench_times_the_app_path_at_the_models_own_head_steps(tiny_model_dir, tmp_path, capsys):
@@ -87,3 +116,8 @@ def test_decode_bench_times_the_app_path_at_the_models_own_head_steps(tiny_model
     assert "| 1 | - | 2 | 3 |" in capsys.readouterr().out
     decode.main(common + ["--app-head-steps", "4"])
     assert "| 1 | - | 2 | 4 |" in capsys.readouterr().out
+    decode.main(["--model", str(model), "--sections", "latency", "--latency-ks", "1,2", "--repeats", "2",
+                 "--no-flops", "--threads", "1", "--app-steps", "2"])
+    out = capsys.readouterr().out
+    assert "| final vs K=1 |" in out and " | 1.00x |" in out  # K = 1 against itself, round by round
+    assert "| 2 | 1/2 | 2 | 3 |" in out
