@@ -107,6 +107,11 @@ class DreamConfig:
     # Loss weights and filters (per sample).
     diffusion_weight: float = 1.0
     clip_weight: float = 0.005
+    # Image-to-image InfoNCE between each image's joint-space embedding (its masked encoder pass,
+    # as the contrastive loss sees it) and a second picture of the same subject seen whole (the
+    # recipe's `cross_style_views`: the emoji in another style); 0 = off. Teaches the encoder what
+    # stays the same across pictures of one thing, which captions alone did not.
+    view_weight: float = 0.0
     min_visible_for_clip: float = 0.25
     min_masked_for_diffusion: float = 0.5
     caption_dropout: float = 0.1
@@ -192,7 +197,8 @@ class DreamConfig:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.num_train_timesteps:
             raise ValueError(f"config.default_head_steps must be an integer in [1, num_train_timesteps="
                              f"{self.num_train_timesteps}], got {value!r}")
-        for key in ("diffusion_weight", "clip_weight", "repa_weight", "vae_scaling_factor", "clip_denoised"):
+        for key in ("diffusion_weight", "clip_weight", "view_weight", "repa_weight", "vae_scaling_factor",
+                    "clip_denoised"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"config.{key} must be a finite number >= 0, got {value!r}")

@@ -89,11 +89,14 @@ class DreamModel(nn.Module):
     def forward_train(self, tokens: torch.Tensor, mask: torch.Tensor, t5_hidden: torch.Tensor,
                       t5_mask: torch.Tensor, clip_tokens: torch.Tensor,
                       repa_target: torch.Tensor | None = None,
-                      hard_clip_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
+                      hard_clip_tokens: torch.Tensor | None = None,
+                      view_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
         """One training forward. tokens [B, L, C] clean latents; mask bool [B, L] (True = masked);
         t5_hidden/t5_mask: conditioning (caption dropout already applied); clip_tokens [B, ctx]:
         the real captions; hard_clip_tokens [B, M, ctx]: optional per-image hard-negative
-        captions (extra image-to-text negatives). Returns a dict with `loss` and the logged terms."""
+        captions (extra image-to-text negatives); view_tokens [B, L, C]: optional clean latents of
+        a second picture of each image's subject (for `view_weight`). Returns a dict with `loss`
+        and the logged terms."""
         c = self.config
         L = tokens.shape[1]
         masked_frac = mask.float().sum(dim=1) / L
@@ -122,8 +125,10 @@ class DreamModel(nn.Module):
         # Contrastive loss on samples with at least `min_visible_for_clip` of their tokens visible.
         clip_ok = (1 - masked_frac) >= c.min_visible_for_clip
         out["clip_share"] = clip_ok.float().mean().item()
-        if c.clip_weight > 0:
+        if c.clip_weight > 0 or c.view_weight > 0:
             image_emb = self.embed_image(enc)
+            out["logit_scale"] = self.clamped_logit_scale().exp().item()
+        if c.clip_weight > 0:
             text_emb = self.encode_text(clip_tokens)
             hard_emb = None
             if hard_clip_tokens is not None:
@@ -132,8 +137,16 @@ class DreamModel(nn.Module):
             clip, stats = masked_contrastive_loss(image_emb, text_emb, clip_ok, self.clamped_logit_scale(), hard_emb)
             out["clip"] = clip.detach()
             out.update(stats)
-            out["logit_scale"] = self.clamped_logit_scale().exp().item()
             total = total + c.clip_weight * clip
+        if c.view_weight > 0:  # the same eligible images against a second picture of each, seen whole
+            if view_tokens is None:
+                raise ValueError("config.view_weight > 0 needs view_tokens: a second picture of each image's "
+                                 "subject (the recipe's cross_style_views)")
+            view, view_stats = masked_contrastive_loss(image_emb, self.encode_image(view_tokens), clip_ok,
+                                                       self.clamped_logit_scale())
+            out["view"] = view.detach()
+            out["view_acc"] = view_stats.get("clip_i2t_acc", 0.0)
+            total = total + c.view_weight * view
 
         if need_repa:
             nb = c.buffer_size

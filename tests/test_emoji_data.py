@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -147,6 +148,63 @@ def test_build_and_source_on_a_fake_cache(tmp_path):
     assert tuple(every.images[0, 2, 32, 32]) == (255, 0, 0)
     # built once: a second call reads nothing from the packages
     assert build_emoji_set(cache) == path
+
+
+def test_cross_style_views_show_the_emoji_in_its_other_trained_styles(tmp_path):
+    """recipe.cross_style_views: each sample also carries its emoji in another style of the split,
+    turning with the caption template; a held-out OpenMoji image is never anyone's view."""
+    try:
+        emoji.svg_renderer()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    from training.data.sources import build_dataloader
+    from training.recipes import get_recipe
+
+    path = build_emoji_set(fake_cache(tmp_path / "cache"))
+    train = EmojiSource(path.parent, "train", views=True)
+    assert not EmojiSource(path.parent, "train").views
+    noto, twemoji, openmoji = (STYLES.index(s) for s in ("noto", "twemoji", "openmoji"))
+    n = len(train.pairs)
+    seen = []
+    for t in range(len(CAPTION_TEMPLATES)):  # emoji 0 in Noto: Twemoji and OpenMoji in turn
+        view = np.asarray(train.read_view(t * n))
+        seen.append(next(s for s in (twemoji, openmoji) if np.array_equal(view, train.images[0, s])))
+    assert seen == [twemoji, openmoji, twemoji, openmoji, twemoji]
+    held_noto = next(i for i, (e, s) in enumerate(train.pairs.tolist()) if e == 4 and s == noto)
+    for t in range(len(CAPTION_TEMPLATES)):  # the held-out emoji: only Twemoji, whatever the template
+        assert np.array_equal(np.asarray(train.read_view(held_noto + t * n)), train.images[4, twemoji])
+    recipe = get_recipe("emoji").overrides([f"data_path={path.parent}", "batch_size=4", "cross_style_views=true"])
+    batch = next(iter(build_dataloader(recipe, SimpleNamespace(image_size=64))))
+    assert batch["view"].shape == batch["image"].shape == (4, 3, 64, 64)
+    with pytest.raises(ValueError, match="recipe.cross_style_views pairs each emoji with its other styles "
+                                         r"\(data=emoji\), not data=shapes"):
+        get_recipe("shapes").overrides(["cross_style_views=true"])
+
+
+def test_a_run_with_cross_style_views_trains_the_view_loss(tmp_path, tiny_model_dir):
+    """The trainer encodes each sample's view and the model logs the image-to-image loss; the
+    views and model.view_weight come together or not at all."""
+    try:
+        emoji.svg_renderer()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    from training.recipes import get_recipe
+    from training.train import Trainer
+
+    path = build_emoji_set(fake_cache(tmp_path / "cache"))
+    tiny = ["model=tiny", f"data_path={path.parent}", f"vae_path={tiny_model_dir / 'vae'}",
+            f"t5_path={tiny_model_dir / 'text'}", "model.vae_scaling_factor=0.5", "model.t5_dim=32",
+            "model.t5_path=text", "model.t5_max_length=16", "model.clip_context_length=16", "batch_size=4",
+            "samples_per_epoch=70", "max_steps=2", "log_every=1", "ckpt_every=0", "sample_every=0",
+            "precision=fp32", "max_unknown_share=1", "masking=fx", "mask_std=1.0"]
+    run = Trainer(get_recipe("emoji").overrides(tiny + ["cross_style_views=true", "model.view_weight=0.5"]),
+                  tmp_path / "run")
+    last = run.fit()
+    assert "view" in last and last["view"] > 0
+    for extra, typed in ((["cross_style_views=true"], "cross_style_views=True with model.view_weight=0.0"),
+                         (["model.view_weight=0.5"], "cross_style_views=False with model.view_weight=0.5")):
+        with pytest.raises(ValueError, match=f"recipe.{typed}: the views feed the image-to-image loss"):
+            Trainer(get_recipe("emoji").overrides(tiny + extra), tmp_path / "refused")
 
 
 def test_missing_npm_is_named(tmp_path, monkeypatch):

@@ -160,6 +160,28 @@ def test_forward_train_returns_the_logged_terms_and_backpropagates():
     assert model.logit_scale.grad is not None
 
 
+def test_view_loss_pairs_each_image_with_its_second_picture():
+    """view_weight: image-to-image InfoNCE on the eligible images against their views seen whole;
+    it trains the image side only, and refuses to run without the views."""
+    torch.manual_seed(0)
+    c = DreamConfig.preset("tiny").replace(diffusion_weight=0.0, clip_weight=0.0, view_weight=1.0)
+    model = DreamModel(c).train()
+    tokens, t5_hidden, t5_mask, clip_tokens = _inputs(c, 4, text_len=8)
+    mask = _mask_with_counts([2, 4, 6, 16], c.seq_len)  # the last is below min_visible_for_clip
+    with pytest.raises(ValueError, match="config.view_weight > 0 needs view_tokens"):
+        model(tokens, mask, t5_hidden, t5_mask, clip_tokens)
+    out = model(tokens, mask, t5_hidden, t5_mask, clip_tokens, view_tokens=tokens + 0.1 * torch.randn_like(tokens))
+    assert "clip" not in out and out["clip_share"] == 0.75
+    torch.testing.assert_close(out["loss"].detach(), out["view"])
+    assert 0.0 <= out["view_acc"] <= 1.0
+    out["loss"].backward()
+    assert model.encoder.z_proj.weight.grad is not None and model.projector[0].weight.grad is not None
+    assert model.text_tower.transformer.token_embedding.weight.grad is None  # no caption in this loss
+    both = DreamModel(c.replace(diffusion_weight=1.0, clip_weight=0.005, view_weight=0.5)).train()
+    out = both(tokens, mask, t5_hidden, t5_mask, clip_tokens, view_tokens=tokens)
+    torch.testing.assert_close(out["loss"].detach(), out["diffusion"] + 0.005 * out["clip"] + 0.5 * out["view"])
+
+
 def test_repa_branch_aligns_the_requested_block():
     torch.manual_seed(0)
     model = DreamModel(DreamConfig.preset("tiny").replace(repa_block=1, repa_teacher_dim=8)).train()

@@ -455,6 +455,8 @@ def test_resume_refuses_other_caption_templates_and_reads_an_older_layout_as_all
         check_resume(older, run_layout(name_only, 1), "ckpt")
     with pytest.raises(ValueError, match=r"crop_min: checkpoint 1.0 vs now 0.8"):
         check_resume(older, run_layout(recipe.overrides(["crop_min=0.8"]), 1), "ckpt")
+    with pytest.raises(ValueError, match=r"cross_style_views: checkpoint False vs now True"):
+        check_resume(older, run_layout(recipe.overrides(["cross_style_views=true"]), 1), "ckpt")
 
 
 def test_resume_takes_new_sampling_defaults_but_refuses_another_architecture(data, trained, tmp_path):

@@ -270,7 +270,7 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
 # Settings that position the data stream, choose its captions and views, or scale the LR: a resume
 # must use the same ones.
 RESUME_KEYS = ("world_size", "grad_accum", "batch_size", "global_batch", "data", "data_path", "cache_path",
-               "caption_templates", "crop_min", "seed", "fsdp")
+               "caption_templates", "crop_min", "cross_style_views", "seed", "fsdp")
 
 
 def run_layout(recipe, world: int) -> dict[str, Any]:
@@ -278,8 +278,8 @@ def run_layout(recipe, world: int) -> dict[str, Any]:
     return {"world_size": world, "grad_accum": recipe.grad_accum, "batch_size": recipe.batch_size,
             "global_batch": recipe.batch_size * recipe.grad_accum * world, "data": recipe.data,
             "data_path": recipe.data_path, "cache_path": recipe.cache_path,
-            "caption_templates": recipe.caption_templates, "crop_min": recipe.crop_min, "seed": recipe.seed,
-            "fsdp": bool(recipe.fsdp)}
+            "caption_templates": recipe.caption_templates, "crop_min": recipe.crop_min,
+            "cross_style_views": recipe.cross_style_views, "seed": recipe.seed, "fsdp": bool(recipe.fsdp)}
 
 
 def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
@@ -297,7 +297,7 @@ def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
             saved["global_batch"] = r["batch_size"] * r["grad_accum"] * world
     # Layouts recorded before these keys existed trained on every template ("") and whole images
     # (1.0), unless the recipe saved beside them names a choice.
-    for key, before in (("caption_templates", ""), ("crop_min", 1.0)):
+    for key, before in (("caption_templates", ""), ("crop_min", 1.0), ("cross_style_views", False)):
         saved.setdefault(key, meta.get("recipe", {}).get(key, before))
     diff = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
     if diff:

@@ -77,6 +77,9 @@ class TrainRecipe:
     # emoji data only: the caption templates trained on, comma-separated indices into
     # training.data.emoji.CAPTION_TEMPLATES (e.g. "0,3": the style-free ones); "" = all of them.
     caption_templates: str = ""
+    # emoji data only: each sample also carries its emoji in another trained style, whole, for the
+    # model's image-to-image loss (`model.view_weight`, which must then be > 0).
+    cross_style_views: bool = False
 
     # optimisation
     epochs: float = 49.0
@@ -206,6 +209,9 @@ class TrainRecipe:
                                                     else ": its captions name positions"))
         if self.caption_templates and self.data != "emoji":
             raise ValueError(f"recipe.caption_templates chooses among the emoji set's captions (data=emoji), "
+                             f"not data={self.data}")
+        if self.cross_style_views and self.data != "emoji":
+            raise ValueError(f"recipe.cross_style_views pairs each emoji with its other styles (data=emoji), "
                              f"not data={self.data}")
         if self.max_steps < 0:
             raise ValueError(f"recipe.max_steps must be >= 0, got {self.max_steps}")

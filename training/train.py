@@ -106,6 +106,10 @@ class Trainer:
         recipe = recipe.resolved()  # init_from: the model directory's vae/ and text/ by default
         self.recipe, self.out = recipe, Path(out)
         self.config = recipe.model_config()  # geometry read from the VAE / T5 configs
+        if recipe.cross_style_views != (self.config.view_weight > 0):  # each is useless without the other
+            raise ValueError(f"recipe.cross_style_views={recipe.cross_style_views} with model.view_weight="
+                             f"{self.config.view_weight}: the views feed the image-to-image loss, so set both "
+                             "(cross_style_views=true model.view_weight=W) or neither")
         cuda = torch.cuda.is_available()
         precision = {"auto": "bf16" if cuda else "no", "bf16": "bf16", "fp32": "no"}[recipe.precision]
         self.precision = precision
@@ -331,6 +335,8 @@ class Trainer:
                 tokens = patchify(latents, c.patch_size)
             else:
                 tokens = self.tokenizer.encode(batch["image"].to(self.device), sample=True)
+            view_tokens = (self.tokenizer.encode(batch["view"].to(self.device), sample=True).float()
+                           if "view" in batch else None)
             if "t5_hidden" in batch:
                 t5_hidden, t5_mask = batch["t5_hidden"].to(self.device).float(), batch["t5_mask"].to(self.device)
             else:
@@ -342,6 +348,8 @@ class Trainer:
         mask = random_token_mask(ratios, c.seq_len, self.mask_gen).to(self.device)
         out = {"tokens": tokens, "mask": mask, "t5_hidden": t5_hidden, "t5_mask": t5_mask,
                "clip_tokens": self.clip_tok(captions).to(self.device), "ratios": ratios}
+        if view_tokens is not None:
+            out["view_tokens"] = view_tokens
         if "hard_negatives" in batch:  # [B][M] captions -> [B, M, context]
             negs = batch["hard_negatives"]
             flat = self.clip_tok([c for row in negs for c in row])
@@ -360,7 +368,7 @@ class Trainer:
             if self.sharded:  # FSDP2: reduce-scatter gradients on the last micro-batch only
                 self.model.set_requires_gradient_sync(self.acc.sync_gradients)
             out = self.model(t["tokens"], t["mask"], t["t5_hidden"], t["t5_mask"], t["clip_tokens"], t.get("repa_target"),
-                             t.get("hard_clip_tokens"))
+                             t.get("hard_clip_tokens"), t.get("view_tokens"))
             loss = out["loss"]
             stop_if_not_finite(out, self.step, self.device)  # all ranks together, before any backward
             self.acc.backward(loss)
@@ -539,7 +547,7 @@ class Trainer:
                 now = time.time()
                 row = {"step": self.step, "epoch": round(self.epoch, 4)}
                 for k, v in out.items():
-                    if k in ("loss", "diffusion", "clip", "repa"):
+                    if k in ("loss", "diffusion", "clip", "view", "repa"):
                         v = self.acc.reduce(v.detach().reshape(1).to(self.device), "mean").item()
                     if isinstance(v, (int, float)):
                         row[k] = round(float(v), 6)

@@ -293,7 +293,7 @@ class EmojiSource:
     """Map-style source over the built emoji set (see the module doc): `read(i)` -> (PIL RGB 64 x 64,
     caption). `split` train: every image but the held-out OpenMoji ones; heldout: those only; all."""
 
-    def __init__(self, root: str | Path, split: str = "train", templates: str = "") -> None:
+    def __init__(self, root: str | Path, split: str = "train", templates: str = "", views: bool = False) -> None:
         root = Path(root)
         path = root / "emoji-64.npz" if root.is_dir() else root
         if not path.is_file() or not path.with_suffix(".json").is_file():
@@ -316,6 +316,11 @@ class EmojiSource:
                 if split == "all" or (split == "heldout") == in_heldout:
                     pairs.append((e, s))
         self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        # With views, `read_view(i)` gives sample i's emoji in another style of this split.
+        self.views = views
+        self.styles_of: dict[int, list[int]] = {}
+        for e, s in self.pairs.tolist():
+            self.styles_of.setdefault(e, []).append(s)
         # The caption templates of the samples, in order (held-out images: the name alone).
         self.template_ids = (0,) if split == "heldout" else parse_templates(templates)
 
@@ -347,6 +352,14 @@ class EmojiSource:
     def read(self, i: int) -> tuple[Image.Image, str]:
         e, s, t = self.pair(i)
         return Image.fromarray(self.images[e, s]), caption(self.records[e], self.styles[s], t)
+
+    def read_view(self, i: int) -> Image.Image:
+        """Sample i's emoji in another style of this split (the held-out OpenMoji images never, in
+        the train split): which one turns with the caption template, so that the samples of one
+        image see each other style in turn. An emoji with one style in the split is its own view."""
+        e, s, t = self.pair(i)
+        others = [o for o in self.styles_of[e] if o != s] or [s]
+        return Image.fromarray(self.images[e, others[t % len(others)]])
 
 
 def main() -> None:

@@ -704,7 +704,10 @@ def _image_sample(size: int) -> Callable[..., dict]:
             image = crop.apply(image)
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return {"image": to_tensor(image), "caption": text}
+        sample = {"image": to_tensor(image), "caption": text}
+        if getattr(source, "views", False):  # a second picture of the subject, whole (EmojiSource)
+            sample["view"] = to_tensor(adm_center_crop(source.read_view(idx), size))
+        return sample
 
     return make
 
@@ -770,7 +773,7 @@ def open_source(recipe, verify: bool = True):
     if recipe.data == "emoji":
         from training.data.emoji import EmojiSource
 
-        return EmojiSource(recipe.data_path, "train", recipe.caption_templates)
+        return EmojiSource(recipe.data_path, "train", recipe.caption_templates, views=recipe.cross_style_views)
     if recipe.data == "folder":
         folders = [FolderSource(recipe.data_path)]
         if getattr(recipe, "preserve_path", ""):
