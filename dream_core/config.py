@@ -109,8 +109,8 @@ class DreamConfig:
     clip_weight: float = 0.005
     # Image-to-image InfoNCE between each image's joint-space embedding (its masked encoder pass,
     # as the contrastive loss sees it) and a second picture of the same subject seen whole (the
-    # recipe's `cross_style_views`: the emoji in another style); 0 = off. Teaches the encoder what
-    # stays the same across pictures of one thing, which captions alone did not.
+    # recipe's `cross_style_views`: the emoji in another style); 0 = off. It asks the encoder for
+    # what stays the same across pictures of one thing (measured: docs/experiments/emoji.md).
     view_weight: float = 0.0
     min_visible_for_clip: float = 0.25
     min_masked_for_diffusion: float = 0.5

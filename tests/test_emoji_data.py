@@ -189,7 +189,7 @@ def test_a_run_with_cross_style_views_trains_the_view_loss(tmp_path, tiny_model_
     except RuntimeError as err:
         pytest.skip(str(err))
     from training.recipes import get_recipe
-    from training.train import Trainer
+    from training.train import Trainer, views_config
 
     path = build_emoji_set(fake_cache(tmp_path / "cache"))
     tiny = ["model=tiny", f"data_path={path.parent}", f"vae_path={tiny_model_dir / 'vae'}",
@@ -205,6 +205,9 @@ def test_a_run_with_cross_style_views_trains_the_view_loss(tmp_path, tiny_model_
                          (["model.view_weight=0.5"], "cross_style_views=False with model.view_weight=0.5")):
         with pytest.raises(ValueError, match=f"recipe.{typed}: the views feed the image-to-image loss"):
             Trainer(get_recipe("emoji").overrides(tiny + extra), tmp_path / "refused")
+    # a weight inherited from init_from's config (a heads round of a model trained with views) is off
+    heads = get_recipe("emoji-heads").overrides([f"init_from={tmp_path / 'run'}"])
+    assert views_config(heads, run.config).view_weight == 0.0 and run.config.view_weight == 0.5
 
 
 def test_missing_npm_is_named(tmp_path, monkeypatch):

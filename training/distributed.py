@@ -283,8 +283,8 @@ def run_layout(recipe, world: int) -> dict[str, Any]:
 
 
 def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
-    """Refuse to resume with another world size, accumulation, batch, data source, caption set, crop
-    or sharding: each would silently shift the data stream (positions are a function of them),
+    """Refuse to resume with another world size, accumulation, batch, data source, caption set, crop,
+    views or sharding: each would silently shift the data stream (positions are a function of them),
     change what the captions say or the images show, or change the LR."""
     saved = dict(meta.get("layout") or {})
     if not saved:  # checkpoints written before the layout was recorded
@@ -295,8 +295,8 @@ def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
                  "seed": r.get("seed"), "fsdp": bool(r.get("fsdp"))}
         if r.get("batch_size") and r.get("grad_accum"):
             saved["global_batch"] = r["batch_size"] * r["grad_accum"] * world
-    # Layouts recorded before these keys existed trained on every template ("") and whole images
-    # (1.0), unless the recipe saved beside them names a choice.
+    # Layouts recorded before these keys existed trained on every template (""), whole images (1.0)
+    # and no views (False), unless the recipe saved beside them names a choice.
     for key, before in (("caption_templates", ""), ("crop_min", 1.0), ("cross_style_views", False)):
         saved.setdefault(key, meta.get("recipe", {}).get(key, before))
     diff = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]

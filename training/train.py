@@ -106,10 +106,7 @@ class Trainer:
         recipe = recipe.resolved()  # init_from: the model directory's vae/ and text/ by default
         self.recipe, self.out = recipe, Path(out)
         self.config = recipe.model_config()  # geometry read from the VAE / T5 configs
-        if recipe.cross_style_views != (self.config.view_weight > 0):  # each is useless without the other
-            raise ValueError(f"recipe.cross_style_views={recipe.cross_style_views} with model.view_weight="
-                             f"{self.config.view_weight}: the views feed the image-to-image loss, so set both "
-                             "(cross_style_views=true model.view_weight=W) or neither")
+        self.config = views_config(recipe, self.config)
         cuda = torch.cuda.is_available()
         precision = {"auto": "bf16" if cuda else "no", "bf16": "bf16", "fp32": "no"}[recipe.precision]
         self.precision = precision
@@ -666,6 +663,23 @@ class Trainer:
 
 VOCAB_SAMPLE = 2000  # captions the <unk> check reads from data larger than that (spread over it)
 NAMED_UNKNOWN = 12  # unknown words named, most frequent first
+
+
+def views_config(recipe: TrainRecipe, config: DreamConfig) -> DreamConfig:
+    """The config a run trains with, as to the image-to-image loss: the views feed it, so typed
+    alone either is an error; a weight inherited from init_from's config (a model trained with
+    views, now fine-tuned or given a heads round without them) is turned off for this run."""
+    typed = "view_weight" in recipe.model_overrides
+    if recipe.cross_style_views and config.view_weight <= 0 or typed and config.view_weight > 0 \
+            and not recipe.cross_style_views:
+        raise ValueError(f"recipe.cross_style_views={recipe.cross_style_views} with model.view_weight="
+                         f"{config.view_weight}: the views feed the image-to-image loss, so set both "
+                         "(cross_style_views=true model.view_weight=W) or neither")
+    if config.view_weight > 0 and not recipe.cross_style_views:
+        print(f"model.view_weight {config.view_weight} (from {recipe.init_from}) is off in this run: it has no "
+              "cross-style views", flush=True)
+        return config.replace(view_weight=0.0)
+    return config
 
 
 def caption_sample(recipe: TrainRecipe, source, limit: int = VOCAB_SAMPLE) -> list[str]:
