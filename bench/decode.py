@@ -38,8 +38,8 @@ from typing import Callable
 import torch
 
 from bench.common import (CLOCKS, ROOT, Stopwatch, count_flops, fmt_flops, fmt_s, machine_info, mar_size_config,
-                          markdown_table, matmul_peak, median, patched, random_model, random_text, resolve_device,
-                          setup_threads, paired_ratio, time_interleaved, weights_line)
+                          markdown_table, matmul_peak, median, paired_ratio, patched, random_model, random_text,
+                          resolve_device, setup_threads, time_interleaved, weights_line)
 from dream_core.model import DreamModel
 from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, HEAD_SAMPLERS,
                                 default_decision_step)

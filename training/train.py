@@ -669,15 +669,14 @@ def views_config(recipe: TrainRecipe, config: DreamConfig) -> DreamConfig:
     """The config a run trains with, as to the image-to-image loss: the views feed it, so typed
     alone either is an error; a weight inherited from init_from's config (a model trained with
     views, now fine-tuned or given a heads round without them) is turned off for this run."""
+    views, weight = recipe.cross_style_views, config.view_weight
     typed = "view_weight" in recipe.model_overrides
-    if recipe.cross_style_views and config.view_weight <= 0 or typed and config.view_weight > 0 \
-            and not recipe.cross_style_views:
-        raise ValueError(f"recipe.cross_style_views={recipe.cross_style_views} with model.view_weight="
-                         f"{config.view_weight}: the views feed the image-to-image loss, so set both "
-                         "(cross_style_views=true model.view_weight=W) or neither")
-    if config.view_weight > 0 and not recipe.cross_style_views:
-        print(f"model.view_weight {config.view_weight} (from {recipe.init_from}) is off in this run: it has no "
-              "cross-style views", flush=True)
+    if (views and weight <= 0) or (typed and weight > 0 and not views):
+        raise ValueError(f"recipe.cross_style_views={views} with model.view_weight={weight}: the views feed the "
+                         "image-to-image loss, so set both (cross_style_views=true model.view_weight=W) or neither")
+    if weight > 0 and not views:
+        print(f"model.view_weight {weight} (from {recipe.init_from}) is off in this run: it has no cross-style views",
+              flush=True)
         return config.replace(view_weight=0.0)
     return config
 
