@@ -45,7 +45,7 @@ from dream_core.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, HEAD_SAMP
                                 default_decision_step)
 from dream_core.sampling import TextCondition, candidate_generators
 from dream_core.semantic_decoding import semantic_decode
-from training.evaluate.cli import parse_head_samplers, parse_int_list, run_cli
+from training.evaluate.cli import argparse_type, parse_head_samplers, parse_int_list, run_cli
 
 SECTIONS = ("candidates", "grid", "latency", "previews", "memory")
 APP_ROW = "the app (generate_stream: preview decoder, 10 % budget)"
@@ -419,24 +419,12 @@ def memory_section(target: Target, args: argparse.Namespace) -> str:
 def _positive_ints(name: str) -> Callable[[str], list[int]]:
     """argparse type: a comma-separated list of positive integers, errors naming the flag."""
     def parse(text: str) -> list[int]:
-        values = _argument(parse_int_list, name)(text)
+        values = argparse_type(parse_int_list, name)(text)
         if min(values) < 1:
             raise argparse.ArgumentTypeError(f"{name} takes positive integers, got {text!r}")
         return values
 
     return parse
-
-
-def _argument(parse: Callable[[str, str], list], name: str) -> Callable[[str], list]:
-    """argparse type from one of the project's `parse_*(text, name)` parsers: argparse shows an
-    ArgumentTypeError's own message (a ValueError's would read only "invalid value")."""
-    def convert(text: str) -> list:
-        try:
-            return parse(text, name)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return convert
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -460,7 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="decoding steps of the grid")
     ap.add_argument("--head-steps", type=_positive_ints("--head-steps"), default=list(GRID_HEAD_STEPS),
                     help="head steps of the grid")
-    ap.add_argument("--head-samplers", type=_argument(parse_head_samplers, "--head-samplers"), default=None,
+    ap.add_argument("--head-samplers", type=argparse_type(parse_head_samplers, "--head-samplers"), default=None,
                     help=f"head samplers of the grid, comma-separated of {','.join(HEAD_SAMPLERS)} "
                          "(default: the model's default_head_sampler)")
     ap.add_argument("--app-steps", type=int, default=DEFAULT_STEPS,

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from dream_core.pipeline import PREVIEW_DIR
-from training.evaluate.cli import parse_int_list
+from training.evaluate.cli import argparse_type, parse_int_list
 from training.make_shapes_model import bundled_config, dream_schedule, run, timed, timed_build
 from training.recipes import EMOJI_DATA, get_recipe
 
@@ -146,10 +146,7 @@ def heads_round(args: argparse.Namespace, py: str, data: str, init: Path, pretra
 
 def stage_steps(text: str) -> list[int]:
     """--continue-steps: '18000,2500' -> [18000, 2500]; '0' -> no continued stage."""
-    try:
-        steps = parse_int_list(text, "--continue-steps")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    steps = argparse_type(parse_int_list, "--continue-steps")(text)
     if steps == [0]:
         return []
     if min(steps) < 1:

@@ -67,6 +67,18 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return values
 
 
+def argparse_type(parse: Callable[[str, str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse `type=` from one of the `parse_*(text, name)` parsers here: argparse shows an
+    ArgumentTypeError's own message (a ValueError's would read only "invalid value")."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
 def parse_head_samplers(text: str, name: str) -> list[str]:
     """A comma-separated list of the head's samplers, each one of `request.HEAD_SAMPLERS`."""
     values = [v.strip() for v in str(text).split(",") if v.strip()]
