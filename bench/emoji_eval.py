@@ -45,7 +45,7 @@ from PIL import Image
 
 from bench.paper_table17 import budget_settings, nfe_per_image
 from dream_core.pipeline import DreamPipeline
-from dream_core.request import SamplerSettings, default_decision_step, default_steps
+from dream_core.request import SamplerSettings, default_decision_step
 from dream_core.semantic_decoding import Setting
 from training.data.emoji import PACKAGE_OF_STYLE, STYLES, EmojiSource, package_dir, render_svg
 from training.evaluate.cli import run_metadata, write_json
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--candidates", type=int, default=9, help="SAD's K (1: K = 1 only)")
     ap.add_argument("--guidance-scale", type=float, default=None, help="CFG (default: the model's)")
     ap.add_argument("--temperature", type=float, default=None, help="head temperature (default: the model's)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="decoding steps of the generation and budget sections (default: the app's, one a token up to 64)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
@@ -184,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     pipe = DreamPipeline.from_pretrained(args.model, device="cpu")
+    try:  # the request's own check (1 .. the model's tokens), its default resolved
+        args.steps = SamplerSettings(num_inference_steps=args.steps).request("a").validate(pipe.config).num_inference_steps
+    except ValueError as err:
+        ap.error(f"--steps: {err}")
     source = EmojiSource(args.data, "all")
     recs = source.records
     held_pairs = EmojiSource(args.data, "heldout").pairs
@@ -270,12 +276,13 @@ def generation_section(pipe: DreamPipeline, args: argparse.Namespace, result: di
                        held_pairs: np.ndarray, train_pairs: np.ndarray, rng: np.random.Generator) -> None:
     """K = 1 and SAD on seen and held-out pairs, with the VAE ceiling, into `result`; the sheet."""
     recs, images = source.records, source.images
-    steps = default_steps(pipe.config.seq_len)
+    steps = args.steps
     decision = default_decision_step(pipe.config, steps)
     settings = {"k1": Setting(1)}
     if args.candidates > 1:
         settings["sad"] = Setting(args.candidates, decision)
-    sampler = SamplerSettings(guidance_scale=args.guidance_scale, temperature=args.temperature)
+    sampler = SamplerSettings(num_inference_steps=steps, guidance_scale=args.guidance_scale,
+                              temperature=args.temperature)
     refs = thumbs(images.reshape(-1, 64, 64, 3)).reshape(len(recs), len(STYLES), -1)
     result["generation"] = {"steps": steps, "decision_step": decision, "candidates": args.candidates,
                             "guidance_scale": args.guidance_scale or pipe.config.default_guidance_scale,
@@ -350,13 +357,14 @@ def budget_section(pipe: DreamPipeline, args: argparse.Namespace, result: dict, 
     """Table 17 on emoji: K under the budget S (decision step S // K) on --n-seen seen pairs (the
     generation section's pairs and seeds: rng as there), judged; paired against K = 1."""
     recs, images = source.records, source.images
-    steps = default_steps(pipe.config.seq_len)
+    steps = args.steps
     settings = budget_settings(list(BUDGET_KS), steps, steps)
     pairs = train_pairs[rng.choice(len(train_pairs), args.n_seen, replace=False)]
     prompts = [PROMPT.format(name=recs[e]["name"], style=STYLES[s]) for e, s in pairs]
     seeds = [args.seed * 100_003 + i for i in range(len(pairs))]
     refs = thumbs(images.reshape(-1, 64, 64, 3)).reshape(len(recs), len(STYLES), -1)
-    sampler = SamplerSettings(guidance_scale=args.guidance_scale, temperature=args.temperature)
+    sampler = SamplerSettings(num_inference_steps=steps, guidance_scale=args.guidance_scale,
+                              temperature=args.temperature)
     run = pipe.generate_batch(prompts, seeds, settings, sampler=sampler, progress=True)
     verdicts = {s: judged(np.stack([np.asarray(im.convert("RGB")) for im in run.results[s].images]), pairs, refs)
                 for s in settings}

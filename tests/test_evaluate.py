@@ -605,6 +605,17 @@ def test_emoji_eval_pairs_two_measured_files_without_a_model(tmp_path, capsys):
         emoji_eval.main(["--paired", str(new), str(other)])
 
 
+def test_emoji_eval_checks_its_decoding_steps_against_the_model(tiny_model_dir, tmp_path, capsys):
+    """--steps is checked as a request's num_inference_steps, before any data is read."""
+    from bench import emoji_eval
+
+    for bad in ("17", "0"):  # the tiny model has 16 tokens
+        with pytest.raises(SystemExit):
+            emoji_eval.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "no-data"),
+                             "--sections", "generation", "--steps", bad])
+        assert f"--steps: num_inference_steps must be between 1 and 16, got {bad}" in capsys.readouterr().err
+
+
 def test_emoji_eval_refuses_a_baseline_it_cannot_pair(tmp_path):
     from bench import emoji_eval
 
