@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     pipe = DreamPipeline.from_pretrained(args.model, device="cpu")
     try:  # the request's own check (1 .. the model's tokens), its default resolved
-        args.steps = SamplerSettings(num_inference_steps=args.steps).request("a").validate(pipe.config).num_inference_steps
+        check = SamplerSettings(num_inference_steps=args.steps).request("a", num_candidates=args.candidates)
+        args.steps = check.validate(pipe.config).num_inference_steps
     except ValueError as err:
         ap.error(f"--steps: {err}")
     source = EmojiSource(args.data, "all")
