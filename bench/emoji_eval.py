@@ -45,7 +45,7 @@ from PIL import Image
 
 from bench.paper_table17 import budget_settings, nfe_per_image
 from dream_core.pipeline import DreamPipeline
-from dream_core.request import SamplerSettings, default_decision_step
+from dream_core.request import MAX_CANDIDATES, SamplerSettings, default_decision_step
 from dream_core.semantic_decoding import Setting
 from training.data.emoji import PACKAGE_OF_STYLE, STYLES, EmojiSource, package_dir, render_svg
 from training.evaluate.cli import run_metadata, write_json
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if not sections or sections - set(SECTIONS):
         ap.error(f"--sections takes a subset of {', '.join(SECTIONS)}, got {args.sections!r}")
-    if args.candidates < 1:
-        ap.error("--candidates must be >= 1")
+    if not 1 <= args.candidates <= MAX_CANDIDATES:  # the request's bound, so the check below names --steps alone
+        ap.error(f"--candidates must be between 1 and {MAX_CANDIDATES}, got {args.candidates}")
     baseline = read_baseline(args.baseline) if args.baseline else None
     if baseline is not None and "generation" not in sections:
         ap.error("--baseline pairs generation verdicts: --sections must include generation")

@@ -617,6 +617,9 @@ def test_emoji_eval_checks_its_decoding_steps_against_the_model(tiny_model_dir, 
     with pytest.raises(SystemExit):  # SAD's K = 9 needs a decision step before the last
         emoji_eval.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "no-data"), "--steps", "1"])
     assert "--steps: with more than one candidate, num_inference_steps must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bad K is named as --candidates, not as the steps
+        emoji_eval.main(["--model", str(tiny_model_dir), "--candidates", "65"])
+    assert "--candidates must be between 1 and 64, got 65" in capsys.readouterr().err
 
 
 def test_emoji_eval_refuses_a_baseline_it_cannot_pair(tmp_path):
