@@ -298,6 +298,23 @@ def test_the_bundled_emoji_model_carries_its_bank_examples_and_attributions():
     assert examples and all(any(name in e for name in pipe.captions) for e in examples)
 
 
+def test_every_emoji_export_decodes_with_the_bundled_models_sampler_defaults(tiny_model_dir):
+    """The emoji recipes' model config carries the sampler defaults `make model-emoji` writes, so an
+    ablation arm's export (no heads round) is judged as the bundled model decodes, with no step after."""
+    from dream_core.config import DreamConfig
+    from training.recipes import EMOJI_SAMPLER_DEFAULTS, get_recipe
+
+    paths = [f"vae_path={tiny_model_dir / 'vae'}", f"t5_path={tiny_model_dir / 'text'}", "model=tiny"]
+    shipped = DreamConfig.load(ROOT / "assets" / "dream-emoji" / "config.json")
+    for name, over in (("emoji", paths), ("emoji-heads", [f"init_from={tiny_model_dir}"])):
+        config = get_recipe(name).overrides(over).model_config()
+        for key, value in EMOJI_SAMPLER_DEFAULTS.items():
+            assert getattr(config, key) == getattr(shipped, key) == value, (name, key)
+    # A request-side override still wins over the recipe's: model.KEY=value as for any other field.
+    config = get_recipe("emoji").overrides([*paths, "model.default_head_steps=100"]).model_config()
+    assert config.default_head_steps == 100
+
+
 def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_ships_the_last(tmp_path, monkeypatch):
     """`make model-emoji`'s stages in order, each command as the build runs it (run faked: every
     stage writes what it would): DREAM, a heads round, then each stage of continued pretraining from
@@ -308,6 +325,7 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
 
     from dream_core.config import DreamConfig
     from training import make_emoji_model as build_mod
+    from training.recipes import EMOJI_SAMPLER_DEFAULTS
 
     calls: list[list[str]] = []
 
@@ -345,7 +363,7 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
     config = DreamConfig.load(out / "config.json")
     assert (config.diffusion_weight, config.clip_weight) == (1.0, 0.005)
     shipped = DreamConfig.load(ROOT / "assets" / "dream-emoji" / "config.json")
-    for key, value in build_mod.SAMPLER_DEFAULTS.items():
+    for key, value in EMOJI_SAMPLER_DEFAULTS.items():
         assert getattr(config, key) == getattr(shipped, key) == value, key
     # --continue-steps 0 (no stage): the first heads round's model is the result.
     calls.clear()

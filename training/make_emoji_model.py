@@ -31,7 +31,7 @@ from pathlib import Path
 from dream_core.pipeline import PREVIEW_DIR
 from training.evaluate.cli import argparse_type, parse_int_list
 from training.make_shapes_model import bundled_config, dream_schedule, run, timed, timed_build
-from training.recipes import EMOJI_DATA, get_recipe
+from training.recipes import EMOJI_DATA, EMOJI_SAMPLER_DEFAULTS, get_recipe
 
 # The VAE: the Shapes World's architecture (16/32/64 channels, stride 4, 4 latent channels), plain
 # L1 + MSE (an emoji fills its box: no object weighting).
@@ -74,15 +74,6 @@ EXAMPLES = (
     "birthday cake, noto style",
     "flag: Japan",
 )
-# The sampler defaults written into the model's config (a request may still set its own). CFG and
-# temperature from K = 1 on 100 seen development prompts (seed 7): 16 % judged right at CFG 1.5 /
-# temperature 0.7, 13 % at 1.5 / 1.0, 15 % at 3.0 / 0.7, all within one another's intervals
-# (docs/experiments/emoji.md); the SAD decision share is not tuned. The head: 15 ancestral steps
-# instead of 100, within noise of 100 on the evaluation's prompts (paired: seen K = 1 +0.3 points
-# [-3.6, +4.2], held-out -1.4 [-4.1, +1.1]) at 2.3x the generation throughput, the Shapes World's
-# head rule (docs/experiments/head-sampler.md).
-SAMPLER_DEFAULTS = dict(sad_decision_share=0.5, default_guidance_scale=1.5, default_temperature=0.7,
-                        default_head_sampler="ancestral", default_head_steps=15)
 
 
 def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Path) -> None:
@@ -141,7 +132,7 @@ def heads_round(args: argparse.Namespace, py: str, data: str, init: Path, pretra
              str(run_dir / "export"), f"init_from={init}", f"data_path={data}", f"max_steps={args.heads_steps}",
              *overrides])
     shutil.copy2(run_dir / "export" / "model.safetensors", args.out / "model.safetensors")
-    bundled_config(pretrained, run_dir / "export", SAMPLER_DEFAULTS).save(args.out / "config.json")
+    bundled_config(pretrained, run_dir / "export", EMOJI_SAMPLER_DEFAULTS).save(args.out / "config.json")
 
 
 def stage_steps(text: str) -> list[int]:
