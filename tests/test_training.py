@@ -1577,6 +1577,25 @@ def _stride8_vae(root: Path, tiny_vae: Path) -> Path:
     return vae
 
 
+def test_a_recipes_choices_are_read_from_their_one_source(monkeypatch):
+    """recipe.masking accepts exactly the names dream_core.masking.SCHEDULES builds, and the cache's
+    --precision offers the recipe's PRECISIONS: a schedule added there needs no second list here."""
+    from dream_core import masking
+    from training import cache
+    from training.recipes import PRECISIONS
+
+    with pytest.raises(ValueError, match="recipe.masking must be one of warmup, mar, fx, uni, cd, none, got 'probe'"):
+        get_recipe("shapes").overrides(["masking=probe"])
+    monkeypatch.setitem(masking.SCHEDULES, "probe", masking.no_masking)
+    assert get_recipe("shapes").overrides(["masking=probe"]).masking_schedule() == masking.no_masking()
+    with pytest.raises(ValueError, match="recipe.precision must be one of auto, bf16, fp32, got 'fp16'"):
+        get_recipe("shapes").overrides(["precision=fp16"])
+    for precision in PRECISIONS:
+        assert cache.parse_args(["--recipe", "shapes", "--out", "x", "--precision", precision]).precision == precision
+    with pytest.raises(SystemExit):
+        cache.parse_args(["--recipe", "shapes", "--out", "x", "--precision", "fp16"])
+
+
 def test_geometry_is_read_from_the_weights_and_a_mismatch_is_one_sentence(data, tmp_path, capsys):
     from training.cache import main as cache_main
 

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from training.data.sources import (CorruptSample, FolderSource, ShapesSource, TarSource, adm_center_crop, open_source,
                                    to_tensor)
 from training.distributed import configure_cuda
-from training.recipes import TrainRecipe, get_recipe
+from training.recipes import PRECISIONS, TrainRecipe, get_recipe
 
 CACHE_VERSION = 1
 NULL_CAPTION_FILE = "null_caption.safetensors"
@@ -170,8 +170,8 @@ def extract(recipe: TrainRecipe, out: str | Path, max_samples: int | None = None
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if precision == "auto":
         precision = "bf16" if on_cuda else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -293,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
     ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda:N")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="the VAE and T5 under bf16 autocast (T5 weights in bf16) or in fp32; auto: bf16 on CUDA")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value (model.KEY=value for the model config)")

@@ -25,6 +25,9 @@ FILE_DATA_KINDS = ("webdataset", "folder", "emoji")
 # Above this share of <unk> tokens in the data's captions a run refuses to start: a frozen T5 reads
 # every word it does not know as the same token, so the model cannot learn them apart.
 MAX_UNKNOWN_SHARE = 0.05
+LR_SCHEDULES = ("constant", "cosine")
+# A run's precision: auto = bf16 autocast on CUDA, fp32 elsewhere (training.cache reads the same).
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
@@ -89,7 +92,7 @@ class TrainRecipe:
     lr: float | None = None
     warmup_epochs: float = 12.0
     warmup_steps: int = -1  # >= 0: LR warm-up in optimizer steps instead of warmup_epochs (fine-tuning)
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES
     min_lr: float = 0.0
     weight_decay: float = 0.04
     beta1: float = 0.9
@@ -99,7 +102,7 @@ class TrainRecipe:
     ema_warmup: bool = True  # decay_t = min(decay, (1 + t) / (10 + t)): short runs export trained weights
 
     # masking
-    masking: str = "warmup"  # warmup | mar | fx | uni | cd | none
+    masking: str = "warmup"  # a name in dream_core.masking.SCHEDULES
     mask_std: float = 0.55
     masking_warmup_epochs: float = 36.0
     per_sample_masking: bool = True
@@ -110,7 +113,7 @@ class TrainRecipe:
 
     # runtime
     seed: int = 1
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # one of PRECISIONS
     fsdp: bool = False
     grad_checkpointing: bool = False  # on for the paper's sizes (dream-*); see training/plan.py
     compile: bool = False
@@ -190,12 +193,11 @@ class TrainRecipe:
                 raise ValueError(f"recipe.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"recipe.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"recipe.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"recipe.precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.masking not in ("warmup", "mar", "fx", "uni", "cd", "none"):
-            raise ValueError(f"recipe.masking must be warmup, mar, fx, uni, cd or none, got {self.masking!r}")
+        from dream_core.masking import SCHEDULES
+
+        for key, choices in (("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS), ("masking", tuple(SCHEDULES))):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"recipe.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         if self.hard_negatives < 0:
             raise ValueError(f"recipe.hard_negatives must be >= 0, got {self.hard_negatives}")
         if self.hard_negatives and self.data not in ("shapes", "cache"):
