@@ -198,7 +198,7 @@ def measure_size(size: str, args, device: torch.device) -> SizeResult:
     torch.manual_seed(0)
     model = DreamModel(config).to(device).train()
     set_grad_checkpointing(model, args.grad_checkpointing)
-    lr = recipe.lr if recipe.lr is not None else recipe.blr * batch / 256
+    lr = recipe.peak_lr(batch)
     optimizer = build_optimizer(model, recipe, lr, fused=args.fused_adamw)
     b = random_batch(config, recipe, batch, epoch, device, seed=args.seed)
     opt_times: list[float] = []
@@ -273,7 +273,7 @@ def trainer_throughput(args, device: torch.device) -> str:
     torch.manual_seed(0)
     model = DreamModel(config).to(device).train()
     set_grad_checkpointing(model, args.grad_checkpointing)
-    optimizer = build_optimizer(model, recipe, recipe.blr * args.batch_shapes / 256, fused=args.fused_adamw)
+    optimizer = build_optimizer(model, recipe, recipe.peak_lr(args.batch_shapes), fused=args.fused_adamw)
     # A fresh batch every round, as the trainers draw fresh masks: a step's work depends on its
     # masks (which rows enter the diffusion and contrastive losses), so one fixed draw would bias
     # the pure step's time by as much as the difference being measured.

@@ -221,6 +221,10 @@ class TrainRecipe:
             raise ValueError(f"recipe.max_unknown_share must be in [0, 1], got {self.max_unknown_share}")
         return self
 
+    def peak_lr(self, global_batch: int) -> float:
+        """The lr after warm-up: `lr` when set, else `blr` scaled with the global batch (blr * batch / 256)."""
+        return self.lr if self.lr is not None else self.blr * global_batch / 256
+
     def masking_schedule(self):
         from dream_core.masking import build_schedule
 

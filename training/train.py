@@ -148,7 +148,7 @@ class Trainer:
         self.null_hidden, self.null_mask = self._null_caption()
 
         self.global_batch = recipe.batch_size * recipe.grad_accum * self.world
-        self.peak_lr = recipe.lr if recipe.lr is not None else recipe.blr * self.global_batch / 256
+        self.peak_lr = recipe.peak_lr(self.global_batch)
         # Every state below is built where the (prepared) model lives: move, shard, then optimizer and EMA.
         self.model.to(self.device)
         if self.sharded:  # bf16 all-gathers, fp32 gradient reductions on a bf16 run
