@@ -310,7 +310,7 @@ def test_every_emoji_export_decodes_with_the_bundled_models_sampler_defaults(tin
         config = get_recipe(name).overrides(over).model_config()
         for key, value in EMOJI_SAMPLER_DEFAULTS.items():
             assert getattr(config, key) == getattr(shipped, key) == value, (name, key)
-    # A request-side override still wins over the recipe's: model.KEY=value as for any other field.
+    # A model.KEY=value override on the command line still wins over the recipe's, as for any other field.
     config = get_recipe("emoji").overrides([*paths, "model.default_head_steps=100"]).model_config()
     assert config.default_head_steps == 100
 
