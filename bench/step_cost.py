@@ -24,7 +24,7 @@ import torch
 
 from bench.common import (command_line, fmt_s, machine_info, markdown_table, median, paired_ratio, setup_threads,
                           time_interleaved)
-from bench.train import make_step, random_batch
+from bench.train import fresh_batch_steps
 from dream_core.model import DreamModel
 from dream_core.text import ConditioningTextEncoder
 from training.recipes import TrainRecipe, get_recipe
@@ -43,17 +43,15 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 
 def arm_step(recipe: TrainRecipe, batch: int, epoch: float, seed: int, calls: int) -> tuple[Callable[[], None], float]:
     """A training step of `recipe` (the T5 on the batch's captions, then the model's step) on a
-    fresh random batch each of its `calls` calls, and the model's parameter count in millions. A
-    step's work depends on its masks, so every call draws its own (seeds seed, seed + 1, ...: the
-    same draws for every arm), as the trainer does."""
+    fresh random batch each of its `calls` calls (the same seeds for every arm), and the model's
+    parameter count in millions."""
     config = recipe.model_config()
     torch.manual_seed(seed)
     model = DreamModel(config).train()
     optimizer = build_optimizer(model, recipe, recipe.peak_lr(batch))
     switches = SimpleNamespace(compile=False, bf16=False, sdpa="default", clock="wall")
-    cpu = torch.device("cpu")
-    steps = iter([make_step(model, optimizer, random_batch(config, recipe, batch, epoch, cpu, seed=seed + r), cpu,
-                            switches, recipe, []) for r in range(calls)])
+    steps = iter(fresh_batch_steps(model, optimizer, config, recipe, batch, epoch, torch.device("cpu"), switches,
+                                   seed, calls))
     t5 = ConditioningTextEncoder.from_pretrained(recipe.resolved().t5_path, config.t5_max_length)
     captions = [CAPTION] * batch
 

@@ -133,6 +133,16 @@ def make_step(model, optimizer, b: Batch, device: torch.device, args, recipe,
     return step
 
 
+def fresh_batch_steps(model, optimizer, config: DreamConfig, recipe, batch: int, epoch: float, device: torch.device,
+                      args, seed: int, count: int) -> list[Callable[[], float]]:
+    """`count` trainer steps, each on its own random batch (seeds seed, seed + 1, ...), as the
+    trainers draw fresh masks: a step's work depends on its masks (which rows enter the diffusion
+    and contrastive losses), so one fixed draw would bias the step's time by as much as the
+    difference being measured."""
+    return [make_step(model, optimizer, random_batch(config, recipe, batch, epoch, device, seed + r), device, args,
+                      recipe, []) for r in range(count)]
+
+
 def part_fns(model: DreamModel, b: Batch, device: torch.device, args) -> dict[str, Callable[[], None]]:
     """Forward + backward of each tower alone, on the inputs forward_train hands it."""
     c = model.config
@@ -274,12 +284,8 @@ def trainer_throughput(args, device: torch.device) -> str:
     model = DreamModel(config).to(device).train()
     set_grad_checkpointing(model, args.grad_checkpointing)
     optimizer = build_optimizer(model, recipe, recipe.peak_lr(args.batch_shapes), fused=args.fused_adamw)
-    # A fresh batch every round, as the trainers draw fresh masks: a step's work depends on its
-    # masks (which rows enter the diffusion and contrastive losses), so one fixed draw would bias
-    # the pure step's time by as much as the difference being measured.
-    pure_steps = [make_step(model, optimizer, random_batch(config, recipe, args.batch_shapes, epoch, device,
-                                                           args.seed + r), device, args, recipe, [])
-                  for r in range(args.rounds + 1)]
+    pure_steps = fresh_batch_steps(model, optimizer, config, recipe, args.batch_shapes, epoch, device, args,
+                                   args.seed, args.rounds + 1)
     feeds: dict[str, Callable[[], tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         now = clock_fn(args.clock)

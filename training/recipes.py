@@ -344,9 +344,9 @@ EMOJI_DATA = "runs/emoji-data"
 # (seed 7) of the shipped model: 78.4 % judged right at CFG 3.0 / temperature 0.7, 74.2 % at 1.5 /
 # 0.7 (paired +4.2 points [+1.9, +6.6]), 77.8 % at 3.0 / 1.0, 79.0 % at 4.5 / 0.7, 72.6 % at 1.5 /
 # 1.0; 3.0 is the smallest CFG within noise of the best (docs/experiments/emoji.md). The SAD
-# decision share is not tuned. The head: 15 ancestral steps instead of 100, within noise of 100 on the evaluation's
-# prompts (paired: seen K = 1 +0.3 points [-3.6, +4.2], held-out -1.4 [-4.1, +1.1]) at 2.3x the
-# generation throughput, the Shapes World's head rule (docs/experiments/head-sampler.md).
+# decision share is not tuned. The head: 15 ancestral steps instead of 100, within noise of 100 on
+# the evaluation's prompts (paired: seen K = 1 +0.3 points [-3.6, +4.2], held-out -1.4 [-4.1,
+# +1.1]) at 2.3x the generation throughput, the Shapes World's head rule (docs/experiments/head-sampler.md).
 EMOJI_SAMPLER_DEFAULTS = dict(sad_decision_share=0.5, default_guidance_scale=3.0, default_temperature=0.7,
                               default_head_sampler="ancestral", default_head_steps=15)
 _EMOJI_COMMON = dict(
