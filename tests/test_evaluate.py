@@ -6,6 +6,7 @@ data-parallel split covers every prompt once and gives the same images as one pr
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import shutil
@@ -333,6 +334,18 @@ def test_failure_breakdown_names_the_wrong_attribute():
     two = faithfulness.classify_failure("red object: shape circle != square, position top left != left")
     assert two == ["shape", "position"]
     assert faithfulness.classify_failure("something else") == ["other"]
+
+
+def test_setting_from_args_resolves_and_checks_the_decision_step(tiny_model_dir):
+    pipe = cli.load_pipeline(tiny_model_dir, "cpu")
+    sampler = SamplerSettings(3, 2.0, head_steps=2)
+    ns = lambda k, step: argparse.Namespace(k=k, decision_step=step)  # noqa: E731
+    assert cli.setting_from_args(ns(1, 2), pipe, sampler) == Setting(1)
+    assert cli.setting_from_args(ns(2, 1), pipe, sampler) == Setting(2, 1)
+    default = sampler.request("x", 2).validate(pipe.config).decision_step
+    assert cli.setting_from_args(ns(2, None), pipe, sampler) == Setting(2, default)
+    with pytest.raises(ValueError, match="decision_step"):
+        cli.setting_from_args(ns(2, 3), pipe, sampler)  # the last of 3 steps decides nothing
 
 
 def test_faithfulness_cli(tiny_model_dir, tmp_path):

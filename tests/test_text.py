@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_CAPTIONS  # the captions the tiny text models are built on
 
 from dream_core import DreamConfig, DreamModel
 from dream_core.text import (
@@ -18,15 +19,6 @@ from dream_core.text import (
 )
 
 SOT, EOT = 49406, 49407
-CORPUS = [
-    "a small red circle at the top left on a white background",
-    "a large blue square in the middle on a black background",
-    "a big green triangle on the right",
-    "a tiny yellow diamond at the bottom",
-    "a purple cross",
-    "an orange circle in the top right corner on a gray background",
-]
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
@@ -122,7 +114,7 @@ def test_text_tower_pools_at_eot():
 def t5_dir(request, tmp_path_factory):
     """A tiny T5 trained from scratch and saved by the test itself, at width 64 and at width 96."""
     d_model = request.param
-    out = build_t5_from_scratch(tmp_path_factory.mktemp(f"t5_{d_model}"), CORPUS, d_model=d_model, num_layers=1,
+    out = build_t5_from_scratch(tmp_path_factory.mktemp(f"t5_{d_model}"), TINY_CAPTIONS, d_model=d_model, num_layers=1,
                                 num_heads=4, d_ff=64, vocab_size=48)
     return out, d_model
 
@@ -208,4 +200,4 @@ def test_unknown_words_counts_unk_tokens_as_in_the_caption_and_names_the_words(t
     # The same counts as the whole captions' tokens (end-of-sequence tokens left out).
     ids = [i for row in tok(captions)["input_ids"] for i in row if i != tok.eos_token_id]
     assert (unknown, total) == (sum(i == tok.unk_token_id for i in ids), len(ids))
-    assert unknown_words(tok, CORPUS)[0] == 0 and unknown_words(tok, [])[:2] == (0, 0)
+    assert unknown_words(tok, TINY_CAPTIONS)[0] == 0 and unknown_words(tok, [])[:2] == (0, 0)

@@ -129,6 +129,14 @@ def sampler_from_args(args: argparse.Namespace, pipe: DreamPipeline) -> SamplerS
     return SamplerSettings(steps, args.cfg, args.cfg_schedule, args.temperature, args.head_steps, args.head_sampler)
 
 
+def setting_from_args(args: argparse.Namespace, pipe: DreamPipeline, sampler: SamplerSettings) -> Setting:
+    """The decoding setting of `--k` and `--decision-step`: K = 1, or SAD at the given step, the
+    request resolving the model's default decision step (and checking a given one)."""
+    if args.k <= 1:
+        return Setting(1)
+    return Setting(args.k, sampler.request("x", args.k, args.decision_step).validate(pipe.config).decision_step)
+
+
 def load_pipeline(model: str | Path | None = None, device: str = "auto", threads: int = 0) -> DreamPipeline:
     if threads:
         torch.set_num_threads(threads)

@@ -20,10 +20,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from dream_core.semantic_decoding import Setting
-
 from .cli import (add_model_args, add_sampler_args, load_pipeline, parse_int_list, run_cli, run_metadata,
-                  sampler_from_args, write_json)
+                  sampler_from_args, setting_from_args, write_json)
 from .plotting import image_grid, plot_bars
 from .sets import EVAL_SEED, one_object_prompts, prompt_seeds, two_object_prompts
 
@@ -126,12 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--n-prompts must be >= 1, got {n}")
     pipe = load_pipeline(args.model, args.device, args.threads)
     sampler = sampler_from_args(args, pipe)
-    if args.k > 1:
-        # The request resolves the model's default decision step (and checks a given one).
-        step = sampler.request("x", args.k, args.decision_step).validate(pipe.config).decision_step
-        setting = Setting(args.k, step)
-    else:
-        setting = Setting(1)
+    setting = setting_from_args(args, pipe, sampler)
     results: dict = {"meta": run_metadata(pipe, args), "setting": setting.name, "sets": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     for o in objects:

@@ -37,7 +37,7 @@ from dream_core.request import SamplerSettings
 from dream_core.semantic_decoding import Setting
 
 from .cli import (add_model_args, add_sampler_args, load_pipeline, run_cli, run_metadata, sampler_from_args,
-                  write_json)
+                  setting_from_args, write_json)
 from .distributed import barrier, chunked, dist_info, init_distributed, shard_indices
 from .plotting import plot_bars
 from .scoring import clip_scores, load_open_clip
@@ -201,12 +201,7 @@ def run(args: argparse.Namespace) -> dict | None:
         prompts = [base[i % len(base)] for i in range(n)]
     seeds = prompt_seeds(n, args.seed)
     sampler = sampler_from_args(args, pipe)
-    if args.k > 1:
-        # The request resolves the model's default decision step (and checks a given one).
-        step = sampler.request("x", args.k, args.decision_step).validate(pipe.config).decision_step
-        setting = Setting(args.k, step)
-    else:
-        setting = Setting(1)
+    setting = setting_from_args(args, pipe, sampler)
     samples = args.out / "samples"
     mine = shard_indices(n, info.rank, info.world)
     generate_shard(pipe, prompts, seeds, mine, samples, setting, sampler, args.batch_size, progress=info.rank == 0)
