@@ -319,8 +319,9 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
     """`make model-emoji`'s stages in order, each command as the build runs it (run faked: every
     stage writes what it would): DREAM, a heads round, then each stage of continued pretraining from
     the model directory the last heads round wrote (fresh optimizer through init_from, masking fx,
-    the next data order) and its own heads round; the model directory ends with the last round's
-    weights, its config carrying the shipped sampler defaults."""
+    the next data order; the last stage's lr cooling down on a cosine) and its own heads round; the
+    model directory ends with the last round's weights, its config carrying the shipped sampler
+    defaults."""
     import argparse
 
     from dream_core.config import DreamConfig
@@ -346,20 +347,24 @@ def test_make_model_emoji_continues_pretraining_from_the_first_heads_round_and_s
     monkeypatch.setattr(build_mod, "run", fake_run)
     out, work = tmp_path / "model", tmp_path / "work"
     args = argparse.Namespace(work=work, out=out, data=tmp_path / "data", steps=12000, heads_steps=400,
-                              continue_steps=[18000, 2500], overrides=[])
+                              continue_steps=list(build_mod.CONTINUE_STAGES), overrides=[])
     build_mod.build(args, {}, tmp_path / "timings.json")
 
     trains = [c for c in calls if c[2] == "training.train"]
-    assert [c[c.index("--recipe") + 1] for c in trains] == ["emoji", "emoji-heads"] * 3
-    for stage, (steps, seed, name) in enumerate([(18000, 2, "continued"), (2500, 3, "continued2")]):
+    assert [c[c.index("--recipe") + 1] for c in trains] == ["emoji", "emoji-heads"] * 4
+    stages = [(18000, 2, "continued"), (2500, 3, "continued2"), (2500, 4, "continued3")]
+    for stage, (steps, seed, name) in enumerate(stages):
         continued, heads = trains[2 + 2 * stage], trains[3 + 2 * stage]
         assert continued[continued.index("--max-steps") + 1] == str(steps)
         assert continued[continued.index("--out") + 1] == str(work / f"dream-{name}")
         assert f"init_from={out}" in continued and "masking=fx" in continued and "warmup_steps=86" in continued
         assert f"seed={seed}" in continued and sum(a.startswith("seed=") for a in continued) == 1
         assert f"init_from={work / f'dream-{name}-export'}" in heads and "caption_templates=0" in heads
+        # only the last stage cools down; the others keep the recipe's constant lr
+        assert ("lr_schedule=cosine" in continued) == (name == "continued3"), name
+    assert not any(a.startswith("lr_schedule=") for a in trains[0] + trains[1])
     assert not any("caption_templates" in a for a in trains[1])  # the first round trains on every template
-    assert (out / "model.safetensors").read_text() == f"heads from {work / 'dream-continued2-export'}"
+    assert (out / "model.safetensors").read_text() == f"heads from {work / 'dream-continued3-export'}"
     config = DreamConfig.load(out / "config.json")
     assert (config.diffusion_weight, config.clip_weight) == (1.0, 0.005)
     shipped = DreamConfig.load(ROOT / "assets" / "dream-emoji" / "config.json")
