@@ -341,10 +341,12 @@ EMOJI_DATA = "runs/emoji-data"
 # The emoji model's sampler defaults (a request may still set its own), in the recipes' model config
 # so that every emoji export, before or after its heads round, decodes as the bundled model does
 # (`make model-emoji` writes them too). CFG and temperature from K = 1 on 500 seen development pairs
-# (seed 7) of the shipped model: 78.4 % judged right at CFG 3.0 / temperature 0.7, 74.2 % at 1.5 /
-# 0.7 (paired +4.2 points [+1.9, +6.6]), 77.8 % at 3.0 / 1.0, 79.0 % at 4.5 / 0.7, 72.6 % at 1.5 /
-# 1.0; 3.0 is the smallest CFG within noise of the best (docs/experiments/emoji.md). The SAD
-# decision share is not tuned. The head: 15 ancestral steps instead of 100, within noise of 100 on
+# (seed 7) of the model before its cooldown stage: 78.4 % judged right at CFG 3.0 / temperature 0.7,
+# 74.2 % at 1.5 / 0.7 (paired +4.2 points [+1.9, +6.6]), 77.8 % at 3.0 / 1.0, 79.0 % at 4.5 / 0.7,
+# 72.6 % at 1.5 / 1.0; 3.0 is the smallest CFG within noise of the best. On the cooled-down model
+# 4.5 and 6.0 draw no better than 3.0 (-1.0 and -15.8 points), and SAD gains nothing measurable over
+# K = 1 deciding at 0.5 or at 0.75 of the tokens (+0.8, +0.6 points; docs/experiments/emoji.md), so
+# the share stays 0.5, the cheaper. The head: 15 ancestral steps instead of 100, within noise of 100 on
 # the evaluation's prompts (paired: seen K = 1 +0.3 points [-3.6, +4.2], held-out -1.4 [-4.1,
 # +1.1]) at 2.3x the generation throughput, the Shapes World's head rule (docs/experiments/head-sampler.md).
 EMOJI_SAMPLER_DEFAULTS = dict(sad_decision_share=0.5, default_guidance_scale=3.0, default_temperature=0.7,
