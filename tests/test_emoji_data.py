@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from training.data import emoji
-from training.data.emoji import (CAPTION_TEMPLATES, PACKAGE_OF_STYLE, STYLES, EmojiSource, base_key, build_emoji_set,
-                                 caption, emoji_key, is_heldout, normalise, package_dir)
+from training.data.emoji import (CAPTION_TEMPLATES, EXTRA_PACKAGES, PACKAGE_OF_STYLE, STYLES, EmojiSource, base_key,
+                                 build_emoji_set, build_extra_art, caption, emoji_key, is_heldout, normalise,
+                                 package_dir)
 
 ROOT = Path(__file__).resolve().parents[1]
 SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="72" height="72" viewBox="0 0 72 72">'
@@ -31,6 +32,14 @@ EMOJI = [("1F44B", "waving hand", "hand, wave, waving", "#ff0000"),
 def heldout_base() -> str:
     """A 4-hex-digit codepoint whose OpenMoji images the fixed split holds out."""
     return next(f"{c:04X}" for c in range(0x2000, 0x3000) if is_heldout(f"{c:04X}"))
+
+
+def require_cairo() -> None:
+    """Skip a test that renders OpenMoji's SVGs on a machine without cairosvg or libcairo2."""
+    try:
+        emoji.svg_renderer()
+    except RuntimeError as err:
+        pytest.skip(str(err))
 
 
 def fake_cache(root: Path) -> Path:
@@ -112,10 +121,7 @@ def test_the_bank_shows_each_emoji_and_its_keywords():
 
 
 def test_build_and_source_on_a_fake_cache(tmp_path):
-    try:
-        emoji.svg_renderer()
-    except RuntimeError as err:  # no cairosvg or no libcairo2 on this machine
-        pytest.skip(str(err))
+    require_cairo()
     cache = fake_cache(tmp_path / "cache")
     path = build_emoji_set(cache)
     assert path.name == "emoji-64.npz" and not list(cache.glob("*.partial*"))
@@ -153,10 +159,7 @@ def test_build_and_source_on_a_fake_cache(tmp_path):
 def test_cross_style_views_show_the_emoji_in_its_other_trained_styles(tmp_path):
     """recipe.cross_style_views: each sample also carries its emoji in another style of the split,
     turning with the caption template; a held-out OpenMoji image is never anyone's view."""
-    try:
-        emoji.svg_renderer()
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    require_cairo()
     from training.data.sources import build_dataloader
     from training.recipes import get_recipe
 
@@ -181,13 +184,74 @@ def test_cross_style_views_show_the_emoji_in_its_other_trained_styles(tmp_path):
         get_recipe("shapes").overrides(["cross_style_views=true"])
 
 
+def fake_extra_art(cache: Path) -> None:
+    """EXTRA_PACKAGES unpacked: waving hand redrawn in the first (then the same drawing again in the
+    second), red heart as the set's Noto art, grinning face redrawn in the second, and an emoji the
+    set lacks."""
+    art = {0: {"1f44b": "#123456", "2764-fe0f": "#0000ff", "1f9ff": "#abcdef"},
+           1: {"1f44b": "#123456", "1f600": "#00ffff"}}
+    for j, pkg in enumerate(EXTRA_PACKAGES):
+        folder = package_dir(cache, pkg) / "package" / pkg.images
+        folder.mkdir(parents=True)
+        (package_dir(cache, pkg) / "package" / "package.json").write_text("{}")
+        for name, colour in art[j].items():
+            im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+            im.paste(Image.new("RGBA", (30, 40), colour), (10, 5))  # the set's Noto art has this shape
+            im.save(folder / f"{name}.png")
+
+
+def test_extra_art_adds_distinct_older_pictures_captioned_without_a_style(tmp_path):
+    """recipe.extra_art: the older Noto pictures that differ from an emoji's current one follow the
+    set's images, each under the style-free templates in turn, in the train split only."""
+    require_cairo()
+    from training.data.sources import build_dataloader
+    from training.recipes import get_recipe
+
+    cache = fake_cache(tmp_path / "cache")
+    fake_extra_art(cache)
+    path = build_extra_art(cache)
+    assert path.name == "emoji-extra-64.npz" and not list(cache.glob("*.partial*"))
+    assert json.loads(path.with_suffix(".json").read_text())["per_package"] == [1, 1]
+    train = EmojiSource(cache, "train", extra_art=True)
+    assert train.extra_emoji.tolist() == [0, 3]  # the heart (unchanged) and the repeat drawing are dropped
+    assert tuple(train.extra_images[0, 32, 32]) == (0x12, 0x34, 0x56)
+    n = 14 + 2
+    assert len(train) == n * len(CAPTION_TEMPLATES)
+    plain = EmojiSource(cache, "train")
+    assert [train.read(i)[1] for i in range(14)] == [plain.read(i)[1] for i in range(14)]
+    # the extras' samples: templates 0 and 3 in turn, keywords drawn afresh each time
+    assert [train.read(14 + r * n)[1] for r in range(5)] == ["waving hand", "waving hand, wave"] * 2 + ["waving hand"]
+    assert train.read(15 + n)[1] == "grinning face"  # its keywords are in its name: no style word instead
+    assert np.array_equal(np.asarray(train.read(15)[0]), train.extra_images[1])
+    assert train.describe(15) == "emoji 1F600 (extra picture 1, template 0)"
+    # views of an extra picture: its emoji's set images
+    view = np.asarray(EmojiSource(cache, "train", views=True, extra_art=True).read_view(14))
+    assert any(np.array_equal(view, train.images[0, s]) for s in range(len(STYLES)))
+    assert len(EmojiSource(cache, "train", "0", extra_art=True)) == n  # the heads round's name-only captions
+    with pytest.raises(ValueError, match=r"caption templates must include a style-free one \(0, 3\), got 1, 2"):
+        EmojiSource(cache, "train", "1,2", extra_art=True)
+    with pytest.raises(ValueError, match="extra art is training data: the heldout split has none"):
+        EmojiSource(cache, "heldout", extra_art=True)
+    recipe = get_recipe("emoji").overrides([f"data_path={cache}", "batch_size=4", "extra_art=true"])
+    assert next(iter(build_dataloader(recipe, SimpleNamespace(image_size=64))))["image"].shape == (4, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"recipe.extra_art adds older pictures .*\(data=emoji\), not data=shapes"):
+        get_recipe("shapes").overrides(["extra_art=true"])
+    assert build_extra_art(cache) == path  # built once
+
+
+def test_extra_art_must_be_built_first(tmp_path):
+    require_cairo()
+    cache = fake_cache(tmp_path / "cache")
+    build_emoji_set(cache)
+    with pytest.raises(ValueError, match=r"holds no extra art \(emoji-extra-64.npz \+ .json\): build it with "
+                                         r"python -m training.data.emoji --cache .* --extra-art"):
+        EmojiSource(cache, "train", extra_art=True)
+
+
 def test_a_run_with_cross_style_views_trains_the_view_loss(tmp_path, tiny_model_dir):
     """The trainer encodes each sample's view and the model logs the image-to-image loss; the
     views and model.view_weight come together or not at all."""
-    try:
-        emoji.svg_renderer()
-    except RuntimeError as err:
-        pytest.skip(str(err))
+    require_cairo()
     from training.recipes import get_recipe
     from training.train import Trainer, views_config
 

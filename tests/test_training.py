@@ -457,6 +457,10 @@ def test_resume_refuses_other_caption_templates_and_reads_an_older_layout_as_all
         check_resume(older, run_layout(recipe.overrides(["crop_min=0.8"]), 1), "ckpt")
     with pytest.raises(ValueError, match=r"cross_style_views: checkpoint False vs now True"):
         check_resume(older, run_layout(recipe.overrides(["cross_style_views=true"]), 1), "ckpt")
+    before_extra = {"layout": {k: v for k, v in run_layout(recipe, 1).items() if k != "extra_art"}, "recipe": {}}
+    check_resume(before_extra, run_layout(recipe, 1), "ckpt")  # recorded before the key: no extra art
+    with pytest.raises(ValueError, match=r"extra_art: checkpoint False vs now True"):
+        check_resume(before_extra, run_layout(recipe.overrides(["extra_art=true"]), 1), "ckpt")
 
 
 def test_resume_takes_new_sampling_defaults_but_refuses_another_architecture(data, trained, tmp_path):

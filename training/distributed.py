@@ -270,7 +270,7 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
 # Settings that position the data stream, choose its captions and views, or scale the LR: a resume
 # must use the same ones.
 RESUME_KEYS = ("world_size", "grad_accum", "batch_size", "global_batch", "data", "data_path", "cache_path",
-               "caption_templates", "crop_min", "cross_style_views", "seed", "fsdp")
+               "caption_templates", "crop_min", "cross_style_views", "extra_art", "seed", "fsdp")
 
 
 def run_layout(recipe, world: int) -> dict[str, Any]:
@@ -279,12 +279,13 @@ def run_layout(recipe, world: int) -> dict[str, Any]:
             "global_batch": recipe.batch_size * recipe.grad_accum * world, "data": recipe.data,
             "data_path": recipe.data_path, "cache_path": recipe.cache_path,
             "caption_templates": recipe.caption_templates, "crop_min": recipe.crop_min,
-            "cross_style_views": recipe.cross_style_views, "seed": recipe.seed, "fsdp": bool(recipe.fsdp)}
+            "cross_style_views": recipe.cross_style_views, "extra_art": recipe.extra_art, "seed": recipe.seed,
+            "fsdp": bool(recipe.fsdp)}
 
 
 def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
     """Refuse to resume with another world size, accumulation, batch, data source, caption set, crop,
-    views or sharding: each would silently shift the data stream (positions are a function of them),
+    views, extra art or sharding: each would silently shift the data stream (positions are a function of them),
     change what the captions say or the images show, or change the LR."""
     saved = dict(meta.get("layout") or {})
     if not saved:  # checkpoints written before the layout was recorded
@@ -295,9 +296,10 @@ def check_resume(meta: dict, current: dict[str, Any], where: str) -> None:
                  "seed": r.get("seed"), "fsdp": bool(r.get("fsdp"))}
         if r.get("batch_size") and r.get("grad_accum"):
             saved["global_batch"] = r["batch_size"] * r["grad_accum"] * world
-    # Layouts recorded before these keys existed trained on every template (""), whole images (1.0)
-    # and no views (False), unless the recipe saved beside them names a choice.
-    for key, before in (("caption_templates", ""), ("crop_min", 1.0), ("cross_style_views", False)):
+    # Layouts recorded before these keys existed trained on every template (""), whole images (1.0),
+    # no views and no extra art (False), unless the recipe saved beside them names a choice.
+    for key, before in (("caption_templates", ""), ("crop_min", 1.0), ("cross_style_views", False),
+                        ("extra_art", False)):
         saved.setdefault(key, meta.get("recipe", {}).get(key, before))
     diff = [k for k in RESUME_KEYS if k in saved and saved[k] != current[k]]
     if diff:

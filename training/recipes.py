@@ -83,6 +83,9 @@ class TrainRecipe:
     # emoji data only: each sample also carries its emoji in another trained style, whole, for the
     # model's image-to-image loss (`model.view_weight`, which must then be > 0).
     cross_style_views: bool = False
+    # emoji data only: also train on the older Noto art (training.data.emoji.EXTRA_PACKAGES, built
+    # with `python -m training.data.emoji --cache DATA --extra-art`), captioned without a style word.
+    extra_art: bool = False
 
     # optimisation
     epochs: float = 49.0
@@ -214,6 +217,9 @@ class TrainRecipe:
                              f"not data={self.data}")
         if self.cross_style_views and self.data != "emoji":
             raise ValueError(f"recipe.cross_style_views pairs each emoji with its other styles (data=emoji), "
+                             f"not data={self.data}")
+        if self.extra_art and self.data != "emoji":
+            raise ValueError(f"recipe.extra_art adds older pictures of the emoji set's emoji (data=emoji), "
                              f"not data={self.data}")
         if self.max_steps < 0:
             raise ValueError(f"recipe.max_steps must be >= 0, got {self.max_steps}")

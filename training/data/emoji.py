@@ -13,6 +13,12 @@ tones) of every base emoji with int(sha256(base_key), 16) % 10 == 0 are held out
 
     python -m training.data.emoji --cache runs/emoji-data        # fetch + build (idempotent)
 
+`build_extra_art` adds the older Noto art of two earlier emoji-datasource-google releases (Android 7
+and 8, the same licence) as extra training pictures of the set's emoji, kept where Google redrew
+them (recipe.extra_art; `--extra-art` below).
+
+    python -m training.data.emoji --cache runs/emoji-data --extra-art   # also the older Noto art
+
 `EmojiSource` is a map-style source like the others in `training.data.sources`: sample i is
 (image i % P, caption template i // P) of the split's P images, so a pass visits every image with
 every template, and the stream resumes exactly. Its caption bank (reverse search's) is every
@@ -66,6 +72,21 @@ PACKAGES = (
                  "images rendered, cropped, padded and resized to 64 x 64"),
 )
 PACKAGE_OF_STYLE = {p.style: p for p in PACKAGES}
+# Older Noto art that emoji-datasource-google shipped before Google redesigned it: Android 7's
+# (2017, the "blob" faces) and Android 8's. The same set and licence as the noto style, drawn
+# differently: extra pictures of an emoji for training (`build_extra_art`, recipe.extra_art),
+# captioned without a style word so that "noto style" keeps meaning the current art.
+EXTRA_PACKAGES = tuple(
+    EmojiPackage("noto", "emoji-datasource-google", version, "img/google/64", ".png", "Apache-2.0",
+                 f"Noto Emoji of Android {android} by Google Inc. (The Android Open Source Project), Apache License "
+                 f"2.0 (via emoji-datasource-google@{version}); images cropped, padded and resized to 64 x 64")
+    for version, android in (("3.0.0", 7), ("4.0.4", 8))
+)
+# An extra picture is kept only if it differs from its emoji's current Noto picture and from the
+# extra pictures kept before it by more than this mean absolute difference (pixels in [0, 1]): a
+# redrawing, not the same art again.
+EXTRA_DISTINCT = 0.05
+EXTRA_SET = "emoji-extra-64"  # .npz (images, emoji index, package index) + .json beside the set
 OPENMOJI_DATA = "data/openmoji.json"  # names (CLDR short names), keywords, groups, skin tones
 # The style whose files are named by emoji-datasource's `unified` sequence: FE0F kept where the
 # emoji needs it to be shown as an emoji (a record's key drops it).
@@ -91,10 +112,10 @@ def package_dir(cache: Path, pkg: EmojiPackage) -> Path:
     return cache / f"{pkg.name}-{pkg.version}"
 
 
-def fetch_packages(cache: Path) -> None:
+def fetch_packages(cache: Path, packages: tuple[EmojiPackage, ...] = PACKAGES) -> None:
     """`npm pack` each package into `cache` and unpack it; a package already unpacked is kept."""
     cache.mkdir(parents=True, exist_ok=True)
-    for pkg in PACKAGES:
+    for pkg in packages:
         dest = package_dir(cache, pkg)
         if (dest / "package" / "package.json").is_file():
             continue
@@ -212,6 +233,46 @@ def build_emoji_set(cache: Path) -> Path:
     return out
 
 
+def build_extra_art(cache: Path) -> Path:
+    """Build the set if needed, fetch EXTRA_PACKAGES and write cache/emoji-extra-64.npz + .json:
+    every extra picture of an emoji of the set that differs from its current Noto picture and from
+    the extra pictures kept before it (EXTRA_DISTINCT). Skipped when both exist; written under temporary names, renamed at the end."""
+    cache = Path(cache)
+    out = cache / f"{EXTRA_SET}.npz"
+    meta_path = out.with_suffix(".json")
+    if out.is_file() and meta_path.is_file():
+        return out
+    built = build_emoji_set(cache)
+    records = json.loads(built.with_suffix(".json").read_text())["records"]
+    with np.load(built, allow_pickle=False) as z:
+        images = z["images"]
+    fetch_packages(cache, EXTRA_PACKAGES)
+    files = [_files(cache, pkg) for pkg in EXTRA_PACKAGES]
+    kept, emoji, package = [], [], []
+    for e, r in enumerate(records):
+        pictures = [images[e, STYLES.index(QUALIFIED_STYLE)].astype(np.float32) / 255]  # the current Noto art
+        for j, pkg in enumerate(EXTRA_PACKAGES):
+            if r["key"] not in files[j]:
+                continue
+            art = read_package_image(cache, pkg, files[j][r["key"]])
+            pixels = art.astype(np.float32) / 255
+            if min(float(np.abs(pixels - p).mean()) for p in pictures) > EXTRA_DISTINCT:
+                pictures.append(pixels)
+                kept.append(art)
+                emoji.append(e)
+                package.append(j)
+    tmp = cache / f"{EXTRA_SET}.partial.npz"
+    np.savez_compressed(tmp, images=np.asarray(kept, np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3),
+                        emoji=np.asarray(emoji, np.int64), package=np.asarray(package, np.int64))
+    tmp_meta = cache / f"{EXTRA_SET}.partial.json"
+    tmp_meta.write_text(json.dumps({"packages": [f"{p.name}@{p.version}" for p in EXTRA_PACKAGES],
+                                    "distinct": EXTRA_DISTINCT, "images": len(kept),
+                                    "per_package": [package.count(j) for j in range(len(EXTRA_PACKAGES))]}))
+    tmp.rename(out)
+    tmp_meta.rename(meta_path)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Captions
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +306,7 @@ def parse_templates(text: str) -> tuple[int, ...]:
 def caption(record: dict, style: str, template: int, salt: int = 0) -> str:
     """Caption `template` of (record, style); the keywords are a few of the emoji's CLDR keywords,
     chosen by a hash of (key, style, template, salt) so a caption is a pure function of its sample."""
-    words = [w for w in record["keywords"] if w.lower() not in record["name"].lower()]
+    words = keywords_to_add(record)
     text = CAPTION_TEMPLATES[template]
     if "{keywords}" in text and not words:
         text = CAPTION_TEMPLATES[1]  # no keyword to add: the name and the style
@@ -253,6 +314,24 @@ def caption(record: dict, style: str, template: int, salt: int = 0) -> str:
     rng = np.random.default_rng(h % (1 << 63))
     picked = [words[j] for j in sorted(rng.permutation(len(words))[:MAX_KEYWORDS])] if words else []
     return text.format(name=record["name"], style=style, keywords=", ".join(picked))
+
+
+def keywords_to_add(record: dict) -> list[str]:
+    """The emoji's CLDR keywords that its name does not already say."""
+    return [w for w in record["keywords"] if w.lower() not in record["name"].lower()]
+
+
+def style_free(templates: tuple[int, ...]) -> tuple[int, ...]:
+    """The templates among `templates` whose captions name no style (an extra picture's)."""
+    return tuple(t for t in templates if "{style}" not in CAPTION_TEMPLATES[t])
+
+
+def unstyled_caption(record: dict, template: int, salt: int = 0) -> str:
+    """Style-free `template`'s caption of an extra picture: the name alone where a keyword template
+    has no keyword to add (`caption` would fall back to naming a style)."""
+    if "{keywords}" in CAPTION_TEMPLATES[template] and not keywords_to_add(record):
+        return record["name"]
+    return caption(record, "extra", template, salt)
 
 
 def bank_entry(record: dict) -> str:
@@ -291,9 +370,12 @@ SPLITS = ("train", "heldout", "all")
 
 class EmojiSource:
     """Map-style source over the built emoji set (see the module doc): `read(i)` -> (PIL RGB 64 x 64,
-    caption). `split` train: every image but the held-out OpenMoji ones; heldout: those only; all."""
+    caption). `split` train: every image but the held-out OpenMoji ones; heldout: those only; all.
+    With `extra_art` (train split only) the older Noto pictures of `build_extra_art` follow the set's,
+    each as often as a set image, under the style-free templates in turn."""
 
-    def __init__(self, root: str | Path, split: str = "train", templates: str = "", views: bool = False) -> None:
+    def __init__(self, root: str | Path, split: str = "train", templates: str = "", views: bool = False,
+                 extra_art: bool = False) -> None:
         root = Path(root)
         path = root / "emoji-64.npz" if root.is_dir() else root
         if not path.is_file() or not path.with_suffix(".json").is_file():
@@ -323,22 +405,54 @@ class EmojiSource:
             self.styles_of.setdefault(e, []).append(s)
         # The caption templates of the samples, in order (held-out images: the name alone).
         self.template_ids = (0,) if split == "heldout" else parse_templates(templates)
+        self.extra_images = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        self.extra_emoji = np.zeros(0, np.int64)
+        if extra_art:
+            self._load_extra_art(root, split)
+
+    def _load_extra_art(self, root: Path, split: str) -> None:
+        if split != "train":
+            raise ValueError(f"extra art is training data: the {split} split has none")
+        if not style_free(self.template_ids):
+            raise ValueError(f"extra art is captioned without a style word, so the caption templates must include "
+                             f"a style-free one ({', '.join(map(str, style_free(tuple(range(len(CAPTION_TEMPLATES))))))}), "
+                             f"got {', '.join(map(str, self.template_ids))}")
+        path = root / f"{EXTRA_SET}.npz"
+        if not path.is_file() or not path.with_suffix(".json").is_file():
+            raise ValueError(f"{root} holds no extra art ({EXTRA_SET}.npz + .json): build it with "
+                             f"python -m training.data.emoji --cache {root} --extra-art")
+        with np.load(path, allow_pickle=False) as z:
+            self.extra_images, self.extra_emoji = z["images"], z["emoji"]
 
     def __len__(self) -> int:
-        return len(self.pairs) * len(self.template_ids)
+        return (len(self.pairs) + len(self.extra_emoji)) * len(self.template_ids)
 
     def pair(self, i: int) -> tuple[int, int, int]:
-        """(emoji index, style index, template) of sample i."""
-        e, s = self.pairs[i % len(self.pairs)]
-        return int(e), int(s), self.template_ids[i // len(self.pairs)]
+        """(emoji index, style index, template) of sample i; an extra picture's style index is -1 - its
+        index in the extra art."""
+        n = len(self.pairs) + len(self.extra_emoji)
+        item, rep = i % n, i // n
+        if item < len(self.pairs):
+            e, s = self.pairs[item]
+            return int(e), int(s), self.template_ids[rep]
+        x = item - len(self.pairs)
+        free = style_free(self.template_ids)
+        return int(self.extra_emoji[x]), -1 - x, free[rep % len(free)]
 
     def describe(self, i: int) -> str:
         e, s, t = self.pair(i)
-        return f"emoji {self.records[e]['key']} ({self.styles[s]}, template {t})"
+        style = self.styles[s] if s >= 0 else f"extra picture {-1 - s}"
+        return f"emoji {self.records[e]['key']} ({style}, template {t})"
+
+    def sample_caption(self, i: int) -> str:
+        e, s, t = self.pair(i)
+        if s >= 0:
+            return caption(self.records[e], self.styles[s], t)
+        return unstyled_caption(self.records[e], t, salt=i // (len(self.pairs) + len(self.extra_emoji)))
 
     def captions(self) -> list[str]:
         """Every sample's caption (a text vocabulary's corpus)."""
-        return [caption(self.records[e], self.styles[s], t) for e, s, t in map(self.pair, range(len(self)))]
+        return [self.sample_caption(i) for i in range(len(self))]
 
     def caption_bank(self) -> list[str]:
         """Reverse search's bank: every emoji's name, in the set's order (all splits: a held-out image
@@ -350,13 +464,15 @@ class EmojiSource:
         return caption_bank_with_details(self.records)
 
     def read(self, i: int) -> tuple[Image.Image, str]:
-        e, s, t = self.pair(i)
-        return Image.fromarray(self.images[e, s]), caption(self.records[e], self.styles[s], t)
+        e, s, _ = self.pair(i)
+        image = self.images[e, s] if s >= 0 else self.extra_images[-1 - s]
+        return Image.fromarray(image), self.sample_caption(i)
 
     def read_view(self, i: int) -> Image.Image:
         """Sample i's emoji in another style of this split (the held-out OpenMoji images never, in
         the train split): which one turns with the caption template, so that the samples of one
-        image see each other style in turn. An emoji with one style in the split is its own view."""
+        image see each other style in turn. An emoji with one style in the split is its own view;
+        an extra picture's views are its emoji's set images."""
         e, s, t = self.pair(i)
         others = [o for o in self.styles_of[e] if o != s] or [s]
         return Image.fromarray(self.images[e, others[t % len(others)]])
@@ -365,14 +481,19 @@ class EmojiSource:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, required=True, help="folder for the npm packages and the built set")
+    ap.add_argument("--extra-art", action="store_true", help="also fetch and build the older Noto art "
+                    "(EXTRA_PACKAGES) that recipe.extra_art trains on")
     args = ap.parse_args()
     try:
         path = build_emoji_set(args.cache)
+        extra = build_extra_art(args.cache) if args.extra_art else None
     except RuntimeError as err:
         ap.exit(2, f"error: {err}\n")
     counts = {split: len(EmojiSource(args.cache, split).pairs) for split in SPLITS}
-    print(json.dumps({"set": str(path), "images": counts,
-                      "emoji": len(EmojiSource(args.cache, "all").records)}))
+    report = {"set": str(path), "images": counts, "emoji": len(EmojiSource(args.cache, "all").records)}
+    if extra is not None:
+        report["extra_art"] = json.loads(extra.with_suffix(".json").read_text())
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -773,7 +773,8 @@ def open_source(recipe, verify: bool = True):
     if recipe.data == "emoji":
         from training.data.emoji import EmojiSource
 
-        return EmojiSource(recipe.data_path, "train", recipe.caption_templates, views=recipe.cross_style_views)
+        return EmojiSource(recipe.data_path, "train", recipe.caption_templates, views=recipe.cross_style_views,
+                           extra_art=recipe.extra_art)
     if recipe.data == "folder":
         folders = [FolderSource(recipe.data_path)]
         if getattr(recipe, "preserve_path", ""):
@@ -804,8 +805,9 @@ def describe_source(source) -> str:
     if isinstance(source, CacheSource):
         return f"{len(source)} cached samples in {source.root} (captions: the cache)"
     if hasattr(source, "styles"):  # training.data.emoji.EmojiSource
-        return (f"{len(source.pairs)} emoji images ({source.split} split) x {len(source.template_ids)} caption templates "
-                f"in {source.root}")
+        extra = f" + {len(source.extra_emoji)} older Noto pictures" if len(source.extra_emoji) else ""
+        return (f"{len(source.pairs)} emoji images ({source.split} split){extra} x {len(source.template_ids)} caption "
+                f"templates in {source.root}")
     return f"{len(source)} samples"
 
 
