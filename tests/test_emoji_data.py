@@ -217,6 +217,7 @@ def test_extra_art_adds_distinct_older_pictures_captioned_without_a_style(tmp_pa
     assert tuple(train.extra_images[0, 32, 32]) == (0x12, 0x34, 0x56)
     n = 14 + 2
     assert len(train) == n * len(CAPTION_TEMPLATES)
+    assert len(EmojiSource(cache / "emoji-64.npz", "train", extra_art=True)) == len(train)  # the set's file as root
     plain = EmojiSource(cache, "train")
     assert [train.read(i)[1] for i in range(14)] == [plain.read(i)[1] for i in range(14)]
     # the extras' samples: templates 0 and 3 in turn, keywords drawn afresh each time

@@ -236,7 +236,8 @@ def build_emoji_set(cache: Path) -> Path:
 def build_extra_art(cache: Path) -> Path:
     """Build the set if needed, fetch EXTRA_PACKAGES and write cache/emoji-extra-64.npz + .json:
     every extra picture of an emoji of the set that differs from its current Noto picture and from
-    the extra pictures kept before it (EXTRA_DISTINCT). Skipped when both exist; written under temporary names, renamed at the end."""
+    the extra pictures kept before it (EXTRA_DISTINCT). Skipped when both exist; written under
+    temporary names and renamed at the end, like the set."""
     cache = Path(cache)
     out = cache / f"{EXTRA_SET}.npz"
     meta_path = out.with_suffix(".json")
@@ -408,7 +409,7 @@ class EmojiSource:
         self.extra_images = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         self.extra_emoji = np.zeros(0, np.int64)
         if extra_art:
-            self._load_extra_art(root, split)
+            self._load_extra_art(path.parent, split)
 
     def _load_extra_art(self, root: Path, split: str) -> None:
         if split != "train":
