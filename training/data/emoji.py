@@ -209,10 +209,9 @@ def build_emoji_set(cache: Path) -> Path:
     """Fetch the packages and write cache/emoji-64.npz + emoji-64.json (skipped when both exist).
     Both are written under temporary names and renamed at the end: never half-written."""
     cache = Path(cache)
-    out = cache / "emoji-64.npz"
-    meta_path = out.with_suffix(".json")
-    if out.is_file() and meta_path.is_file():
-        return out
+    built = built_file(cache, "emoji-64")
+    if built is not None:
+        return built
     fetch_packages(cache)
     svg_renderer()  # fail before the long loop, not in the middle of it
     records = emoji_records(cache)
@@ -222,14 +221,27 @@ def build_emoji_set(cache: Path) -> Path:
     for i, r in enumerate(records):
         for s, style in enumerate(STYLES):
             images[i, s] = read_package_image(cache, PACKAGE_OF_STYLE[style], r["files"][style])
-    tmp = cache / "emoji-64.partial.npz"
-    np.savez_compressed(tmp, images=images)
-    tmp_meta = cache / "emoji-64.partial.json"
-    tmp_meta.write_text(json.dumps({"styles": list(STYLES), "image_size": IMAGE_SIZE, "margin": MARGIN,
-                                    "packages": [f"{p.name}@{p.version}" for p in PACKAGES],
-                                    "records": records}, indent=0))
+    return write_built_file(cache, "emoji-64", {"images": images}, {
+        "styles": list(STYLES), "image_size": IMAGE_SIZE, "margin": MARGIN,
+        "packages": [f"{p.name}@{p.version}" for p in PACKAGES], "records": records})
+
+
+def built_file(cache: Path, stem: str) -> Path | None:
+    """cache/STEM.npz when it and its STEM.json both exist (a finished build), else None."""
+    out = cache / f"{stem}.npz"
+    return out if out.is_file() and out.with_suffix(".json").is_file() else None
+
+
+def write_built_file(cache: Path, stem: str, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write cache/STEM.npz (no pickle) + STEM.json under temporary names and rename them at the
+    end, so that a build is never found half-written."""
+    tmp = cache / f"{stem}.partial.npz"
+    np.savez_compressed(tmp, **arrays)
+    tmp_meta = cache / f"{stem}.partial.json"
+    tmp_meta.write_text(json.dumps(meta, indent=0))
+    out = cache / f"{stem}.npz"
     tmp.rename(out)
-    tmp_meta.rename(meta_path)
+    tmp_meta.rename(out.with_suffix(".json"))
     return out
 
 
@@ -239,10 +251,9 @@ def build_extra_art(cache: Path) -> Path:
     the extra pictures kept before it (EXTRA_DISTINCT). Skipped when both exist; written under
     temporary names and renamed at the end, like the set."""
     cache = Path(cache)
-    out = cache / f"{EXTRA_SET}.npz"
-    meta_path = out.with_suffix(".json")
-    if out.is_file() and meta_path.is_file():
-        return out
+    done = built_file(cache, EXTRA_SET)
+    if done is not None:
+        return done
     built = build_emoji_set(cache)
     records = json.loads(built.with_suffix(".json").read_text())["records"]
     with np.load(built, allow_pickle=False) as z:
@@ -262,16 +273,11 @@ def build_extra_art(cache: Path) -> Path:
                 kept.append(art)
                 emoji.append(e)
                 package.append(j)
-    tmp = cache / f"{EXTRA_SET}.partial.npz"
-    np.savez_compressed(tmp, images=np.asarray(kept, np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3),
-                        emoji=np.asarray(emoji, np.int64), package=np.asarray(package, np.int64))
-    tmp_meta = cache / f"{EXTRA_SET}.partial.json"
-    tmp_meta.write_text(json.dumps({"packages": [f"{p.name}@{p.version}" for p in EXTRA_PACKAGES],
-                                    "distinct": EXTRA_DISTINCT, "images": len(kept),
-                                    "per_package": [package.count(j) for j in range(len(EXTRA_PACKAGES))]}))
-    tmp.rename(out)
-    tmp_meta.rename(meta_path)
-    return out
+    arrays = {"images": np.asarray(kept, np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3),
+              "emoji": np.asarray(emoji, np.int64), "package": np.asarray(package, np.int64)}
+    return write_built_file(cache, EXTRA_SET, arrays, {
+        "packages": [f"{p.name}@{p.version}" for p in EXTRA_PACKAGES], "distinct": EXTRA_DISTINCT,
+        "images": len(kept), "per_package": [package.count(j) for j in range(len(EXTRA_PACKAGES))]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,21 +424,25 @@ class EmojiSource:
             raise ValueError(f"extra art is captioned without a style word, so the caption templates must include "
                              f"a style-free one ({', '.join(map(str, style_free(tuple(range(len(CAPTION_TEMPLATES))))))}), "
                              f"got {', '.join(map(str, self.template_ids))}")
-        path = root / f"{EXTRA_SET}.npz"
-        if not path.is_file() or not path.with_suffix(".json").is_file():
+        path = built_file(root, EXTRA_SET)
+        if path is None:
             raise ValueError(f"{root} holds no extra art ({EXTRA_SET}.npz + .json): build it with "
                              f"python -m training.data.emoji --cache {root} --extra-art")
         with np.load(path, allow_pickle=False) as z:
             self.extra_images, self.extra_emoji = z["images"], z["emoji"]
 
+    @property
+    def images_per_pass(self) -> int:
+        """The split's set images and extra pictures: each appears once per caption template."""
+        return len(self.pairs) + len(self.extra_emoji)
+
     def __len__(self) -> int:
-        return (len(self.pairs) + len(self.extra_emoji)) * len(self.template_ids)
+        return self.images_per_pass * len(self.template_ids)
 
     def pair(self, i: int) -> tuple[int, int, int]:
         """(emoji index, style index, template) of sample i; an extra picture's style index is -1 - its
         index in the extra art."""
-        n = len(self.pairs) + len(self.extra_emoji)
-        item, rep = i % n, i // n
+        item, rep = i % self.images_per_pass, i // self.images_per_pass
         if item < len(self.pairs):
             e, s = self.pairs[item]
             return int(e), int(s), self.template_ids[rep]
@@ -449,7 +459,7 @@ class EmojiSource:
         e, s, t = self.pair(i)
         if s >= 0:
             return caption(self.records[e], self.styles[s], t)
-        return unstyled_caption(self.records[e], t, salt=i // (len(self.pairs) + len(self.extra_emoji)))
+        return unstyled_caption(self.records[e], t, salt=i // self.images_per_pass)
 
     def captions(self) -> list[str]:
         """Every sample's caption (a text vocabulary's corpus)."""
