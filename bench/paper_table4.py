@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value for every run (default vae_path and "
                                                  "t5_path: the bundled model's vae/ and text/)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:

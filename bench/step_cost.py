@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value shared by every arm")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     names = [name for name, _ in args.arms]
     if len(set(names)) != len(names):
         ap.error(f"--arm names must differ, got {', '.join(names)}")

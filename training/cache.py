@@ -297,7 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the VAE and T5 under bf16 autocast (T5 weights in bf16) or in fp32; auto: bf16 on CUDA")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value (model.KEY=value for the model config)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch CPU threads (default: torch's choice; 1 is fastest beside another busy job)")
     ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run or model")
     ap.add_argument("overrides", nargs="*", help="further recipe overrides key=value (see training/recipes.py)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def build_recipe(args: argparse.Namespace, preserve_path: str = ""):

@@ -149,7 +149,7 @@ def stage_steps(text: str) -> list[int]:
     return steps
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/emoji"))
     ap.add_argument("--out", type=Path, default=Path("assets/dream-emoji"))
@@ -160,10 +160,14 @@ def main() -> None:
                     help="steps of each stage of continued pretraining after the first heads round, "
                          f"comma-separated (default {','.join(map(str, CONTINUE_STAGES))}; 0 = none)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value for the DREAM stage")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args(argv)
     if args.steps < 1 or args.heads_steps < 1:
         ap.error("--steps and --heads-steps must be >= 1")
-    timed_build(args, build)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    timed_build(parse_args(argv), build)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def timed_build(args: argparse.Namespace, build: Callable[[argparse.Namespace, d
     print(json.dumps(timings))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/shapes"))
     ap.add_argument("--out", type=Path, default=Path("assets/dream-shapes"))
@@ -143,10 +143,14 @@ def main() -> None:
                     help="train on a cache of the Shapes feed's first N scenes (extracted first into "
                          "WORK/cache-N) instead of the live feed (0, the default; see docs/training.md)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args(argv)
     if args.cache_scenes < 0:
         ap.error(f"--cache-scenes must be >= 0 (0 = the live feed), got {args.cache_scenes}")
-    timed_build(args, build)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    timed_build(parse_args(argv), build)
 
 
 def build(args: argparse.Namespace, timings: dict[str, float], timings_path: Path) -> None:

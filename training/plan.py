@@ -430,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--global-batch", type=int, default=None,
                     help="set batch_size to this over --gpus and grad_accum (default: the recipe's batch_size)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value, as for training.train")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -783,7 +783,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (default: torch's choice; 1 is fastest beside another busy job)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides key=value (model.KEY=value for the model config)")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
