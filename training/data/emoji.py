@@ -412,6 +412,7 @@ class EmojiSource:
             self.styles_of.setdefault(e, []).append(s)
         # The caption templates of the samples, in order (held-out images: the name alone).
         self.template_ids = (0,) if split == "heldout" else parse_templates(templates)
+        self.extra_template_ids = style_free(self.template_ids)  # an extra picture's, in turn
         self.extra_images = np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         self.extra_emoji = np.zeros(0, np.int64)
         if extra_art:
@@ -420,7 +421,7 @@ class EmojiSource:
     def _load_extra_art(self, root: Path, split: str) -> None:
         if split != "train":
             raise ValueError(f"extra art is training data: the {split} split has none")
-        if not style_free(self.template_ids):
+        if not self.extra_template_ids:
             raise ValueError(f"extra art is captioned without a style word, so the caption templates must include "
                              f"a style-free one ({', '.join(map(str, style_free(tuple(range(len(CAPTION_TEMPLATES))))))}), "
                              f"got {', '.join(map(str, self.template_ids))}")
@@ -447,7 +448,7 @@ class EmojiSource:
             e, s = self.pairs[item]
             return int(e), int(s), self.template_ids[rep]
         x = item - len(self.pairs)
-        free = style_free(self.template_ids)
+        free = self.extra_template_ids
         return int(self.extra_emoji[x]), -1 - x, free[rep % len(free)]
 
     def describe(self, i: int) -> str:
@@ -456,7 +457,10 @@ class EmojiSource:
         return f"emoji {self.records[e]['key']} ({style}, template {t})"
 
     def sample_caption(self, i: int) -> str:
-        e, s, t = self.pair(i)
+        return self._caption(i, *self.pair(i))
+
+    def _caption(self, i: int, e: int, s: int, t: int) -> str:
+        """Sample i's caption, given its pair(i)."""
         if s >= 0:
             return caption(self.records[e], self.styles[s], t)
         return unstyled_caption(self.records[e], t, salt=i // self.images_per_pass)
@@ -475,9 +479,9 @@ class EmojiSource:
         return caption_bank_with_details(self.records)
 
     def read(self, i: int) -> tuple[Image.Image, str]:
-        e, s, _ = self.pair(i)
+        e, s, t = self.pair(i)
         image = self.images[e, s] if s >= 0 else self.extra_images[-1 - s]
-        return Image.fromarray(image), self.sample_caption(i)
+        return Image.fromarray(image), self._caption(i, e, s, t)
 
     def read_view(self, i: int) -> Image.Image:
         """Sample i's emoji in another style of this split (the held-out OpenMoji images never, in
